@@ -1,0 +1,38 @@
+"""compams_jax: communication-compressed data-parallel optimizers for JAX and Optax.
+
+Compressors (`compams_jax.compressors`) turn gradients into compact payloads; the wire
+(`compams_jax.wire`) averages them over workers with collectives that carry those payloads;
+transforms (`error_feedback`, `compressed_mean`) are optax GradientTransformations; optimizers
+(`comp_ams`) chain them with AMSGrad.
+
+Examples:
+  >>> import optax, compams_jax as cj
+  >>> tx = cj.comp_ams(1e-3, cj.compressors.top_k(0.01), axis_name="data")
+  >>> isinstance(tx, optax.GradientTransformation)
+  True
+"""
+
+from compams_jax import compressors, sharding, wire
+from compams_jax.compressors import Compressor
+from compams_jax.optimizers import comp_ams
+from compams_jax.transforms import (CompressedMeanState, ErrorFeedbackState, PerWorker,
+                                    compressed_mean, error_feedback)
+from compams_jax.wire import CollectiveBytes, collective_bytes, wire_bytes
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CollectiveBytes",
+    "CompressedMeanState",
+    "Compressor",
+    "ErrorFeedbackState",
+    "PerWorker",
+    "collective_bytes",
+    "comp_ams",
+    "compressed_mean",
+    "compressors",
+    "error_feedback",
+    "sharding",
+    "wire",
+    "wire_bytes",
+]

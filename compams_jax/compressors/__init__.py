@@ -1,0 +1,38 @@
+"""Compressors: stateless per-array encode/decode to a fixed-shape payload.
+
+Each compressor declares its properties (`deviation`, `unbiased`, `summable`, `randomness`),
+its exact static `wire_bits(shape, dtype)`, and acts per pytree leaf (the paper's per-layer
+compression) or, with `granularity="model"`, on the whole model flattened into one vector.
+"""
+
+from compams_jax.compressors._base import Compressor, num_kept, payload_bits
+from compams_jax.compressors._dense import Cast, Identity, cast, identity
+from compams_jax.compressors._qsgd import QSGD, qsgd
+from compams_jax.compressors._sign import BlockSign, block_sign, scaled_sign
+from compams_jax.compressors._top_k import RandomK, TopK, random_k, top_k
+from compams_jax.compressors._tree import (compress_tree, decode_sum_tree, decode_tree,
+                                           encode_tree, tree_wire_bits)
+
+__all__ = [
+    "BlockSign",
+    "Cast",
+    "Compressor",
+    "Identity",
+    "QSGD",
+    "RandomK",
+    "TopK",
+    "block_sign",
+    "cast",
+    "compress_tree",
+    "decode_sum_tree",
+    "decode_tree",
+    "encode_tree",
+    "identity",
+    "num_kept",
+    "payload_bits",
+    "qsgd",
+    "random_k",
+    "scaled_sign",
+    "top_k",
+    "tree_wire_bits",
+]

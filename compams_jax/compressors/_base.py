@@ -1,0 +1,139 @@
+"""The `Compressor` interface: stateless per-array encode/decode with declared properties."""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import math
+from typing import Any, ClassVar, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Payload = Any  # a pytree of fixed-shape arrays: what travels on the wire.
+Deviation = Literal["none", "pointwise", "expected", "unbounded"]
+Randomness = Literal["none", "private", "shared"]
+Granularity = Literal["leaf", "model"]
+
+_GRANULARITIES = ("leaf", "model")
+
+
+def check_ratio(ratio: float, name: str = "ratio") -> float:
+  """Validates a keep-fraction in (0, 1]."""
+  if isinstance(ratio, bool) or not isinstance(ratio, (int, float, np.floating, np.integer)):
+    raise TypeError(f"{name} must be a float in (0, 1], got {type(ratio).__name__} {ratio!r}.")
+  ratio = float(ratio)
+  if not 0.0 < ratio <= 1.0 or math.isnan(ratio):
+    raise ValueError(f"{name} must be in (0, 1], got {ratio!r}.")
+  return ratio
+
+
+def num_kept(ratio: float, size: int) -> int:
+  """k = max(1, ceil(ratio * size)), capped at size (0 for an empty array)."""
+  if size == 0:
+    return 0
+  # The small tolerance keeps ratio*size that is an integer up to float error exact.
+  return min(size, max(1, math.ceil(ratio * size - 1e-9)))
+
+
+def index_dtype(size: int) -> np.dtype:
+  """The narrowest unsigned integer dtype that can index an array of `size` elements."""
+  if size <= 1 << 8:
+    return np.dtype(np.uint8)
+  if size <= 1 << 16:
+    return np.dtype(np.uint16)
+  return np.dtype(np.uint32)
+
+
+def check_float_leaf(x: Any) -> None:
+  """Raises TypeError for leaves that cannot be compressed (integer, bool, complex)."""
+  dtype = np.dtype(x.dtype)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(
+        f"compams_jax compresses real floating-point gradients only; got a leaf of dtype {dtype} "
+        f"and shape {tuple(x.shape)}. Mask integer/complex leaves out (e.g. optax.masked) or "
+        "cast them.")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Compressor(abc.ABC):
+  """A stateless, per-array compression operator C.
+
+  A compressor turns one floating-point array into a *payload* (a pytree of fixed-shape arrays,
+  exactly what travels on the wire) and back. Compressors are frozen dataclasses: hashable, so
+  they can be static arguments of `jax.jit` and of `optax.inject_hyperparams`.
+
+  Class-level declarations (read by the wire and transform layers and checked by the tests):
+
+  * `deviation`: "none" (lossless), "pointwise" (‖C(x) − x‖² ≤ q²‖x‖² for every x),
+    "expected" (E‖C(x) − x‖² ≤ q²‖x‖²), or "unbounded".
+  * `unbiased`: E[C(x)] = x.
+  * `summable`: payloads of different workers may be added element-wise on the wire and the sum
+    decodes to the sum of the decoded vectors (so a `psum` can replace an `all_gather`).
+  * `randomness`: "none", "private" (each worker draws its own key), or "shared" (all workers
+    use the same key, e.g. shared-seed random-k, which is what makes it summable).
+
+  Attributes:
+    granularity: "leaf" (default, the paper's per-layer compression) compresses each pytree leaf
+      on its own; "model" flattens the whole pytree into one vector first (one global top-k, one
+      sign scale, ...).
+  """
+
+  granularity: Granularity = "leaf"
+
+  deviation: ClassVar[Deviation] = "none"
+  unbiased: ClassVar[bool] = True
+  summable: ClassVar[bool] = False
+  randomness: ClassVar[Randomness] = "none"
+
+  def __post_init__(self):
+    if self.granularity not in _GRANULARITIES:
+      raise ValueError(
+          f"granularity must be one of {_GRANULARITIES}, got {self.granularity!r}.")
+
+  @property
+  def needs_key(self) -> bool:
+    return self.randomness != "none"
+
+  @abc.abstractmethod
+  def encode(self, x: jax.Array, key: jax.Array | None = None) -> Payload:
+    """Compresses one array into its payload."""
+
+  @abc.abstractmethod
+  def decode(self, payload: Payload, like: Any, key: jax.Array | None = None) -> jax.Array:
+    """Reconstructs a dense array shaped and typed like `like` from one payload."""
+
+  @abc.abstractmethod
+  def wire_bits(self, shape: tuple[int, ...], dtype: Any) -> int:
+    """Exact number of bits one payload of an array of this shape/dtype puts on the wire."""
+
+  def q_squared(self, size: int) -> float | None:
+    """The declared deviation bound q² for an array of `size` elements (None: no bound)."""
+    del size
+    return 0.0 if self.deviation == "none" else None
+
+  def decode_sum(self, payloads: Payload, like: Any, key: jax.Array | None = None) -> jax.Array:
+    """Σ_i decode(payloads[i]) over a leading worker axis (the payloads of all workers).
+
+    The default decodes every payload and sums; compressors override it with something cheaper
+    (top-k scatters all values into one buffer).
+    """
+    dense = jax.vmap(lambda p: self.decode(p, like, key).astype(jnp.float32))(payloads)
+    return jnp.sum(dense, axis=0).astype(like.dtype)
+
+  def payload_shapes(self, shape: tuple[int, ...], dtype: Any) -> Payload:
+    """The payload's ShapeDtypeStructs for an array of this shape/dtype (no computation)."""
+    like = jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
+    key = jax.random.key(0) if self.needs_key else None
+    return jax.eval_shape(lambda x: self.encode(x, key), like)
+
+  def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+    """decode(encode(x)): the dense compressed array C(x)."""
+    return self.decode(self.encode(x, key), x, key)
+
+
+def payload_bits(payload: Payload) -> int:
+  """Bits held by a payload pytree of arrays / ShapeDtypeStructs."""
+  return sum(int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize * 8
+             for leaf in jax.tree.leaves(payload))

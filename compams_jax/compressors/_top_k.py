@@ -1,0 +1,163 @@
+"""Sparsifiers: `top_k` (largest magnitudes) and `random_k` (shared-seed random coordinates)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from compams_jax.compressors._base import (Compressor, Granularity, check_ratio, index_dtype,
+                                           num_kept)
+
+
+def _size(shape) -> int:
+  return int(np.prod(shape, dtype=np.int64))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TopK(Compressor):
+  """Keeps the k = max(1, ceil(ratio·d)) largest-magnitude entries; zeros the rest.
+
+  Payload: the k values (in the array's dtype) and their flat indices in the narrowest unsigned
+  integer type that can address the array (uint8 up to 256 elements, uint16 up to 65,536,
+  uint32 beyond). Ties are broken towards the lower index (as `jax.lax.top_k`).
+
+  Pointwise q-deviate with q² = 1 − k/d.
+  """
+
+  ratio: float = 0.01
+
+  deviation = "pointwise"
+  unbiased = False
+  summable = False
+  randomness = "none"
+
+  def __post_init__(self):
+    super().__post_init__()
+    object.__setattr__(self, "ratio", check_ratio(self.ratio))
+
+  def encode(self, x, key=None):
+    del key
+    flat = x.reshape(-1)
+    d = flat.shape[0]
+    k = num_kept(self.ratio, d)
+    _, idx = jax.lax.top_k(jnp.abs(flat), k)
+    return {"values": flat[idx], "indices": idx.astype(index_dtype(d))}
+
+  def decode(self, payload, like, key=None):
+    del key
+    d = _size(like.shape)
+    idx = payload["indices"].astype(jnp.int32)
+    out = jnp.zeros((d,), like.dtype).at[idx].set(payload["values"].astype(like.dtype))
+    return out.reshape(like.shape)
+
+  def decode_sum(self, payloads, like, key=None):
+    del key
+    d = _size(like.shape)
+    idx = payloads["indices"].astype(jnp.int32).reshape(-1)
+    vals = payloads["values"].astype(jnp.float32).reshape(-1)
+    out = jnp.zeros((d,), jnp.float32).at[idx].add(vals)
+    return out.astype(like.dtype).reshape(like.shape)
+
+  def wire_bits(self, shape, dtype):
+    d = _size(shape)
+    k = num_kept(self.ratio, d)
+    return k * (jnp.dtype(dtype).itemsize + index_dtype(d).itemsize) * 8
+
+  def q_squared(self, size):
+    return 0.0 if size == 0 else 1.0 - num_kept(self.ratio, size) / size
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RandomK(Compressor):
+  """Keeps k = max(1, ceil(ratio·d)) coordinates drawn uniformly without replacement; unscaled.
+
+  All workers draw the same coordinates (the key is shared, derived from the step), so only the
+  k values travel and the payloads of different workers can be summed with `psum`: the wire
+  cost is k values, no indices. Unscaled random-k is biased but contracts in expectation:
+  E‖C(x) − x‖² = (1 − k/d)‖x‖², the kind of bound predictive coding's analysis admits.
+  """
+
+  ratio: float = 0.01
+
+  deviation = "expected"
+  unbiased = False
+  summable = True
+  randomness = "shared"
+
+  def __post_init__(self):
+    super().__post_init__()
+    object.__setattr__(self, "ratio", check_ratio(self.ratio))
+
+  def _indices(self, key, d):
+    if key is None:
+      raise ValueError("random_k needs a PRNG key (the transforms derive one per step).")
+    k = num_kept(self.ratio, d)
+    if k == d:
+      return jnp.arange(d)
+    return jax.random.choice(key, d, shape=(k,), replace=False)
+
+  def encode(self, x, key=None):
+    flat = x.reshape(-1)
+    return {"values": flat[self._indices(key, flat.shape[0])]}
+
+  def decode(self, payload, like, key=None):
+    d = _size(like.shape)
+    idx = self._indices(key, d)
+    out = jnp.zeros((d,), like.dtype).at[idx].set(payload["values"].astype(like.dtype))
+    return out.reshape(like.shape)
+
+  def decode_sum(self, payloads, like, key=None):
+    summed = jnp.sum(payloads["values"].astype(jnp.float32), axis=0)
+    return self.decode({"values": summed}, like, key)
+
+  def wire_bits(self, shape, dtype):
+    return num_kept(self.ratio, _size(shape)) * jnp.dtype(dtype).itemsize * 8
+
+  def q_squared(self, size):
+    return 0.0 if size == 0 else 1.0 - num_kept(self.ratio, size) / size
+
+
+def top_k(ratio: float = 0.01, *, granularity: Granularity = "leaf") -> TopK:
+  """Top-k sparsification (the paper's Top-k; default ratio 1%).
+
+  Args:
+    ratio: fraction of entries kept, in (0, 1]; k = max(1, ceil(ratio·d)) per leaf (or for the
+      whole model with `granularity="model"`).
+    granularity: "leaf" (per layer, the paper's choice) or "model" (one global top-k).
+
+  Returns:
+    A `TopK` compressor.
+
+  Examples:
+    >>> import jax.numpy as jnp, compams_jax as cj
+    >>> c = cj.compressors.top_k(0.5)
+    >>> c(jnp.array([0.1, -3.0, 2.0, 0.5]))
+    Array([ 0., -3.,  2.,  0.], dtype=float32)
+
+  References:
+    Li, Karimi, Li, "On Distributed Adaptive Optimization with Gradient Compression", ICLR 2022.
+  """
+  return TopK(ratio=ratio, granularity=granularity)
+
+
+def random_k(ratio: float = 0.01, *, granularity: Granularity = "leaf") -> RandomK:
+  """Random-k sparsification with a seed shared by all workers, without rescaling.
+
+  Args:
+    ratio: fraction of entries kept, in (0, 1].
+    granularity: "leaf" or "model".
+
+  Returns:
+    A `RandomK` compressor (needs a key; the transforms supply one per step, identical on
+    every worker).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, compams_jax as cj
+    >>> c = cj.compressors.random_k(0.25)
+    >>> int((c(jnp.arange(1.0, 9.0), jax.random.key(0)) != 0).sum())
+    2
+  """
+  return RandomK(ratio=ratio, granularity=granularity)

@@ -1,0 +1,16 @@
+"""Transforms: optax GradientTransformations with compressed communication and their state."""
+
+from compams_jax.transforms._error_feedback import (CompressedMeanState, ErrorFeedbackState,
+                                                    compressed_mean, error_feedback)
+from compams_jax.transforms._state import PerWorker, local, per_worker_zeros, to_per_worker
+
+__all__ = [
+    "CompressedMeanState",
+    "ErrorFeedbackState",
+    "PerWorker",
+    "compressed_mean",
+    "error_feedback",
+    "local",
+    "per_worker_zeros",
+    "to_per_worker",
+]

@@ -1,0 +1,142 @@
+"""Compressed averaging over workers, with and without worker-side error feedback."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from compams_jax.compressors import Compressor, decode_tree, encode_tree
+from compams_jax.compressors._tree import check_tree
+from compams_jax.transforms._state import (PerWorker, local, per_worker_zeros, step_key,
+                                           to_per_worker)
+from compams_jax.transforms._validate import check_axis_name, check_compressor, check_seed
+from compams_jax.wire import average, decode_key
+
+
+class ErrorFeedbackState(NamedTuple):
+  """State of `error_feedback`.
+
+  Attributes:
+    residual: each worker's error residual e (per worker; leading worker axis).
+    count: steps taken (replicated); with the seed it determines the step's PRNG keys.
+  """
+
+  residual: PerWorker
+  count: jax.Array
+
+
+class CompressedMeanState(NamedTuple):
+  """State of `compressed_mean`: the step count that derives the PRNG keys (replicated)."""
+
+  count: jax.Array
+
+
+def _check_updates(updates: Any, like: Any, name: str) -> None:
+  got, want = jax.tree.structure(updates), jax.tree.structure(like)
+  if got != want:
+    raise ValueError(f"{name}: the updates' pytree structure {got} does not match the "
+                     f"structure the state was initialised with, {want}.")
+
+
+def error_feedback(compressor: Compressor, *, axis_name: str | None = None, seed: int = 0,
+                   residual_dtype: Any = None) -> optax.GradientTransformation:
+  """Compresses each worker's gradient with error feedback and averages over workers.
+
+  Per worker i at step t (e₀ = 0)::
+
+      g̃ = C(g + e);   e ← e + g − g̃;   send g̃
+      output (1/n) Σ_i g̃_i          # identical on every worker
+
+  The average is computed by a collective that carries the compressed payloads (see
+  `compams_jax.wire.average`). Chain it with `optax.scale_by_amsgrad` for COMP-AMS.
+
+  Args:
+    compressor: a `compams_jax.compressors` compressor.
+    axis_name: the mapped axis (of `jax.shard_map` or `jax.pmap`) that indexes workers, or None
+      for a single worker.
+    seed: seeds the PRNG keys of randomized compressors (derived per step, and per worker for
+      private randomness).
+    residual_dtype: dtype of the residuals (default: the parameters' dtype).
+
+  Returns:
+    An `optax.GradientTransformation` whose state is an `ErrorFeedbackState`.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, compams_jax as cj
+    >>> tx = optax.chain(cj.error_feedback(cj.compressors.top_k(0.5)), optax.sgd(0.1))
+    >>> params = {"w": jnp.array([1.0, 2.0, 3.0, 4.0])}
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update({"w": jnp.array([0.1, -0.4, 0.3, 0.2])}, state, params)
+    >>> updates["w"]
+    Array([-0.  ,  0.04, -0.03, -0.  ], dtype=float32)
+    >>> state[0].residual.value["w"][0]
+    Array([0.1, 0. , 0. , 0.2], dtype=float32)
+
+  References:
+    Li, Karimi, Li, "On Distributed Adaptive Optimization with Gradient Compression", ICLR 2022;
+    Karimireddy et al., "Error Feedback Fixes SignSGD...", ICML 2019.
+  """
+  check_compressor(compressor)
+  check_axis_name(axis_name)
+  check_seed(seed)
+
+  def init_fn(params):
+    check_tree(params)
+    return ErrorFeedbackState(residual=per_worker_zeros(params, residual_dtype),
+                              count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    del params
+    residual = local(state.residual)
+    _check_updates(updates, residual, "error_feedback")
+    key = step_key(compressor, seed, state.count, axis_name)
+    corrected = jax.tree.map(lambda g, e: g.astype(e.dtype) + e, updates, residual)
+    payload = encode_tree(compressor, corrected, key)
+    sent = decode_tree(compressor, payload, corrected, decode_key(compressor, key))
+    new_residual = jax.tree.map(lambda c, s: c - s, corrected, sent)
+    mean = average(compressor, payload, updates, axis_name=axis_name, key=key)
+    return mean, ErrorFeedbackState(residual=to_per_worker(new_residual),
+                                    count=optax.safe_increment(state.count))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def compressed_mean(compressor: Compressor, *, axis_name: str | None = None,
+                    seed: int = 0) -> optax.GradientTransformation:
+  """Averages C(g_i) over workers, without error feedback.
+
+  Args:
+    compressor: a `compams_jax.compressors` compressor.
+    axis_name: the mapped axis that indexes workers, or None for a single worker.
+    seed: seeds the PRNG keys of randomized compressors.
+
+  Returns:
+    An `optax.GradientTransformation` whose state is a `CompressedMeanState`.
+
+  Examples:
+    >>> import jax.numpy as jnp, compams_jax as cj
+    >>> tx = cj.compressed_mean(cj.compressors.block_sign())
+    >>> g = {"w": jnp.array([1.0, -3.0])}
+    >>> tx.update(g, tx.init(g))[0]["w"]
+    Array([ 2., -2.], dtype=float32)
+  """
+  check_compressor(compressor)
+  check_axis_name(axis_name)
+  check_seed(seed)
+
+  def init_fn(params):
+    check_tree(params)
+    return CompressedMeanState(count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    del params
+    check_tree(updates)
+    key = step_key(compressor, seed, state.count, axis_name)
+    payload = encode_tree(compressor, updates, key)
+    mean = average(compressor, payload, updates, axis_name=axis_name, key=key)
+    return mean, CompressedMeanState(count=optax.safe_increment(state.count))
+
+  return optax.GradientTransformation(init_fn, update_fn)

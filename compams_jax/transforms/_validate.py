@@ -1,0 +1,27 @@
+"""Argument checks shared by the transforms."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from compams_jax.compressors import Compressor
+
+
+def check_compressor(compressor: Any) -> Compressor:
+  if not isinstance(compressor, Compressor):
+    raise TypeError(
+        "expected a compams_jax Compressor (e.g. cj.compressors.top_k(0.01)), got "
+        f"{type(compressor).__name__}: {compressor!r}.")
+  return compressor
+
+
+def check_axis_name(axis_name: Any) -> str | None:
+  if axis_name is not None and not isinstance(axis_name, str):
+    raise TypeError(f"axis_name must be a str or None, got {axis_name!r}.")
+  return axis_name
+
+
+def check_seed(seed: Any) -> int:
+  if isinstance(seed, bool) or not isinstance(seed, int):
+    raise TypeError(f"seed must be an int, got {seed!r}.")
+  return seed

@@ -1,0 +1,20 @@
+"""Wire: collectives over compressed payloads, and byte accounting (static and from HLO)."""
+
+from compams_jax.wire._accounting import wire_bytes
+from compams_jax.wire._average import all_workers, average, decode_key
+from compams_jax.wire._axis import num_workers, recording, worker_index
+from compams_jax.wire._hlo import Collective, CollectiveBytes, collective_bytes, parse_collectives
+
+__all__ = [
+    "Collective",
+    "CollectiveBytes",
+    "all_workers",
+    "average",
+    "collective_bytes",
+    "decode_key",
+    "num_workers",
+    "parse_collectives",
+    "recording",
+    "wire_bytes",
+    "worker_index",
+]
