@@ -12,11 +12,12 @@ Examples:
   True
 """
 
-from compams_jax import compressors, sharding, wire
+from compams_jax import compressors, predictors, sharding, wire
 from compams_jax.compressors import Compressor
-from compams_jax.optimizers import comp_ams
+from compams_jax.optimizers import comp_ams, compressed_momentum_sgd
 from compams_jax.transforms import (CompressedMeanState, ErrorFeedbackState, PerWorker,
-                                    compressed_mean, error_feedback)
+                                    PredictiveState, WorkerMomentumState, compressed_mean,
+                                    error_feedback, predictive_compression, worker_momentum)
 from compams_jax.wire import CollectiveBytes, collective_bytes, wire_bytes
 
 __version__ = "0.1.0"
@@ -27,12 +28,18 @@ __all__ = [
     "Compressor",
     "ErrorFeedbackState",
     "PerWorker",
+    "PredictiveState",
+    "WorkerMomentumState",
     "collective_bytes",
     "comp_ams",
     "compressed_mean",
+    "compressed_momentum_sgd",
     "compressors",
     "error_feedback",
+    "predictive_compression",
+    "predictors",
     "sharding",
     "wire",
     "wire_bytes",
+    "worker_momentum",
 ]

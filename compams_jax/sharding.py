@@ -34,7 +34,7 @@ def state_specs(opt_state: Any, axis_name: str) -> Any:
     >>> tx = cj.comp_ams(1e-3, cj.compressors.block_sign(), axis_name="data")
     >>> state = jax.eval_shape(tx.init, {"w": jnp.zeros(3)})
     >>> cj.sharding.state_specs(state, "data")[0].residual
-    PerWorker(value={'w': PartitionSpec('data',)})
+    PerWorker(value={'w': P('data',)})
   """
   def spec(node):
     if _is_per_worker(node):

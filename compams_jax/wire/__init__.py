@@ -1,7 +1,7 @@
 """Wire: collectives over compressed payloads, and byte accounting (static and from HLO)."""
 
 from compams_jax.wire._accounting import wire_bytes
-from compams_jax.wire._average import all_workers, average, decode_key
+from compams_jax.wire._average import all_workers, average, decode_key, sum_over_workers
 from compams_jax.wire._axis import num_workers, recording, worker_index
 from compams_jax.wire._hlo import Collective, CollectiveBytes, collective_bytes, parse_collectives
 
@@ -15,6 +15,7 @@ __all__ = [
     "num_workers",
     "parse_collectives",
     "recording",
+    "sum_over_workers",
     "wire_bytes",
     "worker_index",
 ]

@@ -51,6 +51,21 @@ def average(compressor: Compressor, payload: Any, like: Any, *, axis_name: str |
   return jax.tree.map(lambda t: (t / n).astype(t.dtype), total)
 
 
+def sum_over_workers(values: Any, *, axis_name: str | None) -> Any:
+  """Σ_i values_i over workers by one `psum` (for small side information such as scalars).
+
+  Recorded as sent bytes like every other compams_jax collective.
+  """
+  recorder = active_recorder()
+  if recorder is not None:
+    recorder.sends.append(("psum", values))
+  axis_name = effective_axis(axis_name)
+  if axis_name is None:
+    return values
+  num_workers(axis_name)
+  return jax.lax.psum(values, axis_name)
+
+
 def all_workers(flag: jax.Array, axis_name: str | None) -> jax.Array:
   """True iff `flag` is true on every worker (one small collective)."""
   axis_name = effective_axis(axis_name)
