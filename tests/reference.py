@@ -53,3 +53,67 @@ def np_comp_ams(params, grads, compress, *, lr, b1=0.9, b2=0.999, eps=1e-8):
       vhat[k] = np.maximum(vhat[k], v_[k])
       theta[k] = theta[k] - lr * m[k] / np.sqrt(vhat[k] + eps)
   return theta, err, (m, v_, vhat)
+
+
+def np_predictive(xs, compress, *, rho=None, error_feedback=False):
+  """Predictive (innovation) coding (Adikari & Draper 2021) for n workers, per-leaf compression.
+
+  Per worker i, step t (x̂_0 = 0, e_0 = 0, x̄_0 = 0; ρ_t one scalar per leaf, shared)::
+
+      target = x_{t,i} + e_i;  p = ρ_t x̂_{t−1,i};  u = target − p
+      x̂_{t,i} = p + C(u);  e_i ← target − x̂_{t,i}
+      x̄_t = ρ_t x̄_{t−1} + (1/n) Σ_i C(u_i)
+
+  Args:
+    xs: dict of arrays shaped (T, n, *leaf_shape): worker i's input vector at step t.
+    compress: per-array compressor C (deterministic).
+    rho: a float (fixed predictor) or None for the shared least-squares predictor
+      ρ_t = Σ_i⟨target_i, x̂_{t−1,i}⟩ / Σ_i‖x̂_{t−1,i}‖² (0 when the denominator is 0).
+    error_feedback: carry the residual e.
+  Returns:
+    (outputs: list over t of dicts x̄_t, reconstructions dict (n, *shape),
+     residuals dict (n, *shape) (zeros without feedback), rhos: list over t of dicts ρ_t).
+  """
+  steps, n = next(iter(xs.values())).shape[:2]
+  recon = {k: np.zeros(v.shape[1:], np.float32) for k, v in xs.items()}
+  err = {k: np.zeros(v.shape[1:], np.float32) for k, v in xs.items()}
+  avg = {k: np.zeros(v.shape[2:], np.float32) for k, v in xs.items()}
+  outputs, rhos = [], []
+  for t in range(steps):
+    out, rho_t = {}, {}
+    for k in xs:
+      target = xs[k][t].astype(np.float32)
+      if error_feedback:
+        target = target + err[k]
+      if rho is None:
+        h = recon[k].astype(np.float64)
+        num = float(np.sum(target.astype(np.float64) * h))
+        den = float(np.sum(h * h))
+        r = np.float32(num / den if den > 0 else 0.0)
+      else:
+        r = np.float32(rho)
+      sent = np.zeros_like(recon[k])
+      for i in range(n):
+        p = (r * recon[k][i]).astype(np.float32)
+        sent[i] = compress(target[i] - p)
+        recon[k][i] = p + sent[i]
+        err[k][i] = target[i] - recon[k][i]
+      avg[k] = (r * avg[k] + sent.mean(axis=0, dtype=np.float64)).astype(np.float32)
+      out[k], rho_t[k] = avg[k].copy(), float(r)
+    outputs.append(out)
+    rhos.append(rho_t)
+  if not error_feedback:
+    err = {k: np.zeros_like(v) for k, v in err.items()}
+  return outputs, recon, err, rhos
+
+
+def np_heavy_ball(theta0, grad_fn, *, lr, momentum, steps):
+  """Plain heavy-ball SGD: m ← β m + g(θ, t); θ ← θ − η m. Returns the list of iterates."""
+  theta = np.array(theta0, np.float64)
+  m = np.zeros_like(theta)
+  trace = [theta.copy()]
+  for t in range(steps):
+    m = momentum * m + grad_fn(theta, t)
+    theta = theta - lr * m
+    trace.append(theta.copy())
+  return trace

@@ -8,6 +8,7 @@ compression) or, with `granularity="model"`, on the whole model flattened into o
 from compams_jax.compressors._base import Compressor, num_kept, payload_bits
 from compams_jax.compressors._dense import Cast, Identity, cast, identity
 from compams_jax.compressors._qsgd import QSGD, qsgd
+from compams_jax.compressors._registry import FACTORIES, get
 from compams_jax.compressors._sign import BlockSign, block_sign, scaled_sign
 from compams_jax.compressors._top_k import RandomK, TopK, random_k, top_k
 from compams_jax.compressors._tree import (compress_tree, decode_sum_tree, decode_tree,
@@ -17,6 +18,7 @@ __all__ = [
     "BlockSign",
     "Cast",
     "Compressor",
+    "FACTORIES",
     "Identity",
     "QSGD",
     "RandomK",
@@ -27,6 +29,7 @@ __all__ = [
     "decode_sum_tree",
     "decode_tree",
     "encode_tree",
+    "get",
     "identity",
     "num_kept",
     "payload_bits",

@@ -25,6 +25,7 @@ COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "reduce-scatter",
 
 _ARRAY_RE = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
 _DEF_RE = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+_COMMENT_RE = re.compile(r"/\*.*?\*/")
 _GROUPS_EXPLICIT_RE = re.compile(r"replica_groups=\{\{([0-9,]*)\}")
 _GROUPS_IOTA_RE = re.compile(r"replica_groups=\[(\d+),(\d+)\]")
 
@@ -131,7 +132,7 @@ def parse_collectives(hlo_text: str) -> CollectiveBytes:
   shapes: dict[str, str] = {}
   calls: list[tuple[str, str, str]] = []
   for line in hlo_text.splitlines():
-    m = _DEF_RE.match(line)
+    m = _DEF_RE.match(_COMMENT_RE.sub("", line))
     if not m:
       continue
     name, rest = m.groups()

@@ -1,0 +1,79 @@
+"""Optimizers of the experiments, built from a config section."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import optax
+
+import compams_jax as cj
+
+OPTIMIZERS = ("amsgrad", "comp_ams", "momentum_sgd")
+PREDICTORS = ("none", "fixed", "least_squares")
+
+# Named optimizer presets: overrides of the `optimizer` config section. A config lists the ones
+# it runs side by side in `variants`.
+PRESETS: dict[str, dict[str, Any]] = {
+    "amsgrad": dict(name="amsgrad", compressor="identity", compressor_kwargs={}),
+    "comp_ams_top_k": dict(name="comp_ams", compressor="top_k", compressor_kwargs={"ratio": 0.01}),
+    "comp_ams_block_sign": dict(name="comp_ams", compressor="block_sign", compressor_kwargs={}),
+    "comp_ams_random_k": dict(name="comp_ams", compressor="random_k",
+                              compressor_kwargs={"ratio": 0.01}),
+    "comp_ams_qsgd": dict(name="comp_ams", compressor="qsgd", compressor_kwargs={"levels": 4}),
+    "momentum_sgd": dict(name="momentum_sgd", compressor="identity", compressor_kwargs={},
+                         predictor="none"),
+    "momentum_sgd_top_k": dict(name="momentum_sgd", compressor="top_k",
+                               compressor_kwargs={"ratio": 0.01}, predictor="none"),
+    "momentum_sgd_top_k_predictive": dict(name="momentum_sgd", compressor="top_k",
+                                          compressor_kwargs={"ratio": 0.01}, predictor="fixed"),
+}
+
+
+def _predictor(opt: Mapping[str, Any]):
+  kind = opt.get("predictor", "none")
+  if kind not in PREDICTORS:
+    raise ValueError(f"unknown predictor {kind!r}; valid: {', '.join(PREDICTORS)}.")
+  if kind == "fixed":
+    return cj.predictors.fixed(float(opt.get("rho", opt.get("momentum", 0.9))))
+  if kind == "least_squares":
+    return cj.predictors.least_squares()
+  return None
+
+
+def build_optimizer(opt: Mapping[str, Any], *, axis_name: str | None) -> optax.GradientTransformation:
+  """Builds the optimizer that an `optimizer` config section describes.
+
+  Args:
+    opt: a mapping with `name` ("amsgrad", "comp_ams" or "momentum_sgd"), `learning_rate`,
+      `compressor` and `compressor_kwargs` (see `cj.compressors.get`), and the optimizer's own
+      fields (`b1`, `b2`, `eps`, `momentum`, `error_feedback`, `predictor`, `seed`).
+    axis_name: the data-parallel axis.
+
+  Returns:
+    The `optax.GradientTransformation`.
+
+  Examples:
+    >>> from compams_jax.experiments.optim import build_optimizer
+    >>> tx = build_optimizer(dict(name="comp_ams", learning_rate=1e-3, compressor="top_k",
+    ...                           compressor_kwargs={"ratio": 0.01}), axis_name=None)
+  """
+  name = opt.get("name")
+  if name not in OPTIMIZERS:
+    raise ValueError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}.")
+  lr = float(opt["learning_rate"])
+  seed = int(opt.get("seed", 0))
+  if name == "amsgrad":
+    # Full precision: the identity compressor's payload is the dense gradient (one psum).
+    return cj.comp_ams(lr, cj.compressors.identity(), axis_name=axis_name,
+                       b1=opt.get("b1", 0.9), b2=opt.get("b2", 0.999), eps=opt.get("eps", 1e-8))
+  compressor = cj.compressors.get(opt.get("compressor", "identity"),
+                                  **dict(opt.get("compressor_kwargs", {}) or {}))
+  if name == "comp_ams":
+    return cj.comp_ams(lr, compressor, axis_name=axis_name, b1=opt.get("b1", 0.9),
+                       b2=opt.get("b2", 0.999), eps=opt.get("eps", 1e-8), seed=seed,
+                       predictor=_predictor(opt))
+  predictor = _predictor(opt)
+  return cj.compressed_momentum_sgd(
+      lr, compressor, momentum=float(opt.get("momentum", 0.9)),
+      predictive=predictor if predictor is not None else False,
+      error_feedback=bool(opt.get("error_feedback", True)), axis_name=axis_name, seed=seed)

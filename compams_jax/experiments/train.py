@@ -1,0 +1,273 @@
+"""The data-parallel training loop: n workers on a `jax.shard_map` mesh axis "data"."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import compams_jax as cj
+from compams_jax.experiments import checkpoints
+from compams_jax.experiments.data import epoch_permutation, load_dataset, steps_per_epoch
+from compams_jax.experiments.models import count_params, create_model
+from compams_jax.experiments.optim import build_optimizer
+
+AXIS = "data"
+
+
+def make_mesh(num_workers: int) -> jax.sharding.Mesh:
+  """A 1-D mesh of `num_workers` devices named "data"."""
+  devices = jax.devices()
+  if len(devices) < num_workers:
+    raise RuntimeError(
+        f"the run needs {num_workers} devices (one per worker) but jax sees {len(devices)}. "
+        "On CPU, simulate them by setting XLA_FLAGS=--xla_force_host_platform_device_count="
+        f"{num_workers} before jax starts (compams-train does this for you).")
+  return jax.make_mesh((num_workers,), (AXIS,), devices=devices[:num_workers])
+
+
+@dataclasses.dataclass
+class Meters:
+  """Running sums of the current epoch's training metrics (checkpointed, so resume is exact)."""
+
+  loss: float = 0.0
+  accuracy: float = 0.0
+  count: int = 0
+
+  def add(self, loss: float, accuracy: float) -> None:
+    self.loss += loss
+    self.accuracy += accuracy
+    self.count += 1
+
+  def means(self) -> tuple[float, float]:
+    c = max(self.count, 1)
+    return self.loss / c, self.accuracy / c
+
+
+def _meta(config, dataset, params) -> dict[str, Any]:
+  return {
+      "model": config.model.name,
+      "dataset": config.dataset.name,
+      "num_workers": int(config.num_workers),
+      "param_shapes": {jax.tree_util.keystr(k): list(v.shape)
+                       for k, v in jax.tree_util.tree_leaves_with_path(params)},
+      "optimizer": json.loads(config.optimizer.to_json()),
+      "num_train": int(len(dataset.y_train)),
+  }
+
+
+def _truncate_metrics(path: pathlib.Path, step: int) -> None:
+  """Drops metric lines written after `step` (by a run that died before its next checkpoint)."""
+  if not path.exists():
+    return
+  kept = [line for line in path.read_text().splitlines()
+          if line.strip() and json.loads(line)["step"] <= step]
+  path.write_text("".join(line + "\n" for line in kept))
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
+          resume: bool = False, stop_after: int | None = None,
+          progress: bool = True) -> dict[str, Any]:
+  """Trains `config` in `workdir` and returns the run summary.
+
+  Writes `workdir/metrics.jsonl` (train lines every `log_every` steps, eval lines every epoch),
+  `workdir/summary.json`, `workdir/run_meta.json` and orbax checkpoints of the parameters, the
+  full optimizer state (every worker's residuals), the step (the data position: batches and
+  dropout keys derive from seed and step) and the epoch's running metrics.
+
+  Args:
+    config: an experiment config (see `configs/`).
+    workdir: the run directory.
+    resume: continue from the latest checkpoint in `workdir` (its config must match).
+    stop_after: stop (with a checkpoint) after this many total steps, as an interruption would.
+    progress: show a progress bar.
+
+  Returns:
+    The summary dict (also written to `summary.json`).
+  """
+  workdir = pathlib.Path(workdir)
+  n = int(config.num_workers)
+  mesh = make_mesh(n)
+  dataset = load_dataset(config.dataset.name, **dict(config.dataset.get("kwargs", {}) or {}))
+  model = create_model(config.model.name, dataset.num_classes,
+                       **dict(config.model.get("kwargs", {}) or {}))
+  seed = int(config.seed)
+  init_key = jax.random.key(seed)
+  params = model.init({"params": init_key}, jnp.asarray(dataset.x_train[:1]), train=False)["params"]
+  params = jax.device_put(params, NamedSharding(mesh, P()))
+  tx = build_optimizer(config.optimizer, axis_name=AXIS)
+  opt_state = cj.sharding.init(tx, params, mesh=mesh, axis_name=AXIS)
+  specs = cj.sharding.state_specs(opt_state, AXIS)
+  dropout_key = jax.random.fold_in(init_key, 1)
+
+  @jax.jit
+  @functools.partial(jax.shard_map, mesh=mesh,
+                     in_specs=(P(), specs, P(AXIS), P(AXIS), P()),
+                     out_specs=(P(), specs, P(AXIS), P(AXIS)))
+  def train_step(params, opt_state, x, y, step):
+    x, y = x[0], y[0]
+    rng = jax.random.fold_in(jax.random.fold_in(dropout_key, step), jax.lax.axis_index(AXIS))
+
+    def loss_fn(p):
+      logits = model.apply({"params": p}, x, train=True, rngs={"dropout": rng})
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+      return loss, jnp.mean(jnp.argmax(logits, -1) == y)
+
+    # Differentiate w.r.t. a device-varying copy: the gradient of a replicated parameter inside
+    # shard_map would otherwise be summed over workers before compression.
+    varying = jax.tree.map(lambda p: jax.lax.pcast(p, AXIS, to="varying"), params)
+    (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(varying)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss[None], acc[None]
+
+  @jax.jit
+  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS)),
+                     out_specs=(P(AXIS), P(AXIS)))
+  def eval_chunk(params, x, y):
+    logits = model.apply({"params": params}, x, train=False)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    return losses, (jnp.argmax(logits, -1) == y).astype(jnp.float32)
+
+  def evaluate(params):
+    x, y = dataset.x_test, dataset.y_test
+    chunk = n * 64
+    total = math.ceil(len(y) / chunk) * chunk
+    pad = total - len(y)
+    xp = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
+    yp = np.concatenate([y, np.zeros((pad,), y.dtype)])
+    losses, correct = [], []
+    for i in range(0, total, chunk):
+      put = lambda a: jax.device_put(a[i:i + chunk], NamedSharding(mesh, P(AXIS)))
+      l, c = eval_chunk(params, put(xp), put(yp))
+      losses.append(np.asarray(l))
+      correct.append(np.asarray(c))
+    losses, correct = np.concatenate(losses)[:len(y)], np.concatenate(correct)[:len(y)]
+    return float(losses.mean()), float(correct.mean())
+
+  local_batch = int(config.local_batch)
+  per_epoch = steps_per_epoch(len(dataset.y_train), n, local_batch)
+  if per_epoch == 0:
+    raise ValueError(f"{len(dataset.y_train)} training examples cannot fill one global batch of "
+                     f"{n} workers × {local_batch}.")
+  total_steps = int(config.epochs) * per_epoch
+
+  def batch(step):
+    epoch, k = divmod(step, per_epoch)
+    idx = epoch_permutation(len(dataset.y_train), seed, epoch)[
+        k * n * local_batch:(k + 1) * n * local_batch].reshape(n, local_batch)
+    put = lambda a: jax.device_put(a, NamedSharding(mesh, P(AXIS)))
+    return put(dataset.x_train[idx]), put(dataset.y_train[idx])
+
+  # What the optimizer's collectives send, read from the compiled step's HLO.
+  x0, y0 = batch(0)
+  step0 = jnp.zeros([], jnp.int32)
+  hlo = cj.collective_bytes(train_step.lower(params, opt_state, x0, y0, step0).compile())
+  bytes_per_step = hlo.total
+  static_bytes = cj.wire_bytes(tx, params)
+  num_params = count_params(params)
+  dense_bytes = 4 * num_params
+
+  # Run directory and resume.
+  workdir.mkdir(parents=True, exist_ok=True)
+  meta = _meta(config, dataset, params)
+  saved_meta = checkpoints.read_meta(workdir)
+  ckpt = checkpoints.Checkpointer(workdir / "checkpoints")
+  metrics_path = workdir / "metrics.jsonl"
+  start, meters = 0, Meters()
+  try:
+    latest = ckpt.latest_step()
+    if latest is not None and not resume:
+      raise checkpoints.CheckpointError(
+          f"{workdir} already holds a run (checkpoint at step {latest}); pass --resume to "
+          "continue it or choose another --workdir (nothing was overwritten).")
+    if resume and latest is not None:
+      if saved_meta is None:
+        raise checkpoints.CheckpointError(f"{workdir} has checkpoints but no {checkpoints.META_FILE}.")
+      checkpoints.check_meta(saved_meta, meta, workdir)
+      like = {"params": params, "opt_state": opt_state, "step": 0,
+              "meters": dataclasses.asdict(Meters())}
+      restored = ckpt.restore(latest, like)
+      params, opt_state = restored["params"], restored["opt_state"]
+      start, meters = int(restored["step"]), Meters(**{
+          k: type(getattr(Meters(), k))(v) for k, v in restored["meters"].items()})
+      _truncate_metrics(metrics_path, start)
+    elif not resume or latest is None:
+      metrics_path.write_text("")
+    (workdir / checkpoints.META_FILE).write_text(json.dumps(meta, indent=1))
+    (workdir / "config.json").write_text(config.to_json(indent=1))
+
+    end = total_steps if stop_after is None else min(total_steps, int(stop_after))
+    bar = None
+    if progress:
+      from tqdm.auto import tqdm
+      # A live bar on a terminal; on a log (no tty) one line per epoch instead.
+      bar = tqdm(total=total_steps, initial=start, desc=str(config.get("variant", "train")),
+                 unit="step", dynamic_ncols=True, leave=True, mininterval=0.5, disable=None)
+    t0 = time.time()
+    log_every = int(config.log_every)
+    ckpt_every = int(config.checkpoint_every)
+    test_loss = test_acc = float("nan")
+    with open(metrics_path, "a") as log:
+      for step in range(start, end):
+        x, y = batch(step)
+        params, opt_state, loss, acc = train_step(params, opt_state, x, y,
+                                                  jnp.asarray(step, jnp.int32))
+        loss, acc = float(np.mean(loss)), float(np.mean(acc))
+        if not math.isfinite(loss):
+          raise FloatingPointError(f"training loss became {loss} at step {step}.")
+        meters.add(loss, acc)
+        done = step + 1
+        sent = done * bytes_per_step * 8
+        if done % log_every == 0:
+          log.write(json.dumps({"kind": "train", "step": done, "epoch": done / per_epoch,
+                                "loss": loss, "accuracy": acc, "bits_sent": sent}) + "\n")
+        if done % per_epoch == 0:
+          test_loss, test_acc = evaluate(params)
+          train_loss, train_acc = meters.means()
+          meters = Meters()
+          log.write(json.dumps({"kind": "eval", "step": done, "epoch": done // per_epoch,
+                                "train_loss": train_loss, "train_accuracy": train_acc,
+                                "test_loss": test_loss, "test_accuracy": test_acc,
+                                "bits_sent": sent}) + "\n")
+          if progress and (bar is None or bar.disable):
+            print(f"[{config.get('variant', 'train')}] epoch {done // per_epoch}/"
+                  f"{config.epochs}: train loss {train_loss:.4f}, test acc {test_acc:.4f}, "
+                  f"{sent / 8e6:.2f} MB sent per worker", flush=True)
+        log.flush()
+        if done % ckpt_every == 0 or done == end:
+          ckpt.save(done, {"params": params, "opt_state": opt_state, "step": done,
+                           "meters": dataclasses.asdict(meters)})
+        if bar is not None:
+          bar.update(1)
+          bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", test_acc=f"{test_acc:.3f}",
+                          sent=f"{sent / 8e6:.2f}MB")
+    if bar is not None:
+      bar.close()
+    if math.isnan(test_acc):
+      test_loss, test_acc = evaluate(params)
+  finally:
+    ckpt.close()
+
+  summary = {
+      "variant": config.get("variant", "run"), "config": json.loads(config.to_json()),
+      "steps": end, "total_steps": total_steps, "epochs_done": end / per_epoch,
+      "num_workers": n, "num_params": num_params, "test_loss": test_loss,
+      "test_accuracy": test_acc, "bytes_per_step_hlo": bytes_per_step,
+      "bytes_per_step_static": static_bytes, "dense_f32_bytes": dense_bytes,
+      "compression_ratio": dense_bytes / bytes_per_step if bytes_per_step else float("inf"),
+      "collectives": hlo.by_op, "seconds": time.time() - t0, "finished": end == total_steps,
+  }
+  (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
+  return summary
