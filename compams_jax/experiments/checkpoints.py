@@ -29,8 +29,10 @@ def read_meta(workdir: pathlib.Path) -> dict[str, Any] | None:
     raise CheckpointError(f"{path} is corrupt ({e}); refusing to touch this run directory.") from e
 
 
-def check_meta(saved: dict[str, Any], current: dict[str, Any], workdir: pathlib.Path) -> None:
-  for key in MUST_MATCH:
+def check_meta(saved: dict[str, Any], current: dict[str, Any], workdir: pathlib.Path,
+               keys: tuple[str, ...] = MUST_MATCH) -> None:
+  """Raises CheckpointError naming the first of `keys` whose saved and current values differ."""
+  for key in keys:
     if saved.get(key) != current.get(key):
       raise CheckpointError(
           f"cannot resume {workdir}: its checkpoint was made with {key} = {saved.get(key)!r}, "

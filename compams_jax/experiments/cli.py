@@ -63,7 +63,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     workdir = base / c.variant if len(configs) > 1 else base
     try:
       rows.append(train.train(c, workdir, resume=args.resume, stop_after=args.stop_after,
-                              progress=not args.no_progress))
+                              progress=not args.no_progress).summary)
     except (checkpoints.CheckpointError, FileNotFoundError, ValueError, RuntimeError) as e:
       print(f"compams-train: error: {e}", file=sys.stderr)
       return 2

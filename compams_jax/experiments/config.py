@@ -13,6 +13,49 @@ import ml_collections
 from compams_jax.experiments.optim import PRESETS
 
 
+def base_config(*, name: str, dataset: str, model: str, **fields: Any) -> ml_collections.ConfigDict:
+  """A config with every field the trainer reads, defaults filled in; `fields` override them.
+
+  Fields: name, dataset.{name, kwargs}, model.{name, kwargs}, num_workers, local_batch, epochs,
+  seed, max_train_examples / max_test_examples (0 = all), log_every, checkpoint_every,
+  optimizer.{name, learning_rate, compressor, compressor_kwargs, b1, b2, eps, momentum,
+  predictor, error_feedback, seed}, variants (optimizer presets run side by side), lr_grid
+  (the learning rates a sweep tries).
+  """
+  c = ml_collections.ConfigDict()
+  c.name = name
+  c.dataset = ml_collections.ConfigDict({"name": dataset, "kwargs": {}})
+  c.model = ml_collections.ConfigDict({"name": model, "kwargs": {}})
+  c.num_workers = 16
+  c.local_batch = 32
+  c.epochs = 10
+  c.seed = 0
+  c.max_train_examples = 0
+  c.max_test_examples = 0
+  c.log_every = 10
+  c.checkpoint_every = 500
+  c.optimizer = ml_collections.ConfigDict({
+      "name": "comp_ams", "learning_rate": 1e-3, "compressor": "top_k",
+      "compressor_kwargs": {"ratio": 0.01}, "b1": 0.9, "b2": 0.999, "eps": 1e-8,
+      "momentum": 0.9, "predictor": "none", "error_feedback": True, "seed": 0})
+  c.variants = ("amsgrad", "comp_ams_top_k", "comp_ams_block_sign")
+  c.lr_grid = (1e-4, 3e-4, 1e-3)
+  for key, value in fields.items():
+    apply_override(c, key.replace("__", "."), value)
+  return c
+
+
+def smoke(c: ml_collections.ConfigDict, **fields: Any) -> ml_collections.ConfigDict:
+  """Shrinks a config for tests: 4 workers, 1 epoch on a small subset, unless `fields` say."""
+  defaults = dict(num_workers=4, epochs=1, max_train_examples=1024, max_test_examples=512,
+                  log_every=2, checkpoint_every=1000)
+  for key, value in {**defaults, **fields}.items():
+    apply_override(c, key.replace("__", "."), value)
+  with c.unlocked():
+    c.name = c.name + "_smoke"
+  return c
+
+
 class ConfigError(ValueError):
   """A config file, override or variant that cannot be used (the message says why)."""
 

@@ -287,13 +287,19 @@ class TextLSTM(nn.Module):
     change the logits.  Ids must be ``< vocab_size`` (out-of-range ids embed
     to NaN under ``jnp.take``'s fill mode).
 
+    Under ``jax.shard_map`` the zero initial state takes its device variance
+    from the embedded inputs, which are varying whenever the token batch is
+    sharded or the parameters were ``pcast`` to varying (as a data-parallel
+    step that differentiates per-worker copies does).
+
     Attributes:
       vocab_size: embedding rows (ids ``0 .. vocab_size-1``).
       embed_dim: embedding width.
       hidden: LSTM cells and width of the first dense layer.
       num_classes: number of output logits.
       dropout_rate: dropout before each dense layer when training (default
-        0.0: the paper's LSTM setup specifies no dropout).
+        0.0, the plain embed-LSTM-2xFC architecture; the ``'dropout'`` rng is
+        only needed when it is positive).
     """
 
     vocab_size: int = 2000
@@ -318,8 +324,16 @@ class TextLSTM(nn.Module):
         tokens = jnp.asarray(tokens, jnp.int32)
         lengths = sequence_lengths(tokens)
         emb = nn.Embed(self.vocab_size, self.embed_dim, name="embed")(tokens)
+        # Zero initial (c, h) built with zeros_like from the inputs, so that it has
+        # the same device variance as the inputs under jax.shard_map: a scan's
+        # carry must have the same type going in and coming out, and the LSTM
+        # state is device-varying whenever the data or the parameters are (a
+        # plain jnp.zeros carry fails there with "carry input and carry output
+        # must have equal types").
+        zeros = jnp.zeros_like(emb[:, 0, :1]) + jnp.zeros((emb.shape[0], self.hidden), emb.dtype)
         cell = nn.OptimizedLSTMCell(self.hidden, name="lstm")
-        (_, h), _ = nn.RNN(cell, return_carry=True)(emb, seq_lengths=lengths)
+        (_, h), _ = nn.RNN(cell, return_carry=True)(
+            emb, initial_carry=(zeros, zeros), seq_lengths=lengths)
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(h)
         x = nn.relu(nn.Dense(self.hidden, name="fc1")(x))
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)

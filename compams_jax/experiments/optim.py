@@ -24,8 +24,14 @@ PRESETS: dict[str, dict[str, Any]] = {
                          predictor="none"),
     "momentum_sgd_top_k": dict(name="momentum_sgd", compressor="top_k",
                                compressor_kwargs={"ratio": 0.01}, predictor="none"),
+    # Least-squares ρ: with error feedback, a fixed ρ = β re-injects the residual with weight
+    # (1 + β) and trains worse (see cj.predictive_compression); the fitted ρ does not.
     "momentum_sgd_top_k_predictive": dict(name="momentum_sgd", compressor="top_k",
-                                          compressor_kwargs={"ratio": 0.01}, predictor="fixed"),
+                                          compressor_kwargs={"ratio": 0.01},
+                                          predictor="least_squares"),
+    "momentum_sgd_top_k_predictive_fixed": dict(name="momentum_sgd", compressor="top_k",
+                                                compressor_kwargs={"ratio": 0.01},
+                                                predictor="fixed"),
 }
 
 

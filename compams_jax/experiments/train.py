@@ -39,6 +39,15 @@ def make_mesh(num_workers: int) -> jax.sharding.Mesh:
 
 
 @dataclasses.dataclass
+class RunResult:
+  """What `train` returns: the summary (also in summary.json) and the final training state."""
+
+  summary: dict[str, Any]
+  params: Any
+  opt_state: Any
+
+
+@dataclasses.dataclass
 class Meters:
   """Running sums of the current epoch's training metrics (checkpointed, so resume is exact)."""
 
@@ -56,16 +65,30 @@ class Meters:
     return self.loss / c, self.accuracy / c
 
 
-def _meta(config, dataset, params) -> dict[str, Any]:
-  return {
+def _meta(config, params=None) -> dict[str, Any]:
+  meta = {
       "model": config.model.name,
       "dataset": config.dataset.name,
       "num_workers": int(config.num_workers),
-      "param_shapes": {jax.tree_util.keystr(k): list(v.shape)
-                       for k, v in jax.tree_util.tree_leaves_with_path(params)},
       "optimizer": json.loads(config.optimizer.to_json()),
-      "num_train": int(len(dataset.y_train)),
   }
+  if params is not None:
+    meta["param_shapes"] = {jax.tree_util.keystr(k): list(v.shape)
+                            for k, v in jax.tree_util.tree_leaves_with_path(params)}
+  return meta
+
+
+def _limit(dataset, max_train: int, max_test: int, seed: int):
+  """A seeded random subset of the splits (0 = keep all), for smoke runs."""
+  def take(x, y, m, salt):
+    if not m or m >= len(y):
+      return x, y
+    idx = np.sort(np.random.default_rng([seed, salt]).permutation(len(y))[:m])
+    return x[idx], y[idx]
+  x_train, y_train = take(dataset.x_train, dataset.y_train, max_train, 1)
+  x_test, y_test = take(dataset.x_test, dataset.y_test, max_test, 2)
+  return dataclasses.replace(dataset, x_train=x_train, y_train=y_train, x_test=x_test,
+                             y_test=y_test)
 
 
 def _truncate_metrics(path: pathlib.Path, step: int) -> None:
@@ -79,7 +102,7 @@ def _truncate_metrics(path: pathlib.Path, step: int) -> None:
 
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
           resume: bool = False, stop_after: int | None = None,
-          progress: bool = True) -> dict[str, Any]:
+          progress: bool = True) -> RunResult:
   """Trains `config` in `workdir` and returns the run summary.
 
   Writes `workdir/metrics.jsonl` (train lines every `log_every` steps, eval lines every epoch),
@@ -95,12 +118,19 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     progress: show a progress bar.
 
   Returns:
-    The summary dict (also written to `summary.json`).
+    A `RunResult`: the summary (also written to `summary.json`), final params and optimizer
+    state (global view: per-worker leaves stacked along their leading axis).
   """
   workdir = pathlib.Path(workdir)
+  saved_meta = checkpoints.read_meta(workdir)
+  if resume and saved_meta is not None:  # Refuse a mismatched run before any expensive setup.
+    checkpoints.check_meta(saved_meta, _meta(config), workdir, keys=("model", "dataset",
+                                                                      "num_workers", "optimizer"))
   n = int(config.num_workers)
   mesh = make_mesh(n)
   dataset = load_dataset(config.dataset.name, **dict(config.dataset.get("kwargs", {}) or {}))
+  dataset = _limit(dataset, int(config.get("max_train_examples", 0)),
+                   int(config.get("max_test_examples", 0)), int(config.seed))
   model = create_model(config.model.name, dataset.num_classes,
                        **dict(config.model.get("kwargs", {}) or {}))
   seed = int(config.seed)
@@ -181,8 +211,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
 
   # Run directory and resume.
   workdir.mkdir(parents=True, exist_ok=True)
-  meta = _meta(config, dataset, params)
-  saved_meta = checkpoints.read_meta(workdir)
+  meta = _meta(config, params)
   ckpt = checkpoints.Checkpointer(workdir / "checkpoints")
   metrics_path = workdir / "metrics.jsonl"
   start, meters = 0, Meters()
@@ -270,4 +299,4 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
       "collectives": hlo.by_op, "seconds": time.time() - t0, "finished": end == total_steps,
   }
   (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
-  return summary
+  return RunResult(summary=summary, params=params, opt_state=opt_state)

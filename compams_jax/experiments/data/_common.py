@@ -12,9 +12,9 @@ import numpy as np
 __all__ = ["Dataset", "stratified_split", "package_data_file"]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # eq on arrays is ambiguous
 class Dataset:
-    """An in-memory train/test dataset.
+    """An in-memory train/test dataset (use ``dataclasses.replace`` to derive one).
 
     Attributes:
       x_train: inputs.  Images: float32 ``[N, H, W, C]`` in ``[0, 1]``.  Text:

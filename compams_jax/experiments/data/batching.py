@@ -75,7 +75,8 @@ def worker_batches(x: np.ndarray, y: np.ndarray, *, num_workers: int, local_batc
 
     Raises:
       ValueError: if ``x`` and ``y`` differ in length, the global batch is
-        larger than the dataset, or ``start_step`` is out of range.
+        larger than the dataset, or ``start_step`` is out of range (raised
+        at call time, before iteration starts).
     """
     n = len(x)
     if len(y) != n:
@@ -86,8 +87,13 @@ def worker_batches(x: np.ndarray, y: np.ndarray, *, num_workers: int, local_batc
                          f"{num_workers * local_batch} exceeds the {n} examples")
     if not 0 <= start_step <= steps:
         raise ValueError(f"start_step must be in [0, {steps}]; got {start_step}")
-    g = num_workers * local_batch
     perm = epoch_permutation(n, seed, epoch)
+    return _iterate(x, y, perm, num_workers, local_batch, start_step, steps)
+
+
+def _iterate(x, y, perm, num_workers, local_batch, start_step, steps):
+    """Generator behind :func:`worker_batches` (arguments already validated)."""
+    g = num_workers * local_batch
     for k in range(start_step, steps):
         idx = perm[k * g:(k + 1) * g]
         yield (x[idx].reshape((num_workers, local_batch) + x.shape[1:]),

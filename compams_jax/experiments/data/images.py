@@ -173,7 +173,8 @@ def load_idx_dir(path: str | os.PathLike, name: str = "mnist_idx", num_classes: 
       num_classes: number of classes; labels must lie in ``[0, num_classes)``.
 
     Returns:
-      A :class:`Dataset` with images ``[N, H, W, 1]`` scaled by 1/255.
+      A :class:`Dataset` with float32 images ``[N, H, W, 1]`` (uint8 files, as
+      for MNIST, are scaled by 1/255 into ``[0, 1]``; other IDX types are cast).
 
     Raises:
       FileNotFoundError: if the directory or one of the files is missing.
@@ -285,6 +286,8 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"), ("numpy", "dtype"),
         ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        # Python 3 writes bytes into protocol-2 pickles via _codecs.encode (harmless).
+        ("_codecs", "encode"),
     }
 
     def find_class(self, module: str, name: str):  # noqa: D102
