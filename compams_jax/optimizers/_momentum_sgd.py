@@ -7,7 +7,7 @@ import optax
 from compams_jax.compressors import Compressor
 from compams_jax.transforms import compressed_mean, predictive_compression, worker_momentum
 from compams_jax.transforms import error_feedback as error_feedback_transform
-from compams_jax.transforms._predictors import Predictor, fixed
+from compams_jax.transforms._predictors import Predictor, least_squares
 
 
 def compressed_momentum_sgd(learning_rate: optax.ScalarOrSchedule, compressor: Compressor, *,
@@ -17,15 +17,20 @@ def compressed_momentum_sgd(learning_rate: optax.ScalarOrSchedule, compressor: C
   """Momentum SGD where each worker keeps its momentum and sends it compressed.
 
   Worker i: m_i ← β m_i + g_i, then m_i is compressed, with predictive coding against its last
-  reconstruction (prediction ρ = β by default, the setting of Adikari & Draper) or directly;
-  with or without error feedback. All workers step with θ ← θ − η · (average reconstruction).
+  reconstruction (the setting of Adikari & Draper) or directly; with or without error
+  feedback. All workers step with θ ← θ − η · (average reconstruction).
+
+  `predictive=True` uses the least-squares predictor (ρ fitted per leaf and step, shared by all
+  workers). A fixed ρ = β is available as `predictive=cj.predictors.fixed(β)`; combined with
+  error feedback it is unstable for sparse and randomized compressors (see
+  `cj.predictive_compression`), so it is not the default.
 
   Args:
     learning_rate: η, a float or an optax schedule.
     compressor: the compressor of the (innovation of the) momentum.
     momentum: β.
-    predictive: True for predictive coding with ρ = β, a `cj.predictors` predictor, or False
-      to compress the momentum itself.
+    predictive: True for predictive coding with the least-squares predictor, a `cj.predictors`
+      predictor, or False to compress the momentum itself.
     error_feedback: keep worker-side residuals.
     axis_name: the mapped axis indexing workers, or None for one worker.
     seed: seeds the PRNG keys of randomized compressors.
@@ -50,7 +55,7 @@ def compressed_momentum_sgd(learning_rate: optax.ScalarOrSchedule, compressor: C
     IEEE JSAIT 2021.
   """
   if predictive is True:
-    predictor = fixed(momentum)
+    predictor = least_squares()
   elif predictive is False or predictive is None:
     predictor = None
   elif isinstance(predictive, Predictor):

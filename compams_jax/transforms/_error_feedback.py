@@ -97,7 +97,8 @@ def error_feedback(compressor: Compressor, *, axis_name: str | None = None, seed
     payload = encode_tree(compressor, corrected, key)
     sent = decode_tree(compressor, payload, corrected, decode_key(compressor, key))
     new_residual = jax.tree.map(lambda c, s: c - s, corrected, sent)
-    mean = average(compressor, payload, updates, axis_name=axis_name, key=key)
+    mean = average(compressor, payload, updates, axis_name=axis_name, key=key,
+                   decoded=jax.tree.map(lambda c, u: c.astype(u.dtype), sent, updates))
     return mean, ErrorFeedbackState(residual=to_per_worker(new_residual),
                                     count=optax.safe_increment(state.count))
 

@@ -17,7 +17,7 @@ def decode_key(compressor: Compressor, key: jax.Array | None) -> jax.Array | Non
 
 
 def average(compressor: Compressor, payload: Any, like: Any, *, axis_name: str | None,
-            key: jax.Array | None = None) -> Any:
+            key: jax.Array | None = None, decoded: Any = None) -> Any:
   """(1/n) Σ_i decode(payload_i) over the workers of `axis_name`, as a dense pytree like `like`.
 
   Summable payloads (identity, cast, shared-seed random-k) travel by one `psum`; all others by
@@ -31,6 +31,8 @@ def average(compressor: Compressor, payload: Any, like: Any, *, axis_name: str |
     like: a pytree of arrays / ShapeDtypeStructs giving the shapes and dtypes of the result.
     axis_name: the bound mapped axis to average over, or None for a single worker.
     key: the encoding key; it is used to decode only if the compressor's randomness is shared.
+    decoded: this worker's own decoded payload, if the caller already has it; with a single
+      worker it is the result (not decoded again, so it is bit-identical to the caller's).
 
   Returns:
     The average of the decoded vectors, a pytree like `like`.
@@ -41,7 +43,7 @@ def average(compressor: Compressor, payload: Any, like: Any, *, axis_name: str |
   axis_name = effective_axis(axis_name)
   key = decode_key(compressor, key)
   if axis_name is None:
-    return decode_tree(compressor, payload, like, key)
+    return decode_tree(compressor, payload, like, key) if decoded is None else decoded
   n = num_workers(axis_name)
   if compressor.summable:
     total = decode_tree(compressor, jax.lax.psum(payload, axis_name), like, key)
