@@ -7,14 +7,13 @@ never from the library's own output.
 
 from __future__ import annotations
 
+import functools
 import math
 from fractions import Fraction
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
-import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -66,6 +65,16 @@ def f64(x) -> np.ndarray:
 
 def payload_nbits(payload) -> int:
     return sum(int(np.asarray(leaf).nbytes) * 8 for leaf in jax.tree.leaves(payload))
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(c):
+    return jax.jit(lambda x, k: c(x, k))
+
+
+def apply(c, x, key=None):
+    """C(x), jitted (one compilation per compressor and shape, not one per eager op)."""
+    return _jitted(c)(x, key)
 
 
 def rand(shape, seed=0, dtype=np.float32):
@@ -125,20 +134,21 @@ def test_declared_q_squared(d):
 # ----------------------------------------------------------------- top-k
 
 
-@pytest.mark.parametrize("shape", [(), (1,), (2,), (7,), (3, 5), (2, 3, 4), (257,), (1000,)])
-@pytest.mark.parametrize("ratio", [0.01, 0.1, 0.33, 0.5, 1.0])
+@pytest.mark.parametrize("shape, ratio", [
+    ((), 0.01), ((1,), 0.5), ((2,), 0.5), ((7,), 0.33), ((3, 5), 0.1), ((2, 3, 4), 0.5),
+    ((257,), 0.01), ((1000,), 0.01), ((1000,), 0.33), ((6, 5), 1.0)])
 def test_top_k_matches_argsort(shape, ratio):
     x = rand(shape, seed=hash((shape, ratio)) % 2**32)
     d = int(np.prod(shape))
     k = k_of(ratio, d)
-    out = np.asarray(C.top_k(ratio)(jnp.asarray(x)))
+    out = np.asarray(apply(C.top_k(ratio), jnp.asarray(x)))
     assert out.shape == np.shape(x) and out.dtype == np.float32
     np.testing.assert_array_equal(out, np_top_k(x, k))
     assert np.count_nonzero(out) == k
 
 
 def test_top_k_ties_go_to_lower_index():
-    out = C.top_k(0.5)(jnp.array([1.0, -1.0, 1.0, 1.0]))
+    out = apply(C.top_k(0.5), jnp.array([1.0, -1.0, 1.0, 1.0]))
     np.testing.assert_array_equal(np.asarray(out), [1.0, -1.0, 0.0, 0.0])
 
 
@@ -146,7 +156,7 @@ def test_top_k_bfloat16_keeps_k_largest_magnitudes():
     # bf16 has ties on random inputs, so compare multisets of magnitudes, not positions.
     x = jnp.asarray(rand((40, 25), seed=3)).astype(jnp.bfloat16)
     k = k_of(0.05, x.size)
-    out = C.top_k(0.05)(x)
+    out = apply(C.top_k(0.05), x)
     assert out.dtype == jnp.bfloat16
     xo, oo = f64(x).ravel(), f64(out).ravel()
     kept = np.flatnonzero(oo)
@@ -159,11 +169,11 @@ def test_top_k_per_leaf_vs_model():
     tree = {"a": rand((30,), 1), "b": [rand((5, 4), 2) * 10.0, rand((50,), 3) * 0.01]}
     jtree = jax.tree.map(jnp.asarray, tree)
 
-    per_leaf = C.compress_tree(C.top_k(0.1), jtree)
+    per_leaf = jax.jit(lambda t: C.compress_tree(C.top_k(0.1), t))(jtree)
     for got, x in zip(jax.tree.leaves(per_leaf), jax.tree.leaves(tree)):
         np.testing.assert_array_equal(np.asarray(got), np_top_k(x, k_of(0.1, x.size)))
 
-    model = C.compress_tree(C.top_k(0.1, granularity="model"), jtree)
+    model = jax.jit(lambda t: C.compress_tree(C.top_k(0.1, granularity="model"), t))(jtree)
     allx = np.concatenate([x.ravel() for x in jax.tree.leaves(tree)])
     k = k_of(0.1, allx.size)
     thresh = np.sort(np.abs(allx))[-k]  # the k-th largest magnitude over the whole model
@@ -180,9 +190,10 @@ def test_top_k_per_leaf_vs_model():
 def test_top_k_decode_sum_is_sum_of_decoded():
     xs = [rand((60,), s) for s in range(3)]
     c = C.top_k(0.1)
-    payloads = [C.encode_tree(c, {"w": jnp.asarray(x)}) for x in xs]
+    enc = jax.jit(lambda t: C.encode_tree(c, t))
+    payloads = [enc({"w": jnp.asarray(x)}) for x in xs]
     stacked = jax.tree.map(lambda *p: jnp.stack(p), *payloads)
-    got = C.decode_sum_tree(c, stacked, {"w": jnp.zeros(60)})["w"]
+    got = jax.jit(lambda p, t: C.decode_sum_tree(c, p, t))(stacked, {"w": jnp.zeros(60)})["w"]
     want = sum(np_top_k(x, k_of(0.1, 60)) for x in xs)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-7)
 
@@ -190,13 +201,13 @@ def test_top_k_decode_sum_is_sum_of_decoded():
 # ----------------------------------------------------------------- random-k
 
 
-@pytest.mark.parametrize("shape, ratio", [((1000,), 0.1), ((7, 9), 0.3), ((5,), 0.01),
-                                          ((1,), 0.5), ((), 1.0), ((10,), 1.0)])
+@pytest.mark.parametrize("shape, ratio", [((1000,), 0.1), ((7, 9), 0.3), ((1,), 0.5),
+                                          ((10,), 1.0)])
 def test_random_k_exactly_k_entries_of_x(shape, ratio):
     x = rand(shape, seed=5)
     x[np.asarray(x) == 0] = 1.0
     k = k_of(ratio, x.size)
-    out = np.asarray(C.random_k(ratio)(jnp.asarray(x), KEY))
+    out = np.asarray(apply(C.random_k(ratio), jnp.asarray(x), KEY))
     kept = out != 0
     assert kept.sum() == k
     np.testing.assert_array_equal(out[kept], x[kept])
@@ -206,7 +217,7 @@ def test_random_k_positions_depend_on_key_only():
     c = C.random_k(0.1)
     x1, x2 = rand((1000,), 1), rand((1000,), 2)
     k1, k2 = jax.random.key(1), jax.random.key(2)
-    pos = lambda x, k: frozenset(np.flatnonzero(np.asarray(c(jnp.asarray(x), k))))
+    pos = lambda x, k: frozenset(np.flatnonzero(np.asarray(apply(c, jnp.asarray(x), k))))
     assert pos(x1, k1) == pos(x2, k1)  # same key, different data: same coordinates
     assert pos(x1, k1) != pos(x1, k2)  # different keys: different coordinates
     assert len(pos(x1, k1) & pos(x1, k2)) < 50  # ~k²/d = 10 expected overlap
@@ -216,17 +227,21 @@ def test_random_k_payload_carries_values_only_and_sums():
     # Summable: the sum of two workers' payloads decodes to the sum of their C(x) (same key).
     c = C.random_k(0.2)
     rng = np.random.default_rng(0)
-    x1, x2 = (rng.integers(-100, 100, 50).astype(np.float32) for _ in range(2))
-    p1, p2 = c.encode(jnp.asarray(x1), KEY), c.encode(jnp.asarray(x2), KEY)
+    x1, x2 = (rng.integers(1, 100, 50).astype(np.float32) for _ in range(2))
+    enc, dec = jax.jit(c.encode), jax.jit(c.decode)
+    p1, p2 = enc(jnp.asarray(x1), KEY), enc(jnp.asarray(x2), KEY)
     assert set(p1) == {"values"} and p1["values"].shape == (k_of(0.2, 50),)
-    summed = c.decode(jax.tree.map(jnp.add, p1, p2), jnp.zeros(50), KEY)
-    mask = np.asarray(c(jnp.asarray(np.ones(50, np.float32)), KEY)) != 0
-    np.testing.assert_array_equal(np.asarray(summed), np.where(mask, x1 + x2, 0.0))
+    d1, d2 = (np.asarray(dec(p, jnp.zeros(50), KEY)) for p in (p1, p2))
+    summed = np.asarray(dec(jax.tree.map(jnp.add, p1, p2), jnp.zeros(50), KEY))
+    mask = d1 != 0
+    assert mask.sum() == k_of(0.2, 50) and np.array_equal(mask, d2 != 0)
+    np.testing.assert_array_equal(d1, np.where(mask, x1, 0.0))
+    np.testing.assert_array_equal(summed, np.where(mask, x1 + x2, 0.0))
 
 
 def test_random_k_model_granularity_one_budget():
     tree = {"a": jnp.asarray(rand((40,), 1) + 5.0), "b": jnp.asarray(rand((3, 20), 2) + 5.0)}
-    out = C.compress_tree(C.random_k(0.1, granularity="model"), tree, KEY)
+    out = jax.jit(lambda t: C.compress_tree(C.random_k(0.1, granularity="model"), t, KEY))(tree)
     total = sum(int(np.count_nonzero(np.asarray(v))) for v in out.values())
     assert total == k_of(0.1, 100)
     for name in tree:
@@ -234,7 +249,7 @@ def test_random_k_model_granularity_one_budget():
         np.testing.assert_array_equal(got[got != 0], x[got != 0])
 
 
-@pytest.mark.parametrize("ratio, d", [(0.1, 50), (0.3, 20)])
+@pytest.mark.parametrize("ratio, d", [(0.1, 50)])
 def test_random_k_expectation_biased_and_error_in_expectation(ratio, d):
     n = 4000
     x = rand((d,), seed=11)
@@ -262,42 +277,42 @@ def test_random_k_requires_key():
 # ----------------------------------------------------------------- block-sign / scaled-sign
 
 
-@pytest.mark.parametrize("shape", [(), (1,), (7,), (8,), (9,), (4, 33), (1000,)])
+@pytest.mark.parametrize("shape", [(), (1,), (9,), (4, 33), (1000,)])
 def test_block_sign_matches_reference(shape):
     x = rand(shape, seed=int(np.prod(shape)))
-    out = np.asarray(C.block_sign()(jnp.asarray(x)))
+    out = np.asarray(apply(C.block_sign(), jnp.asarray(x)))
     np.testing.assert_allclose(out, np_block_sign(x), rtol=2e-6)
 
 
 def test_block_sign_docstring_example():
-    out = C.block_sign()(jnp.array([1.0, -2.0, 3.0, -6.0]))
+    out = apply(C.block_sign(), jnp.array([1.0, -2.0, 3.0, -6.0]))
     np.testing.assert_array_equal(np.asarray(out), [3.0, -3.0, 3.0, -3.0])
 
 
 def test_block_sign_zeros_default_and_exact():
     x = np.array([0.0, -2.0, 0.0, 4.0, 0.0, -0.0, 1.0, 0.0, 0.0, -3.0], np.float32)
     scale = np.abs(x).mean()  # 1.0
-    default = np.asarray(C.block_sign()(jnp.asarray(x)))
+    default = np.asarray(apply(C.block_sign(), jnp.asarray(x)))
     np.testing.assert_allclose(default, np.where(x < 0, -scale, scale), rtol=1e-6)
-    exact = np.asarray(C.block_sign(exact_zeros=True)(jnp.asarray(x)))
+    exact = np.asarray(apply(C.block_sign(exact_zeros=True), jnp.asarray(x)))
     np.testing.assert_allclose(exact, np.sign(x) * scale, rtol=1e-6)
     assert np.all(exact[x == 0] == 0.0)
 
 
 def test_block_sign_all_zero_leaf():
-    np.testing.assert_array_equal(np.asarray(C.block_sign()(jnp.zeros(13))), np.zeros(13))
+    np.testing.assert_array_equal(np.asarray(apply(C.block_sign(), jnp.zeros(13))), np.zeros(13))
 
 
 def test_block_sign_per_leaf_and_scaled_sign_global():
     tree = {"a": rand((10,), 1), "b": {"c": rand((3, 7), 2) * 100.0}, "d": rand((), 3)}
     jtree = jax.tree.map(jnp.asarray, tree)
-    per_leaf = C.compress_tree(C.block_sign(), jtree)
+    per_leaf = jax.jit(lambda t: C.compress_tree(C.block_sign(), t))(jtree)
     for got, x in zip(jax.tree.leaves(per_leaf), jax.tree.leaves(tree)):
         np.testing.assert_allclose(np.asarray(got), np_block_sign(x), rtol=2e-6)
     allx = np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)]).astype(np.float64)
     scale = np.abs(allx).mean()  # one ‖x‖₁/d over the whole flattened pytree
     for c in (C.scaled_sign(), C.block_sign(granularity="model")):
-        out = C.compress_tree(c, jtree)
+        out = jax.jit(lambda t: C.compress_tree(c, t))(jtree)
         for got, x in zip(jax.tree.leaves(out), jax.tree.leaves(tree)):
             np.testing.assert_allclose(np.asarray(got), np.where(x < 0, -scale, scale),
                                        rtol=2e-6)
@@ -319,33 +334,35 @@ def _check_qsgd_levels(out, x, levels, norm):
     assert np.all((ilev == 0) | (np.sign(ilev) == np.sign(x)))
 
 
-@pytest.mark.parametrize("levels", [1, 4, 127, 128, 1000])
-@pytest.mark.parametrize("shape", [(1,), (37,), (6, 7)])
+@pytest.mark.parametrize("levels, shape", [(1, (37,)), (4, (6, 7)), (127, (1,)), (1000, (37,))])
 def test_qsgd_levels_bracket_input(levels, shape):
     x = rand(shape, seed=levels)
     c = C.qsgd(levels)
+    fn = jax.jit(lambda x, k: c(x, k))
     for i in range(3):
-        out = c(jnp.asarray(x), jax.random.key(i))
+        out = fn(jnp.asarray(x), jax.random.key(i))
         assert out.shape == x.shape and out.dtype == jnp.float32
         _check_qsgd_levels(out, x, levels, np.linalg.norm(x.astype(np.float64)))
 
 
 def test_qsgd_payload_levels_dtype():
     x = jnp.asarray(rand((20,), 0))
-    p4 = C.qsgd(4).encode(x, KEY)
+    p4 = jax.jit(C.qsgd(4).encode)(x, KEY)
     assert p4["levels"].dtype == jnp.int8 and p4["norm"].shape == ()
     assert float(p4["norm"]) == pytest.approx(np.linalg.norm(np.asarray(x, np.float64)), 1e-6)
-    assert C.qsgd(127).encode(x, KEY)["levels"].dtype == jnp.int8
-    assert C.qsgd(128).encode(x, KEY)["levels"].dtype == jnp.int16
+    assert jax.eval_shape(C.qsgd(127).encode, x, KEY)["levels"].dtype == jnp.int8
+    assert jax.eval_shape(C.qsgd(128).encode, x, KEY)["levels"].dtype == jnp.int16
+    assert jax.eval_shape(C.qsgd(32767).encode, x, KEY)["levels"].dtype == jnp.int16
 
 
 def test_qsgd_zero_vector():
-    np.testing.assert_array_equal(np.asarray(C.qsgd(4)(jnp.zeros(9), KEY)), np.zeros(9))
+    np.testing.assert_array_equal(np.asarray(apply(C.qsgd(4), jnp.zeros(9), KEY)), np.zeros(9))
 
 
 def test_qsgd_model_granularity_uses_one_norm():
     tree = {"a": rand((10,), 1), "b": rand((4, 5), 2) * 3.0}
-    out = C.compress_tree(C.qsgd(8, granularity="model"), jax.tree.map(jnp.asarray, tree), KEY)
+    out = jax.jit(lambda t: C.compress_tree(C.qsgd(8, granularity="model"), t, KEY))(
+        jax.tree.map(jnp.asarray, tree))
     norm = np.sqrt(sum(sq(x) for x in tree.values()))
     for name in tree:
         _check_qsgd_levels(out[name], tree[name], 8, norm)
@@ -387,15 +404,22 @@ def test_cast_equals_numpy_round_trip(dtype):
     rng = np.random.default_rng(0)
     x = (rng.standard_normal(2000) * np.exp(rng.uniform(-8, 8, 2000))).astype(np.float32)
     x = np.concatenate([x, np.float32([0.0, -0.0, 1.0, 1 + 2**-8, 1 + 3 * 2**-9, 65504.0])])
-    out = np.asarray(C.cast(dtype)(jnp.asarray(x)))
+    out = np.asarray(apply(C.cast(dtype), jnp.asarray(x)))
     assert out.dtype == np.float32
     np.testing.assert_array_equal(out, np_cast(x, dtype))
     assert C.cast(dtype).encode(jnp.asarray(x))["values"].dtype == dtype
 
 
+@pytest.mark.skipif(jax.config.jax_enable_x64, reason="float64 exists when x64 is on")
+def test_cast_float64_without_x64_is_rejected():
+    # With x64 off JAX would send float32 while wire_bits would count 64 bits per entry.
+    with pytest.raises(ValueError, match="jax_enable_x64"):
+        C.cast(jnp.float64)
+
+
 def test_identity_is_exact():
     x = rand((3, 4), 0)
-    np.testing.assert_array_equal(np.asarray(C.identity()(jnp.asarray(x))), x)
+    np.testing.assert_array_equal(np.asarray(apply(C.identity(), jnp.asarray(x))), x)
 
 
 # ----------------------------------------------------------------- pointwise deviation bounds
@@ -434,7 +458,7 @@ def test_top_k_deviation_bound_is_tight_for_flat_vectors():
     # |x_i| all equal: ‖C(x) − x‖² = (1 − k/d)‖x‖² exactly, so q² cannot be smaller.
     d = 200
     x = np.where(np.arange(d) % 3 == 0, -1.0, 1.0).astype(np.float32)
-    out = np.asarray(C.top_k(0.1)(jnp.asarray(x)), np.float64)
+    out = np.asarray(apply(C.top_k(0.1), jnp.asarray(x)), np.float64)
     assert sq(out - x) == pytest.approx(C.top_k(0.1).q_squared(d) * sq(x), rel=1e-6)
 
 
@@ -456,9 +480,8 @@ def test_encoded_payload_bits_equal_wire_bits(name):
                        for p in jax.tree.leaves(payload))
             assert bits == c.wire_bits(shape, dtype), (shape, dtype)
     # And on concrete arrays, for a few shapes: nbytes of what encode really returns.
-    for shape in [(), (9,), (257,)]:
-        x = jnp.asarray(rand(shape, seed=len(shape)))
-        assert payload_nbits(jax.jit(c.encode)(x, KEY)) == c.wire_bits(shape, jnp.float32)
+    x = jnp.asarray(rand((257,), seed=2))
+    assert payload_nbits(jax.jit(c.encode)(x, KEY)) == c.wire_bits((257,), jnp.float32)
 
 
 @pytest.mark.parametrize("d, index_dtype", [(1, np.uint8), (255, np.uint8), (256, np.uint8),
@@ -466,57 +489,54 @@ def test_encoded_payload_bits_equal_wire_bits(name):
                                             (65537, np.uint32)])
 def test_top_k_index_dtype_is_narrowest(d, index_dtype):
     x = jnp.asarray(rand((d,), 0))
-    payload = C.top_k(0.01).encode(x)
+    payload = jax.jit(C.top_k(0.01).encode)(x)
     assert payload["indices"].dtype == index_dtype
     k = k_of(0.01, d)
     assert payload["values"].shape == (k,) and payload["indices"].shape == (k,)
-    assert C.top_k(0.01).wire_bits((d,), jnp.float32) == k * (32 + 8 * np.dtype(index_dtype).itemsize)
+    want_bits = k * (32 + 8 * np.dtype(index_dtype).itemsize)
+    assert C.top_k(0.01).wire_bits((d,), jnp.float32) == want_bits
     # The largest index must be addressable: it round-trips.
-    np.testing.assert_array_equal(np.asarray(C.top_k(0.01)(x)), np_top_k(np.asarray(x), k))
-
-
-@pytest.mark.parametrize("granularity", ["leaf", "model"])
-@pytest.mark.parametrize("name", sorted(ALL_FACTORIES))
-def test_tree_payload_bits_equal_tree_wire_bits(name, granularity):
-    c = ALL_FACTORIES[name](granularity)
-    tree = {"a": jnp.ones((3, 4)), "b": [jnp.float32(2.0), None, jnp.ones((200,))],
-            "c": {"d": jnp.arange(1.0, 60.0)}}
-    payload = jax.jit(lambda t: C.encode_tree(c, t, KEY))(tree)
-    assert payload_nbits(payload) == C.tree_wire_bits(c, tree)
-    # "model" is one payload for 272 entries: top-k indices switch to uint16 there.
-    if name == "top_k":
-        want = np.uint16 if granularity == "model" else np.uint8
-        assert all(p["indices"].dtype == want for p in payload)
-
-
-# ----------------------------------------------------------------- pytrees and dtypes
+    np.testing.assert_array_equal(np.asarray(apply(C.top_k(0.01), x)),
+                                  np_top_k(np.asarray(x), k))
 
 
 TREE = {"bf": jnp.asarray(rand((6, 5), 1)).astype(jnp.bfloat16),
         "nested": {"list": [jnp.asarray(rand((1,), 2)), None, jnp.asarray(rand((), 3))],
-                   "f32": jnp.asarray(rand((4, 3), 4))},
+                   "f32": jnp.asarray(rand((250,), 4))},
         "empty": {}}
 
 
+TREE_COMPRESSORS = ["identity", "top_k", "random_k", "block_sign", "qsgd", "cast_bf16"]
+
+
 @pytest.mark.parametrize("granularity", ["leaf", "model"])
-@pytest.mark.parametrize("name", sorted(ALL_FACTORIES))
-def test_compress_tree_keeps_structure_and_dtypes(name, granularity):
+@pytest.mark.parametrize("name", TREE_COMPRESSORS)
+def test_tree_helpers_structure_dtypes_and_payload_bits(name, granularity):
+    """Nested dicts/lists, bf16 + f32, size-1 and 0-d leaves, None leaves, an empty subtree."""
     c = ALL_FACTORIES[name](granularity)
-    out = jax.jit(lambda t: C.compress_tree(c, t, KEY))(TREE)
+
+    def roundtrip(t):
+        payload = C.encode_tree(c, t, KEY)
+        return payload, C.decode_tree(c, payload, t, KEY)
+
+    payload, out = jax.jit(roundtrip)(TREE)
+    assert payload_nbits(payload) == C.tree_wire_bits(c, TREE)
+    if name == "top_k":  # "model" is one payload of 282 entries: indices switch to uint16.
+        want = np.uint16 if granularity == "model" else np.uint8
+        assert all(p["indices"].dtype == want for p in payload)
     assert jax.tree.structure(out) == jax.tree.structure(TREE)
     for got, x in zip(jax.tree.leaves(out), jax.tree.leaves(TREE)):
         assert got.shape == x.shape and got.dtype == x.dtype
         assert np.all(np.isfinite(f64(got)))
     assert C.compress_tree(c, {}, KEY) == {}
     assert C.tree_wire_bits(c, {}) == 0
-    # decode(encode) through the tree helpers is the same as compress_tree.
-    again = jax.jit(lambda t: C.decode_tree(c, C.encode_tree(c, t, KEY), t, KEY))(TREE)
-    for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(out)):
-        np.testing.assert_array_equal(f64(a), f64(b))
+    if c.deviation == "none":
+        for got, x in zip(jax.tree.leaves(out), jax.tree.leaves(TREE)):
+            np.testing.assert_array_equal(f64(got), f64(x))
 
 
 def test_compress_tree_values_bf16_leaf_top_k():
-    out = C.compress_tree(C.top_k(0.5), TREE)
+    out = jax.jit(lambda t: C.compress_tree(C.top_k(0.5), t))(TREE)
     for got, x in zip(jax.tree.leaves(out), jax.tree.leaves(TREE)):
         k = k_of(0.5, x.size)
         xo, go = f64(x).ravel(), f64(got).ravel()
@@ -525,7 +545,7 @@ def test_compress_tree_values_bf16_leaf_top_k():
         np.testing.assert_array_equal(np.sort(np.abs(go[kept])), np.sort(np.abs(xo))[-k:])
 
 
-@pytest.mark.parametrize("name", sorted(ALL_FACTORIES))
+@pytest.mark.parametrize("name", ["top_k", "random_k", "qsgd"])
 def test_error_feedback_pytree_edge_cases(name):
     c = ALL_FACTORIES[name]("leaf")
     tx = cj.error_feedback(c)

@@ -42,9 +42,9 @@ class Cast(Compressor):
   ‖C(x) − x‖² ≤ u²‖x‖². Values below the smallest normal (or, for float16, above 65504) fall
   outside that bound: float16 underflows to zero and overflows to inf.
 
-  Summable: sums of cast payloads travel by `psum`. Note that XLA:CPU promotes a bfloat16
-  all-reduce to float32 internally, so on CPU the measured bytes of a bf16 `psum` are those of
-  float32; GPU (NCCL) and TPU reduce in the narrow type.
+  Summable: sums of cast payloads travel by `psum`. Note that XLA:CPU promotes bfloat16
+  collectives (all-reduce and all-gather) to float32, so on CPU the bytes measured from HLO for
+  bf16 payloads are those of float32; GPU (NCCL) and TPU communicate in the narrow type.
   """
 
   dtype: Any = jnp.bfloat16
@@ -62,6 +62,9 @@ class Cast(Compressor):
       raise TypeError(f"cast(dtype=...) needs a floating dtype, got {self.dtype!r}.") from e
     if not jnp.issubdtype(dt, jnp.floating):
       raise TypeError(f"cast(dtype=...) needs a floating dtype, got {dt}.")
+    if jax.dtypes.canonicalize_dtype(dt) != dt:
+      raise ValueError(f"cast(dtype={dt}) cannot be sent: JAX would produce "
+                       f"{jax.dtypes.canonicalize_dtype(dt)} (enable jax_enable_x64 for {dt}).")
     object.__setattr__(self, "dtype", dt)
 
   def encode(self, x, key=None):

@@ -12,7 +12,8 @@ from compams_jax.compressors import Compressor, decode_tree, encode_tree
 from compams_jax.compressors._tree import check_tree
 from compams_jax.transforms._state import (PerWorker, local, per_worker_zeros, step_key,
                                            to_per_worker)
-from compams_jax.transforms._validate import check_axis_name, check_compressor, check_seed
+from compams_jax.transforms._validate import (check_axis_name, check_compressor, check_seed,
+                                              check_updates)
 from compams_jax.wire import average, decode_key
 
 
@@ -32,13 +33,6 @@ class CompressedMeanState(NamedTuple):
   """State of `compressed_mean`: the step count that derives the PRNG keys (replicated)."""
 
   count: jax.Array
-
-
-def _check_updates(updates: Any, like: Any, name: str) -> None:
-  got, want = jax.tree.structure(updates), jax.tree.structure(like)
-  if got != want:
-    raise ValueError(f"{name}: the updates' pytree structure {got} does not match the "
-                     f"structure the state was initialised with, {want}.")
 
 
 def error_feedback(compressor: Compressor, *, axis_name: str | None = None, seed: int = 0,
@@ -91,7 +85,7 @@ def error_feedback(compressor: Compressor, *, axis_name: str | None = None, seed
   def update_fn(updates, state, params=None):
     del params
     residual = local(state.residual)
-    _check_updates(updates, residual, "error_feedback")
+    check_updates(updates, residual, "error_feedback")
     key = step_key(compressor, seed, state.count, axis_name)
     corrected = jax.tree.map(lambda g, e: g.astype(e.dtype) + e, updates, residual)
     payload = encode_tree(compressor, corrected, key)

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import optax
 
 from compams_jax.compressors._tree import check_tree
-from compams_jax.transforms._error_feedback import _check_updates
 from compams_jax.transforms._state import PerWorker, local, per_worker_zeros, to_per_worker
+from compams_jax.transforms._validate import check_updates
 
 
 class WorkerMomentumState(NamedTuple):
@@ -53,7 +53,7 @@ def worker_momentum(decay: float = 0.9, *, nesterov: bool = False) -> optax.Grad
   def update_fn(updates, state, params=None):
     del params
     previous = local(state.momentum)
-    _check_updates(updates, previous, "worker_momentum")
+    check_updates(updates, previous, "worker_momentum")
     m = jax.tree.map(lambda g, m: (decay * m + g).astype(m.dtype), updates, previous)
     out = jax.tree.map(lambda g, m: g + decay * m, updates, m) if nesterov else m
     return out, WorkerMomentumState(momentum=to_per_worker(m))

@@ -11,11 +11,11 @@ import optax
 
 from compams_jax.compressors import Compressor, decode_tree, encode_tree
 from compams_jax.compressors._tree import check_tree
-from compams_jax.transforms._error_feedback import _check_updates
 from compams_jax.transforms._predictors import Fixed, Predictor, fixed
 from compams_jax.transforms._state import (PerWorker, local, per_worker_zeros, step_key,
                                            to_per_worker)
-from compams_jax.transforms._validate import check_axis_name, check_compressor, check_seed
+from compams_jax.transforms._validate import (check_axis_name, check_compressor, check_seed,
+                                              check_updates)
 from compams_jax.wire import average, decode_key, num_workers
 
 
@@ -121,7 +121,7 @@ def predictive_compression(compressor: Compressor, *, predictor: Predictor | Non
   def update_fn(updates, state, params=None):
     del params
     previous = local(state.reconstruction)
-    _check_updates(updates, previous, "predictive_compression")
+    check_updates(updates, previous, "predictive_compression")
     target = updates
     if error_feedback:
       target = jax.tree.map(lambda x, e: x + e, updates, local(state.residual))

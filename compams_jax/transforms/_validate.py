@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
+
 from compams_jax.compressors import Compressor
 
 
@@ -25,3 +27,16 @@ def check_seed(seed: Any) -> int:
   if isinstance(seed, bool) or not isinstance(seed, int):
     raise TypeError(f"seed must be an int, got {seed!r}.")
   return seed
+
+
+def check_updates(updates: Any, like: Any, name: str) -> None:
+  """Raises ValueError unless `updates` has the structure and leaf shapes of `like` (the state)."""
+  got, want = jax.tree.structure(updates), jax.tree.structure(like)
+  if got != want:
+    raise ValueError(f"{name}: the updates' pytree structure {got} does not match the "
+                     f"structure the state was initialised with, {want}.")
+  for (path, u), l in zip(jax.tree_util.tree_leaves_with_path(updates), jax.tree.leaves(like)):
+    if tuple(u.shape) != tuple(l.shape):
+      raise ValueError(f"{name}: update leaf {jax.tree_util.keystr(path)} has shape "
+                       f"{tuple(u.shape)}, but the state was initialised for shape "
+                       f"{tuple(l.shape)}.")

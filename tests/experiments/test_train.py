@@ -29,7 +29,7 @@ def _assert_trees_equal(a, b):
 @pytest.mark.parametrize("variant", ["amsgrad", "comp_ams_top_k", "comp_ams_block_sign",
                                      "momentum_sgd_top_k_predictive"])
 def test_digits_smoke_learns(variant, tmp_path):
-  overrides = ["optimizer.learning_rate=0.05"] if variant.startswith("momentum") else []
+  overrides = ["optimizer.learning_rate=0.1"] if variant.startswith("momentum") else []
   result = train.train(_digits(*overrides, variant=variant), tmp_path, progress=False)
   s = result.summary
   chance = np.log(10)
