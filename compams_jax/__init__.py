@@ -16,8 +16,9 @@ from compams_jax import compressors, predictors, sharding, wire
 from compams_jax.compressors import Compressor
 from compams_jax.optimizers import comp_ams, compressed_momentum_sgd
 from compams_jax.transforms import (CompressedMeanState, ErrorFeedbackState, PerWorker,
-                                    PredictiveState, WorkerMomentumState, compressed_mean,
-                                    error_feedback, predictive_compression, worker_momentum)
+                                    PowerSGDState, PredictiveState, WorkerMomentumState,
+                                    compressed_mean, error_feedback, powersgd,
+                                    predictive_compression, worker_momentum)
 from compams_jax.wire import CollectiveBytes, collective_bytes, wire_bytes
 
 __version__ = "0.1.0"
@@ -28,6 +29,7 @@ __all__ = [
     "Compressor",
     "ErrorFeedbackState",
     "PerWorker",
+    "PowerSGDState",
     "PredictiveState",
     "WorkerMomentumState",
     "collective_bytes",
@@ -36,6 +38,7 @@ __all__ = [
     "compressed_momentum_sgd",
     "compressors",
     "error_feedback",
+    "powersgd",
     "predictive_compression",
     "predictors",
     "sharding",

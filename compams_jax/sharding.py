@@ -15,16 +15,26 @@ def _is_per_worker(x: Any) -> bool:
   return isinstance(x, PerWorker)
 
 
-def state_specs(opt_state: Any, axis_name: str) -> Any:
+def state_specs(opt_state: Any, axis_name: str, *, params: Any = None,
+                param_specs: Any = None) -> Any:
   """PartitionSpecs for an optimizer state: per-worker leaves sharded over `axis_name`.
 
   Leaves inside a `PerWorker` (error residuals, encoder state) get `P(axis_name)`: their leading
   worker axis is split over the data axis. Every other leaf (AMSGrad moments, counts, decoder
   state) is replicated, `P()`.
 
+  With parameters sharded over other mesh axes (a ("data", "model") mesh: FSDP / tensor
+  parallelism), pass `params` (or their shapes) and `param_specs`: every state subtree shaped
+  like the parameters then follows their specs — `P(axis_name, *spec)` inside a `PerWorker`,
+  `spec` outside — so compression and its state act on each device's local shard while the
+  collectives run over `axis_name` only. (State not shaped like the parameters, such as the
+  two-phase server residual or PowerSGD's factors, is not covered on such meshes.)
+
   Args:
     opt_state: an optimizer state, or its abstract shape (`jax.eval_shape(tx.init, params)`).
     axis_name: the mesh axis indexing workers.
+    params: the parameters (arrays or ShapeDtypeStructs, global shapes), with `param_specs`.
+    param_specs: a pytree of PartitionSpecs for `params`.
 
   Returns:
     A pytree of `PartitionSpec`s with the structure of `opt_state`.
@@ -36,11 +46,47 @@ def state_specs(opt_state: Any, axis_name: str) -> Any:
     >>> cj.sharding.state_specs(state, "data")[0].residual
     PerWorker(value={'w': P('data',)})
   """
-  def spec(node):
+  if (params is None) != (param_specs is None):
+    raise ValueError("state_specs: pass both params and param_specs, or neither.")
+  if params is None:
+    def spec(node):
+      if _is_per_worker(node):
+        return PerWorker(jax.tree.map(lambda _: P(axis_name), node.value))
+      return P()
+    return jax.tree.map(spec, opt_state, is_leaf=_is_per_worker)
+
+  treedef = jax.tree.structure(params)
+  shapes = [tuple(x.shape) for x in jax.tree.leaves(params)]
+  spec_leaves = jax.tree.leaves(param_specs, is_leaf=lambda x: isinstance(x, P))
+  if len(spec_leaves) != len(shapes):
+    raise ValueError(f"state_specs: {len(spec_leaves)} param_specs for {len(shapes)} params.")
+
+  def like_params(node, drop_leading: bool) -> bool:
+    try:
+      if jax.tree.structure(node) != treedef:
+        return False
+    except Exception:  # pylint: disable=broad-except
+      return False
+    got = [tuple(x.shape)[1:] if drop_leading else tuple(x.shape) for x in jax.tree.leaves(node)]
+    return got == shapes
+
+  def param_like(node, prefix: tuple) -> Any:
+    return jax.tree.unflatten(treedef, [P(*prefix, *s) for s in spec_leaves])
+
+  def walk(node, per_worker: bool) -> Any:
+    prefix = (axis_name,) if per_worker else ()
+    if node is None:
+      return None
+    if like_params(node, drop_leading=per_worker):
+      return param_like(node, prefix)
     if _is_per_worker(node):
-      return PerWorker(jax.tree.map(lambda _: P(axis_name), node.value))
-    return P()
-  return jax.tree.map(spec, opt_state, is_leaf=_is_per_worker)
+      return PerWorker(walk(node.value, True))
+    if isinstance(node, (list, tuple, dict)) or hasattr(node, "_fields"):
+      children, sub = jax.tree_util.tree_flatten(node, is_leaf=lambda x: x is not node)
+      return jax.tree_util.tree_unflatten(sub, [walk(c, per_worker) for c in children])
+    return P(*prefix)
+
+  return walk(opt_state, False)
 
 
 def init(tx: optax.GradientTransformation, params: Any, *, mesh: jax.sharding.Mesh,

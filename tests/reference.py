@@ -117,3 +117,89 @@ def np_heavy_ball(theta0, grad_fn, *, lr, momentum, steps):
     theta = theta - lr * m
     trace.append(theta.copy())
   return trace
+
+
+def np_flatten(tree):
+  """Leaves in jax's order (dict keys sorted) raveled into one float32 vector."""
+  return np.concatenate([np.asarray(tree[k], np.float32).reshape(-1) for k in sorted(tree)])
+
+
+def np_unflatten(vec, like):
+  out, start = {}, 0
+  for k in sorted(like):
+    size = int(np.prod(np.shape(like[k])))
+    out[k] = vec[start:start + size].reshape(np.shape(like[k]))
+    start += size
+  return out
+
+
+def np_two_phase_comp_ams(params, grads, compress, *, lr, b1=0.9, b2=0.999, eps=1e-8):
+  """COMP-AMS with the two-phase compressed all-reduce (worker and server error feedback).
+
+  Worker i: v_i = flat(g_i) + e_i, split into n chunks (zero-padded), each compressed; e_i ← v_i −
+  C(chunks). Device j: a_j = mean_i C(v_i[j]) + s_j; sends C(a_j); s_j ← a_j − C(a_j). The
+  average is the concatenation of the C(a_j), fed to AMSGrad (ε inside the root, no bias
+  correction).
+  """
+  theta = {k: np.array(v, np.float32) for k, v in params.items()}
+  steps, n = next(iter(grads.values())).shape[:2]
+  size = sum(int(np.prod(v.shape)) for v in theta.values())
+  c = -(-size // n)
+  err = np.zeros((n, size), np.float32)
+  server = np.zeros((n, c), np.float32)
+  m = {k: np.zeros_like(v) for k, v in theta.items()}
+  v_ = {k: np.zeros_like(v) for k, v in theta.items()}
+  vhat = {k: np.zeros_like(v) for k, v in theta.items()}
+  for t in range(steps):
+    sent = np.zeros((n, n, c), np.float32)  # [worker, chunk]
+    for i in range(n):
+      vec = np_flatten({k: grads[k][t, i] for k in theta}) + err[i]
+      chunks = np.pad(vec, (0, n * c - size)).reshape(n, c)
+      sent[i] = np.stack([compress(ch) for ch in chunks])
+      err[i] = vec - sent[i].reshape(-1)[:size]
+    out = np.zeros((n, c), np.float32)
+    for j in range(n):
+      a = sent[:, j].mean(axis=0, dtype=np.float64).astype(np.float32) + server[j]
+      out[j] = compress(a)
+      server[j] = a - out[j]
+    gbar = np_unflatten(out.reshape(-1)[:size], theta)
+    for k in theta:
+      m[k] = b1 * m[k] + (1 - b1) * gbar[k]
+      v_[k] = b2 * v_[k] + (1 - b2) * gbar[k] * gbar[k]
+      vhat[k] = np.maximum(vhat[k], v_[k])
+      theta[k] = theta[k] - lr * m[k] / np.sqrt(vhat[k] + eps)
+  return theta, err, server
+
+
+def np_orthonormalize(p, eps=1e-8):
+  cols = []
+  for j in range(p.shape[1]):
+    v = p[:, j].astype(np.float64)
+    for u in cols:
+      v = v - np.dot(u, v) * u
+    cols.append(v / (np.linalg.norm(v) + eps))
+  return np.stack(cols, axis=1)
+
+
+def np_powersgd(grads, q0, *, rank):
+  """PowerSGD (Vogels et al. 2019, Alg. 1 with error feedback) for one matrix leaf.
+
+  Args:
+    grads: (T, n, m, k) worker gradients; q0: (k, r) initial Q shared by all workers.
+  Returns:
+    (outputs (T, m, k), final residuals (n, m, k), final Q).
+  """
+  steps, n, mdim, kdim = grads.shape
+  err = np.zeros((n, mdim, kdim))
+  q = np.asarray(q0, np.float64)
+  outs = []
+  for t in range(steps):
+    ms = grads[t].astype(np.float64) + err
+    p = np.mean([mi @ q for mi in ms], axis=0)
+    p_hat = np_orthonormalize(p)
+    q_locals = [mi.T @ p_hat for mi in ms]
+    q = np.mean(q_locals, axis=0)
+    for i in range(n):
+      err[i] = ms[i] - p_hat @ q_locals[i].T
+    outs.append(p_hat @ q.T)
+  return np.stack(outs), err, q

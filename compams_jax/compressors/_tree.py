@@ -33,6 +33,25 @@ def _unflatten(vector: jax.Array, like_tree: Any) -> Any:
   return jax.tree.unflatten(treedef, out)
 
 
+def flatten_tree(tree: Any) -> jax.Array:
+  """All leaves raveled and concatenated into one vector of their common (promoted) dtype."""
+  leaves = jax.tree.leaves(tree)
+  like = _flat_like(leaves)
+  if not leaves:
+    return jnp.zeros((0,), like.dtype)
+  return jnp.concatenate([x.reshape(-1).astype(like.dtype) for x in leaves])
+
+
+def flat_spec(tree: Any) -> jax.ShapeDtypeStruct:
+  """Shape and dtype of `flatten_tree(tree)`, from shapes only."""
+  return _flat_like(jax.tree.leaves(tree))
+
+
+def unflatten_tree(vector: jax.Array, like_tree: Any) -> Any:
+  """Inverse of `flatten_tree`: a pytree shaped and typed like `like_tree`."""
+  return _unflatten(vector, like_tree)
+
+
 def check_tree(tree: Any) -> None:
   """Raises TypeError if any leaf is not a real floating-point array."""
   for leaf in jax.tree.leaves(tree):
@@ -45,8 +64,7 @@ def encode_tree(compressor: Compressor, tree: Any, key: jax.Array | None = None)
   if compressor.granularity == "model":
     if not leaves:
       return []
-    flat = jnp.concatenate([x.reshape(-1).astype(_flat_like(leaves).dtype) for x in leaves])
-    return [compressor.encode(flat, key)]
+    return [compressor.encode(flatten_tree(tree), key)]
   return [compressor.encode(x, k) for x, k in zip(leaves, _leaf_keys(key, len(leaves)))]
 
 

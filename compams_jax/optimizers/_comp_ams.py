@@ -11,8 +11,9 @@ from compams_jax.transforms._predictors import Predictor
 
 def comp_ams(learning_rate: optax.ScalarOrSchedule, compressor: Compressor, *,
              axis_name: str | None = None, b1: float = 0.9, b2: float = 0.999,
-             eps: float = 1e-8, seed: int = 0,
-             predictor: Predictor | None = None) -> optax.GradientTransformation:
+             eps: float = 1e-8, seed: int = 0, predictor: Predictor | None = None,
+             topology: str = "gather",
+             num_workers: int | None = None) -> optax.GradientTransformation:
   """COMP-AMS (Li, Karimi & Li, ICLR 2022), exactly as the paper states it.
 
   Workers compress their gradients with error feedback; the average of the compressed
@@ -41,6 +42,9 @@ def comp_ams(learning_rate: optax.ScalarOrSchedule, compressor: Compressor, *,
       It helps when consecutive gradients are correlated (large batches, small learning rates,
       smooth losses); on noise-dominated gradients the least-squares ρ falls to ≈ 0 and it
       costs only two scalars per leaf. A fixed ρ on uncorrelated gradients makes things worse.
+    topology: "gather" (the paper's algorithm) or "two_phase" (a compressed all-reduce whose
+      bytes per device do not grow with n; see `cj.error_feedback`).
+    num_workers: the size of `axis_name`; required with topology="two_phase".
 
   Returns:
     An `optax.GradientTransformation`.
@@ -59,8 +63,11 @@ def comp_ams(learning_rate: optax.ScalarOrSchedule, compressor: Compressor, *,
     Li, Karimi, Li, "On Distributed Adaptive Optimization with Gradient Compression", ICLR 2022.
   """
   if predictor is None:
-    communicate = error_feedback(compressor, axis_name=axis_name, seed=seed)
+    communicate = error_feedback(compressor, axis_name=axis_name, seed=seed, topology=topology,
+                                 num_workers=num_workers)
   else:
+    if topology != "gather":
+      raise ValueError("comp_ams(predictor=...) supports topology='gather' only.")
     communicate = predictive_compression(compressor, predictor=predictor, error_feedback=True,
                                          axis_name=axis_name, seed=seed)
   return optax.chain(

@@ -3,6 +3,7 @@
 from compams_jax.transforms._error_feedback import (CompressedMeanState, ErrorFeedbackState,
                                                     compressed_mean, error_feedback)
 from compams_jax.transforms._momentum import WorkerMomentumState, worker_momentum
+from compams_jax.transforms._powersgd import PowerSGDState, powersgd
 from compams_jax.transforms._predictive import PredictiveState, predictive_compression
 from compams_jax.transforms._state import PerWorker, local, per_worker_zeros, to_per_worker
 
@@ -10,12 +11,14 @@ __all__ = [
     "CompressedMeanState",
     "ErrorFeedbackState",
     "PerWorker",
+    "PowerSGDState",
     "PredictiveState",
     "WorkerMomentumState",
     "compressed_mean",
     "error_feedback",
     "local",
     "per_worker_zeros",
+    "powersgd",
     "predictive_compression",
     "to_per_worker",
     "worker_momentum",

@@ -14,7 +14,11 @@ from compams_jax.transforms._state import (PerWorker, local, per_worker_zeros, s
                                            to_per_worker)
 from compams_jax.transforms._validate import (check_axis_name, check_compressor, check_seed,
                                               check_updates)
-from compams_jax.wire import average, decode_key
+from compams_jax.compressors._tree import flat_spec, flatten_tree, unflatten_tree
+from compams_jax.wire import average, chunk_size, decode_key, two_phase_average
+from compams_jax.wire import num_workers as num_workers_of
+
+TOPOLOGIES = ("gather", "two_phase")
 
 
 class ErrorFeedbackState(NamedTuple):
@@ -23,10 +27,13 @@ class ErrorFeedbackState(NamedTuple):
   Attributes:
     residual: each worker's error residual e (per worker; leading worker axis).
     count: steps taken (replicated); with the seed it determines the step's PRNG keys.
+    server_residual: with `topology="two_phase"`, each device's residual of the chunk it
+      reduces and recompresses (per device: a flat vector of ceil(size / n) elements); else None.
   """
 
   residual: PerWorker
   count: jax.Array
+  server_residual: PerWorker | None = None
 
 
 class CompressedMeanState(NamedTuple):
@@ -36,7 +43,8 @@ class CompressedMeanState(NamedTuple):
 
 
 def error_feedback(compressor: Compressor, *, axis_name: str | None = None, seed: int = 0,
-                   residual_dtype: Any = None) -> optax.GradientTransformation:
+                   residual_dtype: Any = None, topology: str = "gather",
+                   num_workers: int | None = None) -> optax.GradientTransformation:
   """Compresses each worker's gradient with error feedback and averages over workers.
 
   Per worker i at step t (e₀ = 0)::
@@ -44,8 +52,21 @@ def error_feedback(compressor: Compressor, *, axis_name: str | None = None, seed
       g̃ = C(g + e);   e ← e + g − g̃;   send g̃
       output (1/n) Σ_i g̃_i          # identical on every worker
 
-  The average is computed by a collective that carries the compressed payloads (see
-  `compams_jax.wire.average`). Chain it with `optax.scale_by_amsgrad` for COMP-AMS.
+  The average is computed by a collective that carries the compressed payloads. Two topologies:
+
+  * "gather" (default): the paper's algorithm. Summable payloads travel by `psum`, the others
+    by an `all_gather` of the compact payloads (`compams_jax.wire.average`): per device, n
+    payloads arrive, so the received bytes grow with n.
+  * "two_phase": a compressed all-reduce whose bytes do not grow with n
+    (`compams_jax.wire.two_phase_average`). The error-corrected gradients are flattened into one
+    vector and split into n chunks; each chunk is a block of the compressor (this replaces the
+    per-leaf layout). Device j averages every worker's chunk j and RECOMPRESSES the average with
+    its own server-side residual s_j (s_j ← s_j + avg_j − C(avg_j + s_j)) before an
+    `all_gather`. The output is therefore C(avg + s) rather than avg C(g_i + e_i): a second
+    compression with its own error feedback, as in 1-bit Adam's compressed all-reduce.
+    Needs `num_workers` (the size of the axis) to size the server residual at init.
+
+  Chain it with `optax.scale_by_amsgrad` for COMP-AMS.
 
   Args:
     compressor: a `compams_jax.compressors` compressor.
@@ -54,6 +75,8 @@ def error_feedback(compressor: Compressor, *, axis_name: str | None = None, seed
     seed: seeds the PRNG keys of randomized compressors (derived per step, and per worker for
       private randomness).
     residual_dtype: dtype of the residuals (default: the parameters' dtype).
+    topology: "gather" or "two_phase" (see above).
+    num_workers: the number of workers on `axis_name`; required for "two_phase".
 
   Returns:
     An `optax.GradientTransformation` whose state is an `ErrorFeedbackState`.
@@ -76,11 +99,24 @@ def error_feedback(compressor: Compressor, *, axis_name: str | None = None, seed
   check_compressor(compressor)
   check_axis_name(axis_name)
   check_seed(seed)
+  if topology not in TOPOLOGIES:
+    raise ValueError(f"topology must be one of {TOPOLOGIES}, got {topology!r}.")
+  if topology == "two_phase":
+    if axis_name is None:
+      num_workers = 1
+    elif isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
+      raise ValueError("error_feedback(topology='two_phase') needs num_workers=<size of axis "
+                       f"{axis_name!r}> (a positive int), got {num_workers!r}.")
+  workers = num_workers
 
   def init_fn(params):
     check_tree(params)
+    server = None
+    if topology == "two_phase":
+      flat = flat_spec(params)
+      server = PerWorker(jnp.zeros((1, chunk_size(flat.shape[0], workers)), flat.dtype))
     return ErrorFeedbackState(residual=per_worker_zeros(params, residual_dtype),
-                              count=jnp.zeros([], jnp.int32))
+                              count=jnp.zeros([], jnp.int32), server_residual=server)
 
   def update_fn(updates, state, params=None):
     del params
@@ -88,6 +124,8 @@ def error_feedback(compressor: Compressor, *, axis_name: str | None = None, seed
     check_updates(updates, residual, "error_feedback")
     key = step_key(compressor, seed, state.count, axis_name)
     corrected = jax.tree.map(lambda g, e: g.astype(e.dtype) + e, updates, residual)
+    if topology == "two_phase":
+      return _two_phase_update(corrected, updates, state, key)
     payload = encode_tree(compressor, corrected, key)
     sent = decode_tree(compressor, payload, corrected, decode_key(compressor, key))
     new_residual = jax.tree.map(lambda c, s: c - s, corrected, sent)
@@ -95,6 +133,22 @@ def error_feedback(compressor: Compressor, *, axis_name: str | None = None, seed
                    decoded=jax.tree.map(lambda c, u: c.astype(u.dtype), sent, updates))
     return mean, ErrorFeedbackState(residual=to_per_worker(new_residual),
                                     count=optax.safe_increment(state.count))
+
+  def _two_phase_update(corrected, updates, state, key):
+    n = num_workers_of(axis_name)
+    if n != workers:
+      raise ValueError(f"error_feedback(topology='two_phase') was built for num_workers="
+                       f"{workers}, but axis {axis_name!r} has {n} workers.")
+    if not jax.tree.leaves(corrected):
+      return updates, state._replace(count=optax.safe_increment(state.count))
+    mean, server, own = two_phase_average(
+        compressor, flatten_tree(corrected), state.server_residual.value[0],
+        axis_name=axis_name, key=key)
+    sent = unflatten_tree(own, corrected)
+    new_residual = jax.tree.map(lambda c, s: c - s, corrected, sent)
+    return unflatten_tree(mean, updates), ErrorFeedbackState(
+        residual=to_per_worker(new_residual), count=optax.safe_increment(state.count),
+        server_residual=PerWorker(server[None]))
 
   return optax.GradientTransformation(init_fn, update_fn)
 

@@ -11,7 +11,8 @@ from compams_jax.compressors import Compressor, payload_bits, tree_wire_bits
 from compams_jax.wire._axis import recording
 
 
-def wire_bytes(tx_or_compressor: optax.GradientTransformation | Compressor, params: Any) -> int:
+def wire_bytes(tx_or_compressor: optax.GradientTransformation | Compressor, params: Any, *,
+               num_workers: int = 1) -> int:
   """Bytes one worker puts on the wire per step for gradients shaped like `params`.
 
   For a compressor this is its exact static `wire_bits` summed over the pytree. For a
@@ -21,6 +22,7 @@ def wire_bytes(tx_or_compressor: optax.GradientTransformation | Compressor, para
   Args:
     tx_or_compressor: a `Compressor`, or a GradientTransformation built from compams_jax pieces.
     params: a pytree of arrays or ShapeDtypeStructs.
+    num_workers: the number of workers (only the two-phase topology's payloads depend on it).
 
   Returns:
     Bytes per worker per step (an int; bits / 8, rounded up).
@@ -40,7 +42,7 @@ def wire_bytes(tx_or_compressor: optax.GradientTransformation | Compressor, para
                     f"{type(tx_or_compressor).__name__}.")
   tx = tx_or_compressor
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-  with recording() as rec:
+  with recording(num_workers) as rec:
     state = jax.eval_shape(tx.init, abstract)
     jax.eval_shape(lambda g, s: tx.update(g, s, g), abstract, state)
   return -(-sum(payload_bits(p) for _, p in rec.sends) // 8)

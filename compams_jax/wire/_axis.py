@@ -18,12 +18,18 @@ class PayloadRecorder:
   """Collects what every compams_jax collective would send while a function is traced."""
 
   sends: list[tuple[str, Any]] = dataclasses.field(default_factory=list)
+  num_workers: int = 1
 
 
 @contextlib.contextmanager
-def recording() -> Iterator[PayloadRecorder]:
-  """Within this context, collectives record their payloads and act as one worker."""
-  rec = PayloadRecorder()
+def recording(num_workers: int = 1) -> Iterator[PayloadRecorder]:
+  """Within this context, collectives record their payloads instead of communicating.
+
+  Args:
+    num_workers: the number of workers to account for (payload shapes of the two-phase
+      all-reduce depend on it); the traced function still runs as if on one device.
+  """
+  rec = PayloadRecorder(num_workers=num_workers)
   token = _RECORDER.set(rec)
   try:
     yield rec
@@ -42,6 +48,9 @@ def effective_axis(axis_name: str | None) -> str | None:
 
 def num_workers(axis_name: str | None) -> int:
   """Size of the named axis (1 for None), with a clear error when the axis is not bound."""
+  recorder = _RECORDER.get()
+  if recorder is not None:
+    return recorder.num_workers
   axis_name = effective_axis(axis_name)
   if axis_name is None:
     return 1

@@ -98,6 +98,23 @@ class Collective:
   result_bytes: int
   group_size: int | None
 
+  @property
+  def received_bytes(self) -> float:
+    """Bytes one device receives under the standard algorithm for this collective.
+
+    With S the operand bytes and n the group size: ring all-reduce 2(n−1)/n·S; all-gather
+    (n−1)·S; all-to-all and reduce-scatter (n−1)/n·S; collective-permute and broadcast S.
+    """
+    n = self.group_size or 1
+    s = self.operand_bytes
+    if self.opcode == "all-reduce":
+      return 2 * (n - 1) / n * s
+    if self.opcode == "all-gather":
+      return (n - 1) * s
+    if self.opcode in ("all-to-all", "reduce-scatter", "ragged-all-to-all"):
+      return (n - 1) / n * s
+    return float(s)
+
 
 @dataclasses.dataclass(frozen=True)
 class CollectiveBytes:
@@ -106,6 +123,7 @@ class CollectiveBytes:
   Attributes:
     collectives: every collective instruction found.
     total: sum of the operand bytes of all collectives (what each device hands to XLA).
+    received: bytes each device receives under the standard algorithms (see `Collective`).
     by_op: operand bytes per opcode.
   """
 
@@ -121,6 +139,11 @@ class CollectiveBytes:
     for c in self.collectives:
       out[c.opcode] += c.operand_bytes
     return dict(out)
+
+  @property
+  def received(self) -> float:
+    """Bytes one device receives per call, under the standard algorithm of each collective."""
+    return sum(c.received_bytes for c in self.collectives)
 
   @property
   def count(self) -> int:

@@ -1,0 +1,673 @@
+"""Predictive coding of REAL momentum sequences: distortion, rate (fixed and entropy), accuracy.
+
+What it does (8 simulated CPU workers under `jax.shard_map`, MnistCNN on scikit-learn digits):
+
+1. Records real momentum: trains the CNN with uncompressed momentum SGD (β = 0.9) and stores
+   every worker's momentum vector m_{t,i} (flattened, 53,002 float32) at every step.
+2. Replays those sequences through the compression transforms, for every compressor/budget and
+   method (no prediction / fixed ρ = 0.9 / least-squares ρ, with and without error feedback),
+   and measures the relative distortion Σ_t‖x̄̂_t − x̄_t‖² / Σ_t‖x̄_t‖² of the averaged output
+   against the true average momentum x̄_t = (1/n) Σ_i m_{t,i}.
+3. Rate: fixed bytes per worker per step from the compiled HLO of the transform's update
+   (`cj.collective_bytes`) and from `cj.wire_bytes`; and the empirical entropy of the payload
+   symbols the encoder actually produced over the run (per-leaf histograms over all steps and
+   workers), i.e. the rate an ideal static entropy coder would reach.
+4. Final test accuracy of `cj.compressed_momentum_sgd` for each compressor with no prediction
+   (error feedback), least-squares prediction (error feedback) and fixed ρ = 0.9 (no error
+   feedback), same epochs / learning rate / data order as the recording run.
+
+Run from the repository root:
+
+    python benchmarks/predictive_momentum.py            # full run (~10 min on 2 CPU cores)
+    python benchmarks/predictive_momentum.py --quick    # smoke version (~1-2 min)
+
+Writes benchmarks/results/predictive_momentum.json (or --out) and prints the tables.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import datetime  # noqa: E402
+import functools  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import pathlib  # noqa: E402
+import platform  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import compams_jax as cj  # noqa: E402
+from compams_jax.experiments.data import epoch_permutation, load_dataset, steps_per_epoch  # noqa: E402
+from compams_jax.experiments.models import create_model  # noqa: E402
+
+AXIS = "data"
+N_WORKERS = 8
+BETA = 0.9
+# Cheaper XLA compiles for the replays (compile time, not run time, dominates on CPU). The HLO
+# byte counts are read from separate compiles with default options.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+# name -> (factory name, kwargs)
+COMPRESSORS = {
+    "top_k 1%": ("top_k", {"ratio": 0.01}),
+    "top_k 5%": ("top_k", {"ratio": 0.05}),
+    "random_k 1%": ("random_k", {"ratio": 0.01}),
+    "random_k 5%": ("random_k", {"ratio": 0.05}),
+    "qsgd s=2": ("qsgd", {"levels": 2}),
+    "qsgd s=8": ("qsgd", {"levels": 8}),
+    "block_sign": ("block_sign", {}),
+}
+QUICK_COMPRESSORS = ("top_k 1%", "random_k 1%", "qsgd s=2", "block_sign")
+
+# Replay methods: name -> (predictor: None | "fixed" | "ls", error_feedback)
+METHODS = {
+    "none": (None, False),        # cj.compressed_mean: the mean of C(m_i)
+    "fixed0.9": ("fixed", False),  # predictive, p = 0.9 x̂_{t-1}
+    "ls": ("ls", False),           # predictive, least-squares ρ
+    "none+EF": (None, True),       # cj.error_feedback
+    "ls+EF": ("ls", True),         # predictive + error feedback, least-squares ρ
+    "fixed0.9+EF": ("fixed", True),  # documented unstable: top_k only, as evidence
+}
+FIXED_EF_ONLY_FOR = ("top_k",)
+
+# Accuracy variants: name -> (predictive argument, error_feedback)
+ACC_VARIANTS = {
+    "none+EF": (False, True),
+    "ls+EF": (True, True),
+    "fixed0.9": ("fixed", False),
+}
+
+# Uniform value quantizer for the entropy of sparse payloads: step = RMS of the leaf's true
+# per-worker momentum over the run, divided by this (one constant per leaf, the same for every
+# method, so equal quantization error and the entropy compares magnitudes).
+UNIFORM_DIVISOR = 16.0
+# Floating-point value symbols: sign + 8 exponent bits + this many leading mantissa bits.
+MANTISSA_BITS = 8
+
+
+# ------------------------------------------------------------------------------------------------
+# Setup
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Setup:
+  mesh: jax.sharding.Mesh
+  dataset: object
+  model: object
+  leaf_shapes: list
+  leaf_names: list
+  treedef: object
+  params_like: object  # ShapeDtypeStructs
+
+  @property
+  def leaf_sizes(self):
+    return [int(np.prod(s)) for s in self.leaf_shapes]
+
+  @property
+  def dim(self):
+    return sum(self.leaf_sizes)
+
+  def unflatten(self, flat):
+    out, start = [], 0
+    for shape, size in zip(self.leaf_shapes, self.leaf_sizes):
+      out.append(flat[start:start + size].reshape(shape))
+      start += size
+    return jax.tree.unflatten(self.treedef, out)
+
+
+def make_setup():
+  if jax.device_count() < N_WORKERS:
+    raise RuntimeError(f"need {N_WORKERS} devices, jax sees {jax.device_count()} (XLA_FLAGS "
+                       "must be set before jax is imported).")
+  mesh = jax.make_mesh((N_WORKERS,), (AXIS,), devices=jax.devices()[:N_WORKERS])
+  dataset = load_dataset("digits")
+  model = create_model("mnist_cnn", dataset.num_classes)
+  params = model.init({"params": jax.random.key(0)}, jnp.asarray(dataset.x_train[:1]),
+                      train=False)["params"]
+  leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
+  return Setup(mesh=mesh, dataset=dataset, model=model,
+               leaf_shapes=[tuple(v.shape) for _, v in leaves_with_path],
+               leaf_names=[jax.tree_util.keystr(k) for k, _ in leaves_with_path],
+               treedef=treedef,
+               params_like=jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params))
+
+
+def make_compressor(name):
+  factory, kwargs = COMPRESSORS[name]
+  return cj.compressors.get(factory, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# Training (recording run and accuracy runs)
+# ------------------------------------------------------------------------------------------------
+
+
+def train_run(setup, tx, *, epochs, local_batch, seed, record=False):
+  """Momentum-SGD training of MnistCNN on digits with `tx`; optionally records the momentum.
+
+  Returns dict(test_accuracy, test_loss, final_train_loss, steps, seconds[, momentum]).
+  momentum: (T, n, D) float32 numpy, worker i's momentum after step t (flattened leaves).
+  """
+  mesh, ds, model, n = setup.mesh, setup.dataset, setup.model, N_WORKERS
+  init_key = jax.random.key(seed)
+  params = model.init({"params": init_key}, jnp.asarray(ds.x_train[:1]), train=False)["params"]
+  params = jax.device_put(params, NamedSharding(mesh, P()))
+  opt_state = cj.sharding.init(tx, params, mesh=mesh, axis_name=AXIS)
+  specs = cj.sharding.state_specs(opt_state, AXIS)
+  dropout_key = jax.random.fold_in(init_key, 1)
+
+  @jax.jit
+  @functools.partial(jax.shard_map, mesh=mesh,
+                     in_specs=(P(), specs, P(AXIS), P(AXIS), P()),
+                     out_specs=(P(), specs, P(AXIS), P(AXIS)))
+  def step(params, opt_state, x, y, t):
+    x, y = x[0], y[0]
+    rng = jax.random.fold_in(jax.random.fold_in(dropout_key, t), jax.lax.axis_index(AXIS))
+
+    def loss_fn(p):
+      logits = model.apply({"params": p}, x, train=True, rngs={"dropout": rng})
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    # Gradient w.r.t. a device-varying copy (else shard_map sums it over workers).
+    varying = jax.tree.map(lambda p: jax.lax.pcast(p, AXIS, to="varying"), params)
+    loss, grads = jax.value_and_grad(loss_fn)(varying)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    if record:  # the worker's momentum after this step (state of cj.worker_momentum)
+      m = jax.tree.leaves(opt_state[0].momentum.value)
+      flat = jnp.concatenate([leaf.reshape(1, -1) for leaf in m], axis=1)
+    else:
+      flat = loss[None, None] * 0.0
+    return optax.apply_updates(params, updates), opt_state, loss[None], flat
+
+  @jax.jit
+  def evaluate(params, x, y):
+    logits = model.apply({"params": params}, x, train=False)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return loss, jnp.mean(jnp.argmax(logits, -1) == y)
+
+  per_epoch = steps_per_epoch(len(ds.y_train), n, local_batch)
+  put = lambda a: jax.device_put(a, NamedSharding(mesh, P(AXIS)))
+  t0, t, moms, losses = time.time(), 0, [], []
+  for epoch in range(epochs):
+    perm = epoch_permutation(len(ds.y_train), seed, epoch)
+    for k in range(per_epoch):
+      idx = perm[k * n * local_batch:(k + 1) * n * local_batch].reshape(n, local_batch)
+      params, opt_state, loss, flat = step(params, opt_state, put(ds.x_train[idx]),
+                                           put(ds.y_train[idx]), jnp.asarray(t, jnp.int32))
+      losses.append(loss)
+      if record:
+        moms.append(np.asarray(flat))
+      t += 1
+  train_losses = [float(np.mean(np.asarray(l))) for l in losses]
+  test_loss, test_acc = evaluate(jax.tree.map(np.asarray, params),
+                                 jnp.asarray(ds.x_test), jnp.asarray(ds.y_test))
+  out = dict(test_accuracy=float(test_acc), test_loss=float(test_loss),
+             final_train_loss=float(np.mean(train_losses[-per_epoch:])),
+             diverged=not all(math.isfinite(l) for l in train_losses),
+             steps=t, seconds=time.time() - t0)
+  if record:
+    out["momentum"] = np.stack(moms)
+  return out
+
+
+def momentum_sgd(lr, compressor, predictive, error_feedback):
+  if predictive == "fixed":
+    predictive = cj.predictors.fixed(BETA)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)
+    return cj.compressed_momentum_sgd(lr, compressor, momentum=BETA, predictive=predictive,
+                                      error_feedback=error_feedback, axis_name=AXIS)
+
+
+# ------------------------------------------------------------------------------------------------
+# Replay of recorded momentum through the transforms
+# ------------------------------------------------------------------------------------------------
+
+
+def capturing(compressor):
+  """A copy of `compressor` (same class name, fields and properties) that captures payloads.
+
+  Its `encode` appends every payload it produces to `sink` (traced values: the replay reads them
+  back inside the same traced scan body and returns them as outputs, so they are exactly the
+  payloads the transform sent).
+  """
+  base = type(compressor)
+  sink = []
+
+  class Capturing(base):  # pylint: disable=missing-class-docstring
+    def encode(self, x, key=None):
+      payload = super().encode(x, key)
+      sink.append(payload)
+      return payload
+
+  Capturing.__name__ = base.__name__  # keeps the transform's BlockSign check unchanged
+  Capturing.__qualname__ = base.__qualname__
+  fields = {f.name: getattr(compressor, f.name) for f in dataclasses.fields(compressor)}
+  return Capturing(**fields), sink
+
+
+class CapturingLeastSquares(cj.predictors.LeastSquares):
+  """The least-squares predictor, also capturing the ρ it returns (per leaf) into `sink`."""
+
+  def __init__(self, sink):
+    super().__init__()
+    object.__setattr__(self, "_sink", sink)
+
+  def coefficients(self, target, previous, axis_name):
+    rho = super().coefficients(target, previous, axis_name)
+    self._sink.append(rho)
+    return rho
+
+
+def make_transform(compressor, predictor, error_feedback, rho_sink=None):
+  """The transform of one replay method; returns (tx, warning messages raised at construction)."""
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    if predictor is None:
+      tx = (cj.error_feedback(compressor, axis_name=AXIS) if error_feedback
+            else cj.compressed_mean(compressor, axis_name=AXIS))
+    else:
+      if predictor == "fixed":
+        pred = cj.predictors.fixed(BETA)
+      else:
+        pred = (CapturingLeastSquares(rho_sink) if rho_sink is not None
+                else cj.predictors.least_squares())
+      tx = cj.predictive_compression(compressor, predictor=pred, error_feedback=error_feedback,
+                                     axis_name=AXIS)
+  return tx, [str(w.message) for w in caught]
+
+
+def hlo_bytes(setup, tx):
+  """Per-device collective bytes of ONE compiled `tx.update` under shard_map (default options)."""
+  state = jax.eval_shape(tx.init, setup.params_like)
+  specs = cj.sharding.state_specs(state, AXIS)
+  pspec = jax.tree.map(lambda _: P(AXIS), setup.params_like)
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), setup.params_like)
+  global_x = jax.device_put(jax.tree.map(lambda z: jnp.stack([z] * N_WORKERS), zeros),
+                            NamedSharding(setup.mesh, P(AXIS)))
+  global_state = cj.sharding.init(tx, zeros, mesh=setup.mesh, axis_name=AXIS)
+
+  @jax.jit
+  @functools.partial(jax.shard_map, mesh=setup.mesh, in_specs=(pspec, specs),
+                     out_specs=(jax.tree.map(lambda _: P(), setup.params_like), specs))
+  def update(x, s):
+    return tx.update(jax.tree.map(lambda a: a[0], x), s)
+
+  return cj.collective_bytes(update.lower(global_x, global_state).compile())
+
+
+def replay(setup, seq_dev, mean_dev, compressor, predictor, error_feedback):
+  """Runs one method over the recorded sequence; returns per-step errors, payloads and ρ."""
+  cap, sink = capturing(compressor)
+  rho_sink = [] if predictor == "ls" else None
+  tx, warns = make_transform(cap, predictor, error_feedback, rho_sink)
+  state0 = cj.sharding.init(tx, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                             setup.params_like), mesh=setup.mesh, axis_name=AXIS)
+  specs = cj.sharding.state_specs(state0, AXIS)
+  to_flat = lambda tree: jnp.concatenate([l.reshape(-1) for l in jax.tree.leaves(tree)])
+
+  def body(carry, inp):
+    state, cum = carry
+    x_flat, mean = inp
+    sink.clear()
+    if rho_sink is not None:
+      rho_sink.clear()
+    out, state = tx.update(setup.unflatten(x_flat[0]), state)
+    diff = to_flat(out) - mean
+    cum = cum + diff  # error of the running sum Σ_s x̄̂_s − Σ_s x̄_s (the parameter trajectory)
+    payload = [jax.tree.map(lambda a: a[None], p) for p in sink]  # one payload per leaf
+    rho = (jnp.stack(jax.tree.leaves(rho_sink[0])) if rho_sink
+           else jnp.zeros((0,), jnp.float32))
+    return (state, cum), (jnp.sum(diff * diff), jnp.sum(cum * cum), rho, payload)
+
+  @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+  @functools.partial(jax.shard_map, mesh=setup.mesh, in_specs=(specs, P(None, AXIS), P()),
+                     out_specs=(P(), P(), P(), P(None, AXIS)))
+  def run(state, seq, means):
+    cum = jnp.zeros((setup.dim,), jnp.float32)
+    _, (err, cum_err, rho, payload) = jax.lax.scan(body, (state, cum), (seq, means))
+    return err, cum_err, rho, payload
+
+  err, cum_err, rho, payload = run(state0, seq_dev, mean_dev)
+  payload = jax.tree.map(np.asarray, payload)  # leaves: (T, n, ...)
+  return np.asarray(err), np.asarray(cum_err), np.asarray(rho), payload, warns
+
+
+# ------------------------------------------------------------------------------------------------
+# Entropy of payload symbols
+# ------------------------------------------------------------------------------------------------
+
+
+def entropy_bits(symbols):
+  """Empirical zeroth-order entropy (bits/symbol) of an array of discrete symbols."""
+  symbols = np.asarray(symbols).reshape(-1)
+  if symbols.size == 0:
+    return 0.0
+  _, counts = np.unique(symbols, return_counts=True)
+  p = counts / counts.sum()
+  return float(-(p * np.log2(p)).sum())
+
+
+def fp_symbols(values):
+  """float32 -> sign + exponent + MANTISSA_BITS leading mantissa bits (truncated), as ints."""
+  bits = np.ascontiguousarray(values, np.float32).view(np.uint32)
+  return bits >> np.uint32(23 - MANTISSA_BITS)
+
+
+def payload_entropy(kind, payload, leaf_sizes, steps_uniform):
+  """Ideal (static, per-leaf) entropy-coded bits per worker per step of the captured payloads.
+
+  Returns a dict of bits per worker per step: `fixed` (payload bits as sent), and the entropy
+  estimates; per-leaf histograms pooled over all steps and workers.
+  """
+  T, n = None, None
+  out = dict(fixed=0.0, entropy=0.0)
+  detail = {}
+  if kind == "top_k":
+    fp = uni = idx_gap = idx_fixed = idx_ideal = val_fixed = 0.0
+    for leaf, d, delta in zip(payload, leaf_sizes, steps_uniform):
+      vals, idx = leaf["values"], leaf["indices"]
+      T, n, k = vals.shape
+      val_fixed += k * 32
+      idx_fixed += k * idx.dtype.itemsize * 8
+      fp += k * entropy_bits(fp_symbols(vals))
+      uni += k * entropy_bits(np.rint(vals / delta).astype(np.int64))
+      srt = np.sort(idx.astype(np.int64), axis=-1)
+      gaps = np.diff(np.concatenate([np.full((T, n, 1), -1), srt], axis=-1), axis=-1)
+      idx_gap += k * entropy_bits(gaps)
+      # log2 C(d, k): the best any index code can do for a uniformly random k-subset.
+      idx_ideal += (math.lgamma(d + 1) - math.lgamma(k + 1) - math.lgamma(d - k + 1)) / math.log(2)
+    out.update(fixed=val_fixed + idx_fixed, entropy=fp + idx_gap, entropy_uniform=uni + idx_gap)
+    detail = dict(values_fixed=val_fixed, values_fp=fp, values_uniform=uni,
+                  indices_fixed=idx_fixed, indices_gap_entropy=idx_gap,
+                  indices_log2_binomial=idx_ideal)
+  elif kind == "random_k":
+    fp = uni = val_fixed = 0.0
+    for leaf, delta in zip(payload, steps_uniform):
+      vals = leaf["values"]
+      k = vals.shape[-1]
+      val_fixed += k * 32
+      fp += k * entropy_bits(fp_symbols(vals))
+      uni += k * entropy_bits(np.rint(vals / delta).astype(np.int64))
+    out.update(fixed=val_fixed, entropy=fp, entropy_uniform=uni)
+    detail = dict(values_fixed=val_fixed, values_fp=fp, values_uniform=uni)
+  elif kind == "qsgd":
+    lv = norms = fixed = 0.0
+    zero_frac = []
+    for leaf in payload:
+      levels = leaf["levels"]
+      d = levels.shape[-1]
+      fixed += d * levels.dtype.itemsize * 8 + 32
+      lv += d * entropy_bits(levels)
+      norms += 32
+      zero_frac.append(float(np.mean(levels == 0)))
+    out.update(fixed=fixed, entropy=lv + norms)
+    detail = dict(levels_entropy=lv, norms_raw=norms, zero_fraction_per_leaf=zero_frac)
+  elif kind == "block_sign":
+    sg = fixed = 0.0
+    neg_frac = []
+    for leaf, d in zip(payload, leaf_sizes):
+      packed = leaf["negative"]
+      bits = np.unpackbits(packed, axis=-1, bitorder="little")[..., :d]
+      fixed += packed.shape[-1] * 8 + 32
+      sg += d * entropy_bits(bits)
+      neg_frac.append(float(bits.mean()))
+    out.update(fixed=fixed, entropy=sg + 32 * len(leaf_sizes))
+    detail = dict(signs_entropy=sg, scales_raw=32 * len(leaf_sizes),
+                  negative_fraction_per_leaf=neg_frac)
+  out["detail"] = detail
+  return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Main
+# ------------------------------------------------------------------------------------------------
+
+
+def finite_or_str(x):
+  if isinstance(x, float) and not math.isfinite(x):
+    return str(x)
+  return x
+
+
+def sanitize(obj):
+  if isinstance(obj, dict):
+    return {k: sanitize(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [sanitize(v) for v in obj]
+  if isinstance(obj, (np.floating, float)):
+    return finite_or_str(float(obj))
+  if isinstance(obj, np.integer):
+    return int(obj)
+  return obj
+
+
+def fmt(x, spec=".3g"):
+  if x is None:
+    return "-"
+  if isinstance(x, str):
+    return x
+  if not math.isfinite(x):
+    return str(x)
+  return format(x, spec)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--quick", action="store_true",
+                      help="smoke run: 3 epochs, 4 compressors, 1 accuracy seed (~1-2 min)")
+  parser.add_argument("--epochs", type=int, default=None,
+                      help="epochs of the recording run and of every accuracy run (default 10)")
+  parser.add_argument("--lr", type=float, default=0.05, help="learning rate (default 0.05)")
+  parser.add_argument("--local-batch", type=int, default=8,
+                      help="examples per worker per step (default 8: 22 steps per epoch)")
+  parser.add_argument("--seeds", type=int, default=None,
+                      help="accuracy runs per variant, seeds 0..S-1 (default 2; quick 1)")
+  parser.add_argument("--compressors", nargs="*", default=None, choices=list(COMPRESSORS),
+                      help="subset of compressors (default all; quick: 4)")
+  parser.add_argument("--skip-accuracy", action="store_true", help="skip the training runs")
+  parser.add_argument("--out", default=None,
+                      help="results JSON (default benchmarks/results/predictive_momentum.json; "
+                           "quick: ..._quick.json)")
+  args = parser.parse_args(argv)
+
+  epochs = args.epochs or (3 if args.quick else 10)
+  seeds = args.seeds or (1 if args.quick else 2)
+  names = args.compressors or (list(QUICK_COMPRESSORS) if args.quick else list(COMPRESSORS))
+  here = pathlib.Path(__file__).resolve().parent
+  out_path = pathlib.Path(args.out) if args.out else (
+      here / "results" / ("predictive_momentum_quick.json" if args.quick
+                          else "predictive_momentum.json"))
+  t_start = time.time()
+  setup = make_setup()
+  print(f"jax {jax.__version__}, {jax.device_count()} devices; MnistCNN on digits "
+        f"({len(setup.dataset.y_train)} train / {len(setup.dataset.y_test)} test), "
+        f"{setup.dim} params in {len(setup.leaf_sizes)} leaves; {N_WORKERS} workers x "
+        f"{args.local_batch}, lr {args.lr}, beta {BETA}, {epochs} epochs", flush=True)
+
+  # 1. Record the real momentum sequences.
+  t0 = time.time()
+  rec_tx = momentum_sgd(args.lr, cj.compressors.identity(), False, False)
+  rec = train_run(setup, rec_tx, epochs=epochs, local_batch=args.local_batch,
+                  seed=0, record=True)
+  seq = rec.pop("momentum").astype(np.float32)  # (T, n, D)
+  T = seq.shape[0]
+  mean = seq.mean(axis=1)  # (T, D): the true average momentum x̄_t
+  mean_sq = (mean.astype(np.float64) ** 2).sum(axis=1)
+  cum_sq = (np.cumsum(mean.astype(np.float64), axis=0) ** 2).sum(axis=1)
+  # Temporal correlation of the recorded momentum: per-worker lag-1 least-squares coefficient.
+  num = np.einsum("tnd,tnd->", seq[1:].astype(np.float64), seq[:-1].astype(np.float64))
+  den = np.einsum("tnd,tnd->", seq[:-1].astype(np.float64), seq[:-1].astype(np.float64))
+  rho_lag1 = num / den
+  resid = seq[1:].astype(np.float64) - rho_lag1 * seq[:-1]
+  pred_gain = float((seq[1:].astype(np.float64) ** 2).sum() / (resid ** 2).sum())
+  # Per-leaf RMS of the per-worker momentum: the uniform quantizer steps.
+  starts = np.cumsum([0] + setup.leaf_sizes)
+  leaf_rms = [float(np.sqrt(np.mean(seq[:, :, a:b].astype(np.float64) ** 2)))
+              for a, b in zip(starts[:-1], starts[1:])]
+  steps_uniform = [r / UNIFORM_DIVISOR for r in leaf_rms]
+  record_info = dict(steps=T, seconds=time.time() - t0, test_accuracy=rec["test_accuracy"],
+                     test_loss=rec["test_loss"], final_train_loss=rec["final_train_loss"],
+                     lag1_rho=float(rho_lag1), lag1_prediction_gain=pred_gain,
+                     leaf_names=setup.leaf_names, leaf_sizes=setup.leaf_sizes, leaf_rms=leaf_rms,
+                     mean_over_workers_norm_ratio=float(
+                         np.sqrt((mean.astype(np.float64) ** 2).sum() /
+                                 (seq.astype(np.float64) ** 2).sum() * N_WORKERS)))
+  print(f"[record] {T} steps x {N_WORKERS} workers x {setup.dim} in {record_info['seconds']:.1f}s;"
+        f" test acc {rec['test_accuracy']:.4f}; lag-1 rho of m_t {rho_lag1:.3f} "
+        f"(prediction gain {pred_gain:.1f}x)", flush=True)
+
+  seq_dev = jax.device_put(seq, NamedSharding(setup.mesh, P(None, AXIS)))
+  mean_dev = jax.device_put(mean, NamedSharding(setup.mesh, P()))
+  del seq
+
+  # 2.-3. Replays: distortion, ρ, fixed bytes, payload entropy.
+  replays = []
+  for cname in names:
+    kind = COMPRESSORS[cname][0]
+    comp = make_compressor(cname)
+    for mname, (predictor, ef) in METHODS.items():
+      if mname == "fixed0.9+EF" and kind not in FIXED_EF_ONLY_FOR:
+        continue
+      t0 = time.time()
+      err, cum_err, rho, payload, warns = replay(setup, seq_dev, mean_dev, comp, predictor, ef)
+      tx_plain, _ = make_transform(comp, predictor, ef)
+      hlo = hlo_bytes(setup, tx_plain)
+      static = cj.wire_bytes(tx_plain, setup.params_like)
+      ent = payload_entropy(kind, payload, setup.leaf_sizes, steps_uniform)
+      per_step = err / np.maximum(mean_sq, 1e-30)
+      row = dict(
+          compressor=cname, method=mname, predictor=predictor, error_feedback=ef,
+          distortion=float(err.sum() / mean_sq.sum()),
+          distortion_cumulative=float(cum_err.sum() / cum_sq.sum()),
+          distortion_per_step=per_step.tolist(),
+          distortion_by_epoch=[float(err[a:a + T // epochs].sum() / mean_sq[a:a + T // epochs].sum())
+                               for a in range(0, T - T // epochs + 1, T // epochs)],
+          rho_mean=(rho.mean(axis=0).tolist() if rho.size else None),
+          rho_first_last=(rho[[0, 1, -1]].mean(axis=1).tolist() if rho.size else None),
+          hlo_bytes=hlo.total, hlo_by_op=hlo.by_op, wire_bytes=static,
+          payload_fixed_bytes=ent["fixed"] / 8, entropy_bytes=ent["entropy"] / 8,
+          entropy_uniform_bytes=(ent["entropy_uniform"] / 8 if "entropy_uniform" in ent
+                                 else None),
+          entropy_detail_bits=ent["detail"], warnings=warns, seconds=time.time() - t0)
+      replays.append(row)
+      print(f"[replay] {cname:12s} {mname:12s} distortion {fmt(row['distortion']):>9s} "
+            f"cum {fmt(row['distortion_cumulative']):>9s}  hlo {hlo.total:6d} B  "
+            f"wire {static:6d} B  entropy {row['entropy_bytes']:8.0f} B"
+            + (f" / uniform {row['entropy_uniform_bytes']:7.0f} B"
+               if row["entropy_uniform_bytes"] is not None else "")
+            + (f"  rho~{np.mean(row['rho_mean']):.2f}" if row["rho_mean"] else "")
+            + ("  [warned]" if warns else "") + f"  ({row['seconds']:.1f}s)", flush=True)
+      del payload
+
+  # 4. Accuracy.
+  accuracy = []
+  if not args.skip_accuracy:
+    for seed in range(seeds):
+      if seed > 0:  # seed 0 of the uncompressed baseline is the recording run
+        base = train_run(setup, momentum_sgd(args.lr, cj.compressors.identity(), False, False),
+                         epochs=epochs, local_batch=args.local_batch,
+                         seed=seed)
+      else:
+        base = dict(test_accuracy=rec["test_accuracy"], test_loss=rec["test_loss"],
+                    final_train_loss=rec["final_train_loss"], diverged=False, steps=T,
+                    seconds=record_info["seconds"])
+      accuracy.append(dict(compressor="identity", variant="uncompressed", seed=seed, **base))
+      for cname in names:
+        comp = make_compressor(cname)
+        for vname, (pred, ef) in ACC_VARIANTS.items():
+          r = train_run(setup, momentum_sgd(args.lr, comp, pred, ef), epochs=epochs,
+                        local_batch=args.local_batch, seed=seed)
+          accuracy.append(dict(compressor=cname, variant=vname, seed=seed, **r))
+          print(f"[train] seed {seed} {cname:12s} {vname:9s} test acc {r['test_accuracy']:.4f} "
+                f"loss {r['test_loss']:.4f} ({r['seconds']:.1f}s)", flush=True)
+
+  total = time.time() - t_start
+  print_tables(replays, accuracy, names, total)
+  result = dict(
+      command=" ".join([sys.executable.split("/")[-1]] + sys.argv),
+      argv=sys.argv[1:], date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+      jax_version=jax.__version__, optax_version=optax.__version__,
+      compams_jax_version=cj.__version__, python=platform.python_version(),
+      machine=platform.machine(), cpu_count=os.cpu_count(), devices=jax.device_count(),
+      settings=dict(workers=N_WORKERS, beta=BETA, lr=args.lr, local_batch=args.local_batch,
+                    epochs=epochs, steps=T, seeds=seeds, compressors=names,
+                    uniform_step="leaf RMS of per-worker momentum over the run / "
+                                 f"{UNIFORM_DIVISOR:g}",
+                    fp_symbols=f"sign + 8 exponent bits + {MANTISSA_BITS} mantissa bits",
+                    dense_f32_bytes=4 * setup.dim),
+      record=record_info, replays=replays, accuracy=accuracy, accuracy_summary=acc_summary(
+          accuracy), seconds_total=total)
+  out_path.parent.mkdir(parents=True, exist_ok=True)
+  out_path.write_text(json.dumps(sanitize(result), indent=1, allow_nan=False))
+  print(f"wrote {out_path} ({total:.0f}s total)")
+
+
+def acc_summary(accuracy):
+  groups = {}
+  for r in accuracy:
+    groups.setdefault((r["compressor"], r["variant"]), []).append(r)
+  out = []
+  for (c, v), rs in groups.items():
+    accs = [r["test_accuracy"] for r in rs]
+    out.append(dict(compressor=c, variant=v, seeds=len(rs), test_accuracy_mean=float(np.mean(accs)),
+                    test_accuracy_min=float(np.min(accs)), test_accuracy_max=float(np.max(accs)),
+                    test_loss_mean=float(np.mean([r["test_loss"] for r in rs])),
+                    diverged=sum(bool(r["diverged"]) for r in rs)))
+  return out
+
+
+def print_tables(replays, accuracy, names, total):
+  print("\nDistortion Σ‖x̄̂−x̄‖²/Σ‖x̄‖² of the averaged momentum (cumulative: of its running sum); "
+        "bytes per worker per step")
+  head = (f"{'compressor':12s} {'method':12s} {'distortion':>10s} {'cumulative':>10s} "
+          f"{'HLO B':>7s} {'wire B':>7s} {'entropy B':>9s} {'uniform B':>9s} {'rho':>5s}")
+  print(head)
+  print("-" * len(head))
+  for r in replays:
+    rho = f"{np.mean(r['rho_mean']):.2f}" if r["rho_mean"] else "-"
+    uni = f"{r['entropy_uniform_bytes']:.0f}" if r["entropy_uniform_bytes"] is not None else "-"
+    print(f"{r['compressor']:12s} {r['method']:12s} {fmt(r['distortion']):>10s} "
+          f"{fmt(r['distortion_cumulative']):>10s} {r['hlo_bytes']:7d} {r['wire_bytes']:7d} "
+          f"{r['entropy_bytes']:9.0f} {uni:>9s} {rho:>5s}")
+  if accuracy:
+    print("\nTest accuracy (mean over seeds [min, max]) and test loss")
+    summ = acc_summary(accuracy)
+    variants = ["uncompressed"] + list(ACC_VARIANTS)
+    print(f"{'compressor':12s} " + " ".join(f"{v:>22s}" for v in list(ACC_VARIANTS)))
+    for s in summ:
+      if s["compressor"] == "identity":
+        print(f"{'identity':12s} {s['test_accuracy_mean']:.4f} "
+              f"[{s['test_accuracy_min']:.3f},{s['test_accuracy_max']:.3f}] "
+              f"loss {s['test_loss_mean']:.3f}")
+    for c in names:
+      cells = []
+      for v in variants[1:]:
+        m = [s for s in summ if s["compressor"] == c and s["variant"] == v]
+        if not m:
+          cells.append(f"{'-':>22s}")
+          continue
+        s = m[0]
+        cells.append(f"{s['test_accuracy_mean']:.4f} ({s['test_loss_mean']:.3f})"
+                     + ("!" if s["diverged"] else " ") + f"{'':>6s}")
+      print(f"{c:12s} " + " ".join(cells))
+  print(f"\ntotal {total:.0f}s")
+
+
+if __name__ == "__main__":
+  main()
