@@ -10,7 +10,7 @@ a few streaming passes:
    total order `lax.top_k` uses), so all comparisons below are exact integer comparisons.
 2. Estimate. A stratified pseudo-random sample of m keys (one per stratum of d/m elements,
    position hashed from the stratum number: no PRNG key, no constant in the program) is
-   sorted; its j-th largest key t is a threshold with k ≤ #{key ≥ t} ≤ c with overwhelming
+   bisected; its j-th largest key t is a threshold with k ≤ #{key ≥ t} ≤ c with overwhelming
    probability on any data without huge runs of equal values (j and the candidate budget c are
    chosen with a 6-sigma margin on the order-statistic spread).
 3. Compaction. One pass packs the mask key ≥ t into 32-bit words; prefix sums over the words
@@ -134,8 +134,7 @@ def _sample_threshold(flat: jax.Array, p: Plan) -> jax.Array:
   start = i * p.stride
   length = jnp.minimum(p.stride, p.d - start).astype(jnp.uint32)
   pos = start + (_hash32(i) % length).astype(jnp.int32)
-  sample = jnp.sort(keys_of(flat[pos]))
-  return sample[p.m - p.j]
+  return _kth_largest(keys_of(flat[pos]), p.j, jnp.int32(0))
 
 
 def _pack(flat: jax.Array, pred) -> jax.Array:

@@ -46,6 +46,11 @@ def train_main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--stop-after", type=int, default=None,
                       help="stop after this many steps (checkpointed), as an interruption would")
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+  parser.add_argument("--coordinator", default=None,
+                      help="multi-process: coordinator HOST:PORT for jax.distributed.initialize")
+  parser.add_argument("--num-processes", type=int, default=None,
+                      help="multi-process: number of processes (each gets num_workers/N devices)")
+  parser.add_argument("--process-id", type=int, default=None, help="multi-process: this rank")
   parser.add_argument("overrides", nargs="*", help="key=value config overrides")
   args = parser.parse_args(argv)
 
@@ -54,7 +59,22 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     configs = config_lib.resolve(args.config, args.overrides, args.variant)
   except config_lib.ConfigError as e:
     parser.error(str(e))
-  _simulate_devices(max(int(c.num_workers) for c in configs))
+  workers = max(int(c.num_workers) for c in configs)
+  multi = args.coordinator is not None or (args.num_processes or 1) > 1
+  if multi:
+    if args.coordinator is None or args.num_processes is None or args.process_id is None:
+      parser.error("multi-process runs need --coordinator, --num-processes and --process-id.")
+    if workers % args.num_processes:
+      parser.error(f"num_workers={workers} is not divisible by --num-processes="
+                   f"{args.num_processes}.")
+    _simulate_devices(workers // args.num_processes)
+    import jax
+    # On CPU, cross-process collectives go through gloo; GPU (NCCL) and TPU ignore this.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                               initialization_timeout=120, heartbeat_timeout_seconds=30)
+  else:
+    _simulate_devices(workers)
 
   from compams_jax.experiments import checkpoints, train
   base = pathlib.Path(args.workdir or pathlib.Path("runs") / configs[0].name)

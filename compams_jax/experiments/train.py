@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import pathlib
 import time
 from typing import Any
@@ -25,6 +26,21 @@ from compams_jax.experiments.models import count_params, create_model
 from compams_jax.experiments.optim import build_optimizer
 
 AXIS = "data"
+
+
+def put_global(array: Any, mesh: jax.sharding.Mesh, spec: P) -> jax.Array:
+  """A global array from a host value every process holds in full (works across processes)."""
+  array = np.asarray(array)
+  sharding = NamedSharding(mesh, spec)
+  return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """The full value of a (possibly multi-process) global array, on every process."""
+  if getattr(x, "is_fully_addressable", True):
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def make_mesh(num_workers: int) -> jax.sharding.Mesh:
@@ -106,7 +122,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   """Trains `config` in `workdir` and returns the run summary.
 
   Writes `workdir/metrics.jsonl` (train lines every `log_every` steps, eval lines every epoch),
-  `workdir/summary.json`, `workdir/run_meta.json` and orbax checkpoints of the parameters, the
+  `workdir/summary.json`, `workdir/run_meta.json`, `workdir/final_state.npz` (every parameter
+  and optimizer-state leaf, keyed by its pytree path) and orbax checkpoints of the parameters, the
   full optimizer state (every worker's residuals), the step (the data position: batches and
   dropout keys derive from seed and step) and the epoch's running metrics.
 
@@ -136,7 +153,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   seed = int(config.seed)
   init_key = jax.random.key(seed)
   params = model.init({"params": init_key}, jnp.asarray(dataset.x_train[:1]), train=False)["params"]
-  params = jax.device_put(params, NamedSharding(mesh, P()))
+  params = jax.tree.map(lambda x: put_global(x, mesh, P()), params)
   tx = build_optimizer(config.optimizer, axis_name=AXIS)
   opt_state = cj.sharding.init(tx, params, mesh=mesh, axis_name=AXIS)
   specs = cj.sharding.state_specs(opt_state, AXIS)
@@ -179,10 +196,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     yp = np.concatenate([y, np.zeros((pad,), y.dtype)])
     losses, correct = [], []
     for i in range(0, total, chunk):
-      put = lambda a: jax.device_put(a[i:i + chunk], NamedSharding(mesh, P(AXIS)))
+      put = lambda a: put_global(a[i:i + chunk], mesh, P(AXIS))
       l, c = eval_chunk(params, put(xp), put(yp))
-      losses.append(np.asarray(l))
-      correct.append(np.asarray(c))
+      losses.append(to_host(l))
+      correct.append(to_host(c))
     losses, correct = np.concatenate(losses)[:len(y)], np.concatenate(correct)[:len(y)]
     return float(losses.mean()), float(correct.mean())
 
@@ -197,7 +214,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     epoch, k = divmod(step, per_epoch)
     idx = epoch_permutation(len(dataset.y_train), seed, epoch)[
         k * n * local_batch:(k + 1) * n * local_batch].reshape(n, local_batch)
-    put = lambda a: jax.device_put(a, NamedSharding(mesh, P(AXIS)))
+    put = lambda a: put_global(a, mesh, P(AXIS))
     return put(dataset.x_train[idx]), put(dataset.y_train[idx])
 
   # What the optimizer's collectives send, read from the compiled step's HLO.
@@ -210,6 +227,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   dense_bytes = 4 * num_params
 
   # Run directory and resume.
+  lead = jax.process_index() == 0  # Across processes, process 0 writes the run's files.
   workdir.mkdir(parents=True, exist_ok=True)
   meta = _meta(config, params)
   ckpt = checkpoints.Checkpointer(workdir / "checkpoints")
@@ -231,14 +249,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
       params, opt_state = restored["params"], restored["opt_state"]
       start, meters = int(restored["step"]), Meters(**{
           k: type(getattr(Meters(), k))(v) for k, v in restored["meters"].items()})
-      _truncate_metrics(metrics_path, start)
-    elif not resume or latest is None:
+      if lead:
+        _truncate_metrics(metrics_path, start)
+    elif lead:
       metrics_path.write_text("")
-    (workdir / checkpoints.META_FILE).write_text(json.dumps(meta, indent=1))
-    (workdir / "config.json").write_text(config.to_json(indent=1))
+    if lead:
+      (workdir / checkpoints.META_FILE).write_text(json.dumps(meta, indent=1))
+      (workdir / "config.json").write_text(config.to_json(indent=1))
 
     end = total_steps if stop_after is None else min(total_steps, int(stop_after))
     bar = None
+    progress = progress and lead
     if progress:
       from tqdm.auto import tqdm
       # A live bar on a terminal; on a log (no tty) one line per epoch instead.
@@ -248,12 +269,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     log_every = int(config.log_every)
     ckpt_every = int(config.checkpoint_every)
     test_loss = test_acc = float("nan")
-    with open(metrics_path, "a") as log:
+    with open(metrics_path if lead else os.devnull, "a") as log:
       for step in range(start, end):
         x, y = batch(step)
         params, opt_state, loss, acc = train_step(params, opt_state, x, y,
                                                   jnp.asarray(step, jnp.int32))
-        loss, acc = float(np.mean(loss)), float(np.mean(acc))
+        loss, acc = float(np.mean(to_host(loss))), float(np.mean(to_host(acc)))
         if not math.isfinite(loss):
           raise FloatingPointError(f"training loss became {loss} at step {step}.")
         meters.add(loss, acc)
@@ -298,5 +319,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
       "compression_ratio": dense_bytes / bytes_per_step if bytes_per_step else float("inf"),
       "collectives": hlo.by_op, "seconds": time.time() - t0, "finished": end == total_steps,
   }
-  (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
+  # The final training state as plain arrays (global view), for analysis and comparisons.
+  flat = {f"params{jax.tree_util.keystr(k)}": to_host(v)
+          for k, v in jax.tree_util.tree_leaves_with_path(params)}
+  flat.update({f"opt_state{jax.tree_util.keystr(k)}": to_host(v)
+               for k, v in jax.tree_util.tree_leaves_with_path(opt_state)})
+  if lead:
+    np.savez(workdir / "final_state.npz", **flat)
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
   return RunResult(summary=summary, params=params, opt_state=opt_state)

@@ -1,0 +1,50 @@
+"""Multi-process training through jax.distributed on localhost: 2 processes x 4 CPU devices."""
+
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+CONFIG = str(pathlib.Path(__file__).resolve().parents[2] / "configs" / "digits.py") + ":smoke"
+ARGS = ["--no-progress", "--variant", "comp_ams_block_sign", "num_workers=8", "epochs=1"]
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _env():
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # The CLI sets the device count for each process itself.
+  env["JAX_PLATFORMS"] = "cpu"
+  return env
+
+
+def _cli(*args):
+  return [sys.executable, "-m", "compams_jax.experiments.cli", "--config", CONFIG, *args]
+
+
+def test_two_processes_match_one_process_bit_for_bit(tmp_path):
+  one = subprocess.run(_cli("--workdir", str(tmp_path / "one"), *ARGS), env=_env(),
+                       capture_output=True, text=True, timeout=600)
+  assert one.returncode == 0, one.stderr[-3000:]
+  port = _free_port()
+  procs = [subprocess.Popen(_cli("--workdir", str(tmp_path / "two"), *ARGS, "--coordinator",
+                                 f"127.0.0.1:{port}", "--num-processes", "2", "--process-id",
+                                 str(i)), env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  a = np.load(tmp_path / "one" / "final_state.npz")
+  b = np.load(tmp_path / "two" / "final_state.npz")
+  assert sorted(a.files) == sorted(b.files) and any("residual" in f for f in a.files)
+  for key in a.files:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+  assert (tmp_path / "one" / "metrics.jsonl").read_text() == (
+      tmp_path / "two" / "metrics.jsonl").read_text()

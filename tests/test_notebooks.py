@@ -1,0 +1,68 @@
+"""Executes the notebooks under notebooks/ top to bottom; any cell error fails the test.
+
+Each notebook runs in its own Jupyter kernel: a separate process started from this Python
+(`ipykernel`'s "python3" kernel, which jupyter_client launches with `sys.executable`), with the
+working directory set to notebooks/. The kernel does not inherit the XLA_FLAGS that
+tests/conftest.py sets for this process: the notebooks' own first cell has to set it, as it must
+for a user.
+"""
+
+import json
+import os
+import pathlib
+import sys
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+NOTEBOOK_DIR = pathlib.Path(__file__).resolve().parents[1] / "notebooks"
+CELL_TIMEOUT = 300  # seconds per cell; the notebooks take well under a minute in total
+
+# Appended to the executed copy (never to the file): reports which Python the kernel runs and
+# whether it imports compams_jax.
+_KERNEL_CHECK = ("import json, sys, compams_jax\n"
+                 "print(json.dumps([sys.prefix, compams_jax.__file__]))")
+
+
+def _kernel_env() -> dict[str, str]:
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # the notebook must set it itself, before importing jax
+  env.pop("JAX_PLATFORMS", None)
+  env.pop("MPLBACKEND", None)
+  return env
+
+
+def _execute(path: pathlib.Path) -> nbformat.NotebookNode:
+  nb = nbformat.read(path, as_version=4)
+  nb.cells.append(nbformat.v4.new_code_cell(_KERNEL_CHECK))
+  client = NotebookClient(nb, kernel_name="python3", timeout=CELL_TIMEOUT,
+                          allow_errors=False, record_timing=True,
+                          resources={"metadata": {"path": str(path.parent)}})
+  client.execute(env=_kernel_env())  # raises CellExecutionError on the first failing cell
+  return nb
+
+
+@pytest.mark.parametrize("name", ["01_quickstart.ipynb", "02_reproduction.ipynb"])
+def test_notebook_runs(name):
+  path = NOTEBOOK_DIR / name
+  nb = _execute(path)
+  outputs = nb.cells[-1].outputs
+  text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+  kernel_prefix, package_file = json.loads(text.strip().splitlines()[-1])
+  assert pathlib.Path(kernel_prefix).resolve() == pathlib.Path(sys.prefix).resolve(), (
+      f"the notebook kernel ran {kernel_prefix}, not this Python ({sys.prefix}): a 'python3' "
+      "kernelspec elsewhere on the Jupyter path shadows ipykernel's own")
+  import compams_jax
+  assert pathlib.Path(package_file).resolve() == pathlib.Path(compams_jax.__file__).resolve()
+
+
+@pytest.mark.parametrize("name", ["01_quickstart.ipynb", "02_reproduction.ipynb"])
+def test_notebook_is_stored_without_outputs(name):
+  nb = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
+  nbformat.validate(nb)
+  for cell in nb.cells:
+    if cell.cell_type == "code":
+      assert not cell.outputs and cell.execution_count is None, (
+          f"{name} is stored with outputs; clear them (jupyter nbconvert --clear-output "
+          "--inplace) to keep the repository small")
