@@ -83,10 +83,15 @@ METHODS = {
     "fixed0.9+EF": ("fixed", True),  # documented unstable: top_k only, as evidence
 }
 FIXED_EF_ONLY_FOR = ("top_k",)
+# The method whose HLO bytes are also read from a separate compile of one update (a cross-check
+# of the bytes read from the replay program).
+CROSS_CHECK_METHOD = "ls"
 
 # Accuracy variants: name -> (predictive argument, error_feedback)
 ACC_VARIANTS = {
+    "none": (False, False),
     "none+EF": (False, True),
+    "ls": (True, False),
     "ls+EF": (True, True),
     "fixed0.9": ("fixed", False),
 }
@@ -343,9 +348,13 @@ def replay(setup, seq_dev, mean_dev, compressor, predictor, error_feedback):
     _, (err, cum_err, rho, payload) = jax.lax.scan(body, (state, cum), (seq, means))
     return err, cum_err, rho, payload
 
-  err, cum_err, rho, payload = run(state0, seq_dev, mean_dev)
+  compiled = run.lower(state0, seq_dev, mean_dev).compile()
+  # The program's only collectives are those of tx.update inside the scan body (the true mean
+  # comes in replicated, the error is computed locally): its HLO holds one step's collectives.
+  hlo = cj.collective_bytes(compiled)
+  err, cum_err, rho, payload = compiled(state0, seq_dev, mean_dev)
   payload = jax.tree.map(np.asarray, payload)  # leaves: (T, n, ...)
-  return np.asarray(err), np.asarray(cum_err), np.asarray(rho), payload, warns
+  return np.asarray(err), np.asarray(cum_err), np.asarray(rho), payload, warns, hlo
 
 
 # ------------------------------------------------------------------------------------------------
@@ -358,9 +367,23 @@ def entropy_bits(symbols):
   symbols = np.asarray(symbols).reshape(-1)
   if symbols.size == 0:
     return 0.0
+  if symbols.dtype.kind in "iub":
+    lo, hi = int(symbols.min()), int(symbols.max())
+    if hi - lo < (1 << 22):  # dense histogram: much faster than np.unique on 10⁸ symbols
+      counts = np.bincount((symbols.astype(np.int64) - lo), minlength=1)
+      counts = counts[counts > 0]
+      p = counts / counts.sum()
+      return float(-(p * np.log2(p)).sum())
   _, counts = np.unique(symbols, return_counts=True)
   p = counts / counts.sum()
   return float(-(p * np.log2(p)).sum())
+
+
+def log2_binomial(n, k):
+  """log2 C(n, k), elementwise for array k."""
+  from scipy.special import gammaln  # pylint: disable=import-outside-toplevel
+  k = np.asarray(k, np.float64)
+  return (gammaln(n + 1.0) - gammaln(k + 1.0) - gammaln(n - k + 1.0)) / math.log(2.0)
 
 
 def fp_symbols(values):
@@ -379,7 +402,8 @@ def payload_entropy(kind, payload, leaf_sizes, steps_uniform):
   out = dict(fixed=0.0, entropy=0.0)
   detail = {}
   if kind == "top_k":
-    fp = uni = idx_gap = idx_fixed = idx_ideal = val_fixed = 0.0
+    fp = uni = idx_gap = idx_fixed = idx_ideal = val_fixed = idx_cond = 0.0
+    overlap_num = overlap_den = 0.0
     for leaf, d, delta in zip(payload, leaf_sizes, steps_uniform):
       vals, idx = leaf["values"], leaf["indices"]
       T, n, k = vals.shape
@@ -391,11 +415,24 @@ def payload_entropy(kind, payload, leaf_sizes, steps_uniform):
       gaps = np.diff(np.concatenate([np.full((T, n, 1), -1), srt], axis=-1), axis=-1)
       idx_gap += k * entropy_bits(gaps)
       # log2 C(d, k): the best any index code can do for a uniformly random k-subset.
-      idx_ideal += (math.lgamma(d + 1) - math.lgamma(k + 1) - math.lgamma(d - k + 1)) / math.log(2)
+      idx_ideal += log2_binomial(d, k)
+      # Inter-step code: which of the previous step's k indices recur (r of them), then the new
+      # ones among the other d − k positions: log2(k+1) + log2 C(k, r) + log2 C(d − k, k − r).
+      if T > 1 and k < d:
+        mask = np.zeros((T, n, d), bool)
+        np.put_along_axis(mask, idx.astype(np.int64), True, axis=-1)
+        r = np.take_along_axis(mask[:-1], idx[1:].astype(np.int64), axis=-1).sum(-1)  # (T-1, n)
+        bits = (math.log2(k + 1) + log2_binomial(k, r) + log2_binomial(d - k, k - r))
+        idx_cond += float(bits.mean())  # first step excluded (no previous set)
+        overlap_num += float(r.sum())
+        overlap_den += float(r.size * k)
+      else:
+        idx_cond += log2_binomial(d, k)
     out.update(fixed=val_fixed + idx_fixed, entropy=fp + idx_gap, entropy_uniform=uni + idx_gap)
     detail = dict(values_fixed=val_fixed, values_fp=fp, values_uniform=uni,
                   indices_fixed=idx_fixed, indices_gap_entropy=idx_gap,
-                  indices_log2_binomial=idx_ideal)
+                  indices_log2_binomial=idx_ideal, indices_inter_step=idx_cond,
+                  index_overlap_with_previous_step=overlap_num / max(overlap_den, 1.0))
   elif kind == "random_k":
     fp = uni = val_fixed = 0.0
     for leaf, delta in zip(payload, steps_uniform):
@@ -470,25 +507,36 @@ def fmt(x, spec=".3g"):
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true",
-                      help="smoke run: 3 epochs, 4 compressors, 1 accuracy seed (~1-2 min)")
+                      help="smoke run: 2 epochs, 4 compressors, accuracy of 3 variants for 2 "
+                           "compressors (~1-2 min)")
   parser.add_argument("--epochs", type=int, default=None,
                       help="epochs of the recording run and of every accuracy run (default 10)")
   parser.add_argument("--lr", type=float, default=0.05, help="learning rate (default 0.05)")
   parser.add_argument("--local-batch", type=int, default=8,
                       help="examples per worker per step (default 8: 22 steps per epoch)")
   parser.add_argument("--seeds", type=int, default=None,
-                      help="accuracy runs per variant, seeds 0..S-1 (default 2; quick 1)")
-  parser.add_argument("--compressors", nargs="*", default=None, choices=list(COMPRESSORS),
-                      help="subset of compressors (default all; quick: 4)")
+                      help="accuracy runs per variant, seeds 0..S-1 (default 1)")
+  parser.add_argument("--compressors", nargs="+", default=None, choices=list(COMPRESSORS),
+                      help="compressors of the replays (default all; quick: 4)")
+  parser.add_argument("--acc-compressors", nargs="*", default=None, choices=list(COMPRESSORS),
+                      help="compressors of the accuracy runs (default: --compressors; quick: 2)")
+  parser.add_argument("--acc-variants", nargs="*", default=None, choices=list(ACC_VARIANTS),
+                      help="accuracy variants (default all 5; quick: none+EF ls+EF fixed0.9)")
   parser.add_argument("--skip-accuracy", action="store_true", help="skip the training runs")
   parser.add_argument("--out", default=None,
                       help="results JSON (default benchmarks/results/predictive_momentum.json; "
                            "quick: ..._quick.json)")
   args = parser.parse_args(argv)
 
-  epochs = args.epochs or (3 if args.quick else 10)
-  seeds = args.seeds or (1 if args.quick else 2)
+  epochs = args.epochs or (2 if args.quick else 10)
+  seeds = args.seeds or 1
   names = args.compressors or (list(QUICK_COMPRESSORS) if args.quick else list(COMPRESSORS))
+  acc_names = (args.acc_compressors if args.acc_compressors is not None
+               else (["top_k 1%", "block_sign"] if args.quick else names))
+  acc_variants = (args.acc_variants if args.acc_variants is not None
+                  else (["none+EF", "ls+EF", "fixed0.9"] if args.quick else list(ACC_VARIANTS)))
+  if args.skip_accuracy:
+    acc_names = []
   here = pathlib.Path(__file__).resolve().parent
   out_path = pathlib.Path(args.out) if args.out else (
       here / "results" / ("predictive_momentum_quick.json" if args.quick
@@ -545,10 +593,17 @@ def main(argv=None):
       if mname == "fixed0.9+EF" and kind not in FIXED_EF_ONLY_FOR:
         continue
       t0 = time.time()
-      err, cum_err, rho, payload, warns = replay(setup, seq_dev, mean_dev, comp, predictor, ef)
+      err, cum_err, rho, payload, warns, hlo = replay(setup, seq_dev, mean_dev, comp, predictor,
+                                                      ef)
       tx_plain, _ = make_transform(comp, predictor, ef)
-      hlo = hlo_bytes(setup, tx_plain)
       static = cj.wire_bytes(tx_plain, setup.params_like)
+      single = None
+      if mname == CROSS_CHECK_METHOD and (not args.quick or cname == names[0]):
+        # one update compiled on its own (default XLA options)
+        single = hlo_bytes(setup, tx_plain).total
+        if single != hlo.total:
+          print(f"WARNING: {cname} {mname}: HLO bytes of the replay program {hlo.total} != "
+                f"{single} of a single compiled update", flush=True)
       ent = payload_entropy(kind, payload, setup.leaf_sizes, steps_uniform)
       per_step = err / np.maximum(mean_sq, 1e-30)
       row = dict(
@@ -560,7 +615,8 @@ def main(argv=None):
                                for a in range(0, T - T // epochs + 1, T // epochs)],
           rho_mean=(rho.mean(axis=0).tolist() if rho.size else None),
           rho_first_last=(rho[[0, 1, -1]].mean(axis=1).tolist() if rho.size else None),
-          hlo_bytes=hlo.total, hlo_by_op=hlo.by_op, wire_bytes=static,
+          hlo_bytes=hlo.total, hlo_by_op=hlo.by_op, hlo_bytes_single_update=single,
+          wire_bytes=static,
           payload_fixed_bytes=ent["fixed"] / 8, entropy_bytes=ent["entropy"] / 8,
           entropy_uniform_bytes=(ent["entropy_uniform"] / 8 if "entropy_uniform" in ent
                                  else None),
@@ -577,7 +633,7 @@ def main(argv=None):
 
   # 4. Accuracy.
   accuracy = []
-  if not args.skip_accuracy:
+  if acc_names:
     for seed in range(seeds):
       if seed > 0:  # seed 0 of the uncompressed baseline is the recording run
         base = train_run(setup, momentum_sgd(args.lr, cj.compressors.identity(), False, False),
@@ -588,9 +644,10 @@ def main(argv=None):
                     final_train_loss=rec["final_train_loss"], diverged=False, steps=T,
                     seconds=record_info["seconds"])
       accuracy.append(dict(compressor="identity", variant="uncompressed", seed=seed, **base))
-      for cname in names:
+      for cname in acc_names:
         comp = make_compressor(cname)
-        for vname, (pred, ef) in ACC_VARIANTS.items():
+        for vname in acc_variants:
+          pred, ef = ACC_VARIANTS[vname]
           r = train_run(setup, momentum_sgd(args.lr, comp, pred, ef), epochs=epochs,
                         local_batch=args.local_batch, seed=seed)
           accuracy.append(dict(compressor=cname, variant=vname, seed=seed, **r))
@@ -598,7 +655,7 @@ def main(argv=None):
                 f"loss {r['test_loss']:.4f} ({r['seconds']:.1f}s)", flush=True)
 
   total = time.time() - t_start
-  print_tables(replays, accuracy, names, total)
+  print_tables(replays, accuracy, acc_names, acc_variants, total)
   result = dict(
       command=" ".join([sys.executable.split("/")[-1]] + sys.argv),
       argv=sys.argv[1:], date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
@@ -607,6 +664,7 @@ def main(argv=None):
       machine=platform.machine(), cpu_count=os.cpu_count(), devices=jax.device_count(),
       settings=dict(workers=N_WORKERS, beta=BETA, lr=args.lr, local_batch=args.local_batch,
                     epochs=epochs, steps=T, seeds=seeds, compressors=names,
+                    accuracy_compressors=acc_names, accuracy_variants=acc_variants,
                     uniform_step="leaf RMS of per-worker momentum over the run / "
                                  f"{UNIFORM_DIVISOR:g}",
                     fp_symbols=f"sign + 8 exponent bits + {MANTISSA_BITS} mantissa bits",
@@ -632,9 +690,10 @@ def acc_summary(accuracy):
   return out
 
 
-def print_tables(replays, accuracy, names, total):
+def print_tables(replays, accuracy, acc_names, acc_variants, total):
   print("\nDistortion Σ‖x̄̂−x̄‖²/Σ‖x̄‖² of the averaged momentum (cumulative: of its running sum); "
-        "bytes per worker per step")
+        "bytes per worker per step: HLO, wire_bytes, ideal entropy coder (fp values / uniform "
+        "values)")
   head = (f"{'compressor':12s} {'method':12s} {'distortion':>10s} {'cumulative':>10s} "
           f"{'HLO B':>7s} {'wire B':>7s} {'entropy B':>9s} {'uniform B':>9s} {'rho':>5s}")
   print(head)
@@ -645,26 +704,44 @@ def print_tables(replays, accuracy, names, total):
     print(f"{r['compressor']:12s} {r['method']:12s} {fmt(r['distortion']):>10s} "
           f"{fmt(r['distortion_cumulative']):>10s} {r['hlo_bytes']:7d} {r['wire_bytes']:7d} "
           f"{r['entropy_bytes']:9.0f} {uni:>9s} {rho:>5s}")
+  print("\nRate breakdown, bytes per worker per step (fixed = as sent; entropy = ideal static "
+        "coder; top_k indices: gaps = per-payload gap entropy, C(d,k) = log2 C(d,k), "
+        "inter = inter-step code, overlap = fraction of indices also sent the step before)")
+  for r in replays:
+    d = {k: v for k, v in r["entropy_detail_bits"].items()}
+    b = lambda key: f"{d[key] / 8:.0f}"
+    if "indices_fixed" in d:
+      line = (f"values fixed {b('values_fixed')}, fp {b('values_fp')}, uniform "
+              f"{b('values_uniform')} | indices fixed {b('indices_fixed')}, gaps "
+              f"{b('indices_gap_entropy')}, C(d,k) {b('indices_log2_binomial')}, inter "
+              f"{b('indices_inter_step')}, overlap {d['index_overlap_with_previous_step']:.2f}")
+    elif "values_fixed" in d:
+      line = (f"values fixed {b('values_fixed')}, fp {b('values_fp')}, uniform "
+              f"{b('values_uniform')} | indices: none (shared seed)")
+    elif "levels_entropy" in d:
+      line = (f"levels fixed {r['payload_fixed_bytes'] - d['norms_raw'] / 8:.0f}, entropy "
+              f"{b('levels_entropy')} | norms {b('norms_raw')}")
+    else:
+      line = (f"signs fixed {r['payload_fixed_bytes'] - d['scales_raw'] / 8:.0f}, entropy "
+              f"{b('signs_entropy')} | scales {b('scales_raw')}")
+    print(f"{r['compressor']:12s} {r['method']:12s} {line}")
   if accuracy:
-    print("\nTest accuracy (mean over seeds [min, max]) and test loss")
-    summ = acc_summary(accuracy)
-    variants = ["uncompressed"] + list(ACC_VARIANTS)
-    print(f"{'compressor':12s} " + " ".join(f"{v:>22s}" for v in list(ACC_VARIANTS)))
-    for s in summ:
-      if s["compressor"] == "identity":
-        print(f"{'identity':12s} {s['test_accuracy_mean']:.4f} "
-              f"[{s['test_accuracy_min']:.3f},{s['test_accuracy_max']:.3f}] "
-              f"loss {s['test_loss_mean']:.3f}")
-    for c in names:
+    summ = {(s["compressor"], s["variant"]): s for s in acc_summary(accuracy)}
+    print("\nTest accuracy, mean over seeds (test loss); ! = a run diverged (non-finite loss)")
+    print(f"{'compressor':12s} " + " ".join(f"{v:>16s}" for v in acc_variants))
+    base = summ.get(("identity", "uncompressed"))
+    if base:
+      print(f"{'uncompressed':12s} {base['test_accuracy_mean']:.4f} ({base['test_loss_mean']:.3f})")
+    for c in acc_names:
       cells = []
-      for v in variants[1:]:
-        m = [s for s in summ if s["compressor"] == c and s["variant"] == v]
-        if not m:
-          cells.append(f"{'-':>22s}")
+      for v in acc_variants:
+        s = summ.get((c, v))
+        if s is None:
+          cells.append(f"{'-':>16s}")
           continue
-        s = m[0]
-        cells.append(f"{s['test_accuracy_mean']:.4f} ({s['test_loss_mean']:.3f})"
-                     + ("!" if s["diverged"] else " ") + f"{'':>6s}")
+        loss = fmt(s["test_loss_mean"], ".3f")
+        cell = f"{s['test_accuracy_mean']:.4f} ({loss})" + ("!" if s["diverged"] else "")
+        cells.append(f"{cell:>16s}")
       print(f"{c:12s} " + " ".join(cells))
   print(f"\ntotal {total:.0f}s")
 

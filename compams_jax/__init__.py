@@ -16,9 +16,10 @@ from compams_jax import compressors, predictors, sharding, wire
 from compams_jax.compressors import Compressor
 from compams_jax.optimizers import comp_ams, compressed_momentum_sgd
 from compams_jax.transforms import (CompressedMeanState, ErrorFeedbackState, PerWorker,
-                                    PowerSGDState, PredictiveState, WorkerMomentumState,
-                                    compressed_mean, error_feedback, powersgd,
-                                    predictive_compression, worker_momentum)
+                                    PowerSGDState, PredictiveState, SkipNonFiniteState,
+                                    WorkerMomentumState, compressed_mean, error_feedback,
+                                    powersgd, predictive_compression, skip_nonfinite,
+                                    worker_momentum)
 from compams_jax.wire import CollectiveBytes, collective_bytes, wire_bytes
 
 __version__ = "0.1.0"
@@ -31,6 +32,7 @@ __all__ = [
     "PerWorker",
     "PowerSGDState",
     "PredictiveState",
+    "SkipNonFiniteState",
     "WorkerMomentumState",
     "collective_bytes",
     "comp_ams",
@@ -42,6 +44,7 @@ __all__ = [
     "predictive_compression",
     "predictors",
     "sharding",
+    "skip_nonfinite",
     "wire",
     "wire_bytes",
     "worker_momentum",

@@ -52,7 +52,7 @@ AUTO_MIN_SIZE = 1 << 16
 _WORD = 32  # mask bits per packed word
 _Z = 6.0  # sigmas of margin on the sample's order statistic
 _MIN_SAMPLE = 1 << 14
-_MAX_SAMPLE = 1 << 16
+_MAX_SAMPLE = 1 << 15
 
 
 class Plan(NamedTuple):
@@ -198,7 +198,9 @@ def _kth_largest(cand: jax.Array, k: int, lo: jax.Array) -> jax.Array:
     ok = jnp.sum(cand >= mid, dtype=jnp.int32) >= k
     return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
 
-  return lax.while_loop(cond, body, (lo.astype(jnp.int32), jnp.maximum(hi, lo)))[0]
+  # min/max with hi also give both carries hi's manual-axis type under shard_map.
+  lo = lo.astype(jnp.int32)
+  return lax.while_loop(cond, body, (jnp.minimum(lo, hi), jnp.maximum(hi, lo)))[0]
 
 
 def _take_top(cand_idx: jax.Array, cand: jax.Array, k: int, kth: jax.Array) -> jax.Array:
@@ -252,15 +254,16 @@ def _branch(flat, t, words, p: Plan) -> jax.Array:
   """Which branch serves this input: 0 threshold, 1 tie at the threshold, 2 full sort."""
   n_ge = jnp.sum(lax.population_count(words), dtype=jnp.int32)
   main_ok = (n_ge >= p.k) & (n_ge <= p.c)
+  zero = jnp.zeros_like(n_ge)  # (constants typed like the data, for shard_map)
 
   def tie_or_exact():
     n_gt = jnp.sum(keys_of(flat) > t, dtype=jnp.int32)
-    return jnp.where(n_gt <= p.k, BRANCH_TIE, BRANCH_EXACT).astype(jnp.int32)
+    return jnp.where(n_gt <= p.k, zero + BRANCH_TIE, zero + BRANCH_EXACT)
 
   # n_ge < k: t is too high for the tie branch as well. n_ge > c: one more pass to see whether
   # t is the k-th largest value (then #{key > t} ≤ k).
-  return lax.cond(main_ok, lambda: jnp.int32(BRANCH_MAIN),
-                  lambda: lax.cond(n_ge > p.c, tie_or_exact, lambda: jnp.int32(BRANCH_EXACT)))
+  return lax.cond(main_ok, lambda: zero + BRANCH_MAIN,
+                  lambda: lax.cond(n_ge > p.c, tie_or_exact, lambda: zero + BRANCH_EXACT))
 
 
 def _single(flat: jax.Array, p: Plan) -> tuple[jax.Array, jax.Array]:

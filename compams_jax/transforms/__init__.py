@@ -3,6 +3,7 @@
 from compams_jax.transforms._error_feedback import (CompressedMeanState, ErrorFeedbackState,
                                                     compressed_mean, error_feedback)
 from compams_jax.transforms._momentum import WorkerMomentumState, worker_momentum
+from compams_jax.transforms._nonfinite import SkipNonFiniteState, skip_nonfinite
 from compams_jax.transforms._powersgd import PowerSGDState, powersgd
 from compams_jax.transforms._predictive import PredictiveState, predictive_compression
 from compams_jax.transforms._state import PerWorker, local, per_worker_zeros, to_per_worker
@@ -13,6 +14,7 @@ __all__ = [
     "PerWorker",
     "PowerSGDState",
     "PredictiveState",
+    "SkipNonFiniteState",
     "WorkerMomentumState",
     "compressed_mean",
     "error_feedback",
@@ -20,6 +22,7 @@ __all__ = [
     "per_worker_zeros",
     "powersgd",
     "predictive_compression",
+    "skip_nonfinite",
     "to_per_worker",
     "worker_momentum",
 ]
