@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
-from compams_jax.transforms import PerWorker
+from compams_jax.transforms import (ErrorFeedbackState, PerWorker, PowerSGDState,
+                                    PredictiveState, WorkerMomentumState)
 
 
 def _is_per_worker(x: Any) -> bool:
@@ -117,3 +119,72 @@ def init(tx: optax.GradientTransformation, params: Any, *, mesh: jax.sharding.Me
   param_specs = jax.tree.map(lambda _: P(), params)
   return jax.jit(jax.shard_map(tx.init, mesh=mesh, in_specs=(param_specs,), out_specs=specs,
                                check_vma=False))(params)
+
+
+def _regroup(x: Any, num_workers: int) -> Any:
+  """(n_old, ...) → (num_workers, ...) with the same sum over the leading axis.
+
+  Growing pads with zero residuals; shrinking adds worker i's residual to worker i mod n_new.
+  """
+  x = jnp.asarray(x)
+  n_old = x.shape[0]
+  if num_workers >= n_old:
+    return jnp.concatenate([x, jnp.zeros((num_workers - n_old,) + x.shape[1:], x.dtype)])
+  groups = -(-n_old // num_workers)
+  padded = jnp.concatenate([x, jnp.zeros((groups * num_workers - n_old,) + x.shape[1:], x.dtype)])
+  return padded.reshape((groups, num_workers) + x.shape[1:]).sum(axis=0).astype(x.dtype)
+
+
+def resize_workers(opt_state: Any, num_workers: int) -> Any:
+  """Redistributes an optimizer state (global view) to a different number of workers.
+
+  Error-feedback residuals (of `error_feedback`/`comp_ams` with the gather topology and of
+  `powersgd`) are what the average still owes; they are regrouped so that their SUM over
+  workers — what the next averages see — is preserved: a grown run gives the new workers zero
+  residuals, a shrunk one adds worker i's residual to worker i mod n. Replicated state (AMSGrad
+  moments, counters) is kept as it is. Per-worker state with no such invariant — predictive
+  encoder reconstructions (the receivers' average must stay the mean of the senders'), worker
+  momentum, the two-phase server residuals (tied to the chunk layout) — is refused with a
+  ValueError.
+
+  Args:
+    opt_state: the optimizer state in its global view (per-worker leaves stacked on axis 0).
+    num_workers: the new number of workers.
+
+  Returns:
+    The state with every per-worker leaf's leading axis of size `num_workers`.
+
+  Examples:
+    >>> import jax.numpy as jnp, compams_jax as cj
+    >>> tx = cj.comp_ams(1e-3, cj.compressors.top_k(0.5))
+    >>> state = tx.init({"w": jnp.zeros(2)})
+    >>> state = state[0]._replace(residual=cj.PerWorker({"w": jnp.arange(8.0).reshape(4, 2)}))
+    >>> cj.sharding.resize_workers((state,), 2)[0].residual.value["w"]
+    Array([[ 4.,  6.],
+           [ 8., 10.]], dtype=float32)
+  """
+  if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
+    raise ValueError(f"num_workers must be a positive int, got {num_workers!r}.")
+  refuse = {PredictiveState: "predictive encoder reconstructions",
+            WorkerMomentumState: "per-worker momentum"}
+
+  def is_node(x):
+    return isinstance(x, (ErrorFeedbackState, PowerSGDState, PerWorker, *refuse))
+
+  def visit(node):
+    if isinstance(node, tuple(refuse)):
+      raise ValueError(f"cannot resume {type(node).__name__} on a different number of workers: "
+                       f"its {refuse[type(node)]} have no sum to preserve. Resume with the "
+                       "original worker count.")
+    if isinstance(node, ErrorFeedbackState) and node.server_residual is not None:
+      raise ValueError("cannot resume the two-phase topology on a different number of workers: "
+                       "its server residuals belong to the chunk layout of the old count.")
+    if isinstance(node, (ErrorFeedbackState, PowerSGDState)):
+      return node._replace(residual=PerWorker(
+          jax.tree.map(lambda x: _regroup(x, num_workers), node.residual.value)))
+    if isinstance(node, PerWorker):
+      raise ValueError("cannot redistribute per-worker state of an unknown transformation to a "
+                       "different number of workers.")
+    return node
+
+  return jax.tree.map(visit, opt_state, is_leaf=is_node)

@@ -98,3 +98,30 @@ def test_unprotected_nan_poisons_the_residual(n_devices, mesh):
   p, s, step = _runner(cj.comp_ams(0.1, cj.compressors.block_sign(), axis_name="data"), mesh)
   p, s = step(p, s, grads[0])
   assert np.isnan(np.asarray(p["w"])).any()
+
+
+@pytest.mark.parametrize("new_n", [2, 3, 8, 12])
+def test_resize_workers_preserves_the_residual_sum(new_n):
+  rng = np.random.default_rng(0)
+  tx = cj.comp_ams(1e-3, cj.compressors.top_k(0.2))
+  state = tx.init({k: np.zeros(s, np.float32) for k, s in SHAPES.items()})
+  old = {k: rng.normal(size=(6,) + s).astype(np.float32) for k, s in SHAPES.items()}
+  state = (state[0]._replace(residual=cj.PerWorker(old)),) + state[1:]
+  resized = cj.sharding.resize_workers(state, new_n)
+  for k in SHAPES:
+    new = np.asarray(resized[0].residual.value[k])
+    assert new.shape == (new_n,) + SHAPES[k]
+    np.testing.assert_allclose(new.sum(0), old[k].sum(0), rtol=1e-6, atol=1e-6)
+  _equal(resized[1], state[1])  # replicated AMSGrad state untouched
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: cj.predictive_compression(cj.compressors.top_k(0.2)), "PredictiveState"),
+    (lambda: cj.compressed_momentum_sgd(0.1, cj.compressors.top_k(0.2)), "WorkerMomentumState"),
+    (lambda: cj.comp_ams(0.1, cj.compressors.block_sign(), axis_name="data",
+                         topology="two_phase", num_workers=4), "two-phase"),
+])
+def test_resize_workers_refuses_state_without_an_invariant(make, match):
+  state = make().init({k: np.zeros(s, np.float32) for k, s in SHAPES.items()})
+  with pytest.raises(ValueError, match=match):
+    cj.sharding.resize_workers(state, 2)

@@ -43,6 +43,9 @@ def train_main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--variant", action="append", default=None,
                       help="optimizer preset(s) to run (default: the config's `variants`)")
   parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+  parser.add_argument("--elastic", action="store_true",
+                      help="with --resume: allow a different num_workers (residuals redistributed "
+                           "with their sum preserved)")
   parser.add_argument("--stop-after", type=int, default=None,
                       help="stop after this many steps (checkpointed), as an interruption would")
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -83,7 +86,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     workdir = base / c.variant if len(configs) > 1 else base
     try:
       rows.append(train.train(c, workdir, resume=args.resume, stop_after=args.stop_after,
-                              progress=not args.no_progress).summary)
+                              progress=not args.no_progress, elastic=args.elastic).summary)
     except (checkpoints.CheckpointError, FileNotFoundError, ValueError, RuntimeError) as e:
       print(f"compams-train: error: {e}", file=sys.stderr)
       return 2

@@ -118,7 +118,7 @@ def _truncate_metrics(path: pathlib.Path, step: int) -> None:
 
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
           resume: bool = False, stop_after: int | None = None,
-          progress: bool = True) -> RunResult:
+          progress: bool = True, elastic: bool = False) -> RunResult:
   """Trains `config` in `workdir` and returns the run summary.
 
   Writes `workdir/metrics.jsonl` (train lines every `log_every` steps, eval lines every epoch),
@@ -133,6 +133,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     resume: continue from the latest checkpoint in `workdir` (its config must match).
     stop_after: stop (with a checkpoint) after this many total steps, as an interruption would.
     progress: show a progress bar.
+    elastic: allow resuming a checkpoint made with a different `num_workers`: the error
+      residuals are redistributed with their sum preserved (`cj.sharding.resize_workers`;
+      state without such an invariant is refused). The step count carries on; the data order
+      from then on is that of the new worker count.
 
   Returns:
     A `RunResult`: the summary (also written to `summary.json`), final params and optimizer
@@ -140,9 +144,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   """
   workdir = pathlib.Path(workdir)
   saved_meta = checkpoints.read_meta(workdir)
+  must_match = ("model", "dataset", "optimizer") + (() if elastic else ("num_workers",))
   if resume and saved_meta is not None:  # Refuse a mismatched run before any expensive setup.
-    checkpoints.check_meta(saved_meta, _meta(config), workdir, keys=("model", "dataset",
-                                                                      "num_workers", "optimizer"))
+    checkpoints.check_meta(saved_meta, _meta(config), workdir, keys=must_match)
   n = int(config.num_workers)
   mesh = make_mesh(n)
   dataset = load_dataset(config.dataset.name, **dict(config.dataset.get("kwargs", {}) or {}))
@@ -242,11 +246,21 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     if resume and latest is not None:
       if saved_meta is None:
         raise checkpoints.CheckpointError(f"{workdir} has checkpoints but no {checkpoints.META_FILE}.")
-      checkpoints.check_meta(saved_meta, meta, workdir)
-      like = {"params": params, "opt_state": opt_state, "step": 0,
+      checkpoints.check_meta(saved_meta, meta, workdir, keys=must_match + ("param_shapes",))
+      saved_n = int(saved_meta["num_workers"])
+      like_state = opt_state
+      if saved_n != n:  # Elastic: restore the old worker count's shapes, replicated, then resize.
+        like_state = jax.tree.map(
+            lambda x, sp: jax.ShapeDtypeStruct(
+                ((saved_n,) + x.shape[1:]) if sp and sp[0] == AXIS else x.shape, x.dtype,
+                sharding=NamedSharding(mesh, P())), opt_state, specs)
+      like = {"params": params, "opt_state": like_state, "step": 0,
               "meters": dataclasses.asdict(Meters())}
       restored = ckpt.restore(latest, like)
       params, opt_state = restored["params"], restored["opt_state"]
+      if saved_n != n:
+        opt_state = jax.tree.map(lambda x, sp: put_global(to_host(x), mesh, sp),
+                                 cj.sharding.resize_workers(opt_state, n), specs)
       start, meters = int(restored["step"]), Meters(**{
           k: type(getattr(Meters(), k))(v) for k, v in restored["meters"].items()})
       if lead:

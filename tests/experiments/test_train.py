@@ -160,3 +160,14 @@ def test_paper_config_smoke_runs_below_chance(name, tmp_path):
   num_classes = 2 if "rotten" in name else 10
   assert evals[-1]["train_loss"] < 0.9 * np.log(num_classes), evals
   assert result.summary["bytes_per_step_hlo"] < result.summary["dense_f32_bytes"] / 25
+
+
+def test_elastic_resume_on_fewer_workers(tmp_path):
+  train.train(_digits("epochs=2"), tmp_path, progress=False, stop_after=5)
+  with pytest.raises(checkpoints.CheckpointError, match="num_workers"):
+    train.train(_digits("epochs=2", "num_workers=4"), tmp_path, resume=True, progress=False)
+  result = train.train(_digits("epochs=2", "num_workers=4"), tmp_path, resume=True,
+                       progress=False, elastic=True)
+  assert result.summary["finished"] and result.summary["num_workers"] == 4
+  assert jax.tree.leaves(result.opt_state[0].residual.value)[0].shape[0] == 4
+  assert result.summary["test_accuracy"] > 0.3
