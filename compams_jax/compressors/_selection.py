@@ -128,13 +128,17 @@ def _hash32(i: jax.Array) -> jax.Array:
   return h ^ (h >> 16)
 
 
-def _sample_threshold(flat: jax.Array, p: Plan) -> jax.Array:
-  """The j-th largest key of a stratified sample of m entries."""
+def sample_positions(p: Plan) -> jax.Array:
+  """The m sampled positions: one per stratum of `stride` elements, at a hashed offset."""
   i = jnp.arange(p.m, dtype=jnp.int32)
   start = i * p.stride
   length = jnp.minimum(p.stride, p.d - start).astype(jnp.uint32)
-  pos = start + (_hash32(i) % length).astype(jnp.int32)
-  return _kth_largest(keys_of(flat[pos]), p.j, jnp.int32(0))
+  return start + (_hash32(i) % length).astype(jnp.int32)
+
+
+def _sample_threshold(flat: jax.Array, p: Plan) -> jax.Array:
+  """The j-th largest key of the stratified sample."""
+  return _kth_largest(keys_of(flat[sample_positions(p)]), p.j, jnp.int32(0))
 
 
 def _pack(flat: jax.Array, pred) -> jax.Array:
