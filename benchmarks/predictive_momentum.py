@@ -510,10 +510,12 @@ def main(argv=None):
                       help="smoke run: 2 epochs, 4 compressors, accuracy of 3 variants for 2 "
                            "compressors (~1-2 min)")
   parser.add_argument("--epochs", type=int, default=None,
-                      help="epochs of the recording run and of every accuracy run (default 10)")
+                      help="epochs of the recording run and of every accuracy run (default 15, "
+                           "as configs/digits.py; quick 2)")
   parser.add_argument("--lr", type=float, default=0.05, help="learning rate (default 0.05)")
-  parser.add_argument("--local-batch", type=int, default=8,
-                      help="examples per worker per step (default 8: 22 steps per epoch)")
+  parser.add_argument("--local-batch", type=int, default=16,
+                      help="examples per worker per step (default 16, as configs/digits.py: "
+                           "11 steps per epoch)")
   parser.add_argument("--seeds", type=int, default=None,
                       help="accuracy runs per variant, seeds 0..S-1 (default 1)")
   parser.add_argument("--compressors", nargs="+", default=None, choices=list(COMPRESSORS),
@@ -528,7 +530,7 @@ def main(argv=None):
                            "quick: ..._quick.json)")
   args = parser.parse_args(argv)
 
-  epochs = args.epochs or (2 if args.quick else 10)
+  epochs = args.epochs or (2 if args.quick else 15)
   seeds = args.seeds or 1
   names = args.compressors or (list(QUICK_COMPRESSORS) if args.quick else list(COMPRESSORS))
   acc_names = (args.acc_compressors if args.acc_compressors is not None

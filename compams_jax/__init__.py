@@ -14,12 +14,13 @@ Examples:
 
 from compams_jax import compressors, predictors, sharding, wire
 from compams_jax.compressors import Compressor
-from compams_jax.optimizers import comp_ams, compressed_momentum_sgd
+from compams_jax.optimizers import (OneBitAdamState, comp_ams, compressed_momentum_sgd,
+                                    onebit_adam, qadam)
 from compams_jax.transforms import (CompressedMeanState, ErrorFeedbackState, PerWorker,
                                     PowerSGDState, PredictiveState, SkipNonFiniteState,
                                     WorkerMomentumState, compressed_mean, error_feedback,
                                     powersgd, predictive_compression, skip_nonfinite,
-                                    worker_momentum)
+                                    worker_adam, worker_momentum)
 from compams_jax.wire import CollectiveBytes, collective_bytes, wire_bytes
 
 __version__ = "0.1.0"
@@ -29,6 +30,7 @@ __all__ = [
     "CompressedMeanState",
     "Compressor",
     "ErrorFeedbackState",
+    "OneBitAdamState",
     "PerWorker",
     "PowerSGDState",
     "PredictiveState",
@@ -40,12 +42,15 @@ __all__ = [
     "compressed_momentum_sgd",
     "compressors",
     "error_feedback",
+    "onebit_adam",
     "powersgd",
     "predictive_compression",
     "predictors",
+    "qadam",
     "sharding",
     "skip_nonfinite",
     "wire",
     "wire_bytes",
+    "worker_adam",
     "worker_momentum",
 ]

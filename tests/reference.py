@@ -203,3 +203,58 @@ def np_powersgd(grads, q0, *, rank):
       err[i] = ms[i] - p_hat @ q_locals[i].T
     outs.append(p_hat @ q.T)
   return np.stack(outs), err, q
+
+
+def np_scaled_sign_model(vecs):
+  """EF-signSGD's scaled sign over a whole flattened model: sign(x)·‖x‖₁/d (zeros → +)."""
+  flat = np_flatten(vecs)
+  scale = np.mean(np.abs(flat), dtype=np.float64).astype(np.float32)
+  return np_unflatten(np.where(flat < 0, -scale, scale).astype(np.float32), vecs)
+
+
+def np_onebit_adam(params, grads, *, lr, warmup, b1=0.9, b2=0.999, eps=1e-8):
+  """1-bit Adam (Tang et al. 2021) for n workers: dense Adam warm-up (no bias correction), then
+  frozen v and scaled-sign compressed momentum with worker error feedback."""
+  theta = {k: np.array(v, np.float32) for k, v in params.items()}
+  steps, n = next(iter(grads.values())).shape[:2]
+  m = {k: np.zeros_like(v) for k, v in theta.items()}
+  v = {k: np.zeros_like(x) for k, x in theta.items()}
+  err = [{k: np.zeros_like(x) for k, x in theta.items()} for _ in range(n)]
+  for t in range(steps):
+    if t < warmup:
+      gbar = {k: grads[k][t].mean(0, dtype=np.float64).astype(np.float32) for k in theta}
+      m = {k: b1 * m[k] + (1 - b1) * gbar[k] for k in theta}
+      v = {k: b2 * v[k] + (1 - b2) * gbar[k] * gbar[k] for k in theta}
+    else:
+      sent = []
+      for i in range(n):
+        target = {k: b1 * m[k] + (1 - b1) * grads[k][t, i] + err[i][k] for k in theta}
+        c = np_scaled_sign_model(target)
+        err[i] = {k: target[k] - c[k] for k in theta}
+        sent.append(c)
+      m = {k: np.mean([s[k] for s in sent], axis=0, dtype=np.float64).astype(np.float32)
+           for k in theta}
+    theta = {k: theta[k] - lr * m[k] / (np.sqrt(v[k]) + eps) for k in theta}
+  return theta, m, v, err
+
+
+def np_qadam(params, grads, compress, *, lr, b1=0.9, b2=0.999, eps=1e-8):
+  """QAdam (Chen et al. 2021): local Adam per worker, compressed update with error feedback."""
+  theta = {k: np.array(v, np.float32) for k, v in params.items()}
+  steps, n = next(iter(grads.values())).shape[:2]
+  m = [{k: np.zeros_like(x) for k, x in theta.items()} for _ in range(n)]
+  v = [{k: np.zeros_like(x) for k, x in theta.items()} for _ in range(n)]
+  err = [{k: np.zeros_like(x) for k, x in theta.items()} for _ in range(n)]
+  for t in range(steps):
+    total = {k: np.zeros_like(x, dtype=np.float64) for k, x in theta.items()}
+    for i in range(n):
+      for k in theta:
+        g = grads[k][t, i]
+        m[i][k] = b1 * m[i][k] + (1 - b1) * g
+        v[i][k] = b2 * v[i][k] + (1 - b2) * g * g
+        delta = m[i][k] / (np.sqrt(v[i][k]) + eps) + err[i][k]
+        c = compress(delta)
+        err[i][k] = delta - c
+        total[k] += c
+    theta = {k: theta[k] - lr * (total[k] / n).astype(np.float32) for k in theta}
+  return theta

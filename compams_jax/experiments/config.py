@@ -37,8 +37,9 @@ def base_config(*, name: str, dataset: str, model: str, **fields: Any) -> ml_col
   c.optimizer = ml_collections.ConfigDict({
       "name": "comp_ams", "learning_rate": 1e-3, "compressor": "top_k",
       "compressor_kwargs": {"ratio": 0.01}, "b1": 0.9, "b2": 0.999, "eps": 1e-8,
-      "momentum": 0.9, "predictor": "none", "error_feedback": True, "seed": 0})
-  c.variants = ("amsgrad", "comp_ams_top_k", "comp_ams_block_sign")
+      "momentum": 0.9, "predictor": "none", "error_feedback": True, "seed": 0,
+      "warmup_steps": 100})
+  c.variants = ("amsgrad", "comp_ams_top_k", "comp_ams_block_sign", "onebit_adam", "qadam")
   c.lr_grid = (1e-4, 3e-4, 1e-3)
   for key, value in fields.items():
     apply_override(c, key.replace("__", "."), value)

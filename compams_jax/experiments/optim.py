@@ -8,7 +8,7 @@ import optax
 
 import compams_jax as cj
 
-OPTIMIZERS = ("amsgrad", "comp_ams", "momentum_sgd")
+OPTIMIZERS = ("amsgrad", "comp_ams", "momentum_sgd", "onebit_adam", "qadam")
 PREDICTORS = ("none", "fixed", "least_squares")
 
 # Named optimizer presets: overrides of the `optimizer` config section. A config lists the ones
@@ -20,6 +20,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "comp_ams_random_k": dict(name="comp_ams", compressor="random_k",
                               compressor_kwargs={"ratio": 0.01}),
     "comp_ams_qsgd": dict(name="comp_ams", compressor="qsgd", compressor_kwargs={"levels": 4}),
+    "onebit_adam": dict(name="onebit_adam", compressor="scaled_sign", compressor_kwargs={}),
+    "qadam": dict(name="qadam", compressor="qsgd", compressor_kwargs={"levels": 127}),
     "momentum_sgd": dict(name="momentum_sgd", compressor="identity", compressor_kwargs={},
                          predictor="none"),
     "momentum_sgd_top_k": dict(name="momentum_sgd", compressor="top_k",
@@ -50,9 +52,11 @@ def build_optimizer(opt: Mapping[str, Any], *, axis_name: str | None) -> optax.G
   """Builds the optimizer that an `optimizer` config section describes.
 
   Args:
-    opt: a mapping with `name` ("amsgrad", "comp_ams" or "momentum_sgd"), `learning_rate`,
+    opt: a mapping with `name` ("amsgrad", "comp_ams", "momentum_sgd", "onebit_adam" or
+      "qadam"), `learning_rate`,
       `compressor` and `compressor_kwargs` (see `cj.compressors.get`), and the optimizer's own
-      fields (`b1`, `b2`, `eps`, `momentum`, `error_feedback`, `predictor`, `seed`).
+      fields (`b1`, `b2`, `eps`, `momentum`, `error_feedback`, `predictor`, `seed`,
+      `warmup_steps`).
     axis_name: the data-parallel axis.
 
   Returns:
@@ -74,6 +78,13 @@ def build_optimizer(opt: Mapping[str, Any], *, axis_name: str | None) -> optax.G
                        b1=opt.get("b1", 0.9), b2=opt.get("b2", 0.999), eps=opt.get("eps", 1e-8))
   compressor = cj.compressors.get(opt.get("compressor", "identity"),
                                   **dict(opt.get("compressor_kwargs", {}) or {}))
+  if name == "onebit_adam":
+    return cj.onebit_adam(lr, warmup_steps=int(opt.get("warmup_steps", 100)),
+                          b1=opt.get("b1", 0.9), b2=opt.get("b2", 0.999), eps=opt.get("eps", 1e-8),
+                          compressor=compressor, axis_name=axis_name, seed=seed)
+  if name == "qadam":
+    return cj.qadam(lr, compressor, b1=opt.get("b1", 0.9), b2=opt.get("b2", 0.999),
+                    eps=opt.get("eps", 1e-8), axis_name=axis_name, seed=seed)
   if name == "comp_ams":
     return cj.comp_ams(lr, compressor, axis_name=axis_name, b1=opt.get("b1", 0.9),
                        b2=opt.get("b2", 0.999), eps=opt.get("eps", 1e-8), seed=seed,
@@ -83,3 +94,21 @@ def build_optimizer(opt: Mapping[str, Any], *, axis_name: str | None) -> optax.G
       lr, compressor, momentum=float(opt.get("momentum", 0.9)),
       predictive=predictor if predictor is not None else False,
       error_feedback=bool(opt.get("error_feedback", True)), axis_name=axis_name, seed=seed)
+
+
+def bytes_sent_by_step(opt: Mapping[str, Any], params: Any, hlo_bytes: int):
+  """Bytes one worker has sent after `step` steps, as a function of the step.
+
+  Constant-per-step optimizers send `hlo_bytes` (measured from the compiled step) every step.
+  1-bit Adam's compiled step holds both phases (a `lax.cond`), so its HLO counts both; it
+  really sends the dense gradient during warm-up and the compressed momentum afterwards, each
+  counted from its payload shapes.
+  """
+  if opt.get("name") != "onebit_adam":
+    return lambda step: step * hlo_bytes, hlo_bytes
+  warmup = int(opt.get("warmup_steps", 100))
+  dense = cj.wire_bytes(cj.compressors.identity(), params)
+  compressed = cj.wire_bytes(cj.compressors.get(opt.get("compressor", "scaled_sign"),
+                                                **dict(opt.get("compressor_kwargs", {}) or {})),
+                             params)
+  return (lambda step: min(step, warmup) * dense + max(step - warmup, 0) * compressed), compressed

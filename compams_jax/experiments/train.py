@@ -23,7 +23,7 @@ import compams_jax as cj
 from compams_jax.experiments import checkpoints
 from compams_jax.experiments.data import epoch_permutation, load_dataset, steps_per_epoch
 from compams_jax.experiments.models import count_params, create_model
-from compams_jax.experiments.optim import build_optimizer
+from compams_jax.experiments.optim import build_optimizer, bytes_sent_by_step
 
 AXIS = "data"
 
@@ -226,6 +226,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   step0 = jnp.zeros([], jnp.int32)
   hlo = cj.collective_bytes(train_step.lower(params, opt_state, x0, y0, step0).compile())
   bytes_per_step = hlo.total
+  sent_after, steady_bytes = bytes_sent_by_step(config.optimizer, params, bytes_per_step)
   static_bytes = cj.wire_bytes(tx, params)
   num_params = count_params(params)
   dense_bytes = 4 * num_params
@@ -293,7 +294,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
           raise FloatingPointError(f"training loss became {loss} at step {step}.")
         meters.add(loss, acc)
         done = step + 1
-        sent = done * bytes_per_step * 8
+        sent = sent_after(done) * 8
         if done % log_every == 0:
           log.write(json.dumps({"kind": "train", "step": done, "epoch": done / per_epoch,
                                 "loss": loss, "accuracy": acc, "bits_sent": sent}) + "\n")
@@ -330,7 +331,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
       "num_workers": n, "num_params": num_params, "test_loss": test_loss,
       "test_accuracy": test_acc, "bytes_per_step_hlo": bytes_per_step,
       "bytes_per_step_static": static_bytes, "dense_f32_bytes": dense_bytes,
-      "compression_ratio": dense_bytes / bytes_per_step if bytes_per_step else float("inf"),
+      "bytes_per_step_steady": steady_bytes,
+      "compression_ratio": dense_bytes / steady_bytes if steady_bytes else float("inf"),
       "collectives": hlo.by_op, "seconds": time.time() - t0, "finished": end == total_steps,
   }
   # The final training state as plain arrays (global view), for analysis and comparisons.

@@ -6,6 +6,7 @@ from compams_jax.transforms._momentum import WorkerMomentumState, worker_momentu
 from compams_jax.transforms._nonfinite import SkipNonFiniteState, skip_nonfinite
 from compams_jax.transforms._powersgd import PowerSGDState, powersgd
 from compams_jax.transforms._predictive import PredictiveState, predictive_compression
+from compams_jax.transforms._worker_adam import WorkerAdamState, worker_adam
 from compams_jax.transforms._state import PerWorker, local, per_worker_zeros, to_per_worker
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "PowerSGDState",
     "PredictiveState",
     "SkipNonFiniteState",
+    "WorkerAdamState",
     "WorkerMomentumState",
     "compressed_mean",
     "error_feedback",
@@ -24,5 +26,6 @@ __all__ = [
     "predictive_compression",
     "skip_nonfinite",
     "to_per_worker",
+    "worker_adam",
     "worker_momentum",
 ]

@@ -1,0 +1,55 @@
+"""Worker-local Adam moments: each worker scales its own gradient before communication."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from compams_jax.compressors._tree import check_tree
+from compams_jax.transforms._state import PerWorker, local, per_worker_zeros, to_per_worker
+from compams_jax.transforms._validate import check_updates
+
+
+class WorkerAdamState(NamedTuple):
+  """State of `worker_adam`: each worker's first and second moments (per worker)."""
+
+  mu: PerWorker
+  nu: PerWorker
+
+
+def worker_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
+                ) -> optax.GradientTransformation:
+  """Each worker's own Adam direction m_i / (sqrt(v_i) + ε), from its local gradients.
+
+  No bias correction. Its state is per worker, so it may precede a compressed average (QAdam).
+
+  Args:
+    b1: β1. b2: β2. eps: ε, outside the root.
+
+  Returns:
+    An `optax.GradientTransformation`.
+
+  Examples:
+    >>> import jax.numpy as jnp, compams_jax as cj
+    >>> tx = cj.worker_adam(b1=0.0, b2=0.0, eps=0.0)
+    >>> g = {"w": jnp.array([2.0, -3.0])}
+    >>> tx.update(g, tx.init(g))[0]["w"]
+    Array([ 1., -1.], dtype=float32)
+  """
+  def init_fn(params):
+    check_tree(params)
+    return WorkerAdamState(mu=per_worker_zeros(params), nu=per_worker_zeros(params))
+
+  def update_fn(updates, state, params=None):
+    del params
+    mu, nu = local(state.mu), local(state.nu)
+    check_updates(updates, mu, "worker_adam")
+    mu = jax.tree.map(lambda g, m: b1 * m + (1 - b1) * g, updates, mu)
+    nu = jax.tree.map(lambda g, v: b2 * v + (1 - b2) * g * g, updates, nu)
+    out = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu, nu)
+    return out, WorkerAdamState(mu=to_per_worker(mu), nu=to_per_worker(nu))
+
+  return optax.GradientTransformation(init_fn, update_fn)
