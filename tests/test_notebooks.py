@@ -3,8 +3,8 @@
 Each notebook runs in its own Jupyter kernel: a separate process started from this Python
 (`ipykernel`'s "python3" kernel, which jupyter_client launches with `sys.executable`), with the
 working directory set to notebooks/. The kernel does not inherit the XLA_FLAGS that
-tests/conftest.py sets for this process: the notebooks' own first cell has to set it, as it must
-for a user.
+tests/conftest.py sets for this process (nor JAX_PLATFORMS, PJRT_NPROC): the notebooks' own first
+cell has to set them, as it must for a user.
 """
 
 import json
@@ -26,15 +26,16 @@ _KERNEL_CHECK = ("import json, sys, compams_jax\n"
                  "print(json.dumps([sys.prefix, compams_jax.__file__]))")
 
 
-def _kernel_env() -> dict[str, str]:
+def _kernel_env(tmp_path: pathlib.Path) -> dict[str, str]:
   env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)  # the notebook must set it itself, before importing jax
-  env.pop("JAX_PLATFORMS", None)
-  env.pop("MPLBACKEND", None)
+  env["TMPDIR"] = str(tmp_path)  # 02_reproduction writes its smoke runs to a temporary directory
+  # The notebook must set these itself, before importing jax, as it must for a user.
+  for name in ("XLA_FLAGS", "JAX_PLATFORMS", "PJRT_NPROC", "MPLBACKEND"):
+    env.pop(name, None)
   return env
 
 
-def _execute(path: pathlib.Path) -> nbformat.NotebookNode:
+def _execute(path: pathlib.Path, tmp_path: pathlib.Path) -> nbformat.NotebookNode:
   """Runs a fresh copy of the notebook; CellExecutionError on the first failing cell."""
   for attempt in range(2):
     nb = nbformat.read(path, as_version=4)
@@ -42,21 +43,22 @@ def _execute(path: pathlib.Path) -> nbformat.NotebookNode:
     client = NotebookClient(nb, kernel_name="python3", timeout=CELL_TIMEOUT,
                             allow_errors=False, resources={"metadata": {"path": str(path.parent)}})
     try:
-      client.execute(env=_kernel_env())
+      client.execute(env=_kernel_env(tmp_path))
       return nb
     except DeadKernelError:
-      # The kernel process died (no Python error): on a heavily loaded CPU, XLA:CPU's
-      # simulated-device collectives occasionally abort with "Termination timeout for
-      # `all reduce/all gather RendezvousKey...`". Run it once more; a cell error is never retried.
+      # The kernel process died (no Python error). XLA:CPU aborts a process whose collective
+      # waits 40 s for a participant ("Termination timeout for `all reduce RendezvousKey...`"),
+      # which a heavily loaded machine can cause; the notebooks' PJRT_NPROC makes it rare. Run
+      # once more; a cell error is never retried.
       if attempt:
         raise
   raise AssertionError("unreachable")
 
 
 @pytest.mark.parametrize("name", ["01_quickstart.ipynb", "02_reproduction.ipynb"])
-def test_notebook_runs(name):
+def test_notebook_runs(name, tmp_path):
   path = NOTEBOOK_DIR / name
-  nb = _execute(path)
+  nb = _execute(path, tmp_path)
   outputs = nb.cells[-1].outputs
   text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
   kernel_prefix, package_file = json.loads(text.strip().splitlines()[-1])

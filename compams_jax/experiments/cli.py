@@ -14,6 +14,9 @@ _DEVICE_FLAG = "--xla_force_host_platform_device_count"
 
 def _simulate_devices(count: int) -> None:
   """Asks XLA:CPU for `count` devices; must run before jax initialises its backends."""
+  # XLA:CPU's thread pool is max(PJRT_NPROC or #cores, #devices); with one thread per simulated
+  # device a collective can starve and abort. Give it headroom.
+  os.environ.setdefault("PJRT_NPROC", str(max(2 * count, 16)))
   flags = os.environ.get("XLA_FLAGS", "")
   if _DEVICE_FLAG in flags:
     found = int(re.search(_DEVICE_FLAG + r"=(\d+)", flags).group(1))
