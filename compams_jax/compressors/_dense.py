@@ -73,7 +73,13 @@ class Cast(Compressor):
 
   def decode(self, payload, like, key=None):
     del key
-    return payload["values"].astype(like.dtype).reshape(like.shape)
+    values = payload["values"]
+    target = jnp.dtype(like.dtype)
+    if jnp.finfo(target).max < jnp.finfo(self.dtype).max:
+      # E.g. float16 65504 rounds to bfloat16 65536: clamp, rather than overflow to inf.
+      limit = jnp.finfo(target).max
+      values = jnp.clip(values.astype(jnp.float32), -limit, limit)
+    return values.astype(target).reshape(like.shape)
 
   def wire_bits(self, shape, dtype):
     del dtype

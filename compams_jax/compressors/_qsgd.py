@@ -45,10 +45,18 @@ class QSGD(Compressor):
     if key is None:
       raise ValueError("qsgd needs a PRNG key (the transforms derive one per worker and step).")
     flat = x.reshape(-1).astype(jnp.float32)
-    norm = jnp.sqrt(jnp.sum(flat * flat))
-    safe = jnp.where(norm > 0, norm, 1.0)
+    # ‖x‖₂ = m·‖x/m‖₂ with m = max|x|: the squares neither overflow (|x| ≳ 1e19) nor
+    # underflow (|x| ≲ 1e-19) in float32. A power-of-two pre-scale keeps 1/m away from the
+    # subnormal range, which XLA:CPU flushes to zero.
+    peak = jnp.max(jnp.abs(flat)) if flat.size else jnp.float32(0)
+    pre = jnp.where(peak >= 1, jnp.float32(2.0**-64), jnp.float32(2.0**64))
+    safe_peak = jnp.where(peak > 0, peak * pre, 1.0)
+    unit = (flat * pre) / safe_peak
+    unit_norm = jnp.sqrt(jnp.sum(unit * unit))
+    norm = peak * unit_norm
     u = jax.random.uniform(key, flat.shape, jnp.float32)
-    level = jnp.floor(jnp.abs(flat) / safe * self.levels + u)
+    ratio = jnp.abs(unit) / jnp.where(unit_norm > 0, unit_norm, 1.0)
+    level = jnp.floor(ratio * self.levels + u)
     level = jnp.minimum(level, self.levels) * jnp.sign(flat)
     return {"levels": level.astype(self.level_dtype), "norm": norm}
 

@@ -10,6 +10,12 @@ import numpy as np
 from compams_jax.compressors._base import Compressor, Granularity
 
 
+def _mean_abs(flat):
+  """mean|x| in float32 without overflow: Σ(|x_i|·(1/d)) never exceeds max|x|."""
+  a = jnp.abs(flat.astype(jnp.float32))
+  return jnp.sum(a * jnp.float32(1.0 / a.size))
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class BlockSign(Compressor):
   """Block-Sign: C(x_B) = sign(x_B)·‖x_B‖₁/|B| for each block B (block = leaf, or model).
@@ -34,7 +40,7 @@ class BlockSign(Compressor):
   def encode(self, x, key=None):
     del key
     flat = x.reshape(-1)
-    scale = jnp.mean(jnp.abs(flat.astype(jnp.float32))) if flat.size else jnp.float32(0)
+    scale = _mean_abs(flat) if flat.size else jnp.float32(0)
     payload = {"negative": jnp.packbits(flat < 0, bitorder="little"), "scale": scale}
     if self.exact_zeros:
       payload["nonzero"] = jnp.packbits(flat != 0, bitorder="little")
