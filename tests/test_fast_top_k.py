@@ -228,15 +228,29 @@ def test_plan_invariants():
     assert sel.plan(1000, 10) is None and sel.plan(D, D) is None
 
 
-def test_small_or_float64_leaves_use_lax_top_k_statically():
+def _uses_threshold_path(d: int, k: int, method: str, dtype=jnp.float32) -> bool:
+    """Whether the traced program contains the threshold selector (trace only, no compile)."""
+    jaxpr = jax.make_jaxpr(lambda x: sel.top_k_indices(x, k, method))(
+        jax.ShapeDtypeStruct((d,), dtype))
+    return "custom_vmap" in str(jaxpr)
+
+
+def test_method_choice_is_static():
+    assert _uses_threshold_path(D, K, "auto") and _uses_threshold_path(D, K, "threshold")
+    assert not _uses_threshold_path(D, K, "exact")
+    assert not _uses_threshold_path(40_000, 400, "auto")  # auto: from 65,536 elements up
+    assert _uses_threshold_path(40_000, 400, "threshold")
+    assert _uses_threshold_path(D, K, "auto", jnp.bfloat16)
+    assert not sel.supported(np.float64) and sel.supported(jnp.bfloat16)
+    assert not _uses_threshold_path(1000, 10, "threshold")  # too small: lax.top_k
+    assert not _uses_threshold_path(D, D, "threshold")  # k = d
+    assert not _uses_threshold_path(D, k_of(0.6, D), "threshold")  # k ≥ d/2
     x = gaussian(1000, seed=13)
     idx, branch = select(x, 10, "threshold")
     assert branch == STATIC_EXACT
     check_same_as_top_k(x, 10, idx)
-    idx, branch = select(gaussian(D, seed=13), K, "auto")
-    assert branch == MAIN  # auto = threshold from 65,536 elements up
-    idx, branch = select(gaussian(40_000, seed=13), 400, "auto")
-    assert branch == STATIC_EXACT
+    with pytest.raises(ValueError, match="method"):
+        sel.top_k_indices(jnp.asarray(x), 10, "sorted")
 
 
 def test_compressor_methods_agree_and_payload_unchanged():
@@ -254,8 +268,11 @@ def test_compressor_methods_agree_and_payload_unchanged():
     idx = np.asarray(p["indices"]).astype(np.int64)
     assert set(idx.tolist()) == np_top_set(flat, k)
     np.testing.assert_array_equal(np.asarray(p["values"]), flat[idx])
-    dense = [np.asarray(jax.jit(c.__call__)(x)) for c in (exact, fast)]
+    dense = [np.asarray(jax.jit(c.decode)(q, x)) for c, q in ((exact, jax.jit(exact.encode)(x)),
+                                                               (fast, p))]
     np.testing.assert_array_equal(dense[0], dense[1])
+    np.testing.assert_array_equal(dense[1], np.where(
+        np.isin(np.arange(d), idx), flat, 0.0).reshape(x.shape))
     with pytest.raises(ValueError, match="method"):
         C.top_k(0.01, method="sorted")
     assert C.get("top_k", ratio=0.01, method="exact").method == "exact"
@@ -271,9 +288,11 @@ def test_vmap_mixed_branches_and_gradient():
     assert np.asarray(branch).tolist() == [MAIN, TIE, TIE, MAIN]
     for row, got in zip(rows, np.asarray(idx)):
         assert set(got.tolist()) == np_top_set(row, k)
-    idx, branch = f(xs[jnp.array([0, 3])])  # every example fast: the batched fast branch
-    assert np.asarray(branch).tolist() == [MAIN, MAIN]
-    assert set(np.asarray(idx[1]).tolist()) == np_top_set(rows[3], k)
+    fast_rows = [rows[0], rows[3], -rows[3], gaussian(d, 17)]
+    idx, branch = f(jnp.asarray(np.stack(fast_rows)))  # all fast: the batched fast branch
+    assert np.asarray(branch).tolist() == [MAIN] * 4
+    for row, got in zip(fast_rows, np.asarray(idx)):
+        assert set(got.tolist()) == np_top_set(row, k)
     # C(x) stays differentiable in x (the selection is constant): gradient = the kept mask.
     c = C.top_k(0.01, method="threshold")
     g = jax.jit(jax.grad(lambda x: jnp.sum(c(x) ** 2) / 2))(xs[0])

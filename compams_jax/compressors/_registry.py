@@ -35,7 +35,7 @@ def get(name: str, **kwargs: Any) -> Compressor:
   Examples:
     >>> import compams_jax as cj
     >>> cj.compressors.get("top_k", ratio=0.05)
-    TopK(granularity='leaf', ratio=0.05)
+    TopK(granularity='leaf', ratio=0.05, method='auto')
   """
   if name not in FACTORIES:
     raise ValueError(f"unknown compressor {name!r}; valid names: {', '.join(sorted(FACTORIES))}.")

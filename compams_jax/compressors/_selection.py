@@ -29,6 +29,10 @@ pay for the fallback it does not use.
 
 The output ORDER differs from `lax.top_k` (the fast path returns ascending indices; the
 fallback returns `lax.top_k`'s descending-magnitude order); the set is the same.
+
+Costs (CPU, d = 11.2M float32, k = 1%; benchmarks/compressor_throughput.py): about one
+elementwise pass at run time, against ~8-14 for `lax.top_k`; about 2 s of XLA compile time per
+leaf that takes this path (0.1 s for `lax.top_k`), paid once per jitted program.
 """
 
 from __future__ import annotations
@@ -326,14 +330,17 @@ def _batched_selector(p: Plan):
     if not in_batched[0]:
       return select(flat), (False, False)
     t, words = jax.vmap(lambda f: _estimate(f, p))(flat)
-    branch = jax.vmap(lambda f, t, w: _branch(f, t, w, p))(flat, t, words)
+    n_ge = jnp.sum(lax.population_count(words), axis=-1, dtype=jnp.int32)
     # One scalar decision for the whole batch: the threshold branch when every example can take
-    # it; otherwise every example goes through the per-example switch (vmapped: all branches).
-    idx = lax.cond(
-        jnp.all(branch == BRANCH_MAIN),
-        lambda: jax.vmap(lambda f, t, w: _main(f, t, w, p))(flat, t, words),
-        lambda: jax.vmap(lambda f: _single(f, p)[0])(flat))
-    return (idx, branch), (True, True)
+    # it; otherwise every example goes through the per-example switch (vmapped, that runs every
+    # branch for every example: slow, but only for a batch with a miss).
+    def fast():
+      idx = jax.vmap(lambda f, t, w: _main(f, t, w, p))(flat, t, words)
+      return idx, jnp.zeros_like(n_ge) + BRANCH_MAIN
+
+    out = lax.cond(jnp.all((n_ge >= p.k) & (n_ge <= p.c)), fast,
+                   lambda: jax.vmap(lambda f: _single(f, p))(flat))
+    return out, (True, True)
 
   return select
 
@@ -346,7 +353,7 @@ def top_k_indices(flat: jax.Array, k: int, method: Method = "auto",
     flat: a 1-D floating-point array.
     k: static number of entries, 0 < k ≤ flat.size.
     method: "exact" (`lax.top_k`), "threshold" (the estimated-threshold path wherever it is
-      defined: 16/32-bit floats, more than 32,768 elements, k well below d/2), or "auto" (the
+      defined: 16/32-bit floats, at least 32,768 elements, k well below d/2), or "auto" (the
       threshold path from `AUTO_MIN_SIZE` elements up, `lax.top_k` below).
     with_branch: also return which branch ran (0 threshold, 1 tie, 2 full `lax.top_k`; -1 when
       the exact method was chosen statically). For tests and benchmarks.

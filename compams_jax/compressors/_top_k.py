@@ -31,7 +31,8 @@ class TopK(Compressor):
   Attributes:
     ratio: fraction of entries kept, in (0, 1].
     method: how the k entries are found; all methods select the same set. "exact" runs
-      `jax.lax.top_k` (a partial sort: ~10–20× an elementwise pass on a large CPU array).
+      `jax.lax.top_k` (a partial sort: an order of magnitude above an elementwise pass on a large
+      CPU array).
       "threshold" estimates the k-th largest magnitude from a sample, compacts the entries
       above it into a fixed buffer and refines exactly there, falling back to `lax.top_k` when
       the estimate misses (see `compams_jax.compressors._selection`). "auto" (default) uses
@@ -113,7 +114,10 @@ class RandomK(Compressor):
     k = num_kept(self.ratio, d)
     if k == d:
       return jnp.arange(d)
-    return jax.random.choice(key, d, shape=(k,), replace=False)
+    # The k largest of d i.i.d. uniforms are a uniformly random k-subset; selecting them with
+    # the threshold selector costs a few elementwise passes, where jax.random.choice(...,
+    # replace=False) draws a full permutation (measured ~230x an elementwise pass at d = 11M).
+    return top_k_indices(jax.random.uniform(key, (d,), jnp.float32), k)
 
   def encode(self, x, key=None):
     flat = x.reshape(-1)
