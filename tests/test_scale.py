@@ -258,3 +258,15 @@ def _ref_1d(tx_factory, params, grads):
   steps = next(iter(grads.values())).shape[0]
   p, state, _ = _shard_map_run(tx_factory(), params, grads, mesh, steps=steps)
   return jax.tree.map(np.asarray, p), state
+
+
+@pytest.mark.parametrize("compressor", [cj.compressors.top_k(0.01), cj.compressors.random_k(0.01)],
+                         ids=["top_k", "random_k"])
+def test_two_phase_traces_with_large_leaves(compressor):
+  """Chunks of ≥ 65,536 elements: the fast selectors are swapped for their vmap-safe path."""
+  n = 4
+  params = {"w": jnp.zeros((1024, 512))}
+  tx = cj.comp_ams(1e-3, compressor, axis_name="data", topology="two_phase", num_workers=n)
+  cb = _step_bytes(tx, params, n)
+  assert cb.total == cj.wire_bytes(tx, params, num_workers=n)
+  assert set(cb.by_op) == {"all-to-all", "all-gather"}

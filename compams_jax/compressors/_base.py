@@ -108,6 +108,15 @@ class Compressor(abc.ABC):
   def wire_bits(self, shape: tuple[int, ...], dtype: Any) -> int:
     """Exact number of bits one payload of an array of this shape/dtype puts on the wire."""
 
+  def batched(self) -> "Compressor":
+    """The variant to use under `jax.vmap` inside `jax.shard_map` (the two-phase wire).
+
+    The same operator; compressors whose fast path is not vmap-safe there return their exact
+    path (top-k's threshold selector uses a custom batching rule that shard_map's
+    device-variance checks reject).
+    """
+    return self
+
   def q_squared(self, size: int) -> float | None:
     """The declared deviation bound q² for an array of `size` elements (None: no bound)."""
     del size

@@ -70,6 +70,9 @@ class TopK(Compressor):
     out = jnp.zeros((d,), like.dtype).at[idx].set(payload["values"].astype(like.dtype))
     return out.reshape(like.shape)
 
+  def batched(self):
+    return dataclasses.replace(self, method="exact")
+
   def decode_sum(self, payloads, like, key=None):
     del key
     d = _size(like.shape)
@@ -98,6 +101,7 @@ class RandomK(Compressor):
   """
 
   ratio: float = 0.01
+  method: Method = "auto"
 
   deviation = "expected"
   unbiased = False
@@ -117,7 +121,10 @@ class RandomK(Compressor):
     # The k largest of d i.i.d. uniforms are a uniformly random k-subset; selecting them with
     # the threshold selector costs a few elementwise passes, where jax.random.choice(...,
     # replace=False) draws a full permutation (measured ~230x an elementwise pass at d = 11M).
-    return top_k_indices(jax.random.uniform(key, (d,), jnp.float32), k)
+    return top_k_indices(jax.random.uniform(key, (d,), jnp.float32), k, self.method)
+
+  def batched(self):
+    return dataclasses.replace(self, method="exact")
 
   def encode(self, x, key=None):
     flat = x.reshape(-1)

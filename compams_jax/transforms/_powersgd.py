@@ -30,7 +30,8 @@ class PowerSGDState(NamedTuple):
 
 
 def _as_matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
-  return shape[0], math.prod(shape[1:])
+  """Leading axes × last axis: a dense (in, out) as is, a conv (kh, kw, in, out) as (kh·kw·in, out)."""
+  return math.prod(shape[:-1]), shape[-1]
 
 
 def is_compressed(shape: tuple[int, ...], rank: int) -> bool:
@@ -56,7 +57,7 @@ def powersgd(rank: int = 4, *, axis_name: str | None = None, seed: int = 0
              ) -> optax.GradientTransformation:
   """PowerSGD low-rank gradient averaging with error feedback (Vogels, Karimireddy, Jaggi 2019).
 
-  For each leaf of ndim ≥ 2, viewed as a matrix M (first axis × the rest), worker i with
+  For each leaf of ndim ≥ 2, viewed as a matrix M (all leading axes × the last), worker i with
   residual e_i computes, with Q warm-started from the previous step::
 
       M_i = g_i + e_i

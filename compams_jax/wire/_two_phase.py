@@ -65,6 +65,7 @@ def two_phase_average(compressor: Compressor, vector: jax.Array, server_residual
     device), the device's new server residual, and this worker's own decoded phase-1 vector
     (what its worker-side residual must subtract).
   """
+  compressor = compressor.batched()  # Chunks are encoded under vmap.
   recorder = active_recorder()
   axis = effective_axis(axis_name)
   n = num_workers(axis)
