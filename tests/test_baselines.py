@@ -10,7 +10,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import compams_jax as cj
-from tests import reference
+from tests import harness, reference
 
 SHAPES = {"dense": (12, 5), "bias": (5,)}
 STEPS = 16
@@ -25,23 +25,7 @@ def _problem(n, seed=0):
 
 
 def _run(tx, params, grads, mesh):
-  state = cj.sharding.init(tx, params, mesh=mesh, axis_name="data")
-  specs = cj.sharding.state_specs(state, "data")
-
-  @jax.jit
-  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(), specs, P("data")),
-                     out_specs=(P(), specs))
-  def step(p, s, g):
-    u, s = tx.update(jax.tree.map(lambda x: x[0], g), s, p)
-    return optax.apply_updates(p, u), s
-
-  p = jax.device_put(params, NamedSharding(mesh, P()))
-  states = []
-  for t in range(STEPS):
-    p, state = step(p, state, jax.device_put({k: v[t] for k, v in grads.items()},
-                                             NamedSharding(mesh, P("data"))))
-    states.append(state)
-  return p, states
+  return harness.run(tx, params, grads, mesh, STEPS)
 
 
 def test_onebit_adam_matches_numpy_reference_and_freezes_v(n_devices, mesh):

@@ -11,6 +11,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import compams_jax as cj
+from tests import harness
 
 SHAPES = {"w": (6, 5), "b": (5,)}
 
@@ -22,19 +23,7 @@ def _grads(n, steps, seed=0):
 
 
 def _runner(tx, mesh):
-  params = {k: np.ones(s, np.float32) for k, s in SHAPES.items()}
-  state = cj.sharding.init(tx, params, mesh=mesh, axis_name="data")
-  specs = cj.sharding.state_specs(state, "data")
-
-  @jax.jit
-  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(), specs, P("data")),
-                     out_specs=(P(), specs))
-  def step(p, s, g):
-    u, s = tx.update(jax.tree.map(lambda x: x[0], g), s, p)
-    return optax.apply_updates(p, u), s
-
-  put = lambda g: jax.device_put(g, NamedSharding(mesh, P("data")))
-  return jax.device_put(params, NamedSharding(mesh, P())), state, lambda p, s, g: step(p, s, put(g))
+  return harness.shard_map_step(tx, {k: np.ones(s, np.float32) for k, s in SHAPES.items()}, mesh)
 
 
 def _equal(a, b):

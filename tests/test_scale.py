@@ -11,7 +11,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import compams_jax as cj
-from tests import reference
+from tests import harness, reference
 
 SHAPES = {"conv": (3, 3, 2, 4), "dense": (24, 10), "bias": (10,)}
 STEPS = 12
@@ -27,21 +27,8 @@ def _problem(n, seed=0, steps=STEPS, shapes=SHAPES):
 
 
 def _shard_map_run(tx, params, grads, mesh, steps=STEPS):
-  state = cj.sharding.init(tx, params, mesh=mesh, axis_name="data")
-  specs = cj.sharding.state_specs(state, "data")
-
-  @jax.jit
-  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(), specs, P("data")),
-                     out_specs=(P(), specs))
-  def step(p, s, g):
-    updates, s = tx.update(jax.tree.map(lambda x: x[0], g), s, p)
-    return optax.apply_updates(p, updates), s
-
-  p = jax.device_put(params, NamedSharding(mesh, P()))
-  for t in range(steps):
-    p, state = step(p, state, jax.device_put({k: v[t] for k, v in grads.items()},
-                                             NamedSharding(mesh, P("data"))))
-  return p, state, step
+  p, states = harness.run(tx, params, grads, mesh, steps)
+  return p, states[-1], None
 
 
 @pytest.mark.parametrize("name", ["top_k", "block_sign"])
