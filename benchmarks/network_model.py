@@ -140,38 +140,35 @@ def project(wire, compute_s, ns, gbits, alpha, bucketed):
   return out
 
 
-def markdown(proj, model, ns, gbits):
+def _cell(proj, model, n, g, label, fmt):
+  p = next((p for p in proj if p["model"] == model and p["n"] == n and p["gbit_s"] == g
+            and p["method"] == label), None)
+  return "" if p is None else fmt(p)
+
+
+def _ms(seconds):
+  ms = seconds * 1e3
+  return f"{ms:,.0f}" if ms >= 1000 else f"{ms:.3g}"
+
+
+def markdown(proj, model, ns, gbits, what="speedup"):
+  """Rows: n × method; columns: bandwidths. what = "speedup" (step ms and speedup) or "comm"."""
   t_c = next(p["compute_s"] for p in proj if p["model"] == model)
-  lines = [f"**{model}** — projected step time in ms (speedup over dense f32 all-reduce); "
-           f"compute {t_c * 1e3:.3g} ms per worker",
-           "", "| method | " + " | ".join(f"n={n} {g}G" for n in ns for g in gbits) + " |",
-           "|---|" + "---|" * (len(ns) * len(gbits))]
-  for label, _, _ in METHODS:
-    cells = []
-    for n in ns:
-      for g in gbits:
-        p = next((p for p in proj if p["model"] == model and p["n"] == n and p["gbit_s"] == g
-                  and p["method"] == label), None)
-        cells.append("" if p is None else
-                     f"{p['step_s'] * 1e3:.1f} ({p['speedup_vs_dense_f32']:.2f}×)")
-    if any(cells):
-      lines.append(f"| {label} | " + " | ".join(cells) + " |")
-  return "\n".join(lines)
-
-
-def comm_markdown(proj, model, ns, gbits):
-  lines = [f"**{model}** — communication time only (ms per step: α·messages + received/B)", "",
-           "| method | " + " | ".join(f"n={n} {g}G" for n in ns for g in gbits) + " |",
-           "|---|" + "---|" * (len(ns) * len(gbits))]
-  for label, _, _ in METHODS:
-    cells = []
-    for n in ns:
-      for g in gbits:
-        p = next((p for p in proj if p["model"] == model and p["n"] == n and p["gbit_s"] == g
-                  and p["method"] == label), None)
-        cells.append("" if p is None else f"{p['comm_s'] * 1e3:.2f}")
-    if any(cells):
-      lines.append(f"| {label} | " + " | ".join(cells) + " |")
+  if what == "speedup":
+    title = (f"**{model}** — projected step time in ms (speedup over dense f32 all-reduce); "
+             f"compute {_ms(t_c)} ms per worker")
+    fmt = lambda p: f"{_ms(p['step_s'])} ({p['speedup_vs_dense_f32']:.2f}×)"
+  else:
+    title = (f"**{model}** — communication time only, ms per step "
+             f"(α·messages + received bytes / bandwidth)")
+    fmt = lambda p: _ms(p["comm_s"])
+  lines = [title, "", "| n | method | " + " | ".join(f"{g} Gbit/s" for g in gbits) + " |",
+           "|---|---|" + "---|" * len(gbits)]
+  for n in ns:
+    for label, _, _ in METHODS:
+      cells = [_cell(proj, model, n, g, label, fmt) for g in gbits]
+      if any(cells):
+        lines.append(f"| {n} | {label} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
@@ -191,12 +188,12 @@ def plot(scenarios, ns, gbits, path):
                      if p["model"] == model and p["n"] == n and p["method"] == label)
         if pts:
           ax.plot(*zip(*pts), marker="o", label=label)
-      ax.axhline(1.0, color="k", lw=0.8, ls="--")
+      ax.axhline(1.0, color="k", lw=0.8, ls="--")  # dense f32 all-reduce
       ax.set_xscale("log")
       ax.set_xticks(gbits)
       ax.set_xticklabels([str(g) for g in gbits])
       t_c = next(p["compute_s"] for p in proj if p["model"] == model)
-      ax.set_title(f"{model}, n={n}\n{scen}: compute {t_c * 1e3:.3g} ms", fontsize=9)
+      ax.set_title(f"{model}, n={n}\n{scen}: T_c = {_ms(t_c)} ms", fontsize=9)
       if j == 0:
         ax.set_ylabel("speedup vs dense f32")
       if i == len(keys) - 1:
@@ -274,7 +271,7 @@ def main(argv=None):
         print(markdown(proj, model, args.ns, gbits) + "\n")
   for model in compute:
     if model in wire["models"]:
-      print(comm_markdown(scenarios["measured CPU compute"], model, args.ns, gbits) + "\n")
+      print(markdown(scenarios["measured CPU compute"], model, args.ns, gbits, "comm") + "\n")
   plot(scenarios, args.ns, gbits, args.png)
   print(f"wrote {args.out} and {args.png}")
 

@@ -40,6 +40,7 @@ import math  # noqa: E402
 import pathlib  # noqa: E402
 import platform  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 
@@ -527,7 +528,7 @@ def main(argv=None):
   parser.add_argument("--skip-accuracy", action="store_true", help="skip the training runs")
   parser.add_argument("--out", default=None,
                       help="results JSON (default benchmarks/results/predictive_momentum.json; "
-                           "quick: ..._quick.json)")
+                           "quick: predictive_momentum_quick.json in the temp directory)")
   args = parser.parse_args(argv)
 
   epochs = args.epochs or (2 if args.quick else 15)
@@ -540,10 +541,13 @@ def main(argv=None):
   if args.skip_accuracy:
     acc_names = []
   here = pathlib.Path(__file__).resolve().parent
-  out_path = pathlib.Path(args.out) if args.out else (
-      here / "results" / ("predictive_momentum_quick.json" if args.quick
-                          else "predictive_momentum.json"))
-  t_start = time.time()
+  if args.out:
+    out_path = pathlib.Path(args.out)
+  elif args.quick:  # a smoke run never overwrites the recorded results
+    out_path = pathlib.Path(tempfile.gettempdir()) / "predictive_momentum_quick.json"
+  else:
+    out_path = here / "results" / "predictive_momentum.json"
+  t_start, cpu_start = time.time(), time.process_time()
   setup = make_setup()
   print(f"jax {jax.__version__}, {jax.device_count()} devices; MnistCNN on digits "
         f"({len(setup.dataset.y_train)} train / {len(setup.dataset.y_test)} test), "
@@ -600,18 +604,20 @@ def main(argv=None):
       tx_plain, _ = make_transform(comp, predictor, ef)
       static = cj.wire_bytes(tx_plain, setup.params_like)
       single = None
-      if mname == CROSS_CHECK_METHOD and (not args.quick or cname == names[0]):
+      if mname == CROSS_CHECK_METHOD and not args.quick:
         # one update compiled on its own (default XLA options)
         single = hlo_bytes(setup, tx_plain).total
         if single != hlo.total:
           print(f"WARNING: {cname} {mname}: HLO bytes of the replay program {hlo.total} != "
                 f"{single} of a single compiled update", flush=True)
-      ent = payload_entropy(kind, payload, setup.leaf_sizes, steps_uniform)
+      with np.errstate(all="ignore"):  # diverged runs carry inf/nan payloads
+        ent = payload_entropy(kind, payload, setup.leaf_sizes, steps_uniform)
       per_step = err / np.maximum(mean_sq, 1e-30)
       row = dict(
           compressor=cname, method=mname, predictor=predictor, error_feedback=ef,
           distortion=float(err.sum() / mean_sq.sum()),
           distortion_cumulative=float(cum_err.sum() / cum_sq.sum()),
+          nonfinite_steps=int((~np.isfinite(err)).sum()),
           distortion_per_step=per_step.tolist(),
           distortion_by_epoch=[float(err[a:a + T // epochs].sum() / mean_sq[a:a + T // epochs].sum())
                                for a in range(0, T - T // epochs + 1, T // epochs)],
@@ -657,6 +663,7 @@ def main(argv=None):
                 f"loss {r['test_loss']:.4f} ({r['seconds']:.1f}s)", flush=True)
 
   total = time.time() - t_start
+  cpu_total = time.process_time() - cpu_start
   print_tables(replays, accuracy, acc_names, acc_variants, total)
   result = dict(
       command=" ".join([sys.executable.split("/")[-1]] + sys.argv),
@@ -672,10 +679,11 @@ def main(argv=None):
                     fp_symbols=f"sign + 8 exponent bits + {MANTISSA_BITS} mantissa bits",
                     dense_f32_bytes=4 * setup.dim),
       record=record_info, replays=replays, accuracy=accuracy, accuracy_summary=acc_summary(
-          accuracy), seconds_total=total)
+          accuracy), seconds_total=total, cpu_seconds_total=cpu_total,
+      load_average_at_end=list(os.getloadavg()))
   out_path.parent.mkdir(parents=True, exist_ok=True)
   out_path.write_text(json.dumps(sanitize(result), indent=1, allow_nan=False))
-  print(f"wrote {out_path} ({total:.0f}s total)")
+  print(f"wrote {out_path} ({total:.0f}s wall, {cpu_total:.0f}s CPU of this process)")
 
 
 def acc_summary(accuracy):

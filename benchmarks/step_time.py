@@ -13,7 +13,10 @@ Variants (all `cj.comp_ams`, lr 1e-3):
   dense       identity() compressor: one psum of the float32 gradients (= AMSGrad on the mean)
   top_k       top_k(0.01), all-gather of values + indices
   block_sign  block_sign(), all-gather of packed sign bits + one scale per layer
-  (extra, with --variants: block_sign_2p / top_k_2p: topology="two_phase")
+  block_sign_2p  block_sign() with topology="two_phase" (each device decodes O(d) instead of
+                 O(n·d)); top_k_2p (top_k, two-phase) only with --variants: at this commit the
+                 library's default top-k selection fails inside the two-phase vmap under
+                 shard_map for chunks of >= 65,536 elements (add --top-k-method exact)
 
 CAVEAT: on a 2-core CPU the 8 "devices" are XLA:CPU threads sharing the same 2 cores, so the 8
 workers' forward/backward run largely one after another and the "collectives" are memory copies.
@@ -28,8 +31,8 @@ and (unless --no-resnet) on ResNet-18 with 32x32x3 inputs.
 
 Run from the repository root:
 
-    python benchmarks/step_time.py            # ~3-6 min on 2 busy CPU cores
-    python benchmarks/step_time.py --quick    # smoke run (~1 min)
+    python benchmarks/step_time.py            # ~2 min at load 5, ~7 min at load 15 (2 cores)
+    python benchmarks/step_time.py --quick    # smoke run (~40 s)
 
 Writes benchmarks/results/step_time.json (or --out).
 """
@@ -253,11 +256,12 @@ def git_state():
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  ap.add_argument("--variants", nargs="+", default=["dense", "top_k", "block_sign"],
+  ap.add_argument("--variants", nargs="+",
+                  default=["dense", "top_k", "block_sign", "block_sign_2p"],
                   choices=list(COMPRESSORS))
   ap.add_argument("--batch", type=int, default=32, help="local batch per worker")
-  ap.add_argument("--repeats", type=int, default=9)
-  ap.add_argument("--steps", type=int, default=4, help="steps per timed block")
+  ap.add_argument("--repeats", type=int, default=7)
+  ap.add_argument("--steps", type=int, default=3, help="steps per timed block")
   ap.add_argument("--warmup", type=int, default=3, help="untimed steps per variant (incl. compile)")
   ap.add_argument("--single-repeats", type=int, default=7)
   ap.add_argument("--resnet-repeats", type=int, default=3)
