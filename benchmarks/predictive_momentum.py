@@ -336,6 +336,9 @@ def replay(setup, seq_dev, mean_dev, compressor, predictor, error_feedback):
     out, state = tx.update(setup.unflatten(x_flat[0]), state)
     diff = to_flat(out) - mean
     cum = cum + diff  # error of the running sum Σ_s x̄̂_s − Σ_s x̄_s (the parameter trajectory)
+    if len(sink) != len(setup.leaf_sizes):
+      raise RuntimeError(f"expected one encode per leaf ({len(setup.leaf_sizes)}), the update "
+                         f"encoded {len(sink)} payloads")
     payload = [jax.tree.map(lambda a: a[None], p) for p in sink]  # one payload per leaf
     rho = (jnp.stack(jax.tree.leaves(rho_sink[0])) if rho_sink
            else jnp.zeros((0,), jnp.float32))
@@ -477,6 +480,19 @@ def payload_entropy(kind, payload, leaf_sizes, steps_uniform):
 # ------------------------------------------------------------------------------------------------
 
 
+def git_state(repo):
+  """(HEAD commit, uncommitted changes under compams_jax/) of the repository, or Nones."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  try:
+    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--", "compams_jax"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    return head, dirty.splitlines()
+  except (OSError, subprocess.CalledProcessError):
+    return None, None
+
+
 def finite_or_str(x):
   if isinstance(x, float) and not math.isfinite(x):
     return str(x)
@@ -548,6 +564,7 @@ def main(argv=None):
   else:
     out_path = here / "results" / "predictive_momentum.json"
   t_start, cpu_start = time.time(), time.process_time()
+  commit, dirty = git_state(here.parent)
   setup = make_setup()
   print(f"jax {jax.__version__}, {jax.device_count()} devices; MnistCNN on digits "
         f"({len(setup.dataset.y_train)} train / {len(setup.dataset.y_test)} test), "
@@ -669,7 +686,9 @@ def main(argv=None):
       command=" ".join([sys.executable.split("/")[-1]] + sys.argv),
       argv=sys.argv[1:], date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
       jax_version=jax.__version__, optax_version=optax.__version__,
-      compams_jax_version=cj.__version__, python=platform.python_version(),
+      compams_jax_version=cj.__version__, git_commit=commit,
+      git_uncommitted_library_changes=dirty,
+      git_commit_at_end=git_state(here.parent)[0], python=platform.python_version(),
       machine=platform.machine(), cpu_count=os.cpu_count(), devices=jax.device_count(),
       settings=dict(workers=N_WORKERS, beta=BETA, lr=args.lr, local_batch=args.local_batch,
                     epochs=epochs, steps=T, seeds=seeds, compressors=names,
