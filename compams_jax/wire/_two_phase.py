@@ -10,7 +10,6 @@ XLA are one full payload (all_to_all) plus one chunk payload (all_gather), whate
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
