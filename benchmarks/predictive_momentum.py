@@ -12,14 +12,14 @@ What it does (8 simulated CPU workers under `jax.shard_map`, MnistCNN on scikit-
    (`cj.collective_bytes`) and from `cj.wire_bytes`; and the empirical entropy of the payload
    symbols the encoder actually produced over the run (per-leaf histograms over all steps and
    workers), i.e. the rate an ideal static entropy coder would reach.
-4. Final test accuracy of `cj.compressed_momentum_sgd` for each compressor with no prediction
-   (error feedback), least-squares prediction (error feedback) and fixed ρ = 0.9 (no error
-   feedback), same epochs / learning rate / data order as the recording run.
+4. Final test accuracy of `cj.compressed_momentum_sgd` for each compressor: no prediction and
+   least-squares prediction, each with and without error feedback, and fixed ρ = 0.9 without
+   error feedback; same epochs / learning rate / data order as the recording run.
 
 Run from the repository root:
 
-    python benchmarks/predictive_momentum.py            # full run (~10 min on 2 CPU cores)
-    python benchmarks/predictive_momentum.py --quick    # smoke version (~1-2 min)
+    python benchmarks/predictive_momentum.py            # full run (~9 min on 2 shared CPU cores)
+    python benchmarks/predictive_momentum.py --quick    # smoke version (~1 min)
 
 Writes benchmarks/results/predictive_momentum.json (or --out) and prints the tables.
 """
