@@ -13,7 +13,7 @@ from compams_jax.compressors._tree import check_tree
 from compams_jax.transforms._state import (PerWorker, local, per_worker_zeros, step_key,
                                            to_per_worker)
 from compams_jax.transforms._validate import (check_axis_name, check_compressor, check_seed,
-                                              check_updates)
+                                              check_updates, warn_if_not_contractive)
 from compams_jax.compressors._tree import flat_spec, flatten_tree, unflatten_tree
 from compams_jax.wire import average, chunk_size, decode_key, two_phase_average
 from compams_jax.wire import num_workers as num_workers_of
@@ -111,6 +111,7 @@ def error_feedback(compressor: Compressor, *, axis_name: str | None = None, seed
 
   def init_fn(params):
     check_tree(params)
+    warn_if_not_contractive(compressor, params, "error_feedback")
     server = None
     if topology == "two_phase":
       flat = flat_spec(params)

@@ -15,7 +15,7 @@ from compams_jax.transforms._predictors import Fixed, Predictor, fixed
 from compams_jax.transforms._state import (PerWorker, local, per_worker_zeros, step_key,
                                            to_per_worker)
 from compams_jax.transforms._validate import (check_axis_name, check_compressor, check_seed,
-                                              check_updates)
+                                              check_updates, warn_if_not_contractive)
 from compams_jax.wire import average, decode_key, num_workers
 
 
@@ -51,7 +51,10 @@ def predictive_compression(compressor: Compressor, *, predictor: Predictor | Non
   Without error feedback, closed-loop prediction alone keeps the compression error from
   accumulating: the error of x̂_t is that of one compression of the innovation, never a sum.
   Randomized compressors with error bounded only in expectation (unscaled random-k, qsgd) are
-  admissible, with or without error feedback (Adikari & Draper).
+  admissible, with or without error feedback (Adikari & Draper), provided they contract:
+  E‖C(x) − x‖² ≤ q²‖x‖² with q < 1. Per-leaf qsgd with few levels does not on large leaves
+  (q² = min(d/s², √d/s), e.g. 90 for s = 2 on a 32,768-entry kernel): with error feedback or a
+  fixed ρ it diverges (measured, docs/predictive.md); `init` warns when q² ≥ 1.
 
   Caution — error feedback with a FIXED ρ > 0 is unstable for sparse and randomized
   compressors. The prediction ρ x̂_{t−1} already lacks the last error (x̂_{t−1} = x_{t−1} +
@@ -112,6 +115,8 @@ def predictive_compression(compressor: Compressor, *, predictor: Predictor | Non
 
   def init_fn(params):
     check_tree(params)
+    if error_feedback or isinstance(predictor, Fixed):
+      warn_if_not_contractive(compressor, params, "predictive_compression")
     return PredictiveState(
         reconstruction=per_worker_zeros(params),
         residual=per_worker_zeros(params) if error_feedback else None,

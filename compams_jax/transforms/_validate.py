@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import warnings
+
 import jax
+import numpy as np
 
 from compams_jax.compressors import Compressor
 
@@ -40,3 +43,20 @@ def check_updates(updates: Any, like: Any, name: str) -> None:
       raise ValueError(f"{name}: update leaf {jax.tree_util.keystr(path)} has shape "
                        f"{tuple(u.shape)}, but the state was initialised for shape "
                        f"{tuple(l.shape)}.")
+
+
+def warn_if_not_contractive(compressor: Compressor, params: Any, what: str) -> None:
+  """Warns when the compressor's declared q² ≥ 1 on some leaf: error feedback (or a closed
+  prediction loop) then has no contraction to rely on and can diverge (e.g. per-leaf qsgd with
+  few levels on large leaves: q² = min(d/s², √d/s))."""
+  if compressor.granularity == "model":
+    sizes = [sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))]
+  else:
+    sizes = [int(np.prod(x.shape)) for x in jax.tree.leaves(params)]
+  worst = max((q for q in (compressor.q_squared(d) for d in sizes) if q is not None), default=0)
+  if worst >= 1:
+    warnings.warn(
+        f"{what}: {type(compressor).__name__} declares q² = {worst:.3g} ≥ 1 on the largest leaf, "
+        "so it is not a contraction there and error feedback / fixed-rho prediction can "
+        "diverge (measured for qsgd with few levels). Use more levels or a smaller granularity.",
+        UserWarning, stacklevel=3)
