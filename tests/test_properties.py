@@ -257,6 +257,10 @@ def _bound_applies(c, x, flat, leaf_dtypes) -> bool:
     # range that rounds past the LEAF dtype's max decodes to inf.
     return _cast_decoded(c, x, flat, leaf_dtypes)[1]
   if isinstance(c, C.BlockSign):
+    a = np.abs(np.asarray(x, np.float64))
+    # XLA:CPU treats float32 subnormal INPUTS as zero too (DAZ): they drop out of the scale.
+    if np.any((a > 0) & (a < float(finfo(F32).tiny))):
+      return False
     total = float(np.sum(np.abs(x)))
     if total >= F32_MAX / 2:  # Regression-tested separately: test_block_sign_scale_overflows_for_huge_finite_input
       return False

@@ -11,9 +11,12 @@ from compams_jax.compressors._base import Compressor, Granularity
 
 
 def _mean_abs(flat):
-  """mean|x| in float32 without overflow: Σ(|x_i|·(1/d)) never exceeds max|x|."""
+  """mean|x| in float32: Σ|x|·(1/d), or Σ(|x|·(1/d)) when Σ|x| overflows (it never exceeds
+  max|x|); scaling each term first would flush tiny values to zero, so only then."""
   a = jnp.abs(flat.astype(jnp.float32))
-  return jnp.sum(a * jnp.float32(1.0 / a.size))
+  inv = jnp.float32(1.0 / a.size)
+  total = jnp.sum(a)
+  return jnp.where(jnp.isfinite(total), total * inv, jnp.sum(a * inv))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
