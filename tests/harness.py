@@ -11,8 +11,21 @@ from jax.sharding import PartitionSpec as P
 import compams_jax as cj
 
 
+def problem(shapes, n, steps, seed=0):
+  """Params and per-worker gradients grads[k][t] of shape (n, *leaf): a worker-specific offset
+  plus per-step noise, so workers disagree."""
+  rng = np.random.default_rng(seed)
+  params = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+  grads = {k: (rng.normal(size=(1, n) + s) + rng.normal(size=(steps, n) + s)).astype(np.float32)
+           for k, s in shapes.items()}
+  return params, grads
+
+
 def shard_map_step(tx, params, mesh):
-  """(replicated params, initial state, step(p, s, per_worker_grads) -> (p, s))."""
+  """(replicated params, initial state, step(p, s, per_worker_grads) -> (p, s)).
+
+  `step.jitted` is the jitted shard_map function (for compile-cache checks).
+  """
   state = cj.sharding.init(tx, params, mesh=mesh, axis_name="data")
   specs = cj.sharding.state_specs(state, "data")
 
@@ -23,9 +36,11 @@ def shard_map_step(tx, params, mesh):
     updates, s = tx.update(jax.tree.map(lambda x: x[0], g), s, p)
     return optax.apply_updates(p, updates), s
 
-  put = lambda g: jax.device_put(g, NamedSharding(mesh, P("data")))
-  return (jax.device_put(params, NamedSharding(mesh, P())), state,
-          lambda p, s, g: step(p, s, put(g)))
+  def stepper(p, s, g):
+    return step(p, s, jax.device_put(g, NamedSharding(mesh, P("data"))))
+
+  stepper.jitted = step
+  return jax.device_put(params, NamedSharding(mesh, P())), state, stepper
 
 
 def run(tx, params, grads, mesh, steps):

@@ -13,11 +13,7 @@ STEPS = 16
 
 
 def _problem(n, seed=0):
-  rng = np.random.default_rng(seed)
-  params = {k: rng.normal(size=s).astype(np.float32) for k, s in SHAPES.items()}
-  grads = {k: (rng.normal(size=(1, n) + s) + rng.normal(size=(STEPS, n) + s)).astype(np.float32)
-           for k, s in SHAPES.items()}
-  return params, grads
+  return harness.problem(SHAPES, n, STEPS, seed)
 
 
 def _run(tx, params, grads, mesh):

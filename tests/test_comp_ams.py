@@ -7,11 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 import compams_jax as cj
-from tests import reference
+from tests import harness, reference
 
 STEPS = 24
 LR = 0.05
@@ -19,33 +17,17 @@ SHAPES = {"conv": (3, 3, 2, 4), "dense": (24, 10), "bias": (10,)}
 
 
 def _problem(n, seed=0):
-  rng = np.random.default_rng(seed)
-  params = {k: rng.normal(size=s).astype(np.float32) for k, s in SHAPES.items()}
-  # Workers see different gradients: a worker-specific offset plus per-step noise.
-  grads = {k: (rng.normal(size=(1, n) + s) + rng.normal(size=(STEPS, n) + s)).astype(np.float32)
-           for k, s in SHAPES.items()}
-  return params, grads
+  return harness.problem(SHAPES, n, STEPS, seed)
 
 
 def _run_shard_map(tx, params, grads, mesh):
-  state = cj.sharding.init(tx, params, mesh=mesh, axis_name="data")
-  specs = cj.sharding.state_specs(state, "data")
-
-  @jax.jit
-  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(), specs, P("data")),
-                     out_specs=(P(), specs))
-  def step(p, s, g):
-    updates, s = tx.update(jax.tree.map(lambda x: x[0], g), s, p)
-    return optax.apply_updates(p, updates), s
-
-  p = jax.device_put(params, NamedSharding(mesh, P()))
+  p, state, step = harness.shard_map_step(tx, params, mesh)
   for t in range(STEPS):
-    g_t = jax.device_put({k: v[t] for k, v in grads.items()}, NamedSharding(mesh, P("data")))
-    p, state = step(p, state, g_t)
+    p, state = step(p, state, {k: v[t] for k, v in grads.items()})
     if t == 1:
       # (P() vs P(None, ...) on the first inputs may cost one more trace; never more.)
-      compiled_after_warmup = step._cache_size()
-  assert step._cache_size() == compiled_after_warmup <= 2  # No recompilation across steps.
+      compiled_after_warmup = step.jitted._cache_size()
+  assert step.jitted._cache_size() == compiled_after_warmup <= 2  # No recompilation.
   return p, state
 
 

@@ -20,10 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 import compams_jax as cj
+from tests import harness
 
 C = cj.compressors
 STEPS = 10
@@ -38,12 +37,7 @@ COMPRESSORS = {
 
 
 def problem(n, seed=0):
-  rng = np.random.default_rng(seed)
-  params = {k: rng.normal(size=s).astype(np.float32) for k, s in SHAPES.items()}
-  # Workers see different gradients: a worker-specific offset plus per-step noise.
-  grads = {k: (rng.normal(size=(1, n) + s) + rng.normal(size=(STEPS, n) + s)).astype(np.float32)
-           for k, s in SHAPES.items()}
-  return params, grads
+  return harness.problem(SHAPES, n, STEPS, seed)
 
 
 def flat_state(params, state, *, pmap: bool) -> dict[str, np.ndarray]:
@@ -77,21 +71,8 @@ def flat_state(params, state, *, pmap: bool) -> dict[str, np.ndarray]:
 
 def run_shard_map(tx, params, grads, mesh):
   """A fresh state and a fresh jitted shard_map step (a new function: traced and compiled)."""
-  state = cj.sharding.init(tx, params, mesh=mesh, axis_name="data")
-  specs = cj.sharding.state_specs(state, "data")
-
-  @jax.jit
-  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(), specs, P("data")),
-                     out_specs=(P(), specs))
-  def step(p, s, g):
-    updates, s = tx.update(jax.tree.map(lambda x: x[0], g), s, p)
-    return optax.apply_updates(p, updates), s
-
-  p = jax.device_put(params, NamedSharding(mesh, P()))
-  for t in range(STEPS):
-    p, state = step(p, state, jax.device_put({k: v[t] for k, v in grads.items()},
-                                             NamedSharding(mesh, P("data"))))
-  return flat_state(p, state, pmap=False)
+  p, states = harness.run(tx, params, grads, mesh, STEPS)
+  return flat_state(p, states[-1], pmap=False)
 
 
 def run_pmap(tx, params, grads, n):

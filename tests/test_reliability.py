@@ -1,14 +1,10 @@
 """Reliability: non-finite gradients skip the step on every worker; elastic worker counts."""
 
-import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 import compams_jax as cj
 from tests import harness

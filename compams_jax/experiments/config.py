@@ -18,6 +18,8 @@ def base_config(*, name: str, dataset: str, model: str, **fields: Any) -> ml_col
 
   Fields: name, dataset.{name, kwargs}, model.{name, kwargs}, num_workers, local_batch, epochs,
   seed, max_train_examples / max_test_examples (0 = all), log_every, checkpoint_every,
+  target_train_loss / target_loss_window (stop once the mean training loss of the last
+  `target_loss_window` steps is at most `target_train_loss`; 0 = train all epochs),
   optimizer.{name, learning_rate, compressor, compressor_kwargs, b1, b2, eps, momentum,
   predictor, error_feedback, seed}, variants (optimizer presets run side by side), lr_grid
   (the learning rates a sweep tries).
@@ -34,6 +36,8 @@ def base_config(*, name: str, dataset: str, model: str, **fields: Any) -> ml_col
   c.max_test_examples = 0
   c.log_every = 10
   c.checkpoint_every = 500
+  c.target_train_loss = 0.0
+  c.target_loss_window = 10
   c.optimizer = ml_collections.ConfigDict({
       "name": "comp_ams", "learning_rate": 1e-3, "compressor": "top_k",
       "compressor_kwargs": {"ratio": 0.01}, "b1": 0.9, "b2": 0.999, "eps": 1e-8,

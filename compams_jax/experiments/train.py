@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
@@ -283,6 +284,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     t0 = time.time()
     log_every = int(config.log_every)
     ckpt_every = int(config.checkpoint_every)
+    target = float(config.get("target_train_loss", 0.0))
+    recent = collections.deque(maxlen=max(int(config.get("target_loss_window", 10)), 1))
+    if target and recent.maxlen > total_steps:
+      raise ValueError(f"target_loss_window={recent.maxlen} is longer than the whole run "
+                       f"({total_steps} steps).")
+    reached_target = None
     test_loss = test_acc = float("nan")
     with open(metrics_path if lead else os.devnull, "a") as log:
       for step in range(start, end):
@@ -293,7 +300,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
         if not math.isfinite(loss):
           raise FloatingPointError(f"training loss became {loss} at step {step}.")
         meters.add(loss, acc)
+        recent.append(loss)
         done = step + 1
+        if (target and reached_target is None and len(recent) == recent.maxlen
+            and sum(recent) / len(recent) <= target):
+          reached_target = done
+          end = done
         sent = sent_after(done) * 8
         if done % log_every == 0:
           log.write(json.dumps({"kind": "train", "step": done, "epoch": done / per_epoch,
@@ -318,9 +330,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
           bar.update(1)
           bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", test_acc=f"{test_acc:.3f}",
                           sent=f"{sent / 8e6:.2f}MB")
+        if reached_target is not None:
+          break
     if bar is not None:
       bar.close()
-    if math.isnan(test_acc):
+    if math.isnan(test_acc) or (reached_target is not None and end % per_epoch):
       test_loss, test_acc = evaluate(params)
   finally:
     ckpt.close()
@@ -328,12 +342,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   summary = {
       "variant": config.get("variant", "run"), "config": json.loads(config.to_json()),
       "steps": end, "total_steps": total_steps, "epochs_done": end / per_epoch,
-      "num_workers": n, "num_params": num_params, "test_loss": test_loss,
+      "num_workers": n, "num_params": num_params, "train_examples": len(dataset.y_train),
+      "test_examples": len(dataset.y_test), "test_loss": test_loss,
       "test_accuracy": test_acc, "bytes_per_step_hlo": bytes_per_step,
       "bytes_per_step_static": static_bytes, "dense_f32_bytes": dense_bytes,
       "bytes_per_step_steady": steady_bytes,
       "compression_ratio": dense_bytes / steady_bytes if steady_bytes else float("inf"),
-      "collectives": hlo.by_op, "seconds": time.time() - t0, "finished": end == total_steps,
+      "collectives": hlo.by_op, "seconds": time.time() - t0,
+      "finished": end == total_steps or reached_target is not None,
+      "target_train_loss": target or None, "steps_to_target": reached_target,
   }
   # The final training state as plain arrays (global view), for analysis and comparisons.
   flat = {f"params{jax.tree_util.keystr(k)}": to_host(v)

@@ -2,7 +2,6 @@
 
 import json
 import pathlib
-import shutil
 
 import jax
 import numpy as np
@@ -171,3 +170,21 @@ def test_elastic_resume_on_fewer_workers(tmp_path):
   assert result.summary["finished"] and result.summary["num_workers"] == 4
   assert jax.tree.leaves(result.opt_state[0].residual.value)[0].shape[0] == 4
   assert result.summary["test_accuracy"] > 0.3
+
+
+def test_stops_once_the_windowed_training_loss_reaches_the_target(tmp_path):
+  c = _digits("target_train_loss=1.8", "target_loss_window=4", "log_every=1")
+  s = train.train(c, tmp_path, progress=False).summary
+  losses = [json.loads(l)["loss"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()
+            if '"train"' in l]
+  # Independent check: the first step whose 4-step mean is <= 1.8 (chance is ln 10 = 2.30).
+  first = next(i + 1 for i in range(3, len(losses)) if np.mean(losses[i - 3:i + 1]) <= 1.8)
+  assert s["steps_to_target"] == first == s["steps"] == len(losses)
+  assert s["steps"] < s["total_steps"] and s["finished"]
+  assert np.isfinite(s["test_accuracy"])
+
+
+def test_target_window_longer_than_the_run_is_refused(tmp_path):
+  with pytest.raises(ValueError, match="target_loss_window"):
+    train.train(_digits("target_train_loss=0.5", "target_loss_window=100000"), tmp_path,
+                progress=False)

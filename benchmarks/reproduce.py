@@ -1,0 +1,308 @@
+"""Reproduces the papers' experiments on real data and writes `docs/results.md`.
+
+Two steps, each one command:
+
+    python benchmarks/reproduce.py run      # trains every missing run, writes results JSON
+    python benchmarks/reproduce.py report   # docs/results.md + docs/results/*.png from the JSON
+
+`run` trains with `compams_jax.experiments.train` on 16 simulated CPU workers (the script sets
+`XLA_FLAGS` itself). Each study tunes the learning rate on seed 0 over a small grid, then trains
+seeds 1 and 2 at the best rate. Run directories go under `--runs` (default `runs/reproduce`);
+a finished run is never retrained, an interrupted one resumes from its checkpoint, so `run` can be
+stopped and restarted at will. After each study its results are written to
+`benchmarks/results/reproduction/STUDY.json` (a few KB: curves, bytes from HLO, timings).
+`--study` picks studies; `--quick` runs a tiny version of each (1 seed, 1 rate, few steps) into a
+temporary directory, to check the pipeline.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+WORKERS = 16
+os.environ.setdefault("PJRT_NPROC", str(2 * WORKERS))
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             f" --xla_force_host_platform_device_count={WORKERS}").strip()
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import pathlib  # noqa: E402
+import platform  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "reproduction"
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+  """One table of docs/results.md: variants × seeds on one config, lr tuned on seed 0."""
+
+  name: str
+  title: str
+  config: str
+  variants: tuple[str, ...]
+  lr_grid: tuple[float, ...]
+  overrides: tuple[str, ...] = ()
+  seeds: tuple[int, ...] = (0, 1, 2)
+  # If set, only this variant is tuned and every variant uses its best rate (equal-lr comparison).
+  tune_on: str | None = None
+
+
+ADAPTIVE = ("amsgrad", "comp_ams_top_k", "comp_ams_block_sign", "onebit_adam", "qadam")
+STUDIES = {
+    s.name: s for s in [
+        Study("fashion_mnist", "Fashion-MNIST, CNN", "configs/fashion_mnist_cnn.py", ADAPTIVE,
+              (3e-4, 1e-3, 3e-3),
+              ("max_train_examples=16384", "epochs=3", "optimizer.warmup_steps=32")),
+        Study("mnist5k", "MNIST (5k real digits), LeNet-5", "configs/mnist5k_lenet.py", ADAPTIVE,
+              (3e-4, 1e-3, 3e-3), ("optimizer.warmup_steps=35",)),
+        Study("rotten_tomatoes", "Rotten Tomatoes (IMDB stand-in), LSTM",
+              "configs/rotten_tomatoes_lstm.py", ADAPTIVE, (3e-4, 1e-3, 3e-3),
+              ("epochs=5", "optimizer.warmup_steps=40")),
+        Study("fashion_mnist_momentum", "Fashion-MNIST, CNN: compressed momentum SGD",
+              "configs/fashion_mnist_momentum.py",
+              ("momentum_sgd", "momentum_sgd_top_k", "momentum_sgd_top_k_predictive"),
+              (0.01, 0.03, 0.1), ("max_train_examples=16384", "epochs=3"),
+              tune_on="momentum_sgd"),
+    ]
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Speedup:
+  """Iterations to a training-loss target for n workers at lr = base_lr·√n (the paper's rule)."""
+
+  name: str = "speedup"
+  config: str = "configs/fashion_mnist_cnn.py"
+  variants: tuple[str, ...] = ("comp_ams_top_k", "comp_ams_block_sign")
+  workers: tuple[int, ...] = (1, 2, 4, 8, 16)
+  base_lr: float = 5e-4
+  target_loss: float = 0.6
+  # The loss is averaged over the last `window_examples / (n · local_batch)` steps: the same
+  # number of examples for every n, so the averaging lag scales with the iteration count.
+  window_examples: int = 5120
+  overrides: tuple[str, ...] = ("epochs=2", "max_test_examples=2000")
+
+
+SPEEDUP = Speedup()
+ALL = (*STUDIES, SPEEDUP.name)
+
+
+def _quick(study):
+  """A tiny version of a study, to check the pipeline end to end."""
+  if isinstance(study, Speedup):
+    return dataclasses.replace(study, workers=(1, 4), variants=study.variants[:1],
+                               target_loss=1.5, window_examples=256,
+                               overrides=("epochs=1", "max_train_examples=2048",
+                                          "max_test_examples=256"))
+  return dataclasses.replace(study, seeds=(0,), lr_grid=study.lr_grid[1:2], overrides=(
+      *study.overrides, "epochs=1", "max_train_examples=1024", "max_test_examples=256",
+      "optimizer.warmup_steps=1"))
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def _lr_tag(lr: float) -> str:
+  return f"lr{lr:g}"
+
+
+def _train_one(spec: str, variant: str, overrides: list[str], workdir: pathlib.Path) -> dict:
+  """Trains one run (or loads it if finished; resumes it if interrupted) and returns a record."""
+  from compams_jax.experiments import config as config_lib, train
+  done = workdir / "summary.json"
+  failed = workdir / "diverged.json"
+  if failed.exists():
+    return json.loads(failed.read_text())
+  if done.exists() and json.loads(done.read_text()).get("finished"):
+    summary = json.loads(done.read_text())
+  else:
+    (config,) = config_lib.resolve(str(ROOT / spec), overrides, [variant])
+    resume = (workdir / "checkpoints").exists()
+    try:
+      summary = train.train(config, workdir, resume=resume, progress=False).summary
+    except FloatingPointError as e:  # A too-large learning rate is a grid outcome, not a crash.
+      record = {"variant": variant, "diverged": str(e), "test_accuracy": None}
+      failed.write_text(json.dumps(record))
+      return record
+  lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines() if l]
+  return {**summary, "evals": [l for l in lines if l["kind"] == "eval"],
+          "train": [l for l in lines if l["kind"] == "train"]}
+
+
+def _log(msg: str) -> None:
+  print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _run_record(r: dict, seed: int) -> dict:
+  """The part of a run kept in the results JSON."""
+  if r.get("test_accuracy") is None:
+    return {"seed": seed, "diverged": r.get("diverged")}
+  return {
+      "seed": seed, "test_accuracy": r["test_accuracy"], "test_loss": r["test_loss"],
+      "steps": r["steps"], "seconds": round(r["seconds"], 1),
+      "bits_sent_total": r["evals"][-1]["bits_sent"] if r["evals"] else None,
+      # epoch, test accuracy, mean training loss of the epoch, bits sent per worker so far.
+      "evals": [[e["epoch"], round(e["test_accuracy"], 5), round(e["train_loss"], 5),
+                 e["bits_sent"]] for e in r["evals"]],
+  }
+
+
+def run_study(study: Study, runs: pathlib.Path, out: pathlib.Path) -> dict:
+  """Tunes the rate on seed 0, trains the other seeds at the best rate, writes the JSON."""
+  base = runs / study.name
+  t_study = time.time()
+  records: dict[str, dict] = {}
+
+  def job(variant, lr, seed):
+    key = (variant, lr, seed)
+    if key not in records:
+      workdir = base / variant / f"{_lr_tag(lr)}_seed{seed}"
+      overrides = [*study.overrides, f"optimizer.learning_rate={lr}", f"seed={seed}",
+                   f"optimizer.seed={seed}"]
+      t = time.time()
+      records[key] = r = _train_one(study.config, variant, overrides, workdir)
+      acc = r.get("test_accuracy")
+      _log(f"{study.name} {variant} lr={lr:g} seed={seed}: "
+           + (f"test acc {acc:.4f}" if acc is not None else "diverged")
+           + f" ({time.time() - t:.0f} s)")
+    return records[key]
+
+  def best_lr(variant):
+    accs = {lr: job(variant, lr, study.seeds[0]).get("test_accuracy") for lr in study.lr_grid}
+    finite = {lr: a for lr, a in accs.items() if a is not None}
+    return (max(finite, key=finite.get) if finite else None), accs
+
+  tuned = {}
+  for variant in ([study.tune_on] if study.tune_on else study.variants):
+    tuned[variant] = best_lr(variant)
+  result = {"study": study.name, "title": study.title, "config": study.config,
+            "overrides": list(study.overrides), "seeds": list(study.seeds),
+            "lr_grid": list(study.lr_grid), "tuned_on": study.tune_on, "variants": {}}
+  for variant in study.variants:
+    lr, grid = tuned[study.tune_on or variant]
+    if lr is None:
+      result["variants"][variant] = {"lr": None, "grid": {f"{k:g}": v for k, v in grid.items()},
+                                     "runs": []}
+      continue
+    runs_ = [job(variant, lr, seed) for seed in study.seeds]
+    ok = [r for r in runs_ if r.get("test_accuracy") is not None]
+    first = ok[0] if ok else {}
+    result["variants"][variant] = {
+        "lr": lr,
+        "grid": {f"{k:g}": v for k, v in grid.items()} if variant in tuned else None,
+        "bytes_per_step_hlo": first.get("bytes_per_step_hlo"),
+        "bytes_per_step_steady": first.get("bytes_per_step_steady"),
+        "dense_f32_bytes": first.get("dense_f32_bytes"),
+        "collectives": first.get("collectives"),
+        "runs": [_run_record(r, s) for r, s in zip(runs_, study.seeds)],
+    }
+    for key in ("num_workers", "num_params", "total_steps", "train_examples", "test_examples"):
+      result.setdefault(key, first.get(key))
+    if first:
+      cfg = first["config"]
+      result.setdefault("local_batch", cfg["local_batch"])
+      result.setdefault("epochs", cfg["epochs"])
+      result.setdefault("dataset", cfg["dataset"]["name"])
+      result.setdefault("model", cfg["model"]["name"])
+  result["wall_seconds_this_invocation"] = round(time.time() - t_study, 1)
+  result["train_seconds_total"] = round(sum(
+      r.get("seconds", 0.0) for r in records.values() if r.get("test_accuracy") is not None), 1)
+  result["num_runs"] = len(records)
+  result["host"] = _host()
+  out.mkdir(parents=True, exist_ok=True)
+  (out / f"{study.name}.json").write_text(json.dumps(result, indent=1))
+  return result
+
+
+def run_speedup(sp: Speedup, runs: pathlib.Path, out: pathlib.Path) -> dict:
+  """Trains to the loss target for each n and compressor; writes the JSON."""
+  from compams_jax.experiments import config as config_lib
+  local_batch = int(config_lib.load_config_file(str(ROOT / sp.config)).local_batch)
+  result = {"study": sp.name, "config": sp.config, "overrides": list(sp.overrides),
+            "base_lr": sp.base_lr, "target_loss": sp.target_loss,
+            "window_examples": sp.window_examples, "local_batch": local_batch, "variants": {}}
+  total = 0.0
+  for variant in sp.variants:
+    rows = []
+    for n in sp.workers:
+      lr = sp.base_lr * math.sqrt(n)
+      window = max(1, math.ceil(sp.window_examples / (n * local_batch)))
+      overrides = [*sp.overrides, f"num_workers={n}", f"optimizer.learning_rate={lr}",
+                   f"target_train_loss={sp.target_loss}", f"target_loss_window={window}",
+                   "log_every=1", "checkpoint_every=100000"]
+      t = time.time()
+      r = _train_one(sp.config, variant, overrides, runs / sp.name / variant / f"n{n}")
+      reached = r.get("steps_to_target")
+      _log(f"speedup {variant} n={n} lr={lr:.2e}: "
+           + (f"target reached at step {reached}" if reached else
+              f"target NOT reached in {r.get('steps')} steps") + f" ({time.time() - t:.0f} s)")
+      losses = [l["loss"] for l in r.get("train", [])]
+      smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1])
+                for i in range(len(losses))]
+      stride = max(1, len(smooth) // 150)
+      rows.append({"num_workers": n, "lr": lr, "window": window, "steps_to_target": reached,
+                   "steps": r.get("steps"), "seconds": round(r.get("seconds", 0.0), 1),
+                   "bytes_per_step_hlo": r.get("bytes_per_step_hlo"),
+                   "curve": [[i + 1, round(smooth[i], 4)] for i in range(0, len(smooth), stride)]})
+      total += r.get("seconds", 0.0)
+    result["variants"][variant] = rows
+  result["train_seconds_total"] = round(total, 1)
+  result["host"] = _host()
+  out.mkdir(parents=True, exist_ok=True)
+  (out / f"{sp.name}.json").write_text(json.dumps(result, indent=1))
+  return result
+
+
+def _host() -> dict:
+  import jax
+  return {"jax": jax.__version__, "backend": jax.default_backend(),
+          "devices": jax.device_count(), "cpus": os.cpu_count(), "machine": platform.machine()}
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   epilog=__doc__.split("\n\n", 1)[1])
+  parser.add_argument("command", choices=("run", "report"))
+  parser.add_argument("--study", action="append", choices=ALL, default=None,
+                      help="studies to run (default: all)")
+  parser.add_argument("--runs", default=None,
+                      help="run directories (default runs/reproduce; with --quick a temp dir)")
+  parser.add_argument("--results", default=None,
+                      help=f"results JSON directory (default {RESULTS.relative_to(ROOT)}; with "
+                           "--quick a temp dir)")
+  parser.add_argument("--docs", default=str(ROOT / "docs"), help="where results.md goes")
+  parser.add_argument("--quick", action="store_true",
+                      help="tiny runs into a temporary directory, to check the pipeline")
+  args = parser.parse_args(argv)
+  names = args.study or list(ALL)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix="reproduce_quick_")) if args.quick else None
+  runs = pathlib.Path(args.runs or (tmp / "runs" if tmp else ROOT / "runs" / "reproduce"))
+  results = pathlib.Path(args.results or (tmp / "results" if tmp else RESULTS))
+  if args.command == "report":
+    from reproduce_report import write_report  # noqa: PLC0415  (sibling module)
+    print(write_report(results, pathlib.Path(args.docs)))
+    return 0
+  for name in names:
+    study = SPEEDUP if name == SPEEDUP.name else STUDIES[name]
+    if args.quick:
+      study = _quick(study)
+    _log(f"study {name}")
+    if isinstance(study, Speedup):
+      run_speedup(study, runs, results)
+    else:
+      run_study(study, runs, results)
+    _log(f"wrote {results / (name + '.json')}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+  sys.exit(main())

@@ -1,0 +1,232 @@
+"""Writes docs/results.md and its figures from benchmarks/results/reproduction/*.json.
+
+Used by `python benchmarks/reproduce.py report`; needs only the JSON (no training, no jax).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import statistics
+
+LABELS = {
+    "amsgrad": "AMSGrad (full precision)",
+    "comp_ams_top_k": "COMP-AMS top-k 1%",
+    "comp_ams_block_sign": "COMP-AMS block-sign",
+    "onebit_adam": "1-bit Adam",
+    "qadam": "QAdam (qsgd, 127 levels)",
+    "momentum_sgd": "momentum SGD (full precision)",
+    "momentum_sgd_top_k": "momentum SGD, top-k 1% + EF",
+    "momentum_sgd_top_k_predictive": "momentum SGD, top-k 1% + EF, predictive (LS ρ)",
+}
+STUDY_ORDER = ("fashion_mnist", "mnist5k", "rotten_tomatoes", "fashion_mnist_momentum")
+DENSE = {"amsgrad", "momentum_sgd"}
+
+
+def _load(results: pathlib.Path) -> dict[str, dict]:
+  return {p.stem: json.loads(p.read_text()) for p in sorted(results.glob("*.json"))}
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+  if not values:
+    return math.nan, math.nan
+  return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _fmt_bits(bits: float) -> str:
+  for unit, scale in (("Gbit", 1e9), ("Mbit", 1e6), ("kbit", 1e3)):
+    if bits >= scale:
+      return f"{bits / scale:.3g} {unit}"
+  return f"{bits:.0f} bit"
+
+
+def _ok_runs(v: dict) -> list[dict]:
+  return [r for r in v["runs"] if r.get("test_accuracy") is not None]
+
+
+def _study_figure(study: dict, out: pathlib.Path) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import numpy as np
+
+  fig, (ax_e, ax_b) = plt.subplots(1, 2, figsize=(11, 4.2))
+  for name, v in study["variants"].items():
+    runs = _ok_runs(v)
+    if not runs:
+      continue
+    length = min(len(r["evals"]) for r in runs)
+    acc = np.array([[e[1] for e in r["evals"][:length]] for r in runs])
+    epochs = [e[0] for e in runs[0]["evals"][:length]]
+    bits = [max(e[3], 1) for e in runs[0]["evals"][:length]]
+    mean, std = acc.mean(0), acc.std(0)
+    label = LABELS.get(name, name)
+    line, = ax_e.plot(epochs, mean, marker="o", ms=3, label=label)
+    ax_e.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+    ax_b.plot(bits, mean, marker="o", ms=3, color=line.get_color(), label=label)
+  ax_e.set_xlabel("epoch")
+  ax_b.set_xlabel("bits sent per worker (cumulative, log scale)")
+  ax_b.set_xscale("log")
+  for ax in (ax_e, ax_b):
+    ax.set_ylabel("test accuracy")
+    ax.grid(alpha=0.3)
+  ax_e.legend(fontsize=8)
+  fig.suptitle(f"{study['title']}: {study['num_workers']} workers, mean ± std over "
+               f"{len(study['seeds'])} seeds")
+  fig.tight_layout()
+  fig.savefig(out, dpi=100)
+  plt.close(fig)
+
+
+def _speedup_figure(sp: dict, out: pathlib.Path) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  variants = list(sp["variants"])
+  fig, axes = plt.subplots(1, len(variants) + 1, figsize=(5 * (len(variants) + 1), 4.2))
+  for ax, name in zip(axes, variants):
+    for row in sp["variants"][name]:
+      steps, loss = zip(*row["curve"]) if row["curve"] else ((), ())
+      ax.plot(steps, loss, label=f"n = {row['num_workers']}")
+    ax.axhline(sp["target_loss"], color="k", ls="--", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel(f"training loss (mean over {sp['window_examples']} examples)")
+    ax.set_title(LABELS.get(name, name))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  ax = axes[-1]
+  for name in variants:
+    rows = [r for r in sp["variants"][name] if r["steps_to_target"]]
+    base = next((r["steps_to_target"] for r in rows if r["num_workers"] == 1), None)
+    if base:
+      ax.plot([r["num_workers"] for r in rows], [base / r["steps_to_target"] for r in rows],
+              marker="o", label=LABELS.get(name, name))
+  ns = [r["num_workers"] for r in sp["variants"][variants[0]]]
+  ax.plot(ns, ns, "k--", lw=0.8, label="linear")
+  ax.set_xscale("log", base=2)
+  ax.set_yscale("log", base=2)
+  ax.set_xlabel("workers n")
+  ax.set_ylabel("speedup T(1) / T(n) in iterations")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(out, dpi=100)
+  plt.close(fig)
+
+
+def _study_section(study: dict, fig_rel: str) -> list[str]:
+  variants = study["variants"]
+  dense_name = next((n for n in variants if n in DENSE), None)
+  dense = variants.get(dense_name, {})
+  dense_bits = 8 * (dense.get("bytes_per_step_steady") or 0)
+  seeds = len(study["seeds"])
+  out = [f"### {study['title']}", ""]
+  out.append(
+      f"{study['train_examples']:,} training / {study['test_examples']:,} test examples, "
+      f"model `{study['model']}` ({study['num_params']:,} parameters), "
+      f"{study['num_workers']} workers × local batch {study['local_batch']}, "
+      f"{study['epochs']} epochs ({study['total_steps']} steps). "
+      + (f"Learning rate tuned on seed 0 over {study['lr_grid']} for `{study['tuned_on']}` and "
+         "used for every variant." if study.get("tuned_on") else
+         f"Learning rate tuned per optimizer on seed 0 over {study['lr_grid']}; seeds "
+         f"{study['seeds'][1:]} then use the best rate."))
+  out.append("")
+  out.append("| optimizer | lr | test accuracy (mean ± std) | seeds | bits / worker / step "
+             "| fewer bits than full precision | Mbit sent / worker (run) | CPU s / run |")
+  out.append("|---|---|---|---|---|---|---|---|")
+  for name, v in variants.items():
+    runs = _ok_runs(v)
+    mean, std = _mean_std([r["test_accuracy"] for r in runs])
+    steady = 8 * (v.get("bytes_per_step_steady") or 0)
+    hlo = 8 * (v.get("bytes_per_step_hlo") or 0)
+    ratio = dense_bits / steady if steady else math.nan
+    bits_note = f"{steady:,}" + ("" if steady == hlo else f" (HLO both phases: {hlo:,})")
+    total = statistics.fmean([r["bits_sent_total"] for r in runs]) / 1e6 if runs else math.nan
+    secs = statistics.fmean([r["seconds"] for r in runs]) if runs else math.nan
+    lr = f"{v['lr']:g}" if v.get("lr") else "all diverged"
+    out.append(f"| {LABELS.get(name, name)} | {lr} | {mean:.4f} ± {std:.4f} | {len(runs)}/{seeds} "
+               f"| {bits_note} | {ratio:.1f}× | {total:,.1f} | {secs:.0f} |")
+  out.append("")
+  grids = [(n, v["grid"]) for n, v in variants.items() if v.get("grid")]
+  if grids:
+    lrs = list(grids[0][1])
+    out.append("Seed-0 test accuracy over the learning-rate grid (— = diverged):")
+    out.append("")
+    out.append("| optimizer | " + " | ".join(f"lr {lr}" for lr in lrs) + " |")
+    out.append("|---|" + "---|" * len(lrs))
+    for name, grid in grids:
+      cells = [f"{grid[lr]:.4f}" if grid.get(lr) is not None else "—" for lr in lrs]
+      out.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + " |")
+    out.append("")
+  out.append(f"![{study['title']}]({fig_rel})")
+  out.append("")
+  return out
+
+
+def _speedup_section(sp: dict, fig_rel: str) -> list[str]:
+  out = ["### Linear speedup (Fashion-MNIST, CNN)", ""]
+  out.append(
+      f"Iterations T(n) until the training loss, averaged over the last "
+      f"{sp['window_examples']:,} examples (⌈{sp['window_examples']}/(32·n)⌉ steps), first "
+      f"reaches {sp['target_loss']}; n workers × local batch {sp['local_batch']}, "
+      f"lr = {sp['base_lr']:g}·√n.")
+  out.append("")
+  variants = list(sp["variants"])
+  out.append("| n | lr | " + " | ".join(f"T(n) {LABELS.get(v, v)} | speedup" for v in variants)
+             + " |")
+  out.append("|---|---|" + "---|---|" * len(variants))
+  rows = {v: {r["num_workers"]: r for r in sp["variants"][v]} for v in variants}
+  base = {v: (rows[v].get(1) or {}).get("steps_to_target") for v in variants}
+  for n in sorted(rows[variants[0]]):
+    cells = []
+    for v in variants:
+      r = rows[v].get(n, {})
+      t = r.get("steps_to_target")
+      cells.append(f"{t}" if t else f"> {r.get('steps')} (not reached)")
+      cells.append(f"{base[v] / t:.2f}× (ideal {n}×)" if t and base[v] else "—")
+    out.append(f"| {n} | {rows[variants[0]][n]['lr']:.2e} | " + " | ".join(cells) + " |")
+  out.append("")
+  out.append(f"![linear speedup]({fig_rel})")
+  out.append("")
+  return out
+
+
+def _timing_section(data: dict[str, dict]) -> list[str]:
+  out = ["## CPU time", "", "| study | runs | training seconds (sum) |", "|---|---|---|"]
+  for name, d in data.items():
+    if name == "speedup":
+      runs = sum(len(v) for v in d["variants"].values())
+    else:
+      runs = d.get("num_runs", 0)
+    out.append(f"| {name} | {runs} | {d.get('train_seconds_total', 0):,.0f} |")
+  host = next(iter(data.values())).get("host", {})
+  out += ["", f"Host: {host.get('cpus')} CPU cores ({host.get('machine')}), no accelerator, jax "
+          f"{host.get('jax')}, {host.get('devices')} simulated XLA:CPU devices. Seconds exclude "
+          "compilation and data loading.", ""]
+  return out
+
+
+def write_report(results: pathlib.Path, docs: pathlib.Path) -> pathlib.Path:
+  """Renders docs/results.md (+ docs/results/*.png) from the results JSON."""
+  data = _load(results)
+  if not data:
+    raise FileNotFoundError(f"no results JSON in {results}; run `reproduce.py run` first.")
+  figs = docs / "results"
+  figs.mkdir(parents=True, exist_ok=True)
+  text = (pathlib.Path(__file__).with_name("reproduce_report.md")).read_text()
+  head, _, tail = text.partition("<!-- TABLES -->")
+  body: list[str] = []
+  for name in STUDY_ORDER:
+    if name in data:
+      _study_figure(data[name], figs / f"{name}.png")
+      body += _study_section(data[name], f"results/{name}.png")
+  if "speedup" in data:
+    _speedup_figure(data["speedup"], figs / "speedup.png")
+    body += _speedup_section(data["speedup"], "results/speedup.png")
+  body += _timing_section(data)
+  out = docs / "results.md"
+  out.write_text(head + "\n".join(body) + tail)
+  return out
