@@ -136,26 +136,9 @@ def _mesh(n):
   return jax.make_mesh((n,), ("data",), devices=jax.devices()[:n])
 
 
-def _sds(x, shape, mesh, spec):
-  return jax.ShapeDtypeStruct(shape, x.dtype, sharding=NamedSharding(mesh, spec))
-
-
 def step_bytes(tx, params, n):
-  """CollectiveBytes of one compiled shard_map optimizer step (as tests/test_scale.py)."""
-  mesh = _mesh(n)
-  state = jax.eval_shape(lambda p: cj.sharding.init(tx, p, mesh=mesh, axis_name="data"), params)
-  specs = cj.sharding.state_specs(state, "data")
-
-  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(), specs, P("data")),
-                     out_specs=(P(), specs))
-  def step(p, s, g):
-    u, s = tx.update(jax.tree.map(lambda x: x[0], g), s, p)
-    return optax.apply_updates(p, u), s
-
-  grads = jax.tree.map(lambda x: _sds(x, (n,) + x.shape, mesh, P("data")), params)
-  params_s = jax.tree.map(lambda x: _sds(x, x.shape, mesh, P()), params)
-  state_s = jax.tree.map(lambda x, sp: _sds(x, x.shape, mesh, sp), state, specs)
-  return cj.collective_bytes(jax.jit(step), params_s, state_s, grads)
+  """CollectiveBytes of one compiled shard_map optimizer step."""
+  return cj.sharding.step_bytes(tx, params, mesh=_mesh(n), axis_name="data")
 
 
 def psum_bytes(params, n, dtype):
@@ -166,7 +149,9 @@ def psum_bytes(params, n, dtype):
   def allreduce(g):
     return jax.lax.psum(jax.tree.map(lambda x: x[0].astype(dtype), g), "data")
 
-  grads = jax.tree.map(lambda x: _sds(x, (n,) + x.shape, mesh, P("data")), params)
+  grads = jax.tree.map(lambda x: jax.ShapeDtypeStruct((n,) + x.shape, x.dtype,
+                                                      sharding=NamedSharding(mesh, P("data"))),
+                       params)
   return cj.collective_bytes(jax.jit(allreduce), grads)
 
 

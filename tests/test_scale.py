@@ -67,25 +67,7 @@ def _dense_params():
 
 def _step_bytes(tx, params, n):
   mesh = jax.make_mesh((n,), ("data",), devices=jax.devices()[:n])
-  state = jax.eval_shape(lambda p: cj.sharding.init(tx, p, mesh=mesh, axis_name="data"), params)
-  specs = cj.sharding.state_specs(state, "data")
-
-  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(), specs, P("data")),
-                     out_specs=(P(), specs))
-  def step(p, s, g):
-    u, s = tx.update(jax.tree.map(lambda x: x[0], g), s, p)
-    return optax.apply_updates(p, u), s
-
-  grads = jax.tree.map(lambda x: jax.ShapeDtypeStruct((n,) + x.shape, x.dtype,
-                                                      sharding=NamedSharding(mesh, P("data"))),
-                       params)
-  params_s = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                         sharding=NamedSharding(mesh, P())),
-                          params)
-  state_s = jax.tree.map(lambda x, sp: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                            sharding=NamedSharding(mesh, sp)),
-                         state, specs)
-  return cj.collective_bytes(jax.jit(step), params_s, state_s, grads)
+  return cj.sharding.step_bytes(tx, params, mesh=mesh, axis_name="data")
 
 
 def test_two_phase_bytes_do_not_grow_with_workers():
