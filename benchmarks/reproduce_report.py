@@ -20,8 +20,15 @@ LABELS = {
     "momentum_sgd_top_k": "momentum SGD, top-k 1% + EF",
     "momentum_sgd_top_k_predictive": "momentum SGD, top-k 1% + EF, predictive (LS ρ)",
 }
-STUDY_ORDER = ("fashion_mnist", "mnist5k", "rotten_tomatoes", "fashion_mnist_momentum")
+STUDY_ORDER = ("fashion_mnist", "fashion_mnist_long", "mnist5k", "mnist5k_long", "rotten_tomatoes",
+               "fashion_mnist_momentum")
 DENSE = {"amsgrad", "momentum_sgd"}
+
+
+def _label(name: str) -> str:
+  preset, _, extra = name.partition(":")
+  base = LABELS.get(preset, preset)
+  return f"{base} ({extra.replace('optimizer.', '')})" if extra else base
 
 
 def _load(results: pathlib.Path) -> dict[str, dict]:
@@ -61,7 +68,7 @@ def _study_figure(study: dict, out: pathlib.Path) -> None:
     epochs = [e[0] for e in runs[0]["evals"][:length]]
     bits = [max(e[3], 1) for e in runs[0]["evals"][:length]]
     mean, std = acc.mean(0), acc.std(0)
-    label = LABELS.get(name, name)
+    label = _label(name)
     line, = ax_e.plot(epochs, mean, marker="o", ms=3, label=label)
     ax_e.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.15)
     ax_b.plot(bits, mean, marker="o", ms=3, color=line.get_color(), label=label)
@@ -94,7 +101,7 @@ def _speedup_figure(sp: dict, out: pathlib.Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("iteration")
     ax.set_ylabel(f"training loss (mean over {sp['window_examples']} examples)")
-    ax.set_title(LABELS.get(name, name))
+    ax.set_title(_label(name))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
   ax = axes[-1]
@@ -103,7 +110,7 @@ def _speedup_figure(sp: dict, out: pathlib.Path) -> None:
     base = next((r["steps_to_target"] for r in rows if r["num_workers"] == 1), None)
     if base:
       ax.plot([r["num_workers"] for r in rows], [base / r["steps_to_target"] for r in rows],
-              marker="o", label=LABELS.get(name, name))
+              marker="o", label=_label(name))
   ns = [r["num_workers"] for r in sp["variants"][variants[0]]]
   ax.plot(ns, ns, "k--", lw=0.8, label="linear")
   ax.set_xscale("log", base=2)
@@ -129,7 +136,9 @@ def _study_section(study: dict, fig_rel: str) -> list[str]:
       f"model `{study['model']}` ({study['num_params']:,} parameters), "
       f"{study['num_workers']} workers × local batch {study['local_batch']}, "
       f"{study['epochs']} epochs ({study['total_steps']} steps). "
-      + (f"Learning rate tuned on seed 0 over {study['lr_grid']} for `{study['tuned_on']}` and "
+      + (f"Each optimizer uses the rate tuned for it in the `{study['lr_from']}` study; "
+         f"seed{'s' if seeds > 1 else ''} {study['seeds']}." if study.get("lr_from") else
+         f"Learning rate tuned on seed 0 over {study['lr_grid']} for `{study['tuned_on']}` and "
          "used for every variant." if study.get("tuned_on") else
          f"Learning rate tuned per optimizer on seed 0 over {study['lr_grid']}; seeds "
          f"{study['seeds'][1:]} then use the best rate."))
@@ -147,7 +156,7 @@ def _study_section(study: dict, fig_rel: str) -> list[str]:
     total = statistics.fmean([r["bits_sent_total"] for r in runs]) / 1e6 if runs else math.nan
     secs = statistics.fmean([r["seconds"] for r in runs]) if runs else math.nan
     lr = f"{v['lr']:g}" if v.get("lr") else "all diverged"
-    out.append(f"| {LABELS.get(name, name)} | {lr} | {mean:.4f} ± {std:.4f} | {len(runs)}/{seeds} "
+    out.append(f"| {_label(name)} | {lr} | {mean:.4f} ± {std:.4f} | {len(runs)}/{seeds} "
                f"| {bits_note} | {ratio:.1f}× | {total:,.1f} | {secs:.0f} |")
   out.append("")
   grids = [(n, v["grid"]) for n, v in variants.items() if v.get("grid")]
@@ -159,7 +168,7 @@ def _study_section(study: dict, fig_rel: str) -> list[str]:
     out.append("|---|" + "---|" * len(lrs))
     for name, grid in grids:
       cells = [f"{grid[lr]:.4f}" if grid.get(lr) is not None else "—" for lr in lrs]
-      out.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + " |")
+      out.append(f"| {_label(name)} | " + " | ".join(cells) + " |")
     out.append("")
   out.append(f"![{study['title']}]({fig_rel})")
   out.append("")
