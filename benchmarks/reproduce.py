@@ -100,7 +100,7 @@ class Speedup:
   # The loss is averaged over the last `window_examples / (n · local_batch)` steps: the same
   # number of examples for every n, so the averaging lag scales with the iteration count.
   window_examples: int = 5120
-  overrides: tuple[str, ...] = ("epochs=2", "max_test_examples=2000")
+  overrides: tuple[str, ...] = ("epochs=3", "max_test_examples=2000")
 
 
 SPEEDUP = Speedup()

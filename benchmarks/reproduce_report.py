@@ -156,7 +156,8 @@ def _study_section(study: dict, fig_rel: str) -> list[str]:
     total = statistics.fmean([r["bits_sent_total"] for r in runs]) / 1e6 if runs else math.nan
     secs = statistics.fmean([r["seconds"] for r in runs]) if runs else math.nan
     lr = f"{v['lr']:g}" if v.get("lr") else "all diverged"
-    out.append(f"| {_label(name)} | {lr} | {mean:.4f} ± {std:.4f} | {len(runs)}/{seeds} "
+    acc = f"{mean:.4f} ± {std:.4f}" if len(runs) > 1 else f"{mean:.4f}"
+    out.append(f"| {_label(name)} | {lr} | {acc} | {len(runs)}/{seeds} "
                f"| {bits_note} | {ratio:.1f}× | {total:,.1f} | {secs:.0f} |")
   out.append("")
   grids = [(n, v["grid"]) for n, v in variants.items() if v.get("grid")]
