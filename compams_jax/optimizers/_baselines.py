@@ -47,6 +47,11 @@ def onebit_adam(learning_rate: optax.ScalarOrSchedule, *, warmup_steps: int = 10
   correction). The phase is chosen by a `lax.cond` on the replicated step count, so every
   worker always enters the same collectives.
 
+  Caution: a coordinate whose gradient stayed zero through the warm-up (e.g. a weight into a
+  ReLU unit that was dead throughout it) keeps v = 0, yet the 1-bit code sends its zero momentum
+  as ±scale, so it steps by η·scale/ε. With ε = 1e-8 that diverged on LeNet-5/MNIST right after
+  the warm-up, whatever the rate or warm-up length tried; ε = 1e-4 trained (docs/results.md).
+
   Args:
     learning_rate: η, a float or a schedule.
     warmup_steps: full-precision steps before v is frozen.
