@@ -198,6 +198,20 @@ def test_top_k_decode_sum_is_sum_of_decoded():
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("exact_zeros", [False, True])
+@pytest.mark.parametrize("shape", [(13,), (5, 7), (64,)])  # sizes not a multiple of 8, and one that is
+def test_block_sign_decode_sum_is_sum_of_scaled_signs(shape, exact_zeros):
+    xs = [rand(shape, s) for s in range(4)]
+    xs[0].flat[::3] = 0.0  # zeros: sent as +1 unless exact_zeros
+    c = C.block_sign(exact_zeros=exact_zeros)
+    payloads = [jax.jit(c.encode)(jnp.asarray(x)) for x in xs]
+    stacked = jax.tree.map(lambda *p: jnp.stack(p), *payloads)
+    got = jax.jit(lambda p: c.decode_sum(p, jnp.zeros(shape)))(stacked)
+    sign = (lambda x: np.sign(x)) if exact_zeros else (lambda x: np.where(x < 0, -1.0, 1.0))
+    want = sum(np.abs(x).mean() * sign(x) for x in xs)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+
+
 # ----------------------------------------------------------------- random-k
 
 

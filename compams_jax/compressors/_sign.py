@@ -58,6 +58,21 @@ class BlockSign(Compressor):
       signs = signs * jnp.unpackbits(payload["nonzero"], count=d, bitorder="little")
     return (payload["scale"] * signs).astype(like.dtype).reshape(like.shape)
 
+  def decode_sum(self, payloads, like, key=None):
+    """Σ_i scale_i·sign_i as one (n,)·(n, 8⌈d/8⌉) contraction, cut to d entries at the end.
+
+    (Cutting each unpacked payload to d first, as `decode` does, made XLA:CPU 100× slower
+    whenever d is not a multiple of 8: 67 s instead of 0.2 s for 16 × 1.2M entries.)
+    """
+    del key
+    d = int(np.prod(like.shape, dtype=np.int64))
+    signs = 1.0 - 2.0 * jnp.unpackbits(payloads["negative"], axis=-1,
+                                       bitorder="little").astype(jnp.float32)
+    if self.exact_zeros:
+      signs = signs * jnp.unpackbits(payloads["nonzero"], axis=-1, bitorder="little")
+    total = jnp.einsum("n,nd->d", payloads["scale"].astype(jnp.float32), signs)
+    return total[:d].astype(like.dtype).reshape(like.shape)
+
   def wire_bits(self, shape, dtype):
     del dtype
     d = int(np.prod(shape, dtype=np.int64))
