@@ -22,9 +22,11 @@ import sys
 
 WORKERS = 16
 os.environ.setdefault("PJRT_NPROC", str(2 * WORKERS))
-if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             f" --xla_force_host_platform_device_count={WORKERS}").strip()
+# Every study needs 16 simulated devices, whatever XLA_FLAGS asked for before.
+os.environ["XLA_FLAGS"] = " ".join(
+    [f for f in os.environ.get("XLA_FLAGS", "").split()
+     if not f.startswith("--xla_force_host_platform_device_count")]
+    + [f"--xla_force_host_platform_device_count={WORKERS}"])
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
@@ -198,7 +200,10 @@ def run_study(study: Study, runs: pathlib.Path, out: pathlib.Path) -> dict:
 
   tuned = {}
   if study.lr_from:
-    chosen = json.loads((out / f"{study.lr_from}.json").read_text())["variants"]
+    source = out / f"{study.lr_from}.json"
+    if not source.exists():
+      raise FileNotFoundError(f"{study.name} uses the rates of {study.lr_from}: run that first.")
+    chosen = json.loads(source.read_text())["variants"]
     tuned = {v: (chosen[v]["lr"], {}) for v in study.variants}
   else:
     for variant in ([study.tune_on] if study.tune_on else study.variants):
@@ -317,10 +322,14 @@ def main(argv=None) -> int:
     if args.quick:
       study = _quick(study)
     _log(f"study {name}")
-    if isinstance(study, Speedup):
-      run_speedup(study, runs, results)
-    else:
-      run_study(study, runs, results)
+    try:
+      if isinstance(study, Speedup):
+        run_speedup(study, runs, results)
+      else:
+        run_study(study, runs, results)
+    except FileNotFoundError as e:  # A study that needs another's results; the rest go on.
+      _log(f"skipped {name}: {e}")
+      continue
     _log(f"wrote {results / (name + '.json')}")
   return 0
 

@@ -148,6 +148,10 @@ def _study_section(study: dict, fig_rel: str) -> list[str]:
   out.append("|---|---|---|---|---|---|---|---|")
   for name, v in variants.items():
     runs = _ok_runs(v)
+    if not runs:
+      why = "diverged at every rate" if v.get("lr") is None else "every seed diverged"
+      out.append(f"| {_label(name)} | {why} | — | 0/{seeds} | — | — | — | — |")
+      continue
     mean, std = _mean_std([r["test_accuracy"] for r in runs])
     steady = 8 * (v.get("bytes_per_step_steady") or 0)
     hlo = 8 * (v.get("bytes_per_step_hlo") or 0)
@@ -214,8 +218,9 @@ def _timing_section(data: dict[str, dict]) -> list[str]:
     out.append(f"| {name} | {runs} | {d.get('train_seconds_total', 0):,.0f} |")
   host = next(iter(data.values())).get("host", {})
   out += ["", f"Host: {host.get('cpus')} CPU cores ({host.get('machine')}), no accelerator, jax "
-          f"{host.get('jax')}, {host.get('devices')} simulated XLA:CPU devices. Seconds exclude "
-          "compilation and data loading.", ""]
+          f"{host.get('jax')}, {host.get('devices')} simulated XLA:CPU devices. Seconds are wall "
+          "time of the training loop (compilation and data loading excluded) while two queues "
+          "shared the 2 cores, so each run had about one core.", ""]
   return out
 
 
