@@ -208,6 +208,64 @@ def _speedup_section(sp: dict, fig_rel: str) -> list[str]:
   return out
 
 
+def _gap(study: dict, name: str, dense: str) -> str:
+  """`name`'s mean test accuracy minus `dense`'s, in points, with the seeds' spread."""
+  v, d = study["variants"].get(name), study["variants"].get(dense)
+  if not v or not d or not _ok_runs(v) or not _ok_runs(d):
+    return "—"
+  a, sa = _mean_std([r["test_accuracy"] for r in _ok_runs(v)])
+  b, sb = _mean_std([r["test_accuracy"] for r in _ok_runs(d)])
+  return f"{100 * (a - b):+.1f} ± {100 * math.hypot(sa, sb):.1f}"
+
+
+def _ratio(study: dict, name: str, dense: str) -> str:
+  v, d = study["variants"].get(name), study["variants"].get(dense)
+  if not v or not d or not v.get("bytes_per_step_steady"):
+    return "—"
+  return f"{d['bytes_per_step_steady'] / v['bytes_per_step_steady']:.1f}×"
+
+
+def _claims_section(data: dict[str, dict]) -> list[str]:
+  """One row per study: accuracy gaps to full precision and bit ratios, from the JSON."""
+  out = ["## The claims against the measurements", "",
+         "Test-accuracy difference to full-precision AMSGrad in percentage points (mean over "
+         "seeds ± the two spreads combined; negative = worse), and bits per step relative to it.",
+         "",
+         "| study | top-k 1%: Δ accuracy | top-k 1%: fewer bits | block-sign: Δ accuracy "
+         "| block-sign: fewer bits | 1-bit Adam: Δ accuracy | QAdam: Δ accuracy |",
+         "|---|---|---|---|---|---|---|"]
+  for name in STUDY_ORDER:
+    st = data.get(name)
+    if not st or "amsgrad" not in st["variants"]:
+      continue
+    out.append(f"| {st['title']} | {_gap(st, 'comp_ams_top_k', 'amsgrad')} "
+               f"| {_ratio(st, 'comp_ams_top_k', 'amsgrad')} "
+               f"| {_gap(st, 'comp_ams_block_sign', 'amsgrad')} "
+               f"| {_ratio(st, 'comp_ams_block_sign', 'amsgrad')} "
+               f"| {_gap(st, 'onebit_adam', 'amsgrad')} | {_gap(st, 'qadam', 'amsgrad')} |")
+  mom = data.get("fashion_mnist_momentum")
+  if mom:
+    out += ["", "Compressed momentum SGD (Fashion-MNIST, equal rate): "
+            f"top-k 1% + EF {_gap(mom, 'momentum_sgd_top_k', 'momentum_sgd')} points, "
+            f"with prediction {_gap(mom, 'momentum_sgd_top_k_predictive', 'momentum_sgd')} "
+            "points against full-precision momentum SGD; prediction against plain top-k: "
+            f"{_gap(mom, 'momentum_sgd_top_k_predictive', 'momentum_sgd_top_k')} points, at "
+            f"{8 * mom['variants']['momentum_sgd_top_k_predictive']['bytes_per_step_steady']:,} "
+            f"vs {8 * mom['variants']['momentum_sgd_top_k']['bytes_per_step_steady']:,} bits "
+            "per step."]
+  sp = data.get("speedup")
+  if sp:
+    cells = []
+    for v, rows in sp["variants"].items():
+      by_n = {r["num_workers"]: r["steps_to_target"] for r in rows}
+      top = max(by_n)
+      if by_n.get(1) and by_n.get(top):
+        cells.append(f"{_label(v)}: T(1)/T({top}) = {by_n[1] / by_n[top]:.1f}× (linear: {top}×)")
+    out += ["", "Speedup in iterations to the loss target: " + "; ".join(cells) + "."]
+  out.append("")
+  return out
+
+
 def _timing_section(data: dict[str, dict]) -> list[str]:
   out = ["## CPU time", "", "| study | runs | training seconds (sum) |", "|---|---|---|"]
   for name, d in data.items():
@@ -233,7 +291,7 @@ def write_report(results: pathlib.Path, docs: pathlib.Path) -> pathlib.Path:
   figs.mkdir(parents=True, exist_ok=True)
   text = (pathlib.Path(__file__).with_name("reproduce_report.md")).read_text()
   head, _, tail = text.partition("<!-- TABLES -->")
-  body: list[str] = []
+  body: list[str] = _claims_section(data)
   for name in STUDY_ORDER:
     if name in data:
       _study_figure(data[name], figs / f"{name}.png")

@@ -90,7 +90,8 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     try:
       rows.append(train.train(c, workdir, resume=args.resume, stop_after=args.stop_after,
                               progress=not args.no_progress, elastic=args.elastic).summary)
-    except (checkpoints.CheckpointError, FileNotFoundError, ValueError, RuntimeError) as e:
+    except (checkpoints.CheckpointError, FileNotFoundError, ValueError, RuntimeError,
+            FloatingPointError) as e:
       print(f"compams-train: error: {e}", file=sys.stderr)
       return 2
   print()
