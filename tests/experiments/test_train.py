@@ -143,6 +143,14 @@ def test_cli_reports_errors_without_traceback(tmp_path, capsys):
     cli.train_main(["--config", str(CONFIGS / "digits.py"), "nosuchkey=1"])
 
 
+def test_cli_reports_a_diverged_run_as_an_error(tmp_path, capsys):
+  rc = cli.train_main(["--config", str(CONFIGS / "digits.py") + ":smoke", "--workdir",
+                       str(tmp_path), "--no-progress", "--variant", "momentum_sgd",
+                       "num_workers=8", "optimizer.learning_rate=1e6"])
+  assert rc == 2
+  assert "training loss became" in capsys.readouterr().err
+
+
 SMOKE_CONFIGS = ["fashion_mnist_cnn", "fashion_mnist_momentum", "mnist5k_lenet",
                  "rotten_tomatoes_lstm"]
 
