@@ -125,11 +125,17 @@ class Compressor(abc.ABC):
   def decode_sum(self, payloads: Payload, like: Any, key: jax.Array | None = None) -> jax.Array:
     """Σ_i decode(payloads[i]) over a leading worker axis (the payloads of all workers).
 
-    The default decodes every payload and sums; compressors override it with something cheaper
-    (top-k scatters all values into one buffer).
+    The default decodes every payload and adds them up, one worker after another (n is static);
+    compressors override it with something cheaper (top-k scatters all values into one buffer).
+    (A vmapped decode reduced over the worker axis compiles, on XLA:CPU, to a strided reduction
+    1000× slower: 40 s instead of 0.04 s for 16 qsgd payloads of 1.2M entries.)
     """
-    dense = jax.vmap(lambda p: self.decode(p, like, key).astype(jnp.float32))(payloads)
-    return jnp.sum(dense, axis=0).astype(like.dtype)
+    n = jax.tree.leaves(payloads)[0].shape[0]
+    total = None
+    for i in range(n):
+      x = self.decode(jax.tree.map(lambda a: a[i], payloads), like, key).astype(jnp.float32)
+      total = x if total is None else total + x
+    return total.astype(like.dtype)
 
   def payload_shapes(self, shape: tuple[int, ...], dtype: Any) -> Payload:
     """The payload's ShapeDtypeStructs for an array of this shape/dtype (no computation)."""
