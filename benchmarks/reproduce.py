@@ -108,6 +108,7 @@ class Speedup:
 
 SPEEDUP = Speedup()
 ALL = (*STUDIES, SPEEDUP.name)
+EXPORT_ONLY = False  # --export-only: write the JSON from finished runs, train nothing
 
 
 def _quick(study):
@@ -140,6 +141,8 @@ def _train_one(spec: str, variant: str, overrides: list[str], workdir: pathlib.P
     return json.loads(failed.read_text())
   if done.exists() and json.loads(done.read_text()).get("finished"):
     summary = json.loads(done.read_text())
+  elif EXPORT_ONLY:
+    return {"variant": variant, "missing": "not trained (--export-only)", "test_accuracy": None}
   else:
     (config,) = config_lib.resolve(str(ROOT / spec), overrides, [variant])
     resume = (workdir / "checkpoints").exists()
@@ -161,7 +164,8 @@ def _log(msg: str) -> None:
 def _run_record(r: dict, seed: int) -> dict:
   """The part of a run kept in the results JSON."""
   if r.get("test_accuracy") is None:
-    return {"seed": seed, "diverged": r.get("diverged")}
+    return {"seed": seed, **({"missing": r["missing"]} if "missing" in r else
+                             {"diverged": r.get("diverged")})}
   return {
       "seed": seed, "test_accuracy": r["test_accuracy"], "test_loss": r["test_loss"],
       "steps": r["steps"], "seconds": round(r["seconds"], 1),
@@ -189,7 +193,7 @@ def run_study(study: Study, runs: pathlib.Path, out: pathlib.Path) -> dict:
       records[key] = r = _train_one(study.config, variant, overrides, workdir)
       acc = r.get("test_accuracy")
       _log(f"{study.name} {variant} lr={lr:g} seed={seed}: "
-           + (f"test acc {acc:.4f}" if acc is not None else "diverged")
+           + (f"test acc {acc:.4f}" if acc is not None else r.get("missing", "diverged"))
            + f" ({time.time() - t:.0f} s)")
     return records[key]
 
@@ -306,10 +310,14 @@ def main(argv=None) -> int:
                       help=f"results JSON directory (default {RESULTS.relative_to(ROOT)}; with "
                            "--quick a temp dir)")
   parser.add_argument("--docs", default=str(ROOT / "docs"), help="where results.md goes")
+  parser.add_argument("--export-only", action="store_true",
+                      help="write the results JSON from the runs already finished; train nothing")
   parser.add_argument("--quick", action="store_true",
                       help="tiny runs into a temporary directory, to check the pipeline")
   args = parser.parse_args(argv)
   names = args.study or list(ALL)
+  global EXPORT_ONLY
+  EXPORT_ONLY = args.export_only
   tmp = pathlib.Path(tempfile.mkdtemp(prefix="reproduce_quick_")) if args.quick else None
   runs = pathlib.Path(args.runs or (tmp / "runs" if tmp else ROOT / "runs" / "reproduce"))
   results = pathlib.Path(args.results or (tmp / "results" if tmp else RESULTS))

@@ -167,7 +167,7 @@ def _study_section(study: dict, fig_rel: str) -> list[str]:
   grids = [(n, v["grid"]) for n, v in variants.items() if v.get("grid")]
   if grids:
     lrs = list(grids[0][1])
-    out.append("Seed-0 test accuracy over the learning-rate grid (— = diverged):")
+    out.append("Seed-0 test accuracy over the learning-rate grid (— = diverged, or not run):")
     out.append("")
     out.append("| optimizer | " + " | ".join(f"lr {lr}" for lr in lrs) + " |")
     out.append("|---|" + "---|" * len(lrs))
