@@ -215,6 +215,8 @@ def _gap(study: dict, name: str, dense: str) -> str:
     return "—"
   a, sa = _mean_std([r["test_accuracy"] for r in _ok_runs(v)])
   b, sb = _mean_std([r["test_accuracy"] for r in _ok_runs(d)])
+  if len(_ok_runs(v)) == 1 and len(_ok_runs(d)) == 1:
+    return f"{100 * (a - b):+.1f} (1 seed)"
   return f"{100 * (a - b):+.1f} ± {100 * math.hypot(sa, sb):.1f}"
 
 
