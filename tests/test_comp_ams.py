@@ -32,17 +32,7 @@ def _run_shard_map(tx, params, grads, mesh):
 
 
 def _run_pmap(tx, params, grads, n):
-  replicate = lambda t: jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + x.shape), t)
-  p = replicate(params)
-  state = jax.pmap(tx.init, axis_name="data")(p)
-
-  def step(p, s, g):
-    updates, s = tx.update(g, s, p)
-    return optax.apply_updates(p, updates), s
-
-  step = jax.pmap(step, axis_name="data")
-  for t in range(STEPS):
-    p, state = step(p, state, {k: v[t] for k, v in grads.items()})
+  p, state = harness.run_pmap(tx, params, grads, n, STEPS)
   # Parameters are replicated: every device must hold the same values.
   for leaf in jax.tree.leaves(p):
     np.testing.assert_array_equal(leaf, jnp.broadcast_to(leaf[0], leaf.shape))

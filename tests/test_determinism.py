@@ -16,9 +16,7 @@ import sys
 import textwrap
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import compams_jax as cj
@@ -76,18 +74,7 @@ def run_shard_map(tx, params, grads, mesh):
 
 
 def run_pmap(tx, params, grads, n):
-  replicate = lambda t: jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + x.shape), t)
-  p = replicate(params)
-  state = jax.pmap(tx.init, axis_name="data")(p)
-
-  def step(p, s, g):
-    updates, s = tx.update(g, s, p)
-    return optax.apply_updates(p, updates), s
-
-  step = jax.pmap(step, axis_name="data")
-  for t in range(STEPS):
-    p, state = step(p, state, {k: v[t] for k, v in grads.items()})
-  return flat_state(p, state, pmap=True)
+  return flat_state(*harness.run_pmap(tx, params, grads, n, STEPS), pmap=True)
 
 
 def assert_bitwise_equal(a: dict, b: dict):
