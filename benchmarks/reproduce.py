@@ -108,7 +108,6 @@ class Speedup:
 
 SPEEDUP = Speedup()
 ALL = (*STUDIES, SPEEDUP.name)
-EXPORT_ONLY = False  # --export-only: write the JSON from finished runs, train nothing
 
 
 def _quick(study):
@@ -130,8 +129,12 @@ def _lr_tag(lr: float) -> str:
   return f"lr{lr:g}"
 
 
-def _train_one(spec: str, variant: str, overrides: list[str], workdir: pathlib.Path) -> dict:
-  """Trains one run (or loads it if finished; resumes it if interrupted) and returns a record."""
+def _train_one(spec: str, variant: str, overrides: list[str], workdir: pathlib.Path,
+               export_only: bool = False) -> dict:
+  """Trains one run (or loads it if finished; resumes it if interrupted) and returns a record.
+
+  With `export_only`, an unfinished run is reported missing instead of trained.
+  """
   from compams_jax.experiments import config as config_lib, train
   variant, _, extra = variant.partition(":")
   overrides = [*overrides, *(o for o in extra.split(",") if o)]
@@ -141,7 +144,7 @@ def _train_one(spec: str, variant: str, overrides: list[str], workdir: pathlib.P
     return json.loads(failed.read_text())
   if done.exists() and json.loads(done.read_text()).get("finished"):
     summary = json.loads(done.read_text())
-  elif EXPORT_ONLY:
+  elif export_only:
     return {"variant": variant, "missing": "not trained (--export-only)", "test_accuracy": None}
   else:
     (config,) = config_lib.resolve(str(ROOT / spec), overrides, [variant])
@@ -176,7 +179,8 @@ def _run_record(r: dict, seed: int) -> dict:
   }
 
 
-def run_study(study: Study, runs: pathlib.Path, out: pathlib.Path) -> dict:
+def run_study(study: Study, runs: pathlib.Path, out: pathlib.Path,
+              export_only: bool = False) -> dict:
   """Tunes the rate on seed 0, trains the other seeds at the best rate, writes the JSON."""
   base = runs / study.name
   t_study = time.time()
@@ -190,7 +194,7 @@ def run_study(study: Study, runs: pathlib.Path, out: pathlib.Path) -> dict:
       overrides = [*study.overrides, f"optimizer.learning_rate={lr}", f"seed={seed}",
                    f"optimizer.seed={seed}"]
       t = time.time()
-      records[key] = r = _train_one(study.config, variant, overrides, workdir)
+      records[key] = r = _train_one(study.config, variant, overrides, workdir, export_only)
       acc = r.get("test_accuracy")
       _log(f"{study.name} {variant} lr={lr:g} seed={seed}: "
            + (f"test acc {acc:.4f}" if acc is not None else r.get("missing", "diverged"))
@@ -252,7 +256,8 @@ def run_study(study: Study, runs: pathlib.Path, out: pathlib.Path) -> dict:
   return result
 
 
-def run_speedup(sp: Speedup, runs: pathlib.Path, out: pathlib.Path) -> dict:
+def run_speedup(sp: Speedup, runs: pathlib.Path, out: pathlib.Path,
+                export_only: bool = False) -> dict:
   """Trains to the loss target for each n and compressor; writes the JSON."""
   from compams_jax.experiments import config as config_lib
   local_batch = int(config_lib.load_config_file(str(ROOT / sp.config)).local_batch)
@@ -269,7 +274,8 @@ def run_speedup(sp: Speedup, runs: pathlib.Path, out: pathlib.Path) -> dict:
                    f"target_train_loss={sp.target_loss}", f"target_loss_window={window}",
                    "log_every=1", "checkpoint_every=100000"]
       t = time.time()
-      r = _train_one(sp.config, variant, overrides, runs / sp.name / variant / f"n{n}")
+      r = _train_one(sp.config, variant, overrides, runs / sp.name / variant / f"n{n}",
+                     export_only)
       reached = r.get("steps_to_target")
       _log(f"speedup {variant} n={n} lr={lr:.2e}: "
            + (f"target reached at step {reached}" if reached else
@@ -316,8 +322,6 @@ def main(argv=None) -> int:
                       help="tiny runs into a temporary directory, to check the pipeline")
   args = parser.parse_args(argv)
   names = args.study or list(ALL)
-  global EXPORT_ONLY
-  EXPORT_ONLY = args.export_only
   tmp = pathlib.Path(tempfile.mkdtemp(prefix="reproduce_quick_")) if args.quick else None
   runs = pathlib.Path(args.runs or (tmp / "runs" if tmp else ROOT / "runs" / "reproduce"))
   results = pathlib.Path(args.results or (tmp / "results" if tmp else RESULTS))
@@ -332,9 +336,9 @@ def main(argv=None) -> int:
     _log(f"study {name}")
     try:
       if isinstance(study, Speedup):
-        run_speedup(study, runs, results)
+        run_speedup(study, runs, results, args.export_only)
       else:
-        run_study(study, runs, results)
+        run_study(study, runs, results, args.export_only)
     except FileNotFoundError as e:  # A study that needs another's results; the rest go on.
       _log(f"skipped {name}: {e}")
       continue
