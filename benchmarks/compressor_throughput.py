@@ -70,12 +70,14 @@ def sign_words_encode(x):
   parts = []
   if whole:
     shifts = jnp.arange(32, dtype=jnp.uint32)
-    words = jnp.sum(neg[:whole * 32].reshape(whole, 32).astype(jnp.uint32) << shifts, axis=1,
-                    dtype=jnp.uint32)
-    parts.append(jnp.stack([(words >> (8 * i)).astype(jnp.uint8) for i in range(4)],
-                           axis=1).reshape(-1))
+    words = jnp.sum(
+      neg[: whole * 32].reshape(whole, 32).astype(jnp.uint32) << shifts, axis=1, dtype=jnp.uint32
+    )
+    parts.append(
+      jnp.stack([(words >> (8 * i)).astype(jnp.uint8) for i in range(4)], axis=1).reshape(-1)
+    )
   if d - whole * 32:  # the last < 32 bits: jnp.packbits pads them with zeros
-    parts.append(jnp.packbits(neg[whole * 32:], bitorder="little"))
+    parts.append(jnp.packbits(neg[whole * 32 :], bitorder="little"))
   packed = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
   return {"negative": packed, "scale": jnp.mean(jnp.abs(flat.astype(jnp.float32)))}
 
@@ -96,18 +98,18 @@ def candidates(d: int, ratio: float):
   qsgd = C.qsgd(127)
   rand_k = C.random_k(ratio)
   return {
-      "elementwise": lambda x: x * 2 + 1,
-      "abs": jnp.abs,
-      "lax_top_k": lambda x: jax.lax.top_k(jnp.abs(x), k),
-      "top_k_exact_encode": top_exact.encode,
-      "top_k_encode": top_auto.encode,
-      "top_k_encode_ratio_0.001": C.top_k(0.001).encode,
-      "top_k_encode_ratio_0.1": C.top_k(0.1).encode,
-      "block_sign_encode": sign.encode,
-      "block_sign_words": sign_words_encode,
-      "qsgd_encode": lambda x: qsgd.encode(x, key),
-      "random_k_encode": lambda x: rand_k.encode(x, key),
-      "random_k_threshold": lambda x: {"values": x[random_k_threshold_indices(key, d, k)]},
+    "elementwise": lambda x: x * 2 + 1,
+    "abs": jnp.abs,
+    "lax_top_k": lambda x: jax.lax.top_k(jnp.abs(x), k),
+    "top_k_exact_encode": top_exact.encode,
+    "top_k_encode": top_auto.encode,
+    "top_k_encode_ratio_0.001": C.top_k(0.001).encode,
+    "top_k_encode_ratio_0.1": C.top_k(0.1).encode,
+    "block_sign_encode": sign.encode,
+    "block_sign_words": sign_words_encode,
+    "qsgd_encode": lambda x: qsgd.encode(x, key),
+    "random_k_encode": lambda x: rand_k.encode(x, key),
+    "random_k_threshold": lambda x: {"values": x[random_k_threshold_indices(key, d, k)]},
   }
 
 
@@ -117,25 +119,37 @@ def check(fns, x, ratio):
   k = cj.compressors.num_kept(ratio, d)
   fast = fns["top_k_encode"](x)
   exact = fns["top_k_exact_encode"](x)
-  same_set = bool(np.array_equal(np.sort(np.asarray(fast["indices"])),
-                                 np.sort(np.asarray(exact["indices"]))))
-  same_values = bool(np.array_equal(np.asarray(x)[np.asarray(fast["indices"]).astype(np.int64)],
-                                    np.asarray(fast["values"])))
+  same_set = bool(
+    np.array_equal(np.sort(np.asarray(fast["indices"])), np.sort(np.asarray(exact["indices"])))
+  )
+  same_values = bool(
+    np.array_equal(
+      np.asarray(x)[np.asarray(fast["indices"]).astype(np.int64)], np.asarray(fast["values"])
+    )
+  )
   _, branch = jax.jit(lambda v: _selection.top_k_indices(v, k, "threshold", with_branch=True))(x)
   sign = fns["block_sign_encode"](x)
   words = fns["block_sign_words"](x)
-  same_sign = bool(np.array_equal(np.asarray(sign["negative"]), np.asarray(words["negative"]))
-                   and float(sign["scale"]) == float(words["scale"]))
+  same_sign = bool(
+    np.array_equal(np.asarray(sign["negative"]), np.asarray(words["negative"]))
+    and float(sign["scale"]) == float(words["scale"])
+  )
   rk = np.asarray(fns["random_k_threshold"](x)["values"])
   rk_idx = np.asarray(jax.jit(lambda: random_k_threshold_indices(jax.random.key(0), d, k))())
-  rk_ok = bool(np.unique(rk_idx).size == k and rk_idx.min() >= 0 and rk_idx.max() < d
-               and np.array_equal(rk, np.asarray(x)[rk_idx]))
-  return {"top_k_same_index_set_as_exact": same_set,
-          "random_k_threshold_k_distinct_positions": rk_ok,
-          "top_k_values_match_indices": same_values,
-          "top_k_branch": {0: "threshold", 1: "tie", 2: "fallback lax.top_k"}[int(branch)],
-          "block_sign_words_payload_identical": same_sign,
-          "plan": _selection.plan(d, k)._asdict()}
+  rk_ok = bool(
+    np.unique(rk_idx).size == k
+    and rk_idx.min() >= 0
+    and rk_idx.max() < d
+    and np.array_equal(rk, np.asarray(x)[rk_idx])
+  )
+  return {
+    "top_k_same_index_set_as_exact": same_set,
+    "random_k_threshold_k_distinct_positions": rk_ok,
+    "top_k_values_match_indices": same_values,
+    "top_k_branch": {0: "threshold", 1: "tie", 2: "fallback lax.top_k"}[int(branch)],
+    "block_sign_words_payload_identical": same_sign,
+    "plan": _selection.plan(d, k)._asdict(),
+  }
 
 
 def _time(f, x) -> float:
@@ -158,7 +172,7 @@ def run(d: int, ratio: float, repeats: int) -> dict:
   names = [n for n in fns if n not in slow]
   times = {name: [] for name in fns}
   for r in range(repeats):
-    order = names[r % len(names):] + names[:r % len(names)]
+    order = names[r % len(names) :] + names[: r % len(names)]
     for name in order:
       times[name].append(_time(fns[name], x))
   paired_ref = {name: list(times["elementwise"]) for name in names}
@@ -173,22 +187,23 @@ def run(d: int, ratio: float, repeats: int) -> dict:
     ts = times[name]
     paired = [t / e for t, e in zip(ts, paired_ref[name])]
     results[name] = {
-        "median_ms": 1e3 * statistics.median(ts),
-        "min_ms": 1e3 * min(ts),
-        "ratio_of_medians": statistics.median(ts) / statistics.median(ref),
-        "median_paired_ratio": statistics.median(paired),
-        "ratio_of_mins": min(ts) / min(ref),
-        "first_call_s (compile + run)": compile_s[name],
-        "repeats": len(ts),
+      "median_ms": 1e3 * statistics.median(ts),
+      "min_ms": 1e3 * min(ts),
+      "ratio_of_medians": statistics.median(ts) / statistics.median(ref),
+      "median_paired_ratio": statistics.median(paired),
+      "ratio_of_mins": min(ts) / min(ref),
+      "first_call_s (compile + run)": compile_s[name],
+      "repeats": len(ts),
     }
   targets = {}
   for name, target in TARGETS.items():
     ratio_ = results[name]["median_paired_ratio"]
     targets[name] = {"target_ratio": target, "measured_ratio": ratio_, "met": ratio_ <= target}
   targets["block_sign_words"] = {
-      "target_ratio": TARGETS["block_sign_encode"],
-      "measured_ratio": results["block_sign_words"]["median_paired_ratio"],
-      "met": results["block_sign_words"]["median_paired_ratio"] <= TARGETS["block_sign_encode"]}
+    "target_ratio": TARGETS["block_sign_encode"],
+    "measured_ratio": results["block_sign_words"]["median_paired_ratio"],
+    "met": results["block_sign_words"]["median_paired_ratio"] <= TARGETS["block_sign_encode"],
+  }
   return {"results": results, "targets": targets, "checks": checks}
 
 
@@ -197,8 +212,12 @@ def main(argv=None):
   parser.add_argument("--size", type=int, default=RESNET18_PARAMS)
   parser.add_argument("--ratio", type=float, default=0.01)
   parser.add_argument("--repeats", type=int, default=15)
-  parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                    "results", "compressor_throughput.json"))
+  parser.add_argument(
+    "--out",
+    default=os.path.join(
+      os.path.dirname(os.path.abspath(__file__)), "results", "compressor_throughput.json"
+    ),
+  )
   args = parser.parse_args(argv)
 
   load_before = os.getloadavg()
@@ -206,40 +225,47 @@ def main(argv=None):
   out = run(args.size, args.ratio, args.repeats)
   load_after = os.getloadavg()
   record = {
-      "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-      "date_utc": started.isoformat(timespec="seconds"),
-      "jax_version": jax.__version__,
-      "jaxlib_version": importlib.metadata.version("jaxlib"),
-      "backend": jax.default_backend(),
-      "devices": [str(dv) for dv in jax.devices()],
-      "cpu_count": os.cpu_count(),
-      "platform": platform.platform(),
-      "python": platform.python_version(),
-      "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      "load_average_1_5_15_before": load_before,
-      "load_average_1_5_15_after": load_after,
-      "size": args.size,
-      "ratio": args.ratio,
-      "k": cj.compressors.num_kept(args.ratio, args.size),
-      "repeats": args.repeats,
-      "reference": "elementwise = jit(lambda x: x * 2 + 1) on the same float32 vector",
-      **out,
+    "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+    "date_utc": started.isoformat(timespec="seconds"),
+    "jax_version": jax.__version__,
+    "jaxlib_version": importlib.metadata.version("jaxlib"),
+    "backend": jax.default_backend(),
+    "devices": [str(dv) for dv in jax.devices()],
+    "cpu_count": os.cpu_count(),
+    "platform": platform.platform(),
+    "python": platform.python_version(),
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "load_average_1_5_15_before": load_before,
+    "load_average_1_5_15_after": load_after,
+    "size": args.size,
+    "ratio": args.ratio,
+    "k": cj.compressors.num_kept(args.ratio, args.size),
+    "repeats": args.repeats,
+    "reference": "elementwise = jit(lambda x: x * 2 + 1) on the same float32 vector",
+    **out,
   }
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(record, f, indent=2)
 
-  print(f"d = {args.size:,}, k = {record['k']:,}, {args.repeats} interleaved repeats; "
-        f"load average before/after {load_before[0]:.1f}/{load_after[0]:.1f} on "
-        f"{os.cpu_count()} cores")
-  print(f"{'candidate':22s} {'median ms':>10s} {'min ms':>9s} {'x elementwise':>14s} "
-        f"{'(paired)':>9s}")
+  print(
+    f"d = {args.size:,}, k = {record['k']:,}, {args.repeats} interleaved repeats; "
+    f"load average before/after {load_before[0]:.1f}/{load_after[0]:.1f} on "
+    f"{os.cpu_count()} cores"
+  )
+  print(
+    f"{'candidate':22s} {'median ms':>10s} {'min ms':>9s} {'x elementwise':>14s} {'(paired)':>9s}"
+  )
   for name, r in out["results"].items():
-    print(f"{name:22s} {r['median_ms']:10.2f} {r['min_ms']:9.2f} {r['ratio_of_medians']:14.2f} "
-          f"{r['median_paired_ratio']:9.2f}")
+    print(
+      f"{name:22s} {r['median_ms']:10.2f} {r['min_ms']:9.2f} {r['ratio_of_medians']:14.2f} "
+      f"{r['median_paired_ratio']:9.2f}"
+    )
   for name, t in out["targets"].items():
-    print(f"target {name}: ≤ {t['target_ratio']}x, measured {t['measured_ratio']:.2f}x -> "
-          f"{'MET' if t['met'] else 'NOT MET'}")
+    print(
+      f"target {name}: ≤ {t['target_ratio']}x, measured {t['measured_ratio']:.2f}x -> "
+      f"{'MET' if t['met'] else 'NOT MET'}"
+    )
   print("checks:", {k: v for k, v in out["checks"].items() if k != "plan"})
   print("wrote", args.out)
 

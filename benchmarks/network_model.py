@@ -55,22 +55,32 @@ RESULTS = os.path.join(HERE, "results")
 
 # Methods projected: (label, wire_bytes variant name, topology kind).
 METHODS = [
-    ("dense f32 (ring all-reduce)", "psum_f32", "dense"),
-    ("dense bf16 (2 B/param)", "__bf16__", "dense"),
-    ("top-k 1% gather", "top_k_1%/gather", "gather"),
-    ("top-k 1% two-phase", "top_k_1%/two_phase", "two_phase"),
-    ("block-sign gather", "block_sign/gather", "gather"),
-    ("block-sign two-phase", "block_sign/two_phase", "two_phase"),
-    ("qsgd(4) gather", "qsgd_4/gather", "gather"),
-    ("qsgd(4) two-phase", "qsgd_4/two_phase", "two_phase"),
-    ("random-k 1% (psum)", "random_k_1%/gather", "gather"),
-    ("PowerSGD r4 (psum)", "powersgd_r4", "gather"),
+  ("dense f32 (ring all-reduce)", "psum_f32", "dense"),
+  ("dense bf16 (2 B/param)", "__bf16__", "dense"),
+  ("top-k 1% gather", "top_k_1%/gather", "gather"),
+  ("top-k 1% two-phase", "top_k_1%/two_phase", "two_phase"),
+  ("block-sign gather", "block_sign/gather", "gather"),
+  ("block-sign two-phase", "block_sign/two_phase", "two_phase"),
+  ("qsgd(4) gather", "qsgd_4/gather", "gather"),
+  ("qsgd(4) two-phase", "qsgd_4/two_phase", "two_phase"),
+  ("random-k 1% (psum)", "random_k_1%/gather", "gather"),
+  ("PowerSGD r4 (psum)", "powersgd_r4", "gather"),
 ]
-PLOT_METHODS = ["dense bf16 (2 B/param)", "top-k 1% gather", "top-k 1% two-phase",
-                "block-sign gather", "block-sign two-phase", "PowerSGD r4 (psum)"]
-MESSAGES = {"all-reduce": lambda n: 2 * (n - 1), "all-gather": lambda n: n - 1,
-            "all-to-all": lambda n: n - 1, "reduce-scatter": lambda n: n - 1,
-            "collective-permute": lambda n: 1}
+PLOT_METHODS = [
+  "dense bf16 (2 B/param)",
+  "top-k 1% gather",
+  "top-k 1% two-phase",
+  "block-sign gather",
+  "block-sign two-phase",
+  "PowerSGD r4 (psum)",
+]
+MESSAGES = {
+  "all-reduce": lambda n: 2 * (n - 1),
+  "all-gather": lambda n: n - 1,
+  "all-to-all": lambda n: n - 1,
+  "reduce-scatter": lambda n: n - 1,
+  "collective-permute": lambda n: 1,
+}
 
 
 def received(op, s, n):
@@ -90,7 +100,7 @@ def collectives_at(row, topology, n):
   for op, total in row["by_op"].items():
     count = row["count_by_op"][op]
     if topology == "two_phase" and op == "all-gather":
-      total = total * n_ref / n          # one chunk payload: P/n
+      total = total * n_ref / n  # one chunk payload: P/n
     out.append((op, total, count))
   return out
 
@@ -133,16 +143,34 @@ def project(wire, compute_s, ns, gbits, alpha, bucketed):
           step = t_c + t_comm
           if variant == "psum_f32":
             base = step
-          out.append({"model": model, "n": n, "gbit_s": g, "method": label, "variant": variant,
-                      "bytes_from_n": measured_n, "received_bytes": rx,
-                      "latency_s": t_lat, "comm_s": t_comm, "compute_s": t_c, "step_s": step,
-                      "speedup_vs_dense_f32": None if base is None else base / step})
+          out.append(
+            {
+              "model": model,
+              "n": n,
+              "gbit_s": g,
+              "method": label,
+              "variant": variant,
+              "bytes_from_n": measured_n,
+              "received_bytes": rx,
+              "latency_s": t_lat,
+              "comm_s": t_comm,
+              "compute_s": t_c,
+              "step_s": step,
+              "speedup_vs_dense_f32": None if base is None else base / step,
+            }
+          )
   return out
 
 
 def _cell(proj, model, n, g, label, fmt):
-  p = next((p for p in proj if p["model"] == model and p["n"] == n and p["gbit_s"] == g
-            and p["method"] == label), None)
+  p = next(
+    (
+      p
+      for p in proj
+      if p["model"] == model and p["n"] == n and p["gbit_s"] == g and p["method"] == label
+    ),
+    None,
+  )
   return "" if p is None else fmt(p)
 
 
@@ -155,15 +183,23 @@ def markdown(proj, model, ns, gbits, what="speedup"):
   """Rows: n × method; columns: bandwidths. what = "speedup" (step ms and speedup) or "comm"."""
   t_c = next(p["compute_s"] for p in proj if p["model"] == model)
   if what == "speedup":
-    title = (f"**{model}** — projected step time in ms (speedup over dense f32 all-reduce); "
-             f"compute {_ms(t_c)} ms per worker")
+    title = (
+      f"**{model}** — projected step time in ms (speedup over dense f32 all-reduce); "
+      f"compute {_ms(t_c)} ms per worker"
+    )
     fmt = lambda p: f"{_ms(p['step_s'])} ({p['speedup_vs_dense_f32']:.2f}×)"
   else:
-    title = (f"**{model}** — communication time only, ms per step "
-             f"(α·messages + received bytes / bandwidth)")
+    title = (
+      f"**{model}** — communication time only, ms per step "
+      f"(α·messages + received bytes / bandwidth)"
+    )
     fmt = lambda p: _ms(p["comm_s"])
-  lines = [title, "", "| n | method | " + " | ".join(f"{g} Gbit/s" for g in gbits) + " |",
-           "|---|---|" + "---|" * len(gbits)]
+  lines = [
+    title,
+    "",
+    "| n | method | " + " | ".join(f"{g} Gbit/s" for g in gbits) + " |",
+    "|---|---|" + "---|" * len(gbits),
+  ]
   for n in ns:
     for label, _, _ in METHODS:
       cells = [_cell(proj, model, n, g, label, fmt) for g in gbits]
@@ -174,18 +210,24 @@ def markdown(proj, model, ns, gbits, what="speedup"):
 
 def plot(scenarios, ns, gbits, path):
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   keys = [(s, m) for s in scenarios for m in sorted({p["model"] for p in scenarios[s]})]
-  fig, axes = plt.subplots(len(keys), len(ns), figsize=(4.2 * len(ns), 3.2 * len(keys)),
-                           squeeze=False, sharex=True)
+  fig, axes = plt.subplots(
+    len(keys), len(ns), figsize=(4.2 * len(ns), 3.2 * len(keys)), squeeze=False, sharex=True
+  )
   for i, (scen, model) in enumerate(keys):
     proj = scenarios[scen]
     for j, n in enumerate(ns):
       ax = axes[i][j]
       for label in PLOT_METHODS:
-        pts = sorted((p["gbit_s"], p["speedup_vs_dense_f32"]) for p in proj
-                     if p["model"] == model and p["n"] == n and p["method"] == label)
+        pts = sorted(
+          (p["gbit_s"], p["speedup_vs_dense_f32"])
+          for p in proj
+          if p["model"] == model and p["n"] == n and p["method"] == label
+        )
         if pts:
           ax.plot(*zip(*pts), marker="o", label=label)
       ax.axhline(1.0, color="k", lw=0.8, ls="--")  # dense f32 all-reduce
@@ -207,17 +249,30 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--wire", default=os.path.join(RESULTS, "wire_bytes.json"))
   ap.add_argument("--step-time", default=os.path.join(RESULTS, "step_time.json"))
-  ap.add_argument("--alpha-us", type=float, default=5.0,
-                  help="per-message latency α in microseconds (default 5)")
+  ap.add_argument(
+    "--alpha-us", type=float, default=5.0, help="per-message latency α in microseconds (default 5)"
+  )
   ap.add_argument("--ns", nargs="+", type=int, default=[8, 64, 512])
   ap.add_argument("--gbits", nargs="+", type=float, default=[10, 25, 100, 400])
-  ap.add_argument("--bucketed", action="store_true",
-                  help="one α term per collective kind instead of per HLO collective")
-  ap.add_argument("--compute-ms", nargs="*", default=None, metavar="MODEL=MS",
-                  help="override the measured compute time per worker, e.g. mnist_cnn=5")
-  ap.add_argument("--what-if-scale", type=float, default=0.01,
-                  help="also project a hypothetical faster worker whose compute time is this "
-                       "fraction of the measured CPU time (0 to disable; default 0.01)")
+  ap.add_argument(
+    "--bucketed",
+    action="store_true",
+    help="one α term per collective kind instead of per HLO collective",
+  )
+  ap.add_argument(
+    "--compute-ms",
+    nargs="*",
+    default=None,
+    metavar="MODEL=MS",
+    help="override the measured compute time per worker, e.g. mnist_cnn=5",
+  )
+  ap.add_argument(
+    "--what-if-scale",
+    type=float,
+    default=0.01,
+    help="also project a hypothetical faster worker whose compute time is this "
+    "fraction of the measured CPU time (0 to disable; default 0.01)",
+  )
   ap.add_argument("--out", default=os.path.join(RESULTS, "network_model.json"))
   ap.add_argument("--png", default=os.path.join(RESULTS, "network_model.png"))
   args = ap.parse_args(argv)
@@ -228,38 +283,51 @@ def main(argv=None):
   with open(args.step_time) as f:
     st = json.load(f)
   compute = {m: s["compute_s"] for m, s in st["single_worker"].items() if m in wire["models"]}
-  source = {m: "step_time.json single_worker[model].compute_s (measured, 1 CPU worker)"
-            for m in compute}
+  source = {
+    m: "step_time.json single_worker[model].compute_s (measured, 1 CPU worker)" for m in compute
+  }
   for kv in args.compute_ms or []:
     m, v = kv.split("=")
     compute[m] = float(v) / 1e3
     source[m] = "--compute-ms override"
   missing = [m for m in wire["models"] if m not in compute]
   if missing:
-    print(f"no compute time for {missing}: skipped (run step_time.py without --no-resnet)",
-          file=sys.stderr)
+    print(
+      f"no compute time for {missing}: skipped (run step_time.py without --no-resnet)",
+      file=sys.stderr,
+    )
   alpha = args.alpha_us * 1e-6
-  scenarios = {"measured CPU compute": project(wire, compute, args.ns, gbits, alpha,
-                                               args.bucketed)}
+  scenarios = {"measured CPU compute": project(wire, compute, args.ns, gbits, alpha, args.bucketed)}
   if args.what_if_scale > 0:
     scaled = {m: t * args.what_if_scale for m, t in compute.items()}
     scenarios[f"what-if compute x{args.what_if_scale:g}"] = project(
-        wire, scaled, args.ns, gbits, alpha, args.bucketed)
+      wire, scaled, args.ns, gbits, alpha, args.bucketed
+    )
 
   result = {
-      "benchmark": "network_model",
-      "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "python": platform.python_version(),
-      "inputs": {"wire_bytes": os.path.relpath(args.wire), "wire_bytes_date": wire.get("date"),
-                 "step_time": os.path.relpath(args.step_time), "step_time_date": st.get("date"),
-                 "jax_version": wire.get("jax_version")},
-      "alpha_s": alpha, "bucketed": args.bucketed, "ns": args.ns, "gbit_s": gbits,
-      "compute_s": compute, "compute_source": source,
-      "model": ("T = T_c + sum over collectives of alpha*messages + received/B; ring all-reduce "
-                "2(n-1) msgs, 2(n-1)/n S; all-gather n-1 msgs, (n-1) S; all-to-all n-1 msgs, "
-                "(n-1)/n S; bytes beyond the measured n scaled by these formulas; no overlap"),
-      "scenarios": scenarios,
+    "benchmark": "network_model",
+    "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "python": platform.python_version(),
+    "inputs": {
+      "wire_bytes": os.path.relpath(args.wire),
+      "wire_bytes_date": wire.get("date"),
+      "step_time": os.path.relpath(args.step_time),
+      "step_time_date": st.get("date"),
+      "jax_version": wire.get("jax_version"),
+    },
+    "alpha_s": alpha,
+    "bucketed": args.bucketed,
+    "ns": args.ns,
+    "gbit_s": gbits,
+    "compute_s": compute,
+    "compute_source": source,
+    "model": (
+      "T = T_c + sum over collectives of alpha*messages + received/B; ring all-reduce "
+      "2(n-1) msgs, 2(n-1)/n S; all-gather n-1 msgs, (n-1) S; all-to-all n-1 msgs, "
+      "(n-1)/n S; bytes beyond the measured n scaled by these formulas; no overlap"
+    ),
+    "scenarios": scenarios,
   }
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:

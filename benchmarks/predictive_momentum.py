@@ -28,32 +28,33 @@ from __future__ import annotations
 
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+os.environ["XLA_FLAGS"] = (
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import datetime  # noqa: E402
-import functools  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import pathlib  # noqa: E402
-import platform  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import warnings  # noqa: E402
+import argparse
+import dataclasses
+import datetime
+import functools
+import json
+import math
+import pathlib
+import platform
+import sys
+import tempfile
+import time
+import warnings
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-import compams_jax as cj  # noqa: E402
-from compams_jax.experiments.data import epoch_permutation, load_dataset, steps_per_epoch  # noqa: E402
-from compams_jax.experiments.models import create_model  # noqa: E402
+import compams_jax as cj
+from compams_jax.experiments.data import epoch_permutation, load_dataset, steps_per_epoch
+from compams_jax.experiments.models import create_model
 
 AXIS = "data"
 N_WORKERS = 8
@@ -64,24 +65,24 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive
 
 # name -> (factory name, kwargs)
 COMPRESSORS = {
-    "top_k 1%": ("top_k", {"ratio": 0.01}),
-    "top_k 5%": ("top_k", {"ratio": 0.05}),
-    "random_k 1%": ("random_k", {"ratio": 0.01}),
-    "random_k 5%": ("random_k", {"ratio": 0.05}),
-    "qsgd s=2": ("qsgd", {"levels": 2}),
-    "qsgd s=8": ("qsgd", {"levels": 8}),
-    "block_sign": ("block_sign", {}),
+  "top_k 1%": ("top_k", {"ratio": 0.01}),
+  "top_k 5%": ("top_k", {"ratio": 0.05}),
+  "random_k 1%": ("random_k", {"ratio": 0.01}),
+  "random_k 5%": ("random_k", {"ratio": 0.05}),
+  "qsgd s=2": ("qsgd", {"levels": 2}),
+  "qsgd s=8": ("qsgd", {"levels": 8}),
+  "block_sign": ("block_sign", {}),
 }
 QUICK_COMPRESSORS = ("top_k 1%", "random_k 1%", "qsgd s=2", "block_sign")
 
 # Replay methods: name -> (predictor: None | "fixed" | "ls", error_feedback)
 METHODS = {
-    "none": (None, False),        # cj.compressed_mean: the mean of C(m_i)
-    "fixed0.9": ("fixed", False),  # predictive, p = 0.9 x̂_{t-1}
-    "ls": ("ls", False),           # predictive, least-squares ρ
-    "none+EF": (None, True),       # cj.error_feedback
-    "ls+EF": ("ls", True),         # predictive + error feedback, least-squares ρ
-    "fixed0.9+EF": ("fixed", True),  # documented unstable: top_k only, as evidence
+  "none": (None, False),  # cj.compressed_mean: the mean of C(m_i)
+  "fixed0.9": ("fixed", False),  # predictive, p = 0.9 x̂_{t-1}
+  "ls": ("ls", False),  # predictive, least-squares ρ
+  "none+EF": (None, True),  # cj.error_feedback
+  "ls+EF": ("ls", True),  # predictive + error feedback, least-squares ρ
+  "fixed0.9+EF": ("fixed", True),  # documented unstable: top_k only, as evidence
 }
 FIXED_EF_ONLY_FOR = ("top_k",)
 # The method whose HLO bytes are also read from a separate compile of one update (a cross-check
@@ -90,11 +91,11 @@ CROSS_CHECK_METHOD = "ls"
 
 # Accuracy variants: name -> (predictive argument, error_feedback)
 ACC_VARIANTS = {
-    "none": (False, False),
-    "none+EF": (False, True),
-    "ls": (True, False),
-    "ls+EF": (True, True),
-    "fixed0.9": ("fixed", False),
+  "none": (False, False),
+  "none+EF": (False, True),
+  "ls": (True, False),
+  "ls+EF": (True, True),
+  "fixed0.9": ("fixed", False),
 }
 
 # Uniform value quantizer for the entropy of sparse payloads: step = RMS of the leaf's true
@@ -131,26 +132,33 @@ class Setup:
   def unflatten(self, flat):
     out, start = [], 0
     for shape, size in zip(self.leaf_shapes, self.leaf_sizes):
-      out.append(flat[start:start + size].reshape(shape))
+      out.append(flat[start : start + size].reshape(shape))
       start += size
     return jax.tree.unflatten(self.treedef, out)
 
 
 def make_setup():
   if jax.device_count() < N_WORKERS:
-    raise RuntimeError(f"need {N_WORKERS} devices, jax sees {jax.device_count()} (XLA_FLAGS "
-                       "must be set before jax is imported).")
+    raise RuntimeError(
+      f"need {N_WORKERS} devices, jax sees {jax.device_count()} (XLA_FLAGS "
+      "must be set before jax is imported)."
+    )
   mesh = jax.make_mesh((N_WORKERS,), (AXIS,), devices=jax.devices()[:N_WORKERS])
   dataset = load_dataset("digits")
   model = create_model("mnist_cnn", dataset.num_classes)
-  params = model.init({"params": jax.random.key(0)}, jnp.asarray(dataset.x_train[:1]),
-                      train=False)["params"]
+  params = model.init({"params": jax.random.key(0)}, jnp.asarray(dataset.x_train[:1]), train=False)[
+    "params"
+  ]
   leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
-  return Setup(mesh=mesh, dataset=dataset, model=model,
-               leaf_shapes=[tuple(v.shape) for _, v in leaves_with_path],
-               leaf_names=[jax.tree_util.keystr(k) for k, _ in leaves_with_path],
-               treedef=treedef,
-               params_like=jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params))
+  return Setup(
+    mesh=mesh,
+    dataset=dataset,
+    model=model,
+    leaf_shapes=[tuple(v.shape) for _, v in leaves_with_path],
+    leaf_names=[jax.tree_util.keystr(k) for k, _ in leaves_with_path],
+    treedef=treedef,
+    params_like=jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params),
+  )
 
 
 def make_compressor(name):
@@ -178,9 +186,12 @@ def train_run(setup, tx, *, epochs, local_batch, seed, record=False):
   dropout_key = jax.random.fold_in(init_key, 1)
 
   @jax.jit
-  @functools.partial(jax.shard_map, mesh=mesh,
-                     in_specs=(P(), specs, P(AXIS), P(AXIS), P()),
-                     out_specs=(P(), specs, P(AXIS), P(AXIS)))
+  @functools.partial(
+    jax.shard_map,
+    mesh=mesh,
+    in_specs=(P(), specs, P(AXIS), P(AXIS), P()),
+    out_specs=(P(), specs, P(AXIS), P(AXIS)),
+  )
   def step(params, opt_state, x, y, t):
     x, y = x[0], y[0]
     rng = jax.random.fold_in(jax.random.fold_in(dropout_key, t), jax.lax.axis_index(AXIS))
@@ -212,20 +223,26 @@ def train_run(setup, tx, *, epochs, local_batch, seed, record=False):
   for epoch in range(epochs):
     perm = epoch_permutation(len(ds.y_train), seed, epoch)
     for k in range(per_epoch):
-      idx = perm[k * n * local_batch:(k + 1) * n * local_batch].reshape(n, local_batch)
-      params, opt_state, loss, flat = step(params, opt_state, put(ds.x_train[idx]),
-                                           put(ds.y_train[idx]), jnp.asarray(t, jnp.int32))
+      idx = perm[k * n * local_batch : (k + 1) * n * local_batch].reshape(n, local_batch)
+      params, opt_state, loss, flat = step(
+        params, opt_state, put(ds.x_train[idx]), put(ds.y_train[idx]), jnp.asarray(t, jnp.int32)
+      )
       losses.append(loss)
       if record:
         moms.append(np.asarray(flat))
       t += 1
   train_losses = [float(np.mean(np.asarray(l))) for l in losses]
-  test_loss, test_acc = evaluate(jax.tree.map(np.asarray, params),
-                                 jnp.asarray(ds.x_test), jnp.asarray(ds.y_test))
-  out = dict(test_accuracy=float(test_acc), test_loss=float(test_loss),
-             final_train_loss=float(np.mean(train_losses[-per_epoch:])),
-             diverged=not all(math.isfinite(l) for l in train_losses),
-             steps=t, seconds=time.time() - t0)
+  test_loss, test_acc = evaluate(
+    jax.tree.map(np.asarray, params), jnp.asarray(ds.x_test), jnp.asarray(ds.y_test)
+  )
+  out = dict(
+    test_accuracy=float(test_acc),
+    test_loss=float(test_loss),
+    final_train_loss=float(np.mean(train_losses[-per_epoch:])),
+    diverged=not all(math.isfinite(l) for l in train_losses),
+    steps=t,
+    seconds=time.time() - t0,
+  )
   if record:
     out["momentum"] = np.stack(moms)
   return out
@@ -236,8 +253,14 @@ def momentum_sgd(lr, compressor, predictive, error_feedback):
     predictive = cj.predictors.fixed(BETA)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", UserWarning)
-    return cj.compressed_momentum_sgd(lr, compressor, momentum=BETA, predictive=predictive,
-                                      error_feedback=error_feedback, axis_name=AXIS)
+    return cj.compressed_momentum_sgd(
+      lr,
+      compressor,
+      momentum=BETA,
+      predictive=predictive,
+      error_feedback=error_feedback,
+      axis_name=AXIS,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -285,16 +308,21 @@ def make_transform(compressor, predictor, error_feedback, rho_sink=None):
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     if predictor is None:
-      tx = (cj.error_feedback(compressor, axis_name=AXIS) if error_feedback
-            else cj.compressed_mean(compressor, axis_name=AXIS))
+      tx = (
+        cj.error_feedback(compressor, axis_name=AXIS)
+        if error_feedback
+        else cj.compressed_mean(compressor, axis_name=AXIS)
+      )
     else:
       if predictor == "fixed":
         pred = cj.predictors.fixed(BETA)
       else:
-        pred = (CapturingLeastSquares(rho_sink) if rho_sink is not None
-                else cj.predictors.least_squares())
-      tx = cj.predictive_compression(compressor, predictor=pred, error_feedback=error_feedback,
-                                     axis_name=AXIS)
+        pred = (
+          CapturingLeastSquares(rho_sink) if rho_sink is not None else cj.predictors.least_squares()
+        )
+      tx = cj.predictive_compression(
+        compressor, predictor=pred, error_feedback=error_feedback, axis_name=AXIS
+      )
   return tx, [str(w.message) for w in caught]
 
 
@@ -304,13 +332,18 @@ def hlo_bytes(setup, tx):
   specs = cj.sharding.state_specs(state, AXIS)
   pspec = jax.tree.map(lambda _: P(AXIS), setup.params_like)
   zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), setup.params_like)
-  global_x = jax.device_put(jax.tree.map(lambda z: jnp.stack([z] * N_WORKERS), zeros),
-                            NamedSharding(setup.mesh, P(AXIS)))
+  global_x = jax.device_put(
+    jax.tree.map(lambda z: jnp.stack([z] * N_WORKERS), zeros), NamedSharding(setup.mesh, P(AXIS))
+  )
   global_state = cj.sharding.init(tx, zeros, mesh=setup.mesh, axis_name=AXIS)
 
   @jax.jit
-  @functools.partial(jax.shard_map, mesh=setup.mesh, in_specs=(pspec, specs),
-                     out_specs=(jax.tree.map(lambda _: P(), setup.params_like), specs))
+  @functools.partial(
+    jax.shard_map,
+    mesh=setup.mesh,
+    in_specs=(pspec, specs),
+    out_specs=(jax.tree.map(lambda _: P(), setup.params_like), specs),
+  )
   def update(x, s):
     return tx.update(jax.tree.map(lambda a: a[0], x), s)
 
@@ -322,8 +355,12 @@ def replay(setup, seq_dev, mean_dev, compressor, predictor, error_feedback):
   cap, sink = capturing(compressor)
   rho_sink = [] if predictor == "ls" else None
   tx, warns = make_transform(cap, predictor, error_feedback, rho_sink)
-  state0 = cj.sharding.init(tx, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                                             setup.params_like), mesh=setup.mesh, axis_name=AXIS)
+  state0 = cj.sharding.init(
+    tx,
+    jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), setup.params_like),
+    mesh=setup.mesh,
+    axis_name=AXIS,
+  )
   specs = cj.sharding.state_specs(state0, AXIS)
   to_flat = lambda tree: jnp.concatenate([l.reshape(-1) for l in jax.tree.leaves(tree)])
 
@@ -337,16 +374,21 @@ def replay(setup, seq_dev, mean_dev, compressor, predictor, error_feedback):
     diff = to_flat(out) - mean
     cum = cum + diff  # error of the running sum Σ_s x̄̂_s − Σ_s x̄_s (the parameter trajectory)
     if len(sink) != len(setup.leaf_sizes):
-      raise RuntimeError(f"expected one encode per leaf ({len(setup.leaf_sizes)}), the update "
-                         f"encoded {len(sink)} payloads")
+      raise RuntimeError(
+        f"expected one encode per leaf ({len(setup.leaf_sizes)}), the update "
+        f"encoded {len(sink)} payloads"
+      )
     payload = [jax.tree.map(lambda a: a[None], p) for p in sink]  # one payload per leaf
-    rho = (jnp.stack(jax.tree.leaves(rho_sink[0])) if rho_sink
-           else jnp.zeros((0,), jnp.float32))
+    rho = jnp.stack(jax.tree.leaves(rho_sink[0])) if rho_sink else jnp.zeros((0,), jnp.float32)
     return (state, cum), (jnp.sum(diff * diff), jnp.sum(cum * cum), rho, payload)
 
   @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
-  @functools.partial(jax.shard_map, mesh=setup.mesh, in_specs=(specs, P(None, AXIS), P()),
-                     out_specs=(P(), P(), P(), P(None, AXIS)))
+  @functools.partial(
+    jax.shard_map,
+    mesh=setup.mesh,
+    in_specs=(specs, P(None, AXIS), P()),
+    out_specs=(P(), P(), P(), P(None, AXIS)),
+  )
   def run(state, seq, means):
     cum = jnp.zeros((setup.dim,), jnp.float32)
     _, (err, cum_err, rho, payload) = jax.lax.scan(body, (state, cum), (seq, means))
@@ -386,6 +428,7 @@ def entropy_bits(symbols):
 def log2_binomial(n, k):
   """log2 C(n, k), elementwise for array k."""
   from scipy.special import gammaln  # pylint: disable=import-outside-toplevel
+
   k = np.asarray(k, np.float64)
   return (gammaln(n + 1.0) - gammaln(k + 1.0) - gammaln(n - k + 1.0)) / math.log(2.0)
 
@@ -426,17 +469,23 @@ def payload_entropy(kind, payload, leaf_sizes, steps_uniform):
         mask = np.zeros((T, n, d), bool)
         np.put_along_axis(mask, idx.astype(np.int64), True, axis=-1)
         r = np.take_along_axis(mask[:-1], idx[1:].astype(np.int64), axis=-1).sum(-1)  # (T-1, n)
-        bits = (math.log2(k + 1) + log2_binomial(k, r) + log2_binomial(d - k, k - r))
+        bits = math.log2(k + 1) + log2_binomial(k, r) + log2_binomial(d - k, k - r)
         idx_cond += float(bits.mean())  # first step excluded (no previous set)
         overlap_num += float(r.sum())
         overlap_den += float(r.size * k)
       else:
         idx_cond += log2_binomial(d, k)
     out.update(fixed=val_fixed + idx_fixed, entropy=fp + idx_gap, entropy_uniform=uni + idx_gap)
-    detail = dict(values_fixed=val_fixed, values_fp=fp, values_uniform=uni,
-                  indices_fixed=idx_fixed, indices_gap_entropy=idx_gap,
-                  indices_log2_binomial=idx_ideal, indices_inter_step=idx_cond,
-                  index_overlap_with_previous_step=overlap_num / max(overlap_den, 1.0))
+    detail = dict(
+      values_fixed=val_fixed,
+      values_fp=fp,
+      values_uniform=uni,
+      indices_fixed=idx_fixed,
+      indices_gap_entropy=idx_gap,
+      indices_log2_binomial=idx_ideal,
+      indices_inter_step=idx_cond,
+      index_overlap_with_previous_step=overlap_num / max(overlap_den, 1.0),
+    )
   elif kind == "random_k":
     fp = uni = val_fixed = 0.0
     for leaf, delta in zip(payload, steps_uniform):
@@ -469,8 +518,9 @@ def payload_entropy(kind, payload, leaf_sizes, steps_uniform):
       sg += d * entropy_bits(bits)
       neg_frac.append(float(bits.mean()))
     out.update(fixed=fixed, entropy=sg + 32 * len(leaf_sizes))
-    detail = dict(signs_entropy=sg, scales_raw=32 * len(leaf_sizes),
-                  negative_fraction_per_leaf=neg_frac)
+    detail = dict(
+      signs_entropy=sg, scales_raw=32 * len(leaf_sizes), negative_fraction_per_leaf=neg_frac
+    )
   out["detail"] = detail
   return out
 
@@ -483,11 +533,17 @@ def payload_entropy(kind, payload, leaf_sizes, steps_uniform):
 def git_state(repo):
   """(HEAD commit, uncommitted changes under compams_jax/) of the repository, or Nones."""
   import subprocess  # pylint: disable=import-outside-toplevel
+
   try:
-    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
-                          text=True, check=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--", "compams_jax"],
-                           capture_output=True, text=True, check=True).stdout.strip()
+    head = subprocess.run(
+      ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+      ["git", "-C", str(repo), "status", "--porcelain", "--", "compams_jax"],
+      capture_output=True,
+      text=True,
+      check=True,
+    ).stdout.strip()
     return head, dirty.splitlines()
   except (OSError, subprocess.CalledProcessError):
     return None, None
@@ -523,37 +579,71 @@ def fmt(x, spec=".3g"):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--quick", action="store_true",
-                      help="smoke run: 2 epochs, 4 compressors, accuracy of 3 variants for 2 "
-                           "compressors (~1-2 min)")
-  parser.add_argument("--epochs", type=int, default=None,
-                      help="epochs of the recording run and of every accuracy run (default 15, "
-                           "as configs/digits.py; quick 2)")
+  parser.add_argument(
+    "--quick",
+    action="store_true",
+    help="smoke run: 2 epochs, 4 compressors, accuracy of 3 variants for 2 compressors (~1-2 min)",
+  )
+  parser.add_argument(
+    "--epochs",
+    type=int,
+    default=None,
+    help="epochs of the recording run and of every accuracy run (default 15, "
+    "as configs/digits.py; quick 2)",
+  )
   parser.add_argument("--lr", type=float, default=0.05, help="learning rate (default 0.05)")
-  parser.add_argument("--local-batch", type=int, default=16,
-                      help="examples per worker per step (default 16, as configs/digits.py: "
-                           "11 steps per epoch)")
-  parser.add_argument("--seeds", type=int, default=None,
-                      help="accuracy runs per variant, seeds 0..S-1 (default 1)")
-  parser.add_argument("--compressors", nargs="+", default=None, choices=list(COMPRESSORS),
-                      help="compressors of the replays (default all; quick: 4)")
-  parser.add_argument("--acc-compressors", nargs="*", default=None, choices=list(COMPRESSORS),
-                      help="compressors of the accuracy runs (default: --compressors; quick: 2)")
-  parser.add_argument("--acc-variants", nargs="*", default=None, choices=list(ACC_VARIANTS),
-                      help="accuracy variants (default all 5; quick: none+EF ls+EF fixed0.9)")
+  parser.add_argument(
+    "--local-batch",
+    type=int,
+    default=16,
+    help="examples per worker per step (default 16, as configs/digits.py: 11 steps per epoch)",
+  )
+  parser.add_argument(
+    "--seeds", type=int, default=None, help="accuracy runs per variant, seeds 0..S-1 (default 1)"
+  )
+  parser.add_argument(
+    "--compressors",
+    nargs="+",
+    default=None,
+    choices=list(COMPRESSORS),
+    help="compressors of the replays (default all; quick: 4)",
+  )
+  parser.add_argument(
+    "--acc-compressors",
+    nargs="*",
+    default=None,
+    choices=list(COMPRESSORS),
+    help="compressors of the accuracy runs (default: --compressors; quick: 2)",
+  )
+  parser.add_argument(
+    "--acc-variants",
+    nargs="*",
+    default=None,
+    choices=list(ACC_VARIANTS),
+    help="accuracy variants (default all 5; quick: none+EF ls+EF fixed0.9)",
+  )
   parser.add_argument("--skip-accuracy", action="store_true", help="skip the training runs")
-  parser.add_argument("--out", default=None,
-                      help="results JSON (default benchmarks/results/predictive_momentum.json; "
-                           "quick: predictive_momentum_quick.json in the temp directory)")
+  parser.add_argument(
+    "--out",
+    default=None,
+    help="results JSON (default benchmarks/results/predictive_momentum.json; "
+    "quick: predictive_momentum_quick.json in the temp directory)",
+  )
   args = parser.parse_args(argv)
 
   epochs = args.epochs or (2 if args.quick else 15)
   seeds = args.seeds or 1
   names = args.compressors or (list(QUICK_COMPRESSORS) if args.quick else list(COMPRESSORS))
-  acc_names = (args.acc_compressors if args.acc_compressors is not None
-               else (["top_k 1%", "block_sign"] if args.quick else names))
-  acc_variants = (args.acc_variants if args.acc_variants is not None
-                  else (["none+EF", "ls+EF", "fixed0.9"] if args.quick else list(ACC_VARIANTS)))
+  acc_names = (
+    args.acc_compressors
+    if args.acc_compressors is not None
+    else (["top_k 1%", "block_sign"] if args.quick else names)
+  )
+  acc_variants = (
+    args.acc_variants
+    if args.acc_variants is not None
+    else (["none+EF", "ls+EF", "fixed0.9"] if args.quick else list(ACC_VARIANTS))
+  )
   if args.skip_accuracy:
     acc_names = []
   here = pathlib.Path(__file__).resolve().parent
@@ -566,16 +656,18 @@ def main(argv=None):
   t_start, cpu_start = time.time(), time.process_time()
   commit, dirty = git_state(here.parent)
   setup = make_setup()
-  print(f"jax {jax.__version__}, {jax.device_count()} devices; MnistCNN on digits "
-        f"({len(setup.dataset.y_train)} train / {len(setup.dataset.y_test)} test), "
-        f"{setup.dim} params in {len(setup.leaf_sizes)} leaves; {N_WORKERS} workers x "
-        f"{args.local_batch}, lr {args.lr}, beta {BETA}, {epochs} epochs", flush=True)
+  print(
+    f"jax {jax.__version__}, {jax.device_count()} devices; MnistCNN on digits "
+    f"({len(setup.dataset.y_train)} train / {len(setup.dataset.y_test)} test), "
+    f"{setup.dim} params in {len(setup.leaf_sizes)} leaves; {N_WORKERS} workers x "
+    f"{args.local_batch}, lr {args.lr}, beta {BETA}, {epochs} epochs",
+    flush=True,
+  )
 
   # 1. Record the real momentum sequences.
   t0 = time.time()
   rec_tx = momentum_sgd(args.lr, cj.compressors.identity(), False, False)
-  rec = train_run(setup, rec_tx, epochs=epochs, local_batch=args.local_batch,
-                  seed=0, record=True)
+  rec = train_run(setup, rec_tx, epochs=epochs, local_batch=args.local_batch, seed=0, record=True)
   seq = rec.pop("momentum").astype(np.float32)  # (T, n, D)
   T = seq.shape[0]
   mean = seq.mean(axis=1)  # (T, D): the true average momentum x̄_t
@@ -586,22 +678,37 @@ def main(argv=None):
   den = np.einsum("tnd,tnd->", seq[:-1].astype(np.float64), seq[:-1].astype(np.float64))
   rho_lag1 = num / den
   resid = seq[1:].astype(np.float64) - rho_lag1 * seq[:-1]
-  pred_gain = float((seq[1:].astype(np.float64) ** 2).sum() / (resid ** 2).sum())
+  pred_gain = float((seq[1:].astype(np.float64) ** 2).sum() / (resid**2).sum())
   # Per-leaf RMS of the per-worker momentum: the uniform quantizer steps.
   starts = np.cumsum([0] + setup.leaf_sizes)
-  leaf_rms = [float(np.sqrt(np.mean(seq[:, :, a:b].astype(np.float64) ** 2)))
-              for a, b in zip(starts[:-1], starts[1:])]
+  leaf_rms = [
+    float(np.sqrt(np.mean(seq[:, :, a:b].astype(np.float64) ** 2)))
+    for a, b in zip(starts[:-1], starts[1:])
+  ]
   steps_uniform = [r / UNIFORM_DIVISOR for r in leaf_rms]
-  record_info = dict(steps=T, seconds=time.time() - t0, test_accuracy=rec["test_accuracy"],
-                     test_loss=rec["test_loss"], final_train_loss=rec["final_train_loss"],
-                     lag1_rho=float(rho_lag1), lag1_prediction_gain=pred_gain,
-                     leaf_names=setup.leaf_names, leaf_sizes=setup.leaf_sizes, leaf_rms=leaf_rms,
-                     mean_over_workers_norm_ratio=float(
-                         np.sqrt((mean.astype(np.float64) ** 2).sum() /
-                                 (seq.astype(np.float64) ** 2).sum() * N_WORKERS)))
-  print(f"[record] {T} steps x {N_WORKERS} workers x {setup.dim} in {record_info['seconds']:.1f}s;"
-        f" test acc {rec['test_accuracy']:.4f}; lag-1 rho of m_t {rho_lag1:.3f} "
-        f"(prediction gain {pred_gain:.1f}x)", flush=True)
+  record_info = dict(
+    steps=T,
+    seconds=time.time() - t0,
+    test_accuracy=rec["test_accuracy"],
+    test_loss=rec["test_loss"],
+    final_train_loss=rec["final_train_loss"],
+    lag1_rho=float(rho_lag1),
+    lag1_prediction_gain=pred_gain,
+    leaf_names=setup.leaf_names,
+    leaf_sizes=setup.leaf_sizes,
+    leaf_rms=leaf_rms,
+    mean_over_workers_norm_ratio=float(
+      np.sqrt(
+        (mean.astype(np.float64) ** 2).sum() / (seq.astype(np.float64) ** 2).sum() * N_WORKERS
+      )
+    ),
+  )
+  print(
+    f"[record] {T} steps x {N_WORKERS} workers x {setup.dim} in {record_info['seconds']:.1f}s;"
+    f" test acc {rec['test_accuracy']:.4f}; lag-1 rho of m_t {rho_lag1:.3f} "
+    f"(prediction gain {pred_gain:.1f}x)",
+    flush=True,
+  )
 
   seq_dev = jax.device_put(seq, NamedSharding(setup.mesh, P(None, AXIS)))
   mean_dev = jax.device_put(mean, NamedSharding(setup.mesh, P()))
@@ -616,8 +723,7 @@ def main(argv=None):
       if mname == "fixed0.9+EF" and kind not in FIXED_EF_ONLY_FOR:
         continue
       t0 = time.time()
-      err, cum_err, rho, payload, warns, hlo = replay(setup, seq_dev, mean_dev, comp, predictor,
-                                                      ef)
+      err, cum_err, rho, payload, warns, hlo = replay(setup, seq_dev, mean_dev, comp, predictor, ef)
       tx_plain, _ = make_transform(comp, predictor, ef)
       static = cj.wire_bytes(tx_plain, setup.params_like)
       single = None
@@ -625,35 +731,55 @@ def main(argv=None):
         # one update compiled on its own (default XLA options)
         single = hlo_bytes(setup, tx_plain).total
         if single != hlo.total:
-          print(f"WARNING: {cname} {mname}: HLO bytes of the replay program {hlo.total} != "
-                f"{single} of a single compiled update", flush=True)
+          print(
+            f"WARNING: {cname} {mname}: HLO bytes of the replay program {hlo.total} != "
+            f"{single} of a single compiled update",
+            flush=True,
+          )
       with np.errstate(all="ignore"):  # diverged runs carry inf/nan payloads
         ent = payload_entropy(kind, payload, setup.leaf_sizes, steps_uniform)
       per_step = err / np.maximum(mean_sq, 1e-30)
       row = dict(
-          compressor=cname, method=mname, predictor=predictor, error_feedback=ef,
-          distortion=float(err.sum() / mean_sq.sum()),
-          distortion_cumulative=float(cum_err.sum() / cum_sq.sum()),
-          nonfinite_steps=int((~np.isfinite(err)).sum()),
-          distortion_per_step=per_step.tolist(),
-          distortion_by_epoch=[float(err[a:a + T // epochs].sum() / mean_sq[a:a + T // epochs].sum())
-                               for a in range(0, T - T // epochs + 1, T // epochs)],
-          rho_mean=(rho.mean(axis=0).tolist() if rho.size else None),
-          rho_first_last=(rho[[0, 1, -1]].mean(axis=1).tolist() if rho.size else None),
-          hlo_bytes=hlo.total, hlo_by_op=hlo.by_op, hlo_bytes_single_update=single,
-          wire_bytes=static,
-          payload_fixed_bytes=ent["fixed"] / 8, entropy_bytes=ent["entropy"] / 8,
-          entropy_uniform_bytes=(ent["entropy_uniform"] / 8 if "entropy_uniform" in ent
-                                 else None),
-          entropy_detail_bits=ent["detail"], warnings=warns, seconds=time.time() - t0)
+        compressor=cname,
+        method=mname,
+        predictor=predictor,
+        error_feedback=ef,
+        distortion=float(err.sum() / mean_sq.sum()),
+        distortion_cumulative=float(cum_err.sum() / cum_sq.sum()),
+        nonfinite_steps=int((~np.isfinite(err)).sum()),
+        distortion_per_step=per_step.tolist(),
+        distortion_by_epoch=[
+          float(err[a : a + T // epochs].sum() / mean_sq[a : a + T // epochs].sum())
+          for a in range(0, T - T // epochs + 1, T // epochs)
+        ],
+        rho_mean=(rho.mean(axis=0).tolist() if rho.size else None),
+        rho_first_last=(rho[[0, 1, -1]].mean(axis=1).tolist() if rho.size else None),
+        hlo_bytes=hlo.total,
+        hlo_by_op=hlo.by_op,
+        hlo_bytes_single_update=single,
+        wire_bytes=static,
+        payload_fixed_bytes=ent["fixed"] / 8,
+        entropy_bytes=ent["entropy"] / 8,
+        entropy_uniform_bytes=(ent["entropy_uniform"] / 8 if "entropy_uniform" in ent else None),
+        entropy_detail_bits=ent["detail"],
+        warnings=warns,
+        seconds=time.time() - t0,
+      )
       replays.append(row)
-      print(f"[replay] {cname:12s} {mname:12s} distortion {fmt(row['distortion']):>9s} "
-            f"cum {fmt(row['distortion_cumulative']):>9s}  hlo {hlo.total:6d} B  "
-            f"wire {static:6d} B  entropy {row['entropy_bytes']:8.0f} B"
-            + (f" / uniform {row['entropy_uniform_bytes']:7.0f} B"
-               if row["entropy_uniform_bytes"] is not None else "")
-            + (f"  rho~{np.mean(row['rho_mean']):.2f}" if row["rho_mean"] else "")
-            + ("  [warned]" if warns else "") + f"  ({row['seconds']:.1f}s)", flush=True)
+      print(
+        f"[replay] {cname:12s} {mname:12s} distortion {fmt(row['distortion']):>9s} "
+        f"cum {fmt(row['distortion_cumulative']):>9s}  hlo {hlo.total:6d} B  "
+        f"wire {static:6d} B  entropy {row['entropy_bytes']:8.0f} B"
+        + (
+          f" / uniform {row['entropy_uniform_bytes']:7.0f} B"
+          if row["entropy_uniform_bytes"] is not None
+          else ""
+        )
+        + (f"  rho~{np.mean(row['rho_mean']):.2f}" if row["rho_mean"] else "")
+        + ("  [warned]" if warns else "")
+        + f"  ({row['seconds']:.1f}s)",
+        flush=True,
+      )
       del payload
 
   # 4. Accuracy.
@@ -661,45 +787,81 @@ def main(argv=None):
   if acc_names:
     for seed in range(seeds):
       if seed > 0:  # seed 0 of the uncompressed baseline is the recording run
-        base = train_run(setup, momentum_sgd(args.lr, cj.compressors.identity(), False, False),
-                         epochs=epochs, local_batch=args.local_batch,
-                         seed=seed)
+        base = train_run(
+          setup,
+          momentum_sgd(args.lr, cj.compressors.identity(), False, False),
+          epochs=epochs,
+          local_batch=args.local_batch,
+          seed=seed,
+        )
       else:
-        base = dict(test_accuracy=rec["test_accuracy"], test_loss=rec["test_loss"],
-                    final_train_loss=rec["final_train_loss"], diverged=False, steps=T,
-                    seconds=record_info["seconds"])
+        base = dict(
+          test_accuracy=rec["test_accuracy"],
+          test_loss=rec["test_loss"],
+          final_train_loss=rec["final_train_loss"],
+          diverged=False,
+          steps=T,
+          seconds=record_info["seconds"],
+        )
       accuracy.append(dict(compressor="identity", variant="uncompressed", seed=seed, **base))
       for cname in acc_names:
         comp = make_compressor(cname)
         for vname in acc_variants:
           pred, ef = ACC_VARIANTS[vname]
-          r = train_run(setup, momentum_sgd(args.lr, comp, pred, ef), epochs=epochs,
-                        local_batch=args.local_batch, seed=seed)
+          r = train_run(
+            setup,
+            momentum_sgd(args.lr, comp, pred, ef),
+            epochs=epochs,
+            local_batch=args.local_batch,
+            seed=seed,
+          )
           accuracy.append(dict(compressor=cname, variant=vname, seed=seed, **r))
-          print(f"[train] seed {seed} {cname:12s} {vname:9s} test acc {r['test_accuracy']:.4f} "
-                f"loss {r['test_loss']:.4f} ({r['seconds']:.1f}s)", flush=True)
+          print(
+            f"[train] seed {seed} {cname:12s} {vname:9s} test acc {r['test_accuracy']:.4f} "
+            f"loss {r['test_loss']:.4f} ({r['seconds']:.1f}s)",
+            flush=True,
+          )
 
   total = time.time() - t_start
   cpu_total = time.process_time() - cpu_start
   print_tables(replays, accuracy, acc_names, acc_variants, total)
   result = dict(
-      command=" ".join([sys.executable.split("/")[-1]] + sys.argv),
-      argv=sys.argv[1:], date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
-      jax_version=jax.__version__, optax_version=optax.__version__,
-      compams_jax_version=cj.__version__, git_commit=commit,
-      git_uncommitted_library_changes=dirty,
-      git_commit_at_end=git_state(here.parent)[0], python=platform.python_version(),
-      machine=platform.machine(), cpu_count=os.cpu_count(), devices=jax.device_count(),
-      settings=dict(workers=N_WORKERS, beta=BETA, lr=args.lr, local_batch=args.local_batch,
-                    epochs=epochs, steps=T, seeds=seeds, compressors=names,
-                    accuracy_compressors=acc_names, accuracy_variants=acc_variants,
-                    uniform_step="leaf RMS of per-worker momentum over the run / "
-                                 f"{UNIFORM_DIVISOR:g}",
-                    fp_symbols=f"sign + 8 exponent bits + {MANTISSA_BITS} mantissa bits",
-                    dense_f32_bytes=4 * setup.dim),
-      record=record_info, replays=replays, accuracy=accuracy, accuracy_summary=acc_summary(
-          accuracy), seconds_total=total, cpu_seconds_total=cpu_total,
-      load_average_at_end=list(os.getloadavg()))
+    command=" ".join([sys.executable.split("/")[-1]] + sys.argv),
+    argv=sys.argv[1:],
+    date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+    jax_version=jax.__version__,
+    optax_version=optax.__version__,
+    compams_jax_version=cj.__version__,
+    git_commit=commit,
+    git_uncommitted_library_changes=dirty,
+    git_commit_at_end=git_state(here.parent)[0],
+    python=platform.python_version(),
+    machine=platform.machine(),
+    cpu_count=os.cpu_count(),
+    devices=jax.device_count(),
+    settings=dict(
+      workers=N_WORKERS,
+      beta=BETA,
+      lr=args.lr,
+      local_batch=args.local_batch,
+      epochs=epochs,
+      steps=T,
+      seeds=seeds,
+      compressors=names,
+      accuracy_compressors=acc_names,
+      accuracy_variants=acc_variants,
+      uniform_step=f"leaf RMS of per-worker momentum over the run / {UNIFORM_DIVISOR:g}",
+      fp_symbols=f"sign + 8 exponent bits + {MANTISSA_BITS} mantissa bits",
+      dense_f32_bytes=4 * setup.dim,
+    ),
+    record=record_info,
+    replays=replays,
+    accuracy=accuracy,
+    accuracy_summary=acc_summary(accuracy),
+    seconds_total=total,
+    cpu_seconds_total=cpu_total,
+    load_average_at_end=list(os.getloadavg()),
+  )
   out_path.parent.mkdir(parents=True, exist_ok=True)
   out_path.write_text(json.dumps(sanitize(result), indent=1, allow_nan=False))
   print(f"wrote {out_path} ({total:.0f}s wall, {cpu_total:.0f}s CPU of this process)")
@@ -712,47 +874,71 @@ def acc_summary(accuracy):
   out = []
   for (c, v), rs in groups.items():
     accs = [r["test_accuracy"] for r in rs]
-    out.append(dict(compressor=c, variant=v, seeds=len(rs), test_accuracy_mean=float(np.mean(accs)),
-                    test_accuracy_min=float(np.min(accs)), test_accuracy_max=float(np.max(accs)),
-                    test_loss_mean=float(np.mean([r["test_loss"] for r in rs])),
-                    diverged=sum(bool(r["diverged"]) for r in rs)))
+    out.append(
+      dict(
+        compressor=c,
+        variant=v,
+        seeds=len(rs),
+        test_accuracy_mean=float(np.mean(accs)),
+        test_accuracy_min=float(np.min(accs)),
+        test_accuracy_max=float(np.max(accs)),
+        test_loss_mean=float(np.mean([r["test_loss"] for r in rs])),
+        diverged=sum(bool(r["diverged"]) for r in rs),
+      )
+    )
   return out
 
 
 def print_tables(replays, accuracy, acc_names, acc_variants, total):
-  print("\nDistortion Σ‖x̄̂−x̄‖²/Σ‖x̄‖² of the averaged momentum (cumulative: of its running sum); "
-        "bytes per worker per step: HLO, wire_bytes, ideal entropy coder (fp values / uniform "
-        "values)")
-  head = (f"{'compressor':12s} {'method':12s} {'distortion':>10s} {'cumulative':>10s} "
-          f"{'HLO B':>7s} {'wire B':>7s} {'entropy B':>9s} {'uniform B':>9s} {'rho':>5s}")
+  print(
+    "\nDistortion Σ‖x̄̂−x̄‖²/Σ‖x̄‖² of the averaged momentum (cumulative: of its running sum); "
+    "bytes per worker per step: HLO, wire_bytes, ideal entropy coder (fp values / uniform "
+    "values)"
+  )
+  head = (
+    f"{'compressor':12s} {'method':12s} {'distortion':>10s} {'cumulative':>10s} "
+    f"{'HLO B':>7s} {'wire B':>7s} {'entropy B':>9s} {'uniform B':>9s} {'rho':>5s}"
+  )
   print(head)
   print("-" * len(head))
   for r in replays:
     rho = f"{np.mean(r['rho_mean']):.2f}" if r["rho_mean"] else "-"
     uni = f"{r['entropy_uniform_bytes']:.0f}" if r["entropy_uniform_bytes"] is not None else "-"
-    print(f"{r['compressor']:12s} {r['method']:12s} {fmt(r['distortion']):>10s} "
-          f"{fmt(r['distortion_cumulative']):>10s} {r['hlo_bytes']:7d} {r['wire_bytes']:7d} "
-          f"{r['entropy_bytes']:9.0f} {uni:>9s} {rho:>5s}")
-  print("\nRate breakdown, bytes per worker per step (fixed = as sent; entropy = ideal static "
-        "coder; top_k indices: gaps = per-payload gap entropy, C(d,k) = log2 C(d,k), "
-        "inter = inter-step code, overlap = fraction of indices also sent the step before)")
+    print(
+      f"{r['compressor']:12s} {r['method']:12s} {fmt(r['distortion']):>10s} "
+      f"{fmt(r['distortion_cumulative']):>10s} {r['hlo_bytes']:7d} {r['wire_bytes']:7d} "
+      f"{r['entropy_bytes']:9.0f} {uni:>9s} {rho:>5s}"
+    )
+  print(
+    "\nRate breakdown, bytes per worker per step (fixed = as sent; entropy = ideal static "
+    "coder; top_k indices: gaps = per-payload gap entropy, C(d,k) = log2 C(d,k), "
+    "inter = inter-step code, overlap = fraction of indices also sent the step before)"
+  )
   for r in replays:
     d = {k: v for k, v in r["entropy_detail_bits"].items()}
     b = lambda key: f"{d[key] / 8:.0f}"
     if "indices_fixed" in d:
-      line = (f"values fixed {b('values_fixed')}, fp {b('values_fp')}, uniform "
-              f"{b('values_uniform')} | indices fixed {b('indices_fixed')}, gaps "
-              f"{b('indices_gap_entropy')}, C(d,k) {b('indices_log2_binomial')}, inter "
-              f"{b('indices_inter_step')}, overlap {d['index_overlap_with_previous_step']:.2f}")
+      line = (
+        f"values fixed {b('values_fixed')}, fp {b('values_fp')}, uniform "
+        f"{b('values_uniform')} | indices fixed {b('indices_fixed')}, gaps "
+        f"{b('indices_gap_entropy')}, C(d,k) {b('indices_log2_binomial')}, inter "
+        f"{b('indices_inter_step')}, overlap {d['index_overlap_with_previous_step']:.2f}"
+      )
     elif "values_fixed" in d:
-      line = (f"values fixed {b('values_fixed')}, fp {b('values_fp')}, uniform "
-              f"{b('values_uniform')} | indices: none (shared seed)")
+      line = (
+        f"values fixed {b('values_fixed')}, fp {b('values_fp')}, uniform "
+        f"{b('values_uniform')} | indices: none (shared seed)"
+      )
     elif "levels_entropy" in d:
-      line = (f"levels fixed {r['payload_fixed_bytes'] - d['norms_raw'] / 8:.0f}, entropy "
-              f"{b('levels_entropy')} | norms {b('norms_raw')}")
+      line = (
+        f"levels fixed {r['payload_fixed_bytes'] - d['norms_raw'] / 8:.0f}, entropy "
+        f"{b('levels_entropy')} | norms {b('norms_raw')}"
+      )
     else:
-      line = (f"signs fixed {r['payload_fixed_bytes'] - d['scales_raw'] / 8:.0f}, entropy "
-              f"{b('signs_entropy')} | scales {b('scales_raw')}")
+      line = (
+        f"signs fixed {r['payload_fixed_bytes'] - d['scales_raw'] / 8:.0f}, entropy "
+        f"{b('signs_entropy')} | scales {b('scales_raw')}"
+      )
     print(f"{r['compressor']:12s} {r['method']:12s} {line}")
   if accuracy:
     summ = {(s["compressor"], s["variant"]): s for s in acc_summary(accuracy)}

@@ -24,9 +24,13 @@ WORKERS = 16
 os.environ.setdefault("PJRT_NPROC", str(2 * WORKERS))
 # Every study needs 16 simulated devices, whatever XLA_FLAGS asked for before.
 os.environ["XLA_FLAGS"] = " ".join(
-    [f for f in os.environ.get("XLA_FLAGS", "").split()
-     if not f.startswith("--xla_force_host_platform_device_count")]
-    + [f"--xla_force_host_platform_device_count={WORKERS}"])
+  [
+    f
+    for f in os.environ.get("XLA_FLAGS", "").split()
+    if not f.startswith("--xla_force_host_platform_device_count")
+  ]
+  + [f"--xla_force_host_platform_device_count={WORKERS}"]
+)
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
@@ -61,32 +65,66 @@ class Study:
 
 ADAPTIVE = ("amsgrad", "comp_ams_top_k", "comp_ams_block_sign", "onebit_adam", "qadam")
 STUDIES = {
-    s.name: s for s in [
-        Study("fashion_mnist", "Fashion-MNIST, CNN", "configs/fashion_mnist_cnn.py", ADAPTIVE,
-              (3e-4, 1e-3, 3e-3),
-              ("max_train_examples=16384", "epochs=3", "optimizer.warmup_steps=32")),
-        # 1-bit Adam diverges right after warm-up at every rate (and with a 70-step warm-up):
-        # weights into ReLU units dead during warm-up have frozen v = 0, the 1-bit code sends
-        # their zero momentum as ±scale, and the step lr·scale/ε explodes. ε = 1e-4 bounds it.
-        Study("mnist5k", "MNIST (5k real digits), LeNet-5", "configs/mnist5k_lenet.py",
-              (*ADAPTIVE, "onebit_adam:optimizer.eps=0.0001"),
-              (3e-4, 1e-3, 3e-3), ("optimizer.warmup_steps=35",)),
-        Study("rotten_tomatoes", "Rotten Tomatoes (IMDB stand-in), LSTM",
-              "configs/rotten_tomatoes_lstm.py", ADAPTIVE, (3e-4, 1e-3, 3e-3),
-              ("epochs=5", "optimizer.warmup_steps=40")),
-        Study("fashion_mnist_momentum", "Fashion-MNIST, CNN: compressed momentum SGD",
-              "configs/fashion_mnist_momentum.py",
-              ("momentum_sgd", "momentum_sgd_top_k", "momentum_sgd_top_k_predictive"),
-              (0.01, 0.03, 0.1), ("max_train_examples=16384", "epochs=3"),
-              tune_on="momentum_sgd"),
-        # Longer training at the tuned rates (seed 0): does compression's gap close?
-        Study("mnist5k_long", "MNIST (5k real digits), LeNet-5, 5× longer",
-              "configs/mnist5k_lenet.py", ADAPTIVE[:3], (), ("epochs=100",), seeds=(0,),
-              lr_from="mnist5k"),
-        Study("fashion_mnist_long", "Fashion-MNIST, CNN, full training set",
-              "configs/fashion_mnist_cnn.py", ADAPTIVE[:3], (), ("epochs=3",), seeds=(0,),
-              lr_from="fashion_mnist"),
-    ]
+  s.name: s
+  for s in [
+    Study(
+      "fashion_mnist",
+      "Fashion-MNIST, CNN",
+      "configs/fashion_mnist_cnn.py",
+      ADAPTIVE,
+      (3e-4, 1e-3, 3e-3),
+      ("max_train_examples=16384", "epochs=3", "optimizer.warmup_steps=32"),
+    ),
+    # 1-bit Adam diverges right after warm-up at every rate (and with a 70-step warm-up):
+    # weights into ReLU units dead during warm-up have frozen v = 0, the 1-bit code sends
+    # their zero momentum as ±scale, and the step lr·scale/ε explodes. ε = 1e-4 bounds it.
+    Study(
+      "mnist5k",
+      "MNIST (5k real digits), LeNet-5",
+      "configs/mnist5k_lenet.py",
+      (*ADAPTIVE, "onebit_adam:optimizer.eps=0.0001"),
+      (3e-4, 1e-3, 3e-3),
+      ("optimizer.warmup_steps=35",),
+    ),
+    Study(
+      "rotten_tomatoes",
+      "Rotten Tomatoes (IMDB stand-in), LSTM",
+      "configs/rotten_tomatoes_lstm.py",
+      ADAPTIVE,
+      (3e-4, 1e-3, 3e-3),
+      ("epochs=5", "optimizer.warmup_steps=40"),
+    ),
+    Study(
+      "fashion_mnist_momentum",
+      "Fashion-MNIST, CNN: compressed momentum SGD",
+      "configs/fashion_mnist_momentum.py",
+      ("momentum_sgd", "momentum_sgd_top_k", "momentum_sgd_top_k_predictive"),
+      (0.01, 0.03, 0.1),
+      ("max_train_examples=16384", "epochs=3"),
+      tune_on="momentum_sgd",
+    ),
+    # Longer training at the tuned rates (seed 0): does compression's gap close?
+    Study(
+      "mnist5k_long",
+      "MNIST (5k real digits), LeNet-5, 5× longer",
+      "configs/mnist5k_lenet.py",
+      ADAPTIVE[:3],
+      (),
+      ("epochs=100",),
+      seeds=(0,),
+      lr_from="mnist5k",
+    ),
+    Study(
+      "fashion_mnist_long",
+      "Fashion-MNIST, CNN, full training set",
+      "configs/fashion_mnist_cnn.py",
+      ADAPTIVE[:3],
+      (),
+      ("epochs=3",),
+      seeds=(0,),
+      lr_from="fashion_mnist",
+    ),
+  ]
 }
 
 
@@ -113,13 +151,26 @@ ALL = (*STUDIES, SPEEDUP.name)
 def _quick(study):
   """A tiny version of a study, to check the pipeline end to end."""
   if isinstance(study, Speedup):
-    return dataclasses.replace(study, workers=(1, 4), variants=study.variants[:1],
-                               target_loss=1.5, window_examples=256,
-                               overrides=("epochs=1", "max_train_examples=2048",
-                                          "max_test_examples=256"))
-  return dataclasses.replace(study, seeds=(0,), lr_grid=study.lr_grid[1:2], overrides=(
-      *study.overrides, "epochs=1", "max_train_examples=1024", "max_test_examples=256",
-      "optimizer.warmup_steps=1"))
+    return dataclasses.replace(
+      study,
+      workers=(1, 4),
+      variants=study.variants[:1],
+      target_loss=1.5,
+      window_examples=256,
+      overrides=("epochs=1", "max_train_examples=2048", "max_test_examples=256"),
+    )
+  return dataclasses.replace(
+    study,
+    seeds=(0,),
+    lr_grid=study.lr_grid[1:2],
+    overrides=(
+      *study.overrides,
+      "epochs=1",
+      "max_train_examples=1024",
+      "max_test_examples=256",
+      "optimizer.warmup_steps=1",
+    ),
+  )
 
 
 # ----------------------------------------------------------------------------- running
@@ -129,13 +180,16 @@ def _lr_tag(lr: float) -> str:
   return f"lr{lr:g}"
 
 
-def _train_one(spec: str, variant: str, overrides: list[str], workdir: pathlib.Path,
-               export_only: bool = False) -> dict:
+def _train_one(
+  spec: str, variant: str, overrides: list[str], workdir: pathlib.Path, export_only: bool = False
+) -> dict:
   """Trains one run (or loads it if finished; resumes it if interrupted) and returns a record.
 
   With `export_only`, an unfinished run is reported missing instead of trained.
   """
-  from compams_jax.experiments import config as config_lib, train
+  from compams_jax.experiments import config as config_lib
+  from compams_jax.experiments import train
+
   variant, _, extra = variant.partition(":")
   overrides = [*overrides, *(o for o in extra.split(",") if o)]
   done = workdir / "summary.json"
@@ -156,8 +210,11 @@ def _train_one(spec: str, variant: str, overrides: list[str], workdir: pathlib.P
       failed.write_text(json.dumps(record))
       return record
   lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines() if l]
-  return {**summary, "evals": [l for l in lines if l["kind"] == "eval"],
-          "train": [l for l in lines if l["kind"] == "train"]}
+  return {
+    **summary,
+    "evals": [l for l in lines if l["kind"] == "eval"],
+    "train": [l for l in lines if l["kind"] == "train"],
+  }
 
 
 def _log(msg: str) -> None:
@@ -167,20 +224,28 @@ def _log(msg: str) -> None:
 def _run_record(r: dict, seed: int) -> dict:
   """The part of a run kept in the results JSON."""
   if r.get("test_accuracy") is None:
-    return {"seed": seed, **({"missing": r["missing"]} if "missing" in r else
-                             {"diverged": r.get("diverged")})}
+    return {
+      "seed": seed,
+      **({"missing": r["missing"]} if "missing" in r else {"diverged": r.get("diverged")}),
+    }
   return {
-      "seed": seed, "test_accuracy": r["test_accuracy"], "test_loss": r["test_loss"],
-      "steps": r["steps"], "seconds": round(r["seconds"], 1),
-      "bits_sent_total": r["evals"][-1]["bits_sent"] if r["evals"] else None,
-      # epoch, test accuracy, mean training loss of the epoch, bits sent per worker so far.
-      "evals": [[e["epoch"], round(e["test_accuracy"], 5), round(e["train_loss"], 5),
-                 e["bits_sent"]] for e in r["evals"]],
+    "seed": seed,
+    "test_accuracy": r["test_accuracy"],
+    "test_loss": r["test_loss"],
+    "steps": r["steps"],
+    "seconds": round(r["seconds"], 1),
+    "bits_sent_total": r["evals"][-1]["bits_sent"] if r["evals"] else None,
+    # epoch, test accuracy, mean training loss of the epoch, bits sent per worker so far.
+    "evals": [
+      [e["epoch"], round(e["test_accuracy"], 5), round(e["train_loss"], 5), e["bits_sent"]]
+      for e in r["evals"]
+    ],
   }
 
 
-def run_study(study: Study, runs: pathlib.Path, out: pathlib.Path,
-              export_only: bool = False) -> dict:
+def run_study(
+  study: Study, runs: pathlib.Path, out: pathlib.Path, export_only: bool = False
+) -> dict:
   """Tunes the rate on seed 0, trains the other seeds at the best rate, writes the JSON."""
   base = runs / study.name
   t_study = time.time()
@@ -189,16 +254,25 @@ def run_study(study: Study, runs: pathlib.Path, out: pathlib.Path,
   def job(variant, lr, seed):
     key = (variant, lr, seed)
     if key not in records:
-      workdir = base / variant.replace(":", "__").replace("=", "-").replace(",", "_") / (
-          f"{_lr_tag(lr)}_seed{seed}")
-      overrides = [*study.overrides, f"optimizer.learning_rate={lr}", f"seed={seed}",
-                   f"optimizer.seed={seed}"]
+      workdir = (
+        base
+        / variant.replace(":", "__").replace("=", "-").replace(",", "_")
+        / (f"{_lr_tag(lr)}_seed{seed}")
+      )
+      overrides = [
+        *study.overrides,
+        f"optimizer.learning_rate={lr}",
+        f"seed={seed}",
+        f"optimizer.seed={seed}",
+      ]
       t = time.time()
       records[key] = r = _train_one(study.config, variant, overrides, workdir, export_only)
       acc = r.get("test_accuracy")
-      _log(f"{study.name} {variant} lr={lr:g} seed={seed}: "
-           + (f"test acc {acc:.4f}" if acc is not None else r.get("missing", "diverged"))
-           + f" ({time.time() - t:.0f} s)")
+      _log(
+        f"{study.name} {variant} lr={lr:g} seed={seed}: "
+        + (f"test acc {acc:.4f}" if acc is not None else r.get("missing", "diverged"))
+        + f" ({time.time() - t:.0f} s)"
+      )
     return records[key]
 
   def best_lr(variant):
@@ -214,29 +288,39 @@ def run_study(study: Study, runs: pathlib.Path, out: pathlib.Path,
     chosen = json.loads(source.read_text())["variants"]
     tuned = {v: (chosen[v]["lr"], {}) for v in study.variants}
   else:
-    for variant in ([study.tune_on] if study.tune_on else study.variants):
+    for variant in [study.tune_on] if study.tune_on else study.variants:
       tuned[variant] = best_lr(variant)
-  result = {"study": study.name, "title": study.title, "config": study.config,
-            "overrides": list(study.overrides), "seeds": list(study.seeds),
-            "lr_grid": list(study.lr_grid), "tuned_on": study.tune_on,
-            "lr_from": study.lr_from, "variants": {}}
+  result = {
+    "study": study.name,
+    "title": study.title,
+    "config": study.config,
+    "overrides": list(study.overrides),
+    "seeds": list(study.seeds),
+    "lr_grid": list(study.lr_grid),
+    "tuned_on": study.tune_on,
+    "lr_from": study.lr_from,
+    "variants": {},
+  }
   for variant in study.variants:
     lr, grid = tuned[study.tune_on or variant]
     if lr is None:
-      result["variants"][variant] = {"lr": None, "grid": {f"{k:g}": v for k, v in grid.items()},
-                                     "runs": []}
+      result["variants"][variant] = {
+        "lr": None,
+        "grid": {f"{k:g}": v for k, v in grid.items()},
+        "runs": [],
+      }
       continue
     runs_ = [job(variant, lr, seed) for seed in study.seeds]
     ok = [r for r in runs_ if r.get("test_accuracy") is not None]
     first = ok[0] if ok else {}
     result["variants"][variant] = {
-        "lr": lr,
-        "grid": {f"{k:g}": v for k, v in grid.items()} if variant in tuned else None,
-        "bytes_per_step_hlo": first.get("bytes_per_step_hlo"),
-        "bytes_per_step_steady": first.get("bytes_per_step_steady"),
-        "dense_f32_bytes": first.get("dense_f32_bytes"),
-        "collectives": first.get("collectives"),
-        "runs": [_run_record(r, s) for r, s in zip(runs_, study.seeds)],
+      "lr": lr,
+      "grid": {f"{k:g}": v for k, v in grid.items()} if variant in tuned else None,
+      "bytes_per_step_hlo": first.get("bytes_per_step_hlo"),
+      "bytes_per_step_steady": first.get("bytes_per_step_steady"),
+      "dense_f32_bytes": first.get("dense_f32_bytes"),
+      "collectives": first.get("collectives"),
+      "runs": [_run_record(r, s) for r, s in zip(runs_, study.seeds)],
     }
     for key in ("num_workers", "num_params", "total_steps", "train_examples", "test_examples"):
       result.setdefault(key, first.get(key))
@@ -247,8 +331,9 @@ def run_study(study: Study, runs: pathlib.Path, out: pathlib.Path,
       result.setdefault("dataset", cfg["dataset"]["name"])
       result.setdefault("model", cfg["model"]["name"])
   result["wall_seconds_this_invocation"] = round(time.time() - t_study, 1)
-  result["train_seconds_total"] = round(sum(
-      r.get("seconds", 0.0) for r in records.values() if r.get("test_accuracy") is not None), 1)
+  result["train_seconds_total"] = round(
+    sum(r.get("seconds", 0.0) for r in records.values() if r.get("test_accuracy") is not None), 1
+  )
   result["num_runs"] = len(records)
   result["host"] = _host()
   out.mkdir(parents=True, exist_ok=True)
@@ -256,38 +341,68 @@ def run_study(study: Study, runs: pathlib.Path, out: pathlib.Path,
   return result
 
 
-def run_speedup(sp: Speedup, runs: pathlib.Path, out: pathlib.Path,
-                export_only: bool = False) -> dict:
+def run_speedup(
+  sp: Speedup, runs: pathlib.Path, out: pathlib.Path, export_only: bool = False
+) -> dict:
   """Trains to the loss target for each n and compressor; writes the JSON."""
   from compams_jax.experiments import config as config_lib
+
   local_batch = int(config_lib.load_config_file(str(ROOT / sp.config)).local_batch)
-  result = {"study": sp.name, "config": sp.config, "overrides": list(sp.overrides),
-            "base_lr": sp.base_lr, "target_loss": sp.target_loss,
-            "window_examples": sp.window_examples, "local_batch": local_batch, "variants": {}}
+  result = {
+    "study": sp.name,
+    "config": sp.config,
+    "overrides": list(sp.overrides),
+    "base_lr": sp.base_lr,
+    "target_loss": sp.target_loss,
+    "window_examples": sp.window_examples,
+    "local_batch": local_batch,
+    "variants": {},
+  }
   total = 0.0
   for variant in sp.variants:
     rows = []
     for n in sp.workers:
       lr = sp.base_lr * math.sqrt(n)
       window = max(1, math.ceil(sp.window_examples / (n * local_batch)))
-      overrides = [*sp.overrides, f"num_workers={n}", f"optimizer.learning_rate={lr}",
-                   f"target_train_loss={sp.target_loss}", f"target_loss_window={window}",
-                   "log_every=1", "checkpoint_every=100000"]
+      overrides = [
+        *sp.overrides,
+        f"num_workers={n}",
+        f"optimizer.learning_rate={lr}",
+        f"target_train_loss={sp.target_loss}",
+        f"target_loss_window={window}",
+        "log_every=1",
+        "checkpoint_every=100000",
+      ]
       t = time.time()
-      r = _train_one(sp.config, variant, overrides, runs / sp.name / variant / f"n{n}",
-                     export_only)
+      r = _train_one(sp.config, variant, overrides, runs / sp.name / variant / f"n{n}", export_only)
       reached = r.get("steps_to_target")
-      _log(f"speedup {variant} n={n} lr={lr:.2e}: "
-           + (f"target reached at step {reached}" if reached else
-              f"target NOT reached in {r.get('steps')} steps") + f" ({time.time() - t:.0f} s)")
+      _log(
+        f"speedup {variant} n={n} lr={lr:.2e}: "
+        + (
+          f"target reached at step {reached}"
+          if reached
+          else f"target NOT reached in {r.get('steps')} steps"
+        )
+        + f" ({time.time() - t:.0f} s)"
+      )
       losses = [l["loss"] for l in r.get("train", [])]
-      smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1])
-                for i in range(len(losses))]
+      smooth = [
+        sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
+        for i in range(len(losses))
+      ]
       stride = max(1, len(smooth) // 150)
-      rows.append({"num_workers": n, "lr": lr, "window": window, "steps_to_target": reached,
-                   "steps": r.get("steps"), "seconds": round(r.get("seconds", 0.0), 1),
-                   "bytes_per_step_hlo": r.get("bytes_per_step_hlo"),
-                   "curve": [[i + 1, round(smooth[i], 4)] for i in range(0, len(smooth), stride)]})
+      rows.append(
+        {
+          "num_workers": n,
+          "lr": lr,
+          "window": window,
+          "steps_to_target": reached,
+          "steps": r.get("steps"),
+          "seconds": round(r.get("seconds", 0.0), 1),
+          "bytes_per_step_hlo": r.get("bytes_per_step_hlo"),
+          "curve": [[i + 1, round(smooth[i], 4)] for i in range(0, len(smooth), stride)],
+        }
+      )
       total += r.get("seconds", 0.0)
     result["variants"][variant] = rows
   result["train_seconds_total"] = round(total, 1)
@@ -299,34 +414,53 @@ def run_speedup(sp: Speedup, runs: pathlib.Path, out: pathlib.Path,
 
 def _host() -> dict:
   import jax
-  return {"jax": jax.__version__, "backend": jax.default_backend(),
-          "devices": jax.device_count(), "cpus": os.cpu_count(), "machine": platform.machine()}
+
+  return {
+    "jax": jax.__version__,
+    "backend": jax.default_backend(),
+    "devices": jax.device_count(),
+    "cpus": os.cpu_count(),
+    "machine": platform.machine(),
+  }
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter,
-                                   epilog=__doc__.split("\n\n", 1)[1])
+  parser = argparse.ArgumentParser(
+    description=__doc__.split("\n\n")[0],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+    epilog=__doc__.split("\n\n", 1)[1],
+  )
   parser.add_argument("command", choices=("run", "report"))
-  parser.add_argument("--study", action="append", choices=ALL, default=None,
-                      help="studies to run (default: all)")
-  parser.add_argument("--runs", default=None,
-                      help="run directories (default runs/reproduce; with --quick a temp dir)")
-  parser.add_argument("--results", default=None,
-                      help=f"results JSON directory (default {RESULTS.relative_to(ROOT)}; with "
-                           "--quick a temp dir)")
+  parser.add_argument(
+    "--study", action="append", choices=ALL, default=None, help="studies to run (default: all)"
+  )
+  parser.add_argument(
+    "--runs", default=None, help="run directories (default runs/reproduce; with --quick a temp dir)"
+  )
+  parser.add_argument(
+    "--results",
+    default=None,
+    help=f"results JSON directory (default {RESULTS.relative_to(ROOT)}; with --quick a temp dir)",
+  )
   parser.add_argument("--docs", default=str(ROOT / "docs"), help="where results.md goes")
-  parser.add_argument("--export-only", action="store_true",
-                      help="write the results JSON from the runs already finished; train nothing")
-  parser.add_argument("--quick", action="store_true",
-                      help="tiny runs into a temporary directory, to check the pipeline")
+  parser.add_argument(
+    "--export-only",
+    action="store_true",
+    help="write the results JSON from the runs already finished; train nothing",
+  )
+  parser.add_argument(
+    "--quick",
+    action="store_true",
+    help="tiny runs into a temporary directory, to check the pipeline",
+  )
   args = parser.parse_args(argv)
   names = args.study or list(ALL)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix="reproduce_quick_")) if args.quick else None
   runs = pathlib.Path(args.runs or (tmp / "runs" if tmp else ROOT / "runs" / "reproduce"))
   results = pathlib.Path(args.results or (tmp / "results" if tmp else RESULTS))
   if args.command == "report":
-    from reproduce_report import write_report  # noqa: PLC0415  (sibling module)
+    from reproduce_report import write_report
+
     print(write_report(results, pathlib.Path(args.docs)))
     return 0
   for name in names:

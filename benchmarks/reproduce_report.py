@@ -11,17 +11,23 @@ import pathlib
 import statistics
 
 LABELS = {
-    "amsgrad": "AMSGrad (full precision)",
-    "comp_ams_top_k": "COMP-AMS top-k 1%",
-    "comp_ams_block_sign": "COMP-AMS block-sign",
-    "onebit_adam": "1-bit Adam",
-    "qadam": "QAdam (qsgd, 127 levels)",
-    "momentum_sgd": "momentum SGD (full precision)",
-    "momentum_sgd_top_k": "momentum SGD, top-k 1% + EF",
-    "momentum_sgd_top_k_predictive": "momentum SGD, top-k 1% + EF, predictive (LS ρ)",
+  "amsgrad": "AMSGrad (full precision)",
+  "comp_ams_top_k": "COMP-AMS top-k 1%",
+  "comp_ams_block_sign": "COMP-AMS block-sign",
+  "onebit_adam": "1-bit Adam",
+  "qadam": "QAdam (qsgd, 127 levels)",
+  "momentum_sgd": "momentum SGD (full precision)",
+  "momentum_sgd_top_k": "momentum SGD, top-k 1% + EF",
+  "momentum_sgd_top_k_predictive": "momentum SGD, top-k 1% + EF, predictive (LS ρ)",
 }
-STUDY_ORDER = ("fashion_mnist", "fashion_mnist_long", "mnist5k", "mnist5k_long", "rotten_tomatoes",
-               "fashion_mnist_momentum")
+STUDY_ORDER = (
+  "fashion_mnist",
+  "fashion_mnist_long",
+  "mnist5k",
+  "mnist5k_long",
+  "rotten_tomatoes",
+  "fashion_mnist_momentum",
+)
 DENSE = {"amsgrad", "momentum_sgd"}
 
 
@@ -54,6 +60,7 @@ def _ok_runs(v: dict) -> list[dict]:
 
 def _study_figure(study: dict, out: pathlib.Path) -> None:
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   import numpy as np
@@ -69,7 +76,7 @@ def _study_figure(study: dict, out: pathlib.Path) -> None:
     bits = [max(e[3], 1) for e in runs[0]["evals"][:length]]
     mean, std = acc.mean(0), acc.std(0)
     label = _label(name)
-    line, = ax_e.plot(epochs, mean, marker="o", ms=3, label=label)
+    (line,) = ax_e.plot(epochs, mean, marker="o", ms=3, label=label)
     ax_e.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.15)
     ax_b.plot(bits, mean, marker="o", ms=3, color=line.get_color(), label=label)
   ax_e.set_xlabel("epoch")
@@ -79,8 +86,9 @@ def _study_figure(study: dict, out: pathlib.Path) -> None:
     ax.set_ylabel("test accuracy")
     ax.grid(alpha=0.3)
   ax_e.legend(fontsize=8)
-  fig.suptitle(f"{study['title']}: {study['num_workers']} workers, mean ± std over "
-               f"{len(study['seeds'])} seeds")
+  fig.suptitle(
+    f"{study['title']}: {study['num_workers']} workers, mean ± std over {len(study['seeds'])} seeds"
+  )
   fig.tight_layout()
   fig.savefig(out, dpi=100)
   plt.close(fig)
@@ -88,6 +96,7 @@ def _study_figure(study: dict, out: pathlib.Path) -> None:
 
 def _speedup_figure(sp: dict, out: pathlib.Path) -> None:
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -109,8 +118,12 @@ def _speedup_figure(sp: dict, out: pathlib.Path) -> None:
     rows = [r for r in sp["variants"][name] if r["steps_to_target"]]
     base = next((r["steps_to_target"] for r in rows if r["num_workers"] == 1), None)
     if base:
-      ax.plot([r["num_workers"] for r in rows], [base / r["steps_to_target"] for r in rows],
-              marker="o", label=_label(name))
+      ax.plot(
+        [r["num_workers"] for r in rows],
+        [base / r["steps_to_target"] for r in rows],
+        marker="o",
+        label=_label(name),
+      )
   ns = [r["num_workers"] for r in sp["variants"][variants[0]]]
   ax.plot(ns, ns, "k--", lw=0.8, label="linear")
   ax.set_xscale("log", base=2)
@@ -132,19 +145,26 @@ def _study_section(study: dict, fig_rel: str) -> list[str]:
   seeds = len(study["seeds"])
   out = [f"### {study['title']}", ""]
   out.append(
-      f"{study['train_examples']:,} training / {study['test_examples']:,} test examples, "
-      f"model `{study['model']}` ({study['num_params']:,} parameters), "
-      f"{study['num_workers']} workers × local batch {study['local_batch']}, "
-      f"{study['epochs']} epochs ({study['total_steps']} steps). "
-      + (f"Each optimizer uses the rate tuned for it in the `{study['lr_from']}` study; "
-         f"seed{'s' if seeds > 1 else ''} {study['seeds']}." if study.get("lr_from") else
-         f"Learning rate tuned on seed 0 over {study['lr_grid']} for `{study['tuned_on']}` and "
-         "used for every variant." if study.get("tuned_on") else
-         f"Learning rate tuned per optimizer on seed 0 over {study['lr_grid']}; seeds "
-         f"{study['seeds'][1:]} then use the best rate."))
+    f"{study['train_examples']:,} training / {study['test_examples']:,} test examples, "
+    f"model `{study['model']}` ({study['num_params']:,} parameters), "
+    f"{study['num_workers']} workers × local batch {study['local_batch']}, "
+    f"{study['epochs']} epochs ({study['total_steps']} steps). "
+    + (
+      f"Each optimizer uses the rate tuned for it in the `{study['lr_from']}` study; "
+      f"seed{'s' if seeds > 1 else ''} {study['seeds']}."
+      if study.get("lr_from")
+      else f"Learning rate tuned on seed 0 over {study['lr_grid']} for `{study['tuned_on']}` and "
+      "used for every variant."
+      if study.get("tuned_on")
+      else f"Learning rate tuned per optimizer on seed 0 over {study['lr_grid']}; seeds "
+      f"{study['seeds'][1:]} then use the best rate."
+    )
+  )
   out.append("")
-  out.append("| optimizer | lr | test accuracy (mean ± std) | seeds | bits / worker / step "
-             "| fewer bits than full precision | Mbit sent / worker (run) | CPU s / run |")
+  out.append(
+    "| optimizer | lr | test accuracy (mean ± std) | seeds | bits / worker / step "
+    "| fewer bits than full precision | Mbit sent / worker (run) | CPU s / run |"
+  )
   out.append("|---|---|---|---|---|---|---|---|")
   for name, v in variants.items():
     runs = _ok_runs(v)
@@ -161,8 +181,10 @@ def _study_section(study: dict, fig_rel: str) -> list[str]:
     secs = statistics.fmean([r["seconds"] for r in runs]) if runs else math.nan
     lr = f"{v['lr']:g}" if v.get("lr") else "all diverged"
     acc = f"{mean:.4f} ± {std:.4f}" if len(runs) > 1 else f"{mean:.4f}"
-    out.append(f"| {_label(name)} | {lr} | {acc} | {len(runs)}/{seeds} "
-               f"| {bits_note} | {ratio:.1f}× | {total:,.1f} | {secs:.0f} |")
+    out.append(
+      f"| {_label(name)} | {lr} | {acc} | {len(runs)}/{seeds} "
+      f"| {bits_note} | {ratio:.1f}× | {total:,.1f} | {secs:.0f} |"
+    )
   out.append("")
   grids = [(n, v["grid"]) for n, v in variants.items() if v.get("grid")]
   if grids:
@@ -183,14 +205,16 @@ def _study_section(study: dict, fig_rel: str) -> list[str]:
 def _speedup_section(sp: dict, fig_rel: str) -> list[str]:
   out = ["### Linear speedup (Fashion-MNIST, CNN)", ""]
   out.append(
-      f"Iterations T(n) until the training loss, averaged over the last "
-      f"{sp['window_examples']:,} examples (⌈{sp['window_examples']}/(32·n)⌉ steps), first "
-      f"reaches {sp['target_loss']}; n workers × local batch {sp['local_batch']}, "
-      f"lr = {sp['base_lr']:g}·√n.")
+    f"Iterations T(n) until the training loss, averaged over the last "
+    f"{sp['window_examples']:,} examples (⌈{sp['window_examples']}/(32·n)⌉ steps), first "
+    f"reaches {sp['target_loss']}; n workers × local batch {sp['local_batch']}, "
+    f"lr = {sp['base_lr']:g}·√n."
+  )
   out.append("")
   variants = list(sp["variants"])
-  out.append("| n | lr | " + " | ".join(f"T(n) {LABELS.get(v, v)} | speedup" for v in variants)
-             + " |")
+  out.append(
+    "| n | lr | " + " | ".join(f"T(n) {LABELS.get(v, v)} | speedup" for v in variants) + " |"
+  )
   out.append("|---|---|" + "---|---|" * len(variants))
   rows = {v: {r["num_workers"]: r for r in sp["variants"][v]} for v in variants}
   base = {v: (rows[v].get(1) or {}).get("steps_to_target") for v in variants}
@@ -229,32 +253,40 @@ def _ratio(study: dict, name: str, dense: str) -> str:
 
 def _claims_section(data: dict[str, dict]) -> list[str]:
   """One row per study: accuracy gaps to full precision and bit ratios, from the JSON."""
-  out = ["## The claims against the measurements", "",
-         "Test-accuracy difference to full-precision AMSGrad in percentage points (mean over "
-         "seeds ± the two spreads combined; negative = worse), and bits per step relative to it.",
-         "",
-         "| study | top-k 1%: Δ accuracy | top-k 1%: fewer bits | block-sign: Δ accuracy "
-         "| block-sign: fewer bits | 1-bit Adam: Δ accuracy | QAdam: Δ accuracy |",
-         "|---|---|---|---|---|---|---|"]
+  out = [
+    "## The claims against the measurements",
+    "",
+    "Test-accuracy difference to full-precision AMSGrad in percentage points (mean over "
+    "seeds ± the two spreads combined; negative = worse), and bits per step relative to it.",
+    "",
+    "| study | top-k 1%: Δ accuracy | top-k 1%: fewer bits | block-sign: Δ accuracy "
+    "| block-sign: fewer bits | 1-bit Adam: Δ accuracy | QAdam: Δ accuracy |",
+    "|---|---|---|---|---|---|---|",
+  ]
   for name in STUDY_ORDER:
     st = data.get(name)
     if not st or "amsgrad" not in st["variants"]:
       continue
-    out.append(f"| {st['title']} | {_gap(st, 'comp_ams_top_k', 'amsgrad')} "
-               f"| {_ratio(st, 'comp_ams_top_k', 'amsgrad')} "
-               f"| {_gap(st, 'comp_ams_block_sign', 'amsgrad')} "
-               f"| {_ratio(st, 'comp_ams_block_sign', 'amsgrad')} "
-               f"| {_gap(st, 'onebit_adam', 'amsgrad')} | {_gap(st, 'qadam', 'amsgrad')} |")
+    out.append(
+      f"| {st['title']} | {_gap(st, 'comp_ams_top_k', 'amsgrad')} "
+      f"| {_ratio(st, 'comp_ams_top_k', 'amsgrad')} "
+      f"| {_gap(st, 'comp_ams_block_sign', 'amsgrad')} "
+      f"| {_ratio(st, 'comp_ams_block_sign', 'amsgrad')} "
+      f"| {_gap(st, 'onebit_adam', 'amsgrad')} | {_gap(st, 'qadam', 'amsgrad')} |"
+    )
   mom = data.get("fashion_mnist_momentum")
   if mom:
-    out += ["", "Compressed momentum SGD (Fashion-MNIST, equal rate): "
-            f"top-k 1% + EF {_gap(mom, 'momentum_sgd_top_k', 'momentum_sgd')} points, "
-            f"with prediction {_gap(mom, 'momentum_sgd_top_k_predictive', 'momentum_sgd')} "
-            "points against full-precision momentum SGD; prediction against plain top-k: "
-            f"{_gap(mom, 'momentum_sgd_top_k_predictive', 'momentum_sgd_top_k')} points, at "
-            f"{8 * mom['variants']['momentum_sgd_top_k_predictive']['bytes_per_step_steady']:,} "
-            f"vs {8 * mom['variants']['momentum_sgd_top_k']['bytes_per_step_steady']:,} bits "
-            "per step."]
+    out += [
+      "",
+      "Compressed momentum SGD (Fashion-MNIST, equal rate): "
+      f"top-k 1% + EF {_gap(mom, 'momentum_sgd_top_k', 'momentum_sgd')} points, "
+      f"with prediction {_gap(mom, 'momentum_sgd_top_k_predictive', 'momentum_sgd')} "
+      "points against full-precision momentum SGD; prediction against plain top-k: "
+      f"{_gap(mom, 'momentum_sgd_top_k_predictive', 'momentum_sgd_top_k')} points, at "
+      f"{8 * mom['variants']['momentum_sgd_top_k_predictive']['bytes_per_step_steady']:,} "
+      f"vs {8 * mom['variants']['momentum_sgd_top_k']['bytes_per_step_steady']:,} bits "
+      "per step.",
+    ]
   sp = data.get("speedup")
   if sp:
     cells = []
@@ -277,10 +309,14 @@ def _timing_section(data: dict[str, dict]) -> list[str]:
       runs = d.get("num_runs", 0)
     out.append(f"| {name} | {runs} | {d.get('train_seconds_total', 0):,.0f} |")
   host = next(iter(data.values())).get("host", {})
-  out += ["", f"Host: {host.get('cpus')} CPU cores ({host.get('machine')}), no accelerator, jax "
-          f"{host.get('jax')}, {host.get('devices')} simulated XLA:CPU devices. Seconds are wall "
-          "time of the training loop (compilation and data loading excluded) while two queues "
-          "shared the 2 cores, so each run had about one core.", ""]
+  out += [
+    "",
+    f"Host: {host.get('cpus')} CPU cores ({host.get('machine')}), no accelerator, jax "
+    f"{host.get('jax')}, {host.get('devices')} simulated XLA:CPU devices. Seconds are wall "
+    "time of the training loop (compilation and data loading excluded) while two queues "
+    "shared the 2 cores, so each run had about one core.",
+    "",
+  ]
   return out
 
 

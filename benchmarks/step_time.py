@@ -44,8 +44,9 @@ import os
 import sys
 
 N_WORKERS = 8
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           f" --xla_force_host_platform_device_count={N_WORKERS}").strip()
+os.environ["XLA_FLAGS"] = (
+  os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={N_WORKERS}"
+).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import datetime  # noqa: E402
@@ -73,11 +74,11 @@ AXIS = "data"
 TOP_K_KW: dict = {}  # set from --top-k-method
 
 COMPRESSORS = {
-    "dense": (C.identity, "gather"),
-    "top_k": (lambda: C.top_k(0.01, **TOP_K_KW), "gather"),
-    "block_sign": (C.block_sign, "gather"),
-    "top_k_2p": (lambda: C.top_k(0.01, **TOP_K_KW), "two_phase"),
-    "block_sign_2p": (C.block_sign, "two_phase"),
+  "dense": (C.identity, "gather"),
+  "top_k": (lambda: C.top_k(0.01, **TOP_K_KW), "gather"),
+  "block_sign": (C.block_sign, "gather"),
+  "top_k_2p": (lambda: C.top_k(0.01, **TOP_K_KW), "two_phase"),
+  "block_sign_2p": (C.block_sign, "two_phase"),
 }
 INPUTS = {"mnist_cnn": (28, 28, 1), "resnet18": (32, 32, 3)}
 
@@ -102,8 +103,12 @@ def build_parallel_step(model, params, tx, mesh):
   dropout_key = jax.random.key(1)
 
   @jax.jit
-  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(), specs, P(AXIS), P(AXIS), P()),
-                     out_specs=(P(), specs, P(AXIS)))
+  @functools.partial(
+    jax.shard_map,
+    mesh=mesh,
+    in_specs=(P(), specs, P(AXIS), P(AXIS), P()),
+    out_specs=(P(), specs, P(AXIS)),
+  )
   def step(params, opt_state, x, y, t):
     x, y = x[0], y[0]
     rng = jax.random.fold_in(jax.random.fold_in(dropout_key, t), jax.lax.axis_index(AXIS))
@@ -149,8 +154,9 @@ class Runner:
   def run(self, k):
     t0 = time.perf_counter()
     for _ in range(k):
-      self.params, self.opt_state, loss = self.step(self.params, self.opt_state, self.x, self.y,
-                                                    jnp.int32(self.t))
+      self.params, self.opt_state, loss = self.step(
+        self.params, self.opt_state, self.x, self.y, jnp.int32(self.t)
+      )
       self.t += 1
     jax.block_until_ready((self.params, self.opt_state, loss))
     return (time.perf_counter() - t0) / k
@@ -161,36 +167,42 @@ def interleaved(runners, repeats, steps, warmup):
   compile_s = {}
   for name, r in runners.items():
     t0 = time.perf_counter()
-    r.run(1)                         # compile + first step
+    r.run(1)  # compile + first step
     compile_s[name] = time.perf_counter() - t0
     if warmup > 1:
       r.run(warmup - 1)
   times = {name: [] for name in runners}
   names = list(runners)
   for rep in range(repeats):
-    order = names[rep % len(names):] + names[:rep % len(names)]
+    order = names[rep % len(names) :] + names[: rep % len(names)]
     for name in order:
       times[name].append(runners[name].run(steps))
-    print(f"  repeat {rep + 1}/{repeats}: " +
-          "  ".join(f"{k} {v[-1] * 1e3:.0f} ms" for k, v in times.items()), flush=True)
+    print(
+      f"  repeat {rep + 1}/{repeats}: "
+      + "  ".join(f"{k} {v[-1] * 1e3:.0f} ms" for k, v in times.items()),
+      flush=True,
+    )
   return times, compile_s
 
 
 def summarize(times, base="dense"):
   med = {k: statistics.median(v) for k, v in times.items()}
-  out = {k: {"median_s": med[k], "min_s": min(v), "max_s": max(v), "all_s": v}
-         for k, v in times.items()}
+  out = {
+    k: {"median_s": med[k], "min_s": min(v), "max_s": max(v), "all_s": v} for k, v in times.items()
+  }
   if base in times:
     for k, v in times.items():
       out[k]["ratio_of_medians_vs_dense"] = med[k] / med[base]
       out[k]["median_paired_ratio_vs_dense"] = statistics.median(
-          a / b for a, b in zip(v, times[base]))
+        a / b for a, b in zip(v, times[base])
+      )
   return out
 
 
 def init_params(model, input_shape, seed=0):
-  return model.init({"params": jax.random.key(seed)}, jnp.zeros((1,) + input_shape),
-                    train=False)["params"]
+  return model.init({"params": jax.random.key(seed)}, jnp.zeros((1,) + input_shape), train=False)[
+    "params"
+  ]
 
 
 def parallel_benchmark(args, rng):
@@ -208,8 +220,11 @@ def parallel_benchmark(args, rng):
     runners[name] = Runner(step, p, opt_state, x, y)
     cb = cj.collective_bytes(step.lower(p, opt_state, x, y, jnp.int32(0)).compile())
     hlo[name] = {"operand_bytes": cb.total, "received_bytes": cb.received, "by_op": cb.by_op}
-  print(f"# MnistCNN 28x28x1, {count_params(params):,} params, {N_WORKERS} workers x local batch "
-        f"{args.batch}: {args.repeats} repeats x {args.steps} steps, interleaved", flush=True)
+  print(
+    f"# MnistCNN 28x28x1, {count_params(params):,} params, {N_WORKERS} workers x local batch "
+    f"{args.batch}: {args.repeats} repeats x {args.steps} steps, interleaved",
+    flush=True,
+  )
   times, compile_s = interleaved(runners, args.repeats, args.steps, args.warmup)
   res = summarize(times)
   for k in res:
@@ -228,27 +243,42 @@ def single_worker_benchmark(model_name, names, batch, repeats, steps, warmup, rn
   for name in names:
     step, opt_state = build_single_step(model, params, make_tx(name, None, 1))
     runners[name] = Runner(step, jax.device_put(params, dev), jax.device_put(opt_state, dev), x, y)
-  print(f"# one worker, {model_name} {INPUTS[model_name]}, batch {batch}, no collectives: "
-        f"{repeats} repeats x {steps} steps", flush=True)
+  print(
+    f"# one worker, {model_name} {INPUTS[model_name]}, batch {batch}, no collectives: "
+    f"{repeats} repeats x {steps} steps",
+    flush=True,
+  )
   times, compile_s = interleaved(runners, repeats, steps, warmup)
   res = summarize(times)
   for k in res:
     res[k]["compile_and_first_step_s"] = compile_s[k]
-  return {"num_params": count_params(params), "batch": batch, "variants": res,
-          "compute_s": res["dense"]["median_s"],
-          "codec_overhead_s": {k: max(0.0, v["median_s"] - res["dense"]["median_s"])
-                               for k, v in res.items() if k != "dense"}}
+  return {
+    "num_params": count_params(params),
+    "batch": batch,
+    "variants": res,
+    "compute_s": res["dense"]["median_s"],
+    "codec_overhead_s": {
+      k: max(0.0, v["median_s"] - res["dense"]["median_s"]) for k, v in res.items() if k != "dense"
+    },
+  }
 
 
 def git_state():
   """Commit and dirty library files of the checkout the numbers were measured on."""
   import subprocess
+
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   try:
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                          text=True, check=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--short", "compams_jax"], cwd=root,
-                           capture_output=True, text=True, check=True).stdout.split("\n")
+    head = subprocess.run(
+      ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+      ["git", "status", "--short", "compams_jax"],
+      cwd=root,
+      capture_output=True,
+      text=True,
+      check=True,
+    ).stdout.split("\n")
     return {"commit": head, "dirty_library_files": [d for d in dirty if d.strip()]}
   except (OSError, subprocess.CalledProcessError):
     return None
@@ -256,23 +286,32 @@ def git_state():
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  ap.add_argument("--variants", nargs="+",
-                  default=["dense", "top_k", "block_sign", "block_sign_2p"],
-                  choices=list(COMPRESSORS))
+  ap.add_argument(
+    "--variants",
+    nargs="+",
+    default=["dense", "top_k", "block_sign", "block_sign_2p"],
+    choices=list(COMPRESSORS),
+  )
   ap.add_argument("--batch", type=int, default=32, help="local batch per worker")
   ap.add_argument("--repeats", type=int, default=7)
   ap.add_argument("--steps", type=int, default=3, help="steps per timed block")
   ap.add_argument("--warmup", type=int, default=3, help="untimed steps per variant (incl. compile)")
   ap.add_argument("--single-repeats", type=int, default=7)
   ap.add_argument("--resnet-repeats", type=int, default=3)
-  ap.add_argument("--no-resnet", action="store_true",
-                  help="skip the single-worker ResNet-18 compute measurement")
+  ap.add_argument(
+    "--no-resnet", action="store_true", help="skip the single-worker ResNet-18 compute measurement"
+  )
   ap.add_argument("--quick", action="store_true", help="smoke run: 3 repeats x 2 steps, no ResNet")
   ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--top-k-method", default=None,
-                  help="passed as top_k(..., method=...) if given (default: the library's)")
-  ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                "results", "step_time.json"))
+  ap.add_argument(
+    "--top-k-method",
+    default=None,
+    help="passed as top_k(..., method=...) if given (default: the library's)",
+  )
+  ap.add_argument(
+    "--out",
+    default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "step_time.json"),
+  )
   args = ap.parse_args(argv)
   if args.quick:
     args.repeats, args.steps, args.warmup, args.single_repeats, args.no_resnet = 3, 2, 2, 3, True
@@ -287,55 +326,89 @@ def main(argv=None):
   except OSError:
     load = None
   result = {
-      "benchmark": "step_time",
-      "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "jax_version": jax.__version__, "optax_version": optax.__version__,
-      "python": platform.python_version(), "platform": platform.platform(),
-      "cpu_count": os.cpu_count(), "backend": jax.default_backend(),
-      "device_count": jax.device_count(), "loadavg_at_start": load,
-      "top_k": repr(C.top_k(0.01, **TOP_K_KW)), "git": git_state(),
-      "setup": {"model": "mnist_cnn", "input": list(INPUTS["mnist_cnn"]), "workers": N_WORKERS,
-                "local_batch": args.batch, "repeats": args.repeats, "steps_per_block": args.steps,
-                "warmup_steps": args.warmup, "learning_rate": LR},
-      "caveat": ("8 simulated XLA:CPU devices share the machine's CPU cores: the workers' "
-                 "compute runs largely serially and collectives are memory copies, so the "
-                 "ratios measure compression's compute overhead, not network savings."),
+    "benchmark": "step_time",
+    "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "jax_version": jax.__version__,
+    "optax_version": optax.__version__,
+    "python": platform.python_version(),
+    "platform": platform.platform(),
+    "cpu_count": os.cpu_count(),
+    "backend": jax.default_backend(),
+    "device_count": jax.device_count(),
+    "loadavg_at_start": load,
+    "top_k": repr(C.top_k(0.01, **TOP_K_KW)),
+    "git": git_state(),
+    "setup": {
+      "model": "mnist_cnn",
+      "input": list(INPUTS["mnist_cnn"]),
+      "workers": N_WORKERS,
+      "local_batch": args.batch,
+      "repeats": args.repeats,
+      "steps_per_block": args.steps,
+      "warmup_steps": args.warmup,
+      "learning_rate": LR,
+    },
+    "caveat": (
+      "8 simulated XLA:CPU devices share the machine's CPU cores: the workers' "
+      "compute runs largely serially and collectives are memory copies, so the "
+      "ratios measure compression's compute overhead, not network savings."
+    ),
   }
   par, num_params = parallel_benchmark(args, rng)
   result["parallel_8_workers"] = par
   result["num_params"] = num_params
   single_names = [v for v in args.variants if not v.endswith("_2p")]
-  result["single_worker"] = {"mnist_cnn": single_worker_benchmark(
-      "mnist_cnn", single_names, args.batch, args.single_repeats, args.steps, args.warmup, rng)}
+  result["single_worker"] = {
+    "mnist_cnn": single_worker_benchmark(
+      "mnist_cnn", single_names, args.batch, args.single_repeats, args.steps, args.warmup, rng
+    )
+  }
   if not args.no_resnet:
     result["single_worker"]["resnet18"] = single_worker_benchmark(
-        "resnet18", single_names, args.batch, args.resnet_repeats, 1, 1, rng)
+      "resnet18", single_names, args.batch, args.resnet_repeats, 1, 1, rng
+    )
   try:
     result["loadavg_at_end"] = os.getloadavg()
   except OSError:
     pass
   targets = {"top_k": 1.25, "block_sign": 1.15}
   result["targets"] = {
-      k: {"target_ratio_le": t, "ratio_of_medians": par[k]["ratio_of_medians_vs_dense"],
-          "median_paired_ratio": par[k]["median_paired_ratio_vs_dense"],
-          "met": par[k]["ratio_of_medians_vs_dense"] <= t}
-      for k, t in targets.items() if k in par}
+    k: {
+      "target_ratio_le": t,
+      "ratio_of_medians": par[k]["ratio_of_medians_vs_dense"],
+      "median_paired_ratio": par[k]["median_paired_ratio_vs_dense"],
+      "met": par[k]["ratio_of_medians_vs_dense"] <= t,
+    }
+    for k, t in targets.items()
+    if k in par
+  }
   result["runtime_seconds"] = round(time.perf_counter() - start, 1)
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(result, f, indent=1)
 
-  print("\n| variant (8 workers, CNN, batch 32/worker) | median step | ratio of medians vs dense "
-        "| median paired ratio |\n|---|---|---|---|")
+  print(
+    "\n| variant (8 workers, CNN, batch 32/worker) | median step | ratio of medians vs dense "
+    "| median paired ratio |\n|---|---|---|---|"
+  )
   for k, v in par.items():
-    print(f"| {k} | {v['median_s'] * 1e3:.0f} ms | {v['ratio_of_medians_vs_dense']:.3f} | "
-          f"{v['median_paired_ratio_vs_dense']:.3f} |")
-  print("\n| model (one worker, no collectives) | " + " | ".join(single_names) + " |\n|---|" +
-        "---|" * len(single_names))
+    print(
+      f"| {k} | {v['median_s'] * 1e3:.0f} ms | {v['ratio_of_medians_vs_dense']:.3f} | "
+      f"{v['median_paired_ratio_vs_dense']:.3f} |"
+    )
+  print(
+    "\n| model (one worker, no collectives) | "
+    + " | ".join(single_names)
+    + " |\n|---|"
+    + "---|" * len(single_names)
+  )
   for m, s in result["single_worker"].items():
-    print(f"| {m} | " + " | ".join(f"{s['variants'][k]['median_s'] * 1e3:.1f} ms"
-                                   for k in single_names) + " |")
+    print(
+      f"| {m} | "
+      + " | ".join(f"{s['variants'][k]['median_s'] * 1e3:.1f} ms" for k in single_names)
+      + " |"
+    )
   print(json.dumps(result["targets"], indent=1))
   print(f"total {result['runtime_seconds']:.0f}s; wrote {args.out}")
 

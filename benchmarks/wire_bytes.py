@@ -43,32 +43,61 @@ import sys
 
 def _parse_args(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  ap.add_argument("--models", nargs="+", default=["mnist_cnn", "resnet18"],
-                  choices=["mnist_cnn", "resnet18"])
-  ap.add_argument("--ns", nargs="+", type=int, default=[2, 4, 8, 16],
-                  help="numbers of simulated devices (the process forces max(ns) CPU devices)")
-  ap.add_argument("--variants", nargs="+", default=None,
-                  help="subset of variant names to run (default: all; see VARIANTS)")
-  ap.add_argument("--quick", action="store_true",
-                  help="smoke run: mnist_cnn, n = 4 16, variants dense/top_k/block_sign")
-  ap.add_argument("--top-k-method", default=None,
-                  help="passed as top_k(..., method=...) if given (bytes do not depend on it)")
-  ap.add_argument("--merge", action="store_true",
-                  help="keep the rows of an existing --out file that this run does not re-measure")
-  ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                "results", "wire_bytes.json"))
+  ap.add_argument(
+    "--models", nargs="+", default=["mnist_cnn", "resnet18"], choices=["mnist_cnn", "resnet18"]
+  )
+  ap.add_argument(
+    "--ns",
+    nargs="+",
+    type=int,
+    default=[2, 4, 8, 16],
+    help="numbers of simulated devices (the process forces max(ns) CPU devices)",
+  )
+  ap.add_argument(
+    "--variants",
+    nargs="+",
+    default=None,
+    help="subset of variant names to run (default: all; see VARIANTS)",
+  )
+  ap.add_argument(
+    "--quick",
+    action="store_true",
+    help="smoke run: mnist_cnn, n = 4 16, variants dense/top_k/block_sign",
+  )
+  ap.add_argument(
+    "--top-k-method",
+    default=None,
+    help="passed as top_k(..., method=...) if given (bytes do not depend on it)",
+  )
+  ap.add_argument(
+    "--merge",
+    action="store_true",
+    help="keep the rows of an existing --out file that this run does not re-measure",
+  )
+  ap.add_argument(
+    "--out",
+    default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "wire_bytes.json"),
+  )
   args = ap.parse_args(argv)
   if args.quick:
     args.models, args.ns = ["mnist_cnn"], [4, 16]
-    args.variants = ["psum_f32", "psum_bf16", "identity/gather", "top_k_1%/gather",
-                     "block_sign/gather", "block_sign/two_phase", "top_k_1%/two_phase"]
+    args.variants = [
+      "psum_f32",
+      "psum_bf16",
+      "identity/gather",
+      "top_k_1%/gather",
+      "block_sign/gather",
+      "block_sign/two_phase",
+      "top_k_1%/two_phase",
+    ]
   return args
 
 
 ARGS = _parse_args() if __name__ == "__main__" else None
 _MAX_N = max(ARGS.ns) if ARGS is not None else 16
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           f" --xla_force_host_platform_device_count={_MAX_N}").strip()
+os.environ["XLA_FLAGS"] = (
+  os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_MAX_N}"
+).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import collections  # noqa: E402
@@ -94,30 +123,47 @@ TOP_K_KW = {"method": ARGS.top_k_method} if ARGS is not None and ARGS.top_k_meth
 
 # name -> (kind, builder(n) -> GradientTransformation | dtype). "psum" rows are raw collectives.
 VARIANTS = {
-    "psum_f32": ("psum", jnp.float32),
-    "psum_bf16": ("psum", jnp.bfloat16),
-    "identity/gather": ("tx", lambda n: cj.comp_ams(LR, C.identity(), axis_name="data")),
-    "cast_bf16/gather": ("tx", lambda n: cj.comp_ams(LR, C.cast(jnp.bfloat16), axis_name="data")),
-    "top_k_1%/gather": ("tx", lambda n: cj.comp_ams(LR, C.top_k(0.01, **TOP_K_KW),
-                                                    axis_name="data")),
-    "random_k_1%/gather": ("tx", lambda n: cj.comp_ams(LR, C.random_k(0.01), axis_name="data")),
-    "block_sign/gather": ("tx", lambda n: cj.comp_ams(LR, C.block_sign(), axis_name="data")),
-    "scaled_sign/gather": ("tx", lambda n: cj.comp_ams(LR, C.scaled_sign(), axis_name="data")),
-    "qsgd_4/gather": ("tx", lambda n: cj.comp_ams(LR, C.qsgd(4), axis_name="data")),
-    "top_k_1%/two_phase": ("tx", lambda n: cj.comp_ams(LR, C.top_k(0.01, **TOP_K_KW),
-                                                       axis_name="data", topology="two_phase",
-                                                       num_workers=n)),
-    "block_sign/two_phase": ("tx", lambda n: cj.comp_ams(LR, C.block_sign(), axis_name="data",
-                                                         topology="two_phase", num_workers=n)),
-    "scaled_sign/two_phase": ("tx", lambda n: cj.comp_ams(LR, C.scaled_sign(), axis_name="data",
-                                                          topology="two_phase", num_workers=n)),
-    "qsgd_4/two_phase": ("tx", lambda n: cj.comp_ams(LR, C.qsgd(4), axis_name="data",
-                                                     topology="two_phase", num_workers=n)),
-    "powersgd_r4": ("tx", lambda n: optax.chain(
-        cj.powersgd(4, axis_name="data"),
-        optax.scale_by_amsgrad(b1=0.9, b2=0.999, eps=0.0, eps_root=1e-8,
-                               bias_correction_mu=False, bias_correction_nu=False),
-        optax.scale_by_learning_rate(LR))),
+  "psum_f32": ("psum", jnp.float32),
+  "psum_bf16": ("psum", jnp.bfloat16),
+  "identity/gather": ("tx", lambda n: cj.comp_ams(LR, C.identity(), axis_name="data")),
+  "cast_bf16/gather": ("tx", lambda n: cj.comp_ams(LR, C.cast(jnp.bfloat16), axis_name="data")),
+  "top_k_1%/gather": ("tx", lambda n: cj.comp_ams(LR, C.top_k(0.01, **TOP_K_KW), axis_name="data")),
+  "random_k_1%/gather": ("tx", lambda n: cj.comp_ams(LR, C.random_k(0.01), axis_name="data")),
+  "block_sign/gather": ("tx", lambda n: cj.comp_ams(LR, C.block_sign(), axis_name="data")),
+  "scaled_sign/gather": ("tx", lambda n: cj.comp_ams(LR, C.scaled_sign(), axis_name="data")),
+  "qsgd_4/gather": ("tx", lambda n: cj.comp_ams(LR, C.qsgd(4), axis_name="data")),
+  "top_k_1%/two_phase": (
+    "tx",
+    lambda n: cj.comp_ams(
+      LR, C.top_k(0.01, **TOP_K_KW), axis_name="data", topology="two_phase", num_workers=n
+    ),
+  ),
+  "block_sign/two_phase": (
+    "tx",
+    lambda n: cj.comp_ams(
+      LR, C.block_sign(), axis_name="data", topology="two_phase", num_workers=n
+    ),
+  ),
+  "scaled_sign/two_phase": (
+    "tx",
+    lambda n: cj.comp_ams(
+      LR, C.scaled_sign(), axis_name="data", topology="two_phase", num_workers=n
+    ),
+  ),
+  "qsgd_4/two_phase": (
+    "tx",
+    lambda n: cj.comp_ams(LR, C.qsgd(4), axis_name="data", topology="two_phase", num_workers=n),
+  ),
+  "powersgd_r4": (
+    "tx",
+    lambda n: optax.chain(
+      cj.powersgd(4, axis_name="data"),
+      optax.scale_by_amsgrad(
+        b1=0.9, b2=0.999, eps=0.0, eps_root=1e-8, bias_correction_mu=False, bias_correction_nu=False
+      ),
+      optax.scale_by_learning_rate(LR),
+    ),
+  ),
 }
 
 MODEL_INPUTS = {"mnist_cnn": (1, 28, 28, 1), "resnet18": (1, 32, 32, 3)}
@@ -127,8 +173,10 @@ def param_shapes(model_name):
   """Parameter ShapeDtypeStructs of a model, without allocating it."""
   model = create_model(model_name, 10)
   variables = jax.eval_shape(
-      lambda: model.init({"params": jax.random.key(0)}, jnp.zeros(MODEL_INPUTS[model_name]),
-                         train=False))
+    lambda: model.init(
+      {"params": jax.random.key(0)}, jnp.zeros(MODEL_INPUTS[model_name]), train=False
+    )
+  )
   return variables["params"]
 
 
@@ -149,9 +197,12 @@ def psum_bytes(params, n, dtype):
   def allreduce(g):
     return jax.lax.psum(jax.tree.map(lambda x: x[0].astype(dtype), g), "data")
 
-  grads = jax.tree.map(lambda x: jax.ShapeDtypeStruct((n,) + x.shape, x.dtype,
-                                                      sharding=NamedSharding(mesh, P("data"))),
-                       params)
+  grads = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(
+      (n,) + x.shape, x.dtype, sharding=NamedSharding(mesh, P("data"))
+    ),
+    params,
+  )
   return cj.collective_bytes(jax.jit(allreduce), grads)
 
 
@@ -167,21 +218,35 @@ def measure(model_name, params, n, name):
       wire = cj.wire_bytes(tx, params, num_workers=n)
   except Exception as e:  # pylint: disable=broad-except  # a library failure: record it, go on
     msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    return {"model": model_name, "n": n, "variant": name, "error": msg,
-            "operand_bytes": None, "received_bytes": None, "wire_bytes": None,
-            "hlo_equals_wire_bytes": None, "by_op": {}, "count_by_op": {},
-            "top_k_kwargs": TOP_K_KW if "top_k" in name else None,
-            "compile_seconds": round(time.perf_counter() - t0, 2)}
+    return {
+      "model": model_name,
+      "n": n,
+      "variant": name,
+      "error": msg,
+      "operand_bytes": None,
+      "received_bytes": None,
+      "wire_bytes": None,
+      "hlo_equals_wire_bytes": None,
+      "by_op": {},
+      "count_by_op": {},
+      "top_k_kwargs": TOP_K_KW if "top_k" in name else None,
+      "compile_seconds": round(time.perf_counter() - t0, 2),
+    }
   seconds = time.perf_counter() - t0
   return {
-      "model": model_name, "n": n, "variant": name,
-      "operand_bytes": cb.total, "received_bytes": cb.received,
-      "by_op": cb.by_op, "num_collectives": cb.count,
-      "count_by_op": dict(collections.Counter(c.opcode for c in cb.collectives)),
-      "group_sizes": sorted({c.group_size for c in cb.collectives if c.group_size is not None}),
-      "wire_bytes": wire, "hlo_equals_wire_bytes": None if wire is None else cb.total == wire,
-      "top_k_kwargs": TOP_K_KW if "top_k" in name else None,
-      "compile_seconds": round(seconds, 2),
+    "model": model_name,
+    "n": n,
+    "variant": name,
+    "operand_bytes": cb.total,
+    "received_bytes": cb.received,
+    "by_op": cb.by_op,
+    "num_collectives": cb.count,
+    "count_by_op": dict(collections.Counter(c.opcode for c in cb.collectives)),
+    "group_sizes": sorted({c.group_size for c in cb.collectives if c.group_size is not None}),
+    "wire_bytes": wire,
+    "hlo_equals_wire_bytes": None if wire is None else cb.total == wire,
+    "top_k_kwargs": TOP_K_KW if "top_k" in name else None,
+    "compile_seconds": round(seconds, 2),
   }
 
 
@@ -198,8 +263,9 @@ def add_ratios(rows, num_params):
     r["dense_bf16_analytic_operand_bytes"] = bf16_operand
     r["dense_bf16_analytic_received_bytes"] = bf16_received
     r["ratio_operand_vs_f32"] = r["operand_bytes"] / d["operand_bytes"] if d else None
-    r["ratio_received_vs_f32"] = (r["received_bytes"] / d["received_bytes"]
-                                  if d and d["received_bytes"] else None)
+    r["ratio_received_vs_f32"] = (
+      r["received_bytes"] / d["received_bytes"] if d and d["received_bytes"] else None
+    )
     r["ratio_operand_vs_bf16"] = r["operand_bytes"] / bf16_operand
     r["ratio_received_vs_bf16"] = r["received_bytes"] / bf16_received if bf16_received else None
 
@@ -216,10 +282,13 @@ def markdown_table(rows, model_name):
   rs = [r for r in rows if r["model"] == model_name]
   ns = sorted({r["n"] for r in rs})
   names = [v for v in VARIANTS if any(r["variant"] == v for r in rs)]
-  lines = [f"Operand bytes per device per step (ratio to dense f32 psum; ratio of received "
-           f"bytes to the f32 ring all-reduce's) — {model_name}", "",
-           "| variant | " + " | ".join(f"n={n}" for n in ns) + " |",
-           "|---|" + "---|" * len(ns)]
+  lines = [
+    f"Operand bytes per device per step (ratio to dense f32 psum; ratio of received "
+    f"bytes to the f32 ring all-reduce's) — {model_name}",
+    "",
+    "| variant | " + " | ".join(f"n={n}" for n in ns) + " |",
+    "|---|" + "---|" * len(ns),
+  ]
   for v in names:
     cells = []
     for n in ns:
@@ -231,16 +300,24 @@ def markdown_table(rows, model_name):
         cells.append("FAILED (see JSON)")
         continue
       ok = "" if r["hlo_equals_wire_bytes"] in (None, True) else " ≠wire_bytes!"
-      cells.append(f"{_fmt_bytes(r['operand_bytes'])} ({_inv(r['ratio_operand_vs_f32'])}; "
-                   f"recv {_inv(r['ratio_received_vs_f32'])}){ok}")
+      cells.append(
+        f"{_fmt_bytes(r['operand_bytes'])} ({_inv(r['ratio_operand_vs_f32'])}; "
+        f"recv {_inv(r['ratio_received_vs_f32'])}){ok}"
+      )
     lines.append(f"| {v} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
 def check_targets(rows):
   out = {}
-  get = lambda m, v, n: next((r for r in rows if r["model"] == m and r["variant"] == v
-                              and r["n"] == n and not r.get("error")), None)
+  get = lambda m, v, n: next(
+    (
+      r
+      for r in rows
+      if r["model"] == m and r["variant"] == v and r["n"] == n and not r.get("error")
+    ),
+    None,
+  )
   for m in sorted({r["model"] for r in rows}):
     t = {}
     b4, b16 = get(m, "block_sign/two_phase", 4), get(m, "block_sign/two_phase", 16)
@@ -253,25 +330,35 @@ def check_targets(rows):
       t["two_phase_block_sign_operand_growth_4_to_16"] = g_op
       t["two_phase_block_sign_operand_growth_lt_10%"] = g_op < 0.10
       t["two_phase_block_sign_received_growth_4_to_16"] = g_rx
-      t["two_phase_block_sign_received_ratio_vs_f32_n4_n16"] = [b4["ratio_received_vs_f32"],
-                                                                 b16["ratio_received_vs_f32"]]
+      t["two_phase_block_sign_received_ratio_vs_f32_n4_n16"] = [
+        b4["ratio_received_vs_f32"],
+        b16["ratio_received_vs_f32"],
+      ]
     tk8 = get(m, "top_k_1%/gather", 8)
     if tk8:
       t["top_k_gather_n8_operand_ratio"] = tk8["ratio_operand_vs_f32"]
       t["top_k_gather_n8_le_1/40"] = tk8["ratio_operand_vs_f32"] <= 1 / 40
       t["top_k_gather_n8_received_ratio"] = tk8["ratio_received_vs_f32"]
-    t["failed"] = [(r["variant"], r["n"], r["error"]) for r in rows
-                   if r["model"] == m and r.get("error")]
+    t["failed"] = [
+      (r["variant"], r["n"], r["error"]) for r in rows if r["model"] == m and r.get("error")
+    ]
     rows_tx = [r for r in rows if r["model"] == m and r["wire_bytes"] is not None]
     t["all_hlo_equal_wire_bytes"] = all(r["hlo_equals_wire_bytes"] for r in rows_tx)
     # XLA:CPU widens a bf16 all-reduce to f32, so cast(bf16) shows 2x its wire_bytes in HLO.
     t["all_hlo_equal_wire_bytes_except_cast_bf16_on_cpu"] = all(
-        r["hlo_equals_wire_bytes"] or (r["variant"].startswith("cast_bf16")
-                                       and jax.default_backend() == "cpu"
-                                       and r["operand_bytes"] == 2 * r["wire_bytes"])
-        for r in rows_tx)
-    t["mismatches"] = [(r["variant"], r["n"], r["operand_bytes"], r["wire_bytes"])
-                       for r in rows_tx if not r["hlo_equals_wire_bytes"]]
+      r["hlo_equals_wire_bytes"]
+      or (
+        r["variant"].startswith("cast_bf16")
+        and jax.default_backend() == "cpu"
+        and r["operand_bytes"] == 2 * r["wire_bytes"]
+      )
+      for r in rows_tx
+    )
+    t["mismatches"] = [
+      (r["variant"], r["n"], r["operand_bytes"], r["wire_bytes"])
+      for r in rows_tx
+      if not r["hlo_equals_wire_bytes"]
+    ]
     out[m] = t
   return out
 
@@ -279,12 +366,19 @@ def check_targets(rows):
 def git_state():
   """Commit and dirty library files of the checkout the numbers were measured on."""
   import subprocess
+
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   try:
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                          text=True, check=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--short", "compams_jax"], cwd=root,
-                           capture_output=True, text=True, check=True).stdout.split("\n")
+    head = subprocess.run(
+      ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+      ["git", "status", "--short", "compams_jax"],
+      cwd=root,
+      capture_output=True,
+      text=True,
+      check=True,
+    ).stdout.split("\n")
     return {"commit": head, "dirty_library_files": [d for d in dirty if d.strip()]}
   except (OSError, subprocess.CalledProcessError):
     return None
@@ -299,20 +393,28 @@ def main(args):
   if jax.device_count() < max(args.ns):
     raise SystemExit(f"need {max(args.ns)} devices, have {jax.device_count()}")
   result = {
-      "benchmark": "wire_bytes",
-      "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "jax_version": jax.__version__, "optax_version": optax.__version__,
-      "python": platform.python_version(), "platform": platform.platform(),
-      "cpu_count": os.cpu_count(), "backend": jax.default_backend(),
-      "device_count": jax.device_count(), "top_k_kwargs": TOP_K_KW, "git": git_state(),
-      "notes": ("operand_bytes = sum of collective operand bytes per device (cj.collective_bytes"
-                "(...).total); received_bytes = standard-algorithm received bytes per device "
-                "(ring all-reduce 2(n-1)/n S, all-gather (n-1) S, all-to-all (n-1)/n S). "
-                "ratio_*_vs_f32 divides by the measured psum_f32 row of the same model and n; "
-                "ratio_*_vs_bf16 by the analytic 2 bytes/param (XLA:CPU widens bf16 all-reduce "
-                "to f32, see the psum_bf16 and cast_bf16 rows)."),
-      "models": {}, "rows": [],
+    "benchmark": "wire_bytes",
+    "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "jax_version": jax.__version__,
+    "optax_version": optax.__version__,
+    "python": platform.python_version(),
+    "platform": platform.platform(),
+    "cpu_count": os.cpu_count(),
+    "backend": jax.default_backend(),
+    "device_count": jax.device_count(),
+    "top_k_kwargs": TOP_K_KW,
+    "git": git_state(),
+    "notes": (
+      "operand_bytes = sum of collective operand bytes per device (cj.collective_bytes"
+      "(...).total); received_bytes = standard-algorithm received bytes per device "
+      "(ring all-reduce 2(n-1)/n S, all-gather (n-1) S, all-to-all (n-1)/n S). "
+      "ratio_*_vs_f32 divides by the measured psum_f32 row of the same model and n; "
+      "ratio_*_vs_bf16 by the analytic 2 bytes/param (XLA:CPU widens bf16 all-reduce "
+      "to f32, see the psum_bf16 and cast_bf16 rows)."
+    ),
+    "models": {},
+    "rows": [],
   }
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   previous = []
@@ -322,18 +424,28 @@ def main(args):
     previous = old["rows"]
     result["models"].update(old.get("models", {}))
     result["previous_commands"] = old.get("previous_commands", []) + [
-        {"command": old.get("command"), "date": old.get("date"), "git": old.get("git"),
-         "runtime_seconds": old.get("runtime_seconds")}]
+      {
+        "command": old.get("command"),
+        "date": old.get("date"),
+        "git": old.get("git"),
+        "runtime_seconds": old.get("runtime_seconds"),
+      }
+    ]
     result["rows"] = [r for r in previous if r["model"] not in args.models]
   for model_name in args.models:
     params = param_shapes(model_name)
     num_params = count_params(params)
     result["models"][model_name] = {
-        "num_params": num_params, "num_leaves": len(jax.tree.leaves(params)),
-        "input_shape": list(MODEL_INPUTS[model_name][1:]),
-        "dense_f32_bytes": 4 * num_params, "dense_bf16_bytes": 2 * num_params}
-    print(f"# {model_name}: {num_params:,} parameters in {len(jax.tree.leaves(params))} leaves",
-          flush=True)
+      "num_params": num_params,
+      "num_leaves": len(jax.tree.leaves(params)),
+      "input_shape": list(MODEL_INPUTS[model_name][1:]),
+      "dense_f32_bytes": 4 * num_params,
+      "dense_bf16_bytes": 2 * num_params,
+    }
+    print(
+      f"# {model_name}: {num_params:,} parameters in {len(jax.tree.leaves(params))} leaves",
+      flush=True,
+    )
     rows = []
     for n in args.ns:
       for name in names:
@@ -342,12 +454,18 @@ def main(args):
         if r.get("error"):
           print(f"  n={n:2d} {name:24s} FAILED: {r['error'][:300]}", flush=True)
           continue
-        print(f"  n={n:2d} {name:24s} operand {r['operand_bytes']:>11,d}  received "
-              f"{r['received_bytes']:>14,.0f}  wire_bytes {r['wire_bytes']!s:>11}  "
-              f"{r['by_op']}  ({r['compile_seconds']:.1f}s)", flush=True)
+        print(
+          f"  n={n:2d} {name:24s} operand {r['operand_bytes']:>11,d}  received "
+          f"{r['received_bytes']:>14,.0f}  wire_bytes {r['wire_bytes']!s:>11}  "
+          f"{r['by_op']}  ({r['compile_seconds']:.1f}s)",
+          flush=True,
+        )
     done = {(r["model"], r["n"], r["variant"]) for r in rows}
-    kept = [r for r in previous if r["model"] == model_name
-            and (r["model"], r["n"], r["variant"]) not in done]
+    kept = [
+      r
+      for r in previous
+      if r["model"] == model_name and (r["model"], r["n"], r["variant"]) not in done
+    ]
     rows = sorted(kept + rows, key=lambda r: (r["n"], list(VARIANTS).index(r["variant"])))
     add_ratios(rows, num_params)
     result["rows"] = [r for r in result["rows"] if r["model"] != model_name] + rows

@@ -12,8 +12,13 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from compams_jax.transforms import (ErrorFeedbackState, PerWorker, PowerSGDState,
-                                    PredictiveState, WorkerMomentumState)
+from compams_jax.transforms import (
+  ErrorFeedbackState,
+  PerWorker,
+  PowerSGDState,
+  PredictiveState,
+  WorkerMomentumState,
+)
 from compams_jax.wire import CollectiveBytes, collective_bytes
 
 
@@ -21,8 +26,9 @@ def _is_per_worker(x: Any) -> bool:
   return isinstance(x, PerWorker)
 
 
-def state_specs(opt_state: Any, axis_name: str, *, params: Any = None,
-                param_specs: Any = None) -> Any:
+def state_specs(
+  opt_state: Any, axis_name: str, *, params: Any = None, param_specs: Any = None
+) -> Any:
   """PartitionSpecs for an optimizer state: per-worker leaves sharded over `axis_name`.
 
   Leaves inside a `PerWorker` (error residuals, encoder state) get `P(axis_name)`: their leading
@@ -55,10 +61,12 @@ def state_specs(opt_state: Any, axis_name: str, *, params: Any = None,
   if (params is None) != (param_specs is None):
     raise ValueError("state_specs: pass both params and param_specs, or neither.")
   if params is None:
+
     def spec(node):
       if _is_per_worker(node):
         return PerWorker(jax.tree.map(lambda _: P(axis_name), node.value))
       return P()
+
     return jax.tree.map(spec, opt_state, is_leaf=_is_per_worker)
 
   treedef = jax.tree.structure(params)
@@ -95,8 +103,9 @@ def state_specs(opt_state: Any, axis_name: str, *, params: Any = None,
   return walk(opt_state, False)
 
 
-def init(tx: optax.GradientTransformation, params: Any, *, mesh: jax.sharding.Mesh,
-         axis_name: str) -> Any:
+def init(
+  tx: optax.GradientTransformation, params: Any, *, mesh: jax.sharding.Mesh, axis_name: str
+) -> Any:
   """Initialises `tx`'s state for every worker of `mesh`'s `axis_name` (global view).
 
   Per-worker leaves come out stacked along a leading axis of size n (sharded over the axis);
@@ -121,12 +130,14 @@ def init(tx: optax.GradientTransformation, params: Any, *, mesh: jax.sharding.Me
   """
   specs = state_specs(jax.eval_shape(tx.init, params), axis_name)
   param_specs = jax.tree.map(lambda _: P(), params)
-  return jax.jit(jax.shard_map(tx.init, mesh=mesh, in_specs=(param_specs,), out_specs=specs,
-                               check_vma=False))(params)
+  return jax.jit(
+    jax.shard_map(tx.init, mesh=mesh, in_specs=(param_specs,), out_specs=specs, check_vma=False)
+  )(params)
 
 
-def step_bytes(tx: optax.GradientTransformation, params: Any, *, mesh: jax.sharding.Mesh,
-               axis_name: str) -> CollectiveBytes:
+def step_bytes(
+  tx: optax.GradientTransformation, params: Any, *, mesh: jax.sharding.Mesh, axis_name: str
+) -> CollectiveBytes:
   """What one optimizer step sends per device, read from its compiled HLO; nothing is allocated.
 
   Compiles `tx.update` followed by `optax.apply_updates` under `jax.shard_map` over `axis_name`
@@ -154,20 +165,22 @@ def step_bytes(tx: optax.GradientTransformation, params: Any, *, mesh: jax.shard
   state = jax.eval_shape(lambda p: init(tx, p, mesh=mesh, axis_name=axis_name), params)
   specs = state_specs(state, axis_name)
 
-  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(), specs, P(axis_name)),
-                     out_specs=(P(), specs))
+  @functools.partial(
+    jax.shard_map, mesh=mesh, in_specs=(P(), specs, P(axis_name)), out_specs=(P(), specs)
+  )
   def step(p, s, g):
     updates, s = tx.update(jax.tree.map(lambda x: x[0], g), s, p)
     return optax.apply_updates(p, updates), s
 
   def shape(x, lead, spec):
-    return jax.ShapeDtypeStruct(lead + tuple(x.shape), x.dtype,
-                                sharding=NamedSharding(mesh, spec))
+    return jax.ShapeDtypeStruct(lead + tuple(x.shape), x.dtype, sharding=NamedSharding(mesh, spec))
 
   return collective_bytes(
-      jax.jit(step), jax.tree.map(lambda x: shape(x, (), P()), params),
-      jax.tree.map(lambda x, sp: shape(x, (), sp), state, specs),
-      jax.tree.map(lambda x: shape(x, (n,), P(axis_name)), params))
+    jax.jit(step),
+    jax.tree.map(lambda x: shape(x, (), P()), params),
+    jax.tree.map(lambda x, sp: shape(x, (), sp), state, specs),
+    jax.tree.map(lambda x: shape(x, (n,), P(axis_name)), params),
+  )
 
 
 def _regroup(x: Any, num_workers: int) -> Any:
@@ -214,26 +227,35 @@ def resize_workers(opt_state: Any, num_workers: int) -> Any:
   """
   if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
     raise ValueError(f"num_workers must be a positive int, got {num_workers!r}.")
-  refuse = {PredictiveState: "predictive encoder reconstructions",
-            WorkerMomentumState: "per-worker momentum"}
+  refuse = {
+    PredictiveState: "predictive encoder reconstructions",
+    WorkerMomentumState: "per-worker momentum",
+  }
 
   def is_node(x):
     return isinstance(x, (ErrorFeedbackState, PowerSGDState, PerWorker, *refuse))
 
   def visit(node):
     if isinstance(node, tuple(refuse)):
-      raise ValueError(f"cannot resume {type(node).__name__} on a different number of workers: "
-                       f"its {refuse[type(node)]} have no sum to preserve. Resume with the "
-                       "original worker count.")
+      raise ValueError(
+        f"cannot resume {type(node).__name__} on a different number of workers: "
+        f"its {refuse[type(node)]} have no sum to preserve. Resume with the "
+        "original worker count."
+      )
     if isinstance(node, ErrorFeedbackState) and node.server_residual is not None:
-      raise ValueError("cannot resume the two-phase topology on a different number of workers: "
-                       "its server residuals belong to the chunk layout of the old count.")
+      raise ValueError(
+        "cannot resume the two-phase topology on a different number of workers: "
+        "its server residuals belong to the chunk layout of the old count."
+      )
     if isinstance(node, (ErrorFeedbackState, PowerSGDState)):
-      return node._replace(residual=PerWorker(
-          jax.tree.map(lambda x: _regroup(x, num_workers), node.residual.value)))
+      return node._replace(
+        residual=PerWorker(jax.tree.map(lambda x: _regroup(x, num_workers), node.residual.value))
+      )
     if isinstance(node, PerWorker):
-      raise ValueError("cannot redistribute per-worker state of an unknown transformation to a "
-                       "different number of workers.")
+      raise ValueError(
+        "cannot redistribute per-worker state of an unknown transformation to a "
+        "different number of workers."
+      )
     return node
 
   return jax.tree.map(visit, opt_state, is_leaf=is_node)

@@ -7,8 +7,14 @@ from compams_jax.experiments.config import base_config, smoke
 
 
 def get_config(variant: str = ""):
-  c = base_config(name="cifar10_lenet", dataset="cifar10", model="lenet5", num_workers=16,
-                  local_batch=32, epochs=20)
+  c = base_config(
+    name="cifar10_lenet",
+    dataset="cifar10",
+    model="lenet5",
+    num_workers=16,
+    local_batch=32,
+    epochs=20,
+  )
   if variant == "smoke":
     return smoke(c)
   if variant:

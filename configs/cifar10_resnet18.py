@@ -8,8 +8,14 @@ from compams_jax.experiments.config import base_config, smoke
 
 
 def get_config(variant: str = ""):
-  c = base_config(name="cifar10_resnet18", dataset="cifar10", model="resnet18", num_workers=16,
-                  local_batch=32, epochs=30)
+  c = base_config(
+    name="cifar10_resnet18",
+    dataset="cifar10",
+    model="resnet18",
+    num_workers=16,
+    local_batch=32,
+    epochs=30,
+  )
   if variant == "smoke":
     return smoke(c, max_train_examples=64, max_test_examples=64, num_workers=2, local_batch=8)
   if variant:

@@ -8,9 +8,17 @@ from compams_jax.experiments.config import base_config, smoke
 
 
 def get_config(variant: str = ""):
-  c = base_config(name="digits", dataset="digits", model="mnist_cnn", num_workers=8,
-                  local_batch=16, epochs=15, log_every=5, checkpoint_every=100,
-                  variants=("amsgrad", "comp_ams_top_k", "comp_ams_block_sign"))
+  c = base_config(
+    name="digits",
+    dataset="digits",
+    model="mnist_cnn",
+    num_workers=8,
+    local_batch=16,
+    epochs=15,
+    log_every=5,
+    checkpoint_every=100,
+    variants=("amsgrad", "comp_ams_top_k", "comp_ams_block_sign"),
+  )
   if variant == "smoke":
     return smoke(c, max_train_examples=0, max_test_examples=0, epochs=3)
   if variant:

@@ -8,8 +8,14 @@ from compams_jax.experiments.config import base_config, smoke
 
 
 def get_config(variant: str = ""):
-  c = base_config(name="fashion_mnist_cnn", dataset="fashion_mnist", model="mnist_cnn",
-                  num_workers=16, local_batch=32, epochs=10)
+  c = base_config(
+    name="fashion_mnist_cnn",
+    dataset="fashion_mnist",
+    model="mnist_cnn",
+    num_workers=16,
+    local_batch=32,
+    epochs=10,
+  )
   if variant == "smoke":
     return smoke(c, max_train_examples=4096, local_batch=16)
   if variant:

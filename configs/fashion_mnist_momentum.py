@@ -8,11 +8,17 @@ from compams_jax.experiments.config import base_config, smoke
 
 
 def get_config(variant: str = ""):
-  c = base_config(name="fashion_mnist_momentum", dataset="fashion_mnist", model="mnist_cnn",
-                  num_workers=16, local_batch=32, epochs=10, optimizer__learning_rate=0.05,
-                  variants=("momentum_sgd", "momentum_sgd_top_k",
-                            "momentum_sgd_top_k_predictive"),
-                  lr_grid=(0.01, 0.03, 0.1))
+  c = base_config(
+    name="fashion_mnist_momentum",
+    dataset="fashion_mnist",
+    model="mnist_cnn",
+    num_workers=16,
+    local_batch=32,
+    epochs=10,
+    optimizer__learning_rate=0.05,
+    variants=("momentum_sgd", "momentum_sgd_top_k", "momentum_sgd_top_k_predictive"),
+    lr_grid=(0.01, 0.03, 0.1),
+  )
   if variant == "smoke":
     return smoke(c, max_train_examples=4096, local_batch=16)
   if variant:

@@ -7,8 +7,14 @@ from compams_jax.experiments.config import base_config, smoke
 
 
 def get_config(variant: str = ""):
-  c = base_config(name="mnist5k_lenet", dataset="mnist_5k", model="lenet5", num_workers=16,
-                  local_batch=32, epochs=20)
+  c = base_config(
+    name="mnist5k_lenet",
+    dataset="mnist_5k",
+    model="lenet5",
+    num_workers=16,
+    local_batch=32,
+    epochs=20,
+  )
   if variant == "smoke":
     return smoke(c, epochs=3)
   if variant:

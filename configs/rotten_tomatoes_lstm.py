@@ -10,8 +10,14 @@ from compams_jax.experiments.config import base_config, smoke
 
 
 def get_config(variant: str = ""):
-  c = base_config(name="rotten_tomatoes_lstm", dataset="rotten_tomatoes", model="text_lstm",
-                  num_workers=16, local_batch=16, epochs=10)
+  c = base_config(
+    name="rotten_tomatoes_lstm",
+    dataset="rotten_tomatoes",
+    model="text_lstm",
+    num_workers=16,
+    local_batch=16,
+    epochs=10,
+  )
   if variant == "smoke":
     return smoke(c, max_train_examples=4096, epochs=3, optimizer__learning_rate=3e-3)
   if variant:

@@ -9,8 +9,9 @@ NUM_DEVICES = 8
 @pytest.fixture(scope="session")
 def n_devices():
   assert jax.device_count() == NUM_DEVICES, (
-      f"tests need {NUM_DEVICES} simulated devices, got {jax.device_count()}: jax was "
-      "initialised before the repository conftest.py set XLA_FLAGS")
+    f"tests need {NUM_DEVICES} simulated devices, got {jax.device_count()}: jax was "
+    "initialised before the repository conftest.py set XLA_FLAGS"
+  )
   return NUM_DEVICES
 
 

@@ -16,8 +16,10 @@ def problem(shapes, n, steps, seed=0):
   plus per-step noise, so workers disagree."""
   rng = np.random.default_rng(seed)
   params = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
-  grads = {k: (rng.normal(size=(1, n) + s) + rng.normal(size=(steps, n) + s)).astype(np.float32)
-           for k, s in shapes.items()}
+  grads = {
+    k: (rng.normal(size=(1, n) + s) + rng.normal(size=(steps, n) + s)).astype(np.float32)
+    for k, s in shapes.items()
+  }
   return params, grads
 
 
@@ -30,8 +32,9 @@ def shard_map_step(tx, params, mesh):
   specs = cj.sharding.state_specs(state, "data")
 
   @jax.jit
-  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(), specs, P("data")),
-                     out_specs=(P(), specs))
+  @functools.partial(
+    jax.shard_map, mesh=mesh, in_specs=(P(), specs, P("data")), out_specs=(P(), specs)
+  )
   def step(p, s, g):
     updates, s = tx.update(jax.tree.map(lambda x: x[0], g), s, p)
     return optax.apply_updates(p, updates), s
@@ -84,8 +87,9 @@ def least_squares_error(tx, mesh, steps=400, seed=3):
   specs = cj.sharding.state_specs(state, "data")
 
   @jax.jit
-  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(), specs, P("data"), P("data")),
-                     out_specs=(P(), specs))
+  @functools.partial(
+    jax.shard_map, mesh=mesh, in_specs=(P(), specs, P("data"), P("data")), out_specs=(P(), specs)
+  )
   def step(p, s, a, b):
     loss = lambda p: ((a[0] @ p["w"] - b[0]) ** 2).mean()
     g = jax.grad(loss)(jax.tree.map(lambda x: jax.lax.pcast(x, "data", to="varying"), p))

@@ -128,7 +128,7 @@ def np_unflatten(vec, like):
   out, start = {}, 0
   for k in sorted(like):
     size = int(np.prod(np.shape(like[k])))
-    out[k] = vec[start:start + size].reshape(np.shape(like[k]))
+    out[k] = vec[start : start + size].reshape(np.shape(like[k]))
     start += size
   return out
 
@@ -232,8 +232,9 @@ def np_onebit_adam(params, grads, *, lr, warmup, b1=0.9, b2=0.999, eps=1e-8):
         c = np_scaled_sign_model(target)
         err[i] = {k: target[k] - c[k] for k in theta}
         sent.append(c)
-      m = {k: np.mean([s[k] for s in sent], axis=0, dtype=np.float64).astype(np.float32)
-           for k in theta}
+      m = {
+        k: np.mean([s[k] for s in sent], axis=0, dtype=np.float64).astype(np.float32) for k in theta
+      }
     theta = {k: theta[k] - lr * m[k] / (np.sqrt(v[k]) + eps) for k in theta}
   return theta, m, v, err
 

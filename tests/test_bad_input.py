@@ -13,7 +13,9 @@ C = cj.compressors
 
 
 @pytest.mark.parametrize("factory", [C.top_k, C.random_k], ids=["top_k", "random_k"])
-@pytest.mark.parametrize("ratio, exc, match", [
+@pytest.mark.parametrize(
+  "ratio, exc, match",
+  [
     (0, ValueError, r"ratio must be in \(0, 1\], got 0"),
     (0.0, ValueError, r"ratio must be in \(0, 1\]"),
     (-0.1, ValueError, r"ratio must be in \(0, 1\], got -0.1"),
@@ -23,156 +25,190 @@ C = cj.compressors
     ("0.1", TypeError, r"ratio must be a float.*str"),
     (None, TypeError, r"ratio must be a float"),
     (True, TypeError, r"ratio must be a float"),
-])
+  ],
+)
 def test_bad_ratio(factory, ratio, exc, match):
-    with pytest.raises(exc, match=match):
-        factory(ratio)
+  with pytest.raises(exc, match=match):
+    factory(ratio)
 
 
-@pytest.mark.parametrize("levels, exc, match", [
+@pytest.mark.parametrize(
+  "levels, exc, match",
+  [
     (0, ValueError, r"levels.*\[1, 32767\], got 0"),
     (-3, ValueError, r"levels.*got -3"),
     (40000, ValueError, r"levels.*\[1, 32767\], got 40000"),
     (1.5, TypeError, r"levels.*must be an integer, got 1.5"),
     ("4", TypeError, r"levels.*must be an integer"),
     (True, TypeError, r"levels.*must be an integer"),
-])
+  ],
+)
 def test_bad_qsgd_levels(levels, exc, match):
-    with pytest.raises(exc, match=match):
-        C.qsgd(levels)
+  with pytest.raises(exc, match=match):
+    C.qsgd(levels)
 
 
 @pytest.mark.parametrize("dtype", [jnp.int32, np.uint8, jnp.bool_, jnp.complex64, "int8"])
 def test_cast_needs_a_float_dtype(dtype):
-    with pytest.raises(TypeError, match=r"cast\(dtype=\.\.\.\) needs a floating dtype"):
-        C.cast(dtype)
+  with pytest.raises(TypeError, match=r"cast\(dtype=\.\.\.\) needs a floating dtype"):
+    C.cast(dtype)
 
 
 def test_cast_not_a_dtype():
-    with pytest.raises(TypeError, match="needs a floating dtype"):
-        C.cast("not-a-dtype")
+  with pytest.raises(TypeError, match="needs a floating dtype"):
+    C.cast("not-a-dtype")
 
 
-@pytest.mark.parametrize("make", [
-    lambda g: C.top_k(0.1, granularity=g), lambda g: C.random_k(0.1, granularity=g),
-    lambda g: C.block_sign(granularity=g), lambda g: C.qsgd(4, granularity=g),
-    lambda g: C.cast(granularity=g), lambda g: C.identity(granularity=g)])
+@pytest.mark.parametrize(
+  "make",
+  [
+    lambda g: C.top_k(0.1, granularity=g),
+    lambda g: C.random_k(0.1, granularity=g),
+    lambda g: C.block_sign(granularity=g),
+    lambda g: C.qsgd(4, granularity=g),
+    lambda g: C.cast(granularity=g),
+    lambda g: C.identity(granularity=g),
+  ],
+)
 @pytest.mark.parametrize("granularity", ["layer", "Leaf", "", None])
 def test_bad_granularity(make, granularity):
-    with pytest.raises(ValueError, match=r"granularity must be one of .*'leaf'.*'model'"):
-        make(granularity)
+  with pytest.raises(ValueError, match=r"granularity must be one of .*'leaf'.*'model'"):
+    make(granularity)
 
 
 NOT_COMPRESSORS = [lambda x, key=None: x, "top_k", None, C.TopK]
 
 
-@pytest.mark.parametrize("transform", [cj.error_feedback, cj.compressed_mean,
-                                       lambda c, **kw: cj.comp_ams(1e-3, c, **kw)],
-                         ids=["error_feedback", "compressed_mean", "comp_ams"])
+@pytest.mark.parametrize(
+  "transform",
+  [cj.error_feedback, cj.compressed_mean, lambda c, **kw: cj.comp_ams(1e-3, c, **kw)],
+  ids=["error_feedback", "compressed_mean", "comp_ams"],
+)
 @pytest.mark.parametrize("bad", NOT_COMPRESSORS, ids=["lambda", "str", "None", "class"])
 def test_not_a_compressor(transform, bad):
-    with pytest.raises(TypeError, match="expected a compams_jax Compressor"):
-        transform(bad)
+  with pytest.raises(TypeError, match="expected a compams_jax Compressor"):
+    transform(bad)
 
 
-@pytest.mark.parametrize("transform", [cj.error_feedback, cj.compressed_mean,
-                                       lambda c, **kw: cj.comp_ams(1e-3, c, **kw)],
-                         ids=["error_feedback", "compressed_mean", "comp_ams"])
+@pytest.mark.parametrize(
+  "transform",
+  [cj.error_feedback, cj.compressed_mean, lambda c, **kw: cj.comp_ams(1e-3, c, **kw)],
+  ids=["error_feedback", "compressed_mean", "comp_ams"],
+)
 @pytest.mark.parametrize("axis_name", [3, ("data",), b"data"])
 def test_bad_axis_name(transform, axis_name):
-    with pytest.raises(TypeError, match=r"axis_name must be a str or None, got"):
-        transform(C.top_k(0.1), axis_name=axis_name)
+  with pytest.raises(TypeError, match=r"axis_name must be a str or None, got"):
+    transform(C.top_k(0.1), axis_name=axis_name)
 
 
 @pytest.mark.parametrize("seed", [1.5, "0", None, True])
 def test_bad_seed(seed):
-    with pytest.raises(TypeError, match="seed must be an int"):
-        cj.error_feedback(C.top_k(0.1), seed=seed)
+  with pytest.raises(TypeError, match="seed must be an int"):
+    cj.error_feedback(C.top_k(0.1), seed=seed)
 
 
-@pytest.mark.parametrize("leaf, dtype_name", [
-    (jnp.zeros((3,), jnp.int32), "int32"), (jnp.zeros((2, 2), jnp.complex64), "complex64"),
-    (jnp.zeros((4,), jnp.bool_), "bool"), (np.zeros((5,), np.uint8), "uint8")])
-@pytest.mark.parametrize("transform", [cj.error_feedback, cj.compressed_mean,
-                                       lambda c: cj.comp_ams(1e-3, c)],
-                         ids=["error_feedback", "compressed_mean", "comp_ams"])
+@pytest.mark.parametrize(
+  "leaf, dtype_name",
+  [
+    (jnp.zeros((3,), jnp.int32), "int32"),
+    (jnp.zeros((2, 2), jnp.complex64), "complex64"),
+    (jnp.zeros((4,), jnp.bool_), "bool"),
+    (np.zeros((5,), np.uint8), "uint8"),
+  ],
+)
+@pytest.mark.parametrize(
+  "transform",
+  [cj.error_feedback, cj.compressed_mean, lambda c: cj.comp_ams(1e-3, c)],
+  ids=["error_feedback", "compressed_mean", "comp_ams"],
+)
 def test_init_rejects_non_float_leaves(transform, leaf, dtype_name):
-    tx = transform(C.top_k(0.5))
-    params = {"ok": jnp.zeros((3,)), "bad": leaf}
-    with pytest.raises(TypeError, match=rf"real floating-point.*dtype {dtype_name}"):
-        tx.init(params)
+  tx = transform(C.top_k(0.5))
+  params = {"ok": jnp.zeros((3,)), "bad": leaf}
+  with pytest.raises(TypeError, match=rf"real floating-point.*dtype {dtype_name}"):
+    tx.init(params)
 
 
 def test_compressed_mean_update_rejects_integer_grads():
-    tx = cj.compressed_mean(C.top_k(0.5))
-    state = tx.init({"w": jnp.zeros(4)})
-    with pytest.raises(TypeError, match="dtype int32"):
-        tx.update({"w": jnp.zeros(4, jnp.int32)}, state)
+  tx = cj.compressed_mean(C.top_k(0.5))
+  state = tx.init({"w": jnp.zeros(4)})
+  with pytest.raises(TypeError, match="dtype int32"):
+    tx.update({"w": jnp.zeros(4, jnp.int32)}, state)
 
 
-@pytest.mark.parametrize("compressor", [C.top_k(0.1), C.qsgd(4), C.random_k(0.5),
-                                        C.identity(), C.block_sign()],
-                         ids=["top_k", "qsgd", "random_k", "identity", "block_sign"])
-@pytest.mark.parametrize("transform", [cj.error_feedback, cj.compressed_mean,
-                                       lambda c, **kw: cj.comp_ams(1e-3, c, **kw)],
-                         ids=["error_feedback", "compressed_mean", "comp_ams"])
+@pytest.mark.parametrize(
+  "compressor",
+  [C.top_k(0.1), C.qsgd(4), C.random_k(0.5), C.identity(), C.block_sign()],
+  ids=["top_k", "qsgd", "random_k", "identity", "block_sign"],
+)
+@pytest.mark.parametrize(
+  "transform",
+  [cj.error_feedback, cj.compressed_mean, lambda c, **kw: cj.comp_ams(1e-3, c, **kw)],
+  ids=["error_feedback", "compressed_mean", "comp_ams"],
+)
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 def test_unbound_axis_name(compressor, transform, jit):
-    tx = transform(compressor, axis_name="data")
-    params = {"w": jnp.ones((10,))}
-    state = tx.init(params)
-    update = jax.jit(tx.update) if jit else tx.update
-    with pytest.raises(ValueError, match=r"axis_name='data' is not bound"):
-        update(params, state, params)
+  tx = transform(compressor, axis_name="data")
+  params = {"w": jnp.ones((10,))}
+  state = tx.init(params)
+  update = jax.jit(tx.update) if jit else tx.update
+  with pytest.raises(ValueError, match=r"axis_name='data' is not bound"):
+    update(params, state, params)
 
 
-@pytest.mark.parametrize("other", [
+@pytest.mark.parametrize(
+  "other",
+  [
     {"w": jnp.ones(4), "extra": jnp.ones(2)},
     {"v": jnp.ones(4)},
     [jnp.ones(4)],
     {"w": [jnp.ones(4)]},
     {"w": None},
-], ids=["extra-leaf", "renamed", "list", "nested", "none-leaf"])
+  ],
+  ids=["extra-leaf", "renamed", "list", "nested", "none-leaf"],
+)
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 def test_error_feedback_update_structure_mismatch(other, jit):
-    tx = cj.error_feedback(C.top_k(0.5))
-    state = tx.init({"w": jnp.zeros(4)})
-    update = jax.jit(tx.update) if jit else tx.update
-    with pytest.raises(ValueError, match="pytree structure .* does not match"):
-        update(other, state)
+  tx = cj.error_feedback(C.top_k(0.5))
+  state = tx.init({"w": jnp.zeros(4)})
+  update = jax.jit(tx.update) if jit else tx.update
+  with pytest.raises(ValueError, match="pytree structure .* does not match"):
+    update(other, state)
 
 
 def test_comp_ams_update_structure_mismatch():
-    tx = cj.comp_ams(1e-3, C.block_sign())
-    state = tx.init({"w": jnp.zeros(4)})
-    with pytest.raises(ValueError, match="does not match"):
-        tx.update({"w": jnp.zeros(4), "b": jnp.zeros(1)}, state, {"w": jnp.zeros(4)})
+  tx = cj.comp_ams(1e-3, C.block_sign())
+  state = tx.init({"w": jnp.zeros(4)})
+  with pytest.raises(ValueError, match="does not match"):
+    tx.update({"w": jnp.zeros(4), "b": jnp.zeros(1)}, state, {"w": jnp.zeros(4)})
 
 
 @pytest.mark.parametrize("compressor", [C.qsgd(4), C.random_k(0.5)], ids=["qsgd", "random_k"])
 def test_randomized_compressor_without_key(compressor):
-    with pytest.raises(ValueError, match="needs a PRNG key"):
-        compressor(jnp.ones(8))
-    with pytest.raises(ValueError, match="needs a PRNG key"):
-        C.compress_tree(compressor, {"w": jnp.ones(8)})
+  with pytest.raises(ValueError, match="needs a PRNG key"):
+    compressor(jnp.ones(8))
+  with pytest.raises(ValueError, match="needs a PRNG key"):
+    C.compress_tree(compressor, {"w": jnp.ones(8)})
 
 
 def test_wire_bytes_of_transform_rejects_integer_params():
-    # compressed_mean validates its updates; so does wire_bytes' tracing of the update.
-    with pytest.raises(TypeError, match="real floating-point"):
-        cj.wire_bytes(cj.compressed_mean(C.top_k(0.1)), {"w": jnp.zeros(3, jnp.int32)})
+  # compressed_mean validates its updates; so does wire_bytes' tracing of the update.
+  with pytest.raises(TypeError, match="real floating-point"):
+    cj.wire_bytes(cj.compressed_mean(C.top_k(0.1)), {"w": jnp.zeros(3, jnp.int32)})
 
 
 @pytest.mark.parametrize("bad", [lambda x: x, "top_k", 3])
 def test_wire_bytes_rejects_non_compressor(bad):
-    with pytest.raises(TypeError, match="wire_bytes expects a Compressor"):
-        cj.wire_bytes(bad, {"w": jnp.zeros(3)})
+  with pytest.raises(TypeError, match="wire_bytes expects a Compressor"):
+    cj.wire_bytes(bad, {"w": jnp.zeros(3)})
 
 
-@pytest.mark.parametrize("same_structure_other_shape", [
-    {"w": jnp.ones((1,))}, {"w": jnp.ones((2, 4))}], ids=["broadcastable-1", "rank-2"])
+@pytest.mark.parametrize(
+  "same_structure_other_shape",
+  [{"w": jnp.ones((1,))}, {"w": jnp.ones((2, 4))}],
+  ids=["broadcastable-1", "rank-2"],
+)
 def test_error_feedback_update_shape_mismatch(same_structure_other_shape):
-    tx = cj.error_feedback(C.top_k(0.5))
-    state = tx.init({"w": jnp.zeros(4)})
-    with pytest.raises(ValueError, match="shape"):
-        tx.update(same_structure_other_shape, state)
+  tx = cj.error_feedback(C.top_k(0.5))
+  state = tx.init({"w": jnp.zeros(4)})
+  with pytest.raises(ValueError, match="shape"):
+    tx.update(same_structure_other_shape, state)

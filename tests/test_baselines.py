@@ -30,8 +30,12 @@ def test_onebit_adam_matches_numpy_reference_and_freezes_v(n_devices, mesh):
     np.testing.assert_allclose(states[-1].mu[k], want_m[k], rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(states[-1].nu[k], states[4].nu[k])  # frozen after warm-up
     assert not np.array_equal(states[3].nu[k], states[4].nu[k])
-    np.testing.assert_allclose(np.asarray(states[-1].residual.value[k]),
-                               np.stack([e[k] for e in want_err]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+      np.asarray(states[-1].residual.value[k]),
+      np.stack([e[k] for e in want_err]),
+      rtol=1e-5,
+      atol=1e-5,
+    )
 
 
 def test_onebit_adam_sends_one_bit_after_warmup(n_devices, mesh):
@@ -45,14 +49,17 @@ def test_qadam_matches_numpy_reference(n_devices, mesh):
   params, grads = _problem(n_devices, seed=1)
   tx = cj.qadam(0.01, cj.compressors.top_k(0.2), axis_name="data")
   p, _ = _run(tx, params, grads, mesh)
-  want = reference.np_qadam(params, grads, functools.partial(reference.np_top_k, ratio=0.2),
-                            lr=0.01)
+  want = reference.np_qadam(
+    params, grads, functools.partial(reference.np_top_k, ratio=0.2), lr=0.01
+  )
   for k in SHAPES:
     np.testing.assert_allclose(p[k], want[k], rtol=1e-5, atol=1e-5, err_msg=k)
 
 
 @pytest.mark.parametrize("name", ["onebit_adam", "qadam"])
 def test_baselines_converge_on_least_squares(name, n_devices, mesh):
-  tx = {"onebit_adam": cj.onebit_adam(0.02, warmup_steps=50, axis_name="data"),
-        "qadam": cj.qadam(0.02, cj.compressors.qsgd(16), axis_name="data")}[name]
+  tx = {
+    "onebit_adam": cj.onebit_adam(0.02, warmup_steps=50, axis_name="data"),
+    "qadam": cj.qadam(0.02, cj.compressors.qsgd(16), axis_name="data"),
+  }[name]
   assert harness.least_squares_error(tx, mesh) < 0.05

@@ -40,8 +40,8 @@ def _run_pmap(tx, params, grads, n):
 
 
 CASES = {
-    "top_k": (lambda: cj.compressors.top_k(0.1), functools.partial(reference.np_top_k, ratio=0.1)),
-    "block_sign": (cj.compressors.block_sign, reference.np_block_sign),
+  "top_k": (lambda: cj.compressors.top_k(0.1), functools.partial(reference.np_top_k, ratio=0.1)),
+  "block_sign": (cj.compressors.block_sign, reference.np_block_sign),
 }
 
 
@@ -58,7 +58,8 @@ def test_comp_ams_matches_numpy_reference(name, runner, n_devices, mesh):
     got_params, state = _run_pmap(tx, params, grads, n_devices)
     residual = jax.tree.map(lambda x: x[:, 0], state[0].residual.value)  # (n, 1, *shape)
   want_params, want_err, (want_m, _, want_vhat) = reference.np_comp_ams(
-      params, grads, np_compress, lr=LR)
+    params, grads, np_compress, lr=LR
+  )
   amsgrad_state = state[1]
   for k in SHAPES:
     np.testing.assert_allclose(got_params[k], want_params[k], rtol=1e-5, atol=1e-5, err_msg=k)
@@ -73,14 +74,17 @@ def test_comp_ams_matches_numpy_reference(name, runner, n_devices, mesh):
 
 def test_identity_equals_dense_pmean_then_paper_amsgrad(n_devices, mesh):
   params, grads = _problem(n_devices, seed=1)
-  got, _ = _run_shard_map(cj.comp_ams(LR, cj.compressors.identity(), axis_name="data"),
-                          params, grads, mesh)
+  got, _ = _run_shard_map(
+    cj.comp_ams(LR, cj.compressors.identity(), axis_name="data"), params, grads, mesh
+  )
   # Independent path: a dense pmean of the raw gradients, then optax's AMSGrad with the paper's
   # flags, under pmap.
   dense = optax.chain(
-      optax.scale_by_amsgrad(b1=0.9, b2=0.999, eps=0.0, eps_root=1e-8,
-                             bias_correction_mu=False, bias_correction_nu=False),
-      optax.scale_by_learning_rate(LR))
+    optax.scale_by_amsgrad(
+      b1=0.9, b2=0.999, eps=0.0, eps_root=1e-8, bias_correction_mu=False, bias_correction_nu=False
+    ),
+    optax.scale_by_learning_rate(LR),
+  )
 
   def step(p, s, g):
     updates, s = dense.update(jax.lax.pmean(g, "data"), s, p)
@@ -99,12 +103,12 @@ def test_single_worker_axis_none_matches_reference():
   params, grads = _problem(1, seed=2)
   tx = cj.comp_ams(LR, cj.compressors.top_k(0.1))
   p, s = jax.tree.map(jnp.asarray, params), tx.init(params)
-  step = jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(
-      *tx.update(g, s, p)))
+  step = jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(*tx.update(g, s, p)))
   for t in range(STEPS):
     p, s = step(p, s, {k: v[t, 0] for k, v in grads.items()})
-  want, _, _ = reference.np_comp_ams(params, grads, functools.partial(reference.np_top_k,
-                                                                      ratio=0.1), lr=LR)
+  want, _, _ = reference.np_comp_ams(
+    params, grads, functools.partial(reference.np_top_k, ratio=0.1), lr=LR
+  )
   for k in SHAPES:
     np.testing.assert_allclose(p[k], want[k], rtol=2e-5, atol=2e-6, err_msg=k)
 
@@ -112,8 +116,7 @@ def test_single_worker_axis_none_matches_reference():
 def test_learning_rate_schedule_and_composition():
   """A schedule works, and COMP-AMS composes with other optax transforms."""
   sched = optax.linear_schedule(0.1, 0.0, 10)
-  tx = optax.chain(optax.clip_by_global_norm(1.0),
-                   cj.comp_ams(sched, cj.compressors.block_sign()))
+  tx = optax.chain(optax.clip_by_global_norm(1.0), cj.comp_ams(sched, cj.compressors.block_sign()))
   params = {"w": jnp.arange(1.0, 5.0)}
   state = tx.init(params)
   for _ in range(10):

@@ -28,9 +28,9 @@ LR = 0.05
 SHAPES = {"conv": (3, 3, 2, 4), "dense": (24, 10), "bias": (10,)}
 
 COMPRESSORS = {
-    "top_k": lambda: C.top_k(0.1),
-    "block_sign": C.block_sign,
-    "qsgd": lambda: C.qsgd(4),  # private randomness: keys from (seed, step, worker index)
+  "top_k": lambda: C.top_k(0.1),
+  "block_sign": C.block_sign,
+  "qsgd": lambda: C.qsgd(4),  # private randomness: keys from (seed, step, worker index)
 }
 
 
@@ -83,15 +83,17 @@ def assert_bitwise_equal(a: dict, b: dict):
     assert a[k].shape == b[k].shape and a[k].dtype == b[k].dtype, k
     if a[k].tobytes() != b[k].tobytes():
       diff = np.abs(a[k].astype(np.float64) - b[k].astype(np.float64))
-      raise AssertionError(f"{k}: not bit-identical, max |diff| {diff.max():.3g} at "
-                           f"{np.unravel_index(diff.argmax(), diff.shape)}")
+      raise AssertionError(
+        f"{k}: not bit-identical, max |diff| {diff.max():.3g} at "
+        f"{np.unravel_index(diff.argmax(), diff.shape)}"
+      )
 
 
 def differs(a: dict, b: dict) -> list[str]:
   return [k for k in a if a[k].tobytes() != b[k].tobytes()]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def shard_map_result(name, seed, mesh, repeat=0):
   """A cached run (repeat > 0 makes an independent one for the same arguments)."""
   del repeat
@@ -123,8 +125,9 @@ def test_seed_changes_qsgd_and_only_qsgd(mesh):
   assert any(k.startswith("params") for k in changed), changed
   assert any(".residual.value" in k for k in changed), changed
   # top_k draws no randomness: the seed is ignored, bit for bit.
-  assert_bitwise_equal(shard_map_result("top_k", 0, mesh, repeat=1),
-                       shard_map_result("top_k", 7, mesh))
+  assert_bitwise_equal(
+    shard_map_result("top_k", 0, mesh, repeat=1), shard_map_result("top_k", 7, mesh)
+  )
 
 
 _SUBPROCESS = textwrap.dedent("""
@@ -146,8 +149,14 @@ def test_same_seed_is_bit_identical_in_a_fresh_process(name, mesh):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PYTHONHASHSEED")}
   env["PYTHONHASHSEED"] = "12345"  # differs from this process's (random) hash seed
-  proc = subprocess.run([sys.executable, "-c", _SUBPROCESS, root, name, "0"], env=env,
-                        capture_output=True, text=True, timeout=600, check=False)
+  proc = subprocess.run(
+    [sys.executable, "-c", _SUBPROCESS, root, name, "0"],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=False,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   theirs = json.loads(proc.stdout.strip().splitlines()[-1])
   mine = shard_map_result(name, 0, mesh, repeat=1)

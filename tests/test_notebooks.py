@@ -22,8 +22,9 @@ CELL_TIMEOUT = 300  # seconds per cell; the notebooks take well under a minute i
 
 # Appended to the executed copy (never to the file): reports which Python the kernel runs and
 # whether it imports compams_jax.
-_KERNEL_CHECK = ("import json, sys, compams_jax\n"
-                 "print(json.dumps([sys.prefix, compams_jax.__file__]))")
+_KERNEL_CHECK = (
+  "import json, sys, compams_jax\nprint(json.dumps([sys.prefix, compams_jax.__file__]))"
+)
 
 
 def _kernel_env(tmp_path: pathlib.Path) -> dict[str, str]:
@@ -40,8 +41,13 @@ def _execute(path: pathlib.Path, tmp_path: pathlib.Path) -> nbformat.NotebookNod
   for attempt in range(2):
     nb = nbformat.read(path, as_version=4)
     nb.cells.append(nbformat.v4.new_code_cell(_KERNEL_CHECK))
-    client = NotebookClient(nb, kernel_name="python3", timeout=CELL_TIMEOUT,
-                            allow_errors=False, resources={"metadata": {"path": str(path.parent)}})
+    client = NotebookClient(
+      nb,
+      kernel_name="python3",
+      timeout=CELL_TIMEOUT,
+      allow_errors=False,
+      resources={"metadata": {"path": str(path.parent)}},
+    )
     try:
       client.execute(env=_kernel_env(tmp_path))
       return nb
@@ -63,9 +69,11 @@ def test_notebook_runs(name, tmp_path):
   text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
   kernel_prefix, package_file = json.loads(text.strip().splitlines()[-1])
   assert pathlib.Path(kernel_prefix).resolve() == pathlib.Path(sys.prefix).resolve(), (
-      f"the notebook kernel ran {kernel_prefix}, not this Python ({sys.prefix}): a 'python3' "
-      "kernelspec elsewhere on the Jupyter path shadows ipykernel's own")
+    f"the notebook kernel ran {kernel_prefix}, not this Python ({sys.prefix}): a 'python3' "
+    "kernelspec elsewhere on the Jupyter path shadows ipykernel's own"
+  )
   import compams_jax
+
   assert pathlib.Path(package_file).resolve() == pathlib.Path(compams_jax.__file__).resolve()
 
 
@@ -76,5 +84,6 @@ def test_notebook_is_stored_without_outputs(name):
   for cell in nb.cells:
     if cell.cell_type == "code":
       assert not cell.outputs and cell.execution_count is None, (
-          f"{name} is stored with outputs; clear them (jupyter nbconvert --clear-output "
-          "--inplace) to keep the repository small")
+        f"{name} is stored with outputs; clear them (jupyter nbconvert --clear-output "
+        "--inplace) to keep the repository small"
+      )

@@ -70,12 +70,17 @@ class _Sharded:
     specs = cj.sharding.state_specs(self.state, "data")
 
     @jax.jit
-    @functools.partial(jax.shard_map, mesh=mesh, in_specs=(specs, P(None, "data")),
-                       out_specs=(P(), _time_specs(specs)))
+    @functools.partial(
+      jax.shard_map,
+      mesh=mesh,
+      in_specs=(specs, P(None, "data")),
+      out_specs=(P(), _time_specs(specs)),
+    )
     def run(s, xs):
       def body(s, x):
         out, s = tx.update(jax.tree.map(lambda a: a[0], x), s)
         return s, (out, s)
+
       return jax.lax.scan(body, s, xs)[1]
 
     self._run = run
@@ -89,11 +94,14 @@ class _Sharded:
 
 def _run_single(tx, xs):
   """One worker (axis_name=None): xs dict of (T, *shape). Returns (outputs, states) over t."""
+
   def run(xs):
     def body(s, x):
       out, s = tx.update(x, s)
       return s, (out, s)
+
     return jax.lax.scan(body, tx.init(jax.tree.map(lambda a: a[0], xs)), xs)[1]
+
   return jax.tree.map(np.asarray, jax.jit(run)(xs))
 
 
@@ -117,13 +125,14 @@ def _distortion(outs, xs):
   for k in xs:
     truth = xs[k].astype(np.float64).mean(axis=1)
     num += np.sum((np.asarray(outs[k], np.float64) - truth) ** 2)
-    den += np.sum(truth ** 2)
+    den += np.sum(truth**2)
   return num / den
 
 
 def _predictive(compressor, predictor, ef, axis_name="data"):
-  return cj.predictive_compression(compressor, predictor=predictor, error_feedback=ef,
-                                   axis_name=axis_name)
+  return cj.predictive_compression(
+    compressor, predictor=predictor, error_feedback=ef, axis_name=axis_name
+  )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,23 +142,29 @@ def _predictive(compressor, predictor, ef, axis_name="data"):
 REF_SHAPES = {"kernel": (6, 4, 3), "bias": (9,)}
 REF_STEPS = 24
 REF_RATIO = 0.25
-PREDICTORS = {"fixed": (lambda: cj.predictors.fixed(BETA), BETA),
-              "least_squares": (cj.predictors.least_squares, None)}
+PREDICTORS = {
+  "fixed": (lambda: cj.predictors.fixed(BETA), BETA),
+  "least_squares": (cj.predictors.least_squares, None),
+}
 
 
 def _check_against_reference(outs, recon, residual, xs, rho, ef):
   want_outs, want_recon, want_err, want_rho = reference.np_predictive(
-      xs, functools.partial(reference.np_top_k, ratio=REF_RATIO), rho=rho, error_feedback=ef)
+    xs, functools.partial(reference.np_top_k, ratio=REF_RATIO), rho=rho, error_feedback=ef
+  )
   for k in xs:
     scale = float(np.abs(xs[k]).max())
     for t in range(REF_STEPS):
-      np.testing.assert_allclose(outs[t][k], want_outs[t][k], rtol=1e-5, atol=1e-5 * scale,
-                                 err_msg=f"{k} output at step {t}")
-    np.testing.assert_allclose(recon[k], want_recon[k], rtol=1e-5, atol=1e-5 * scale,
-                               err_msg=f"{k} reconstructions")
+      np.testing.assert_allclose(
+        outs[t][k], want_outs[t][k], rtol=1e-5, atol=1e-5 * scale, err_msg=f"{k} output at step {t}"
+      )
+    np.testing.assert_allclose(
+      recon[k], want_recon[k], rtol=1e-5, atol=1e-5 * scale, err_msg=f"{k} reconstructions"
+    )
     if ef:
-      np.testing.assert_allclose(residual[k], want_err[k], rtol=1e-5, atol=1e-5 * scale,
-                                 err_msg=f"{k} residuals")
+      np.testing.assert_allclose(
+        residual[k], want_err[k], rtol=1e-5, atol=1e-5 * scale, err_msg=f"{k} residuals"
+      )
   if rho is None:
     # The least-squares ρ really varies per leaf and over time (not a constant in disguise).
     rhos = np.array([[r[k] for k in xs] for r in want_rho[1:]])
@@ -188,8 +203,9 @@ def test_matches_numpy_reference_pmap(n_devices):
 
 def test_single_worker_matches_numpy_reference():
   xs = _momentum_sequence(REF_SHAPES, REF_STEPS, 1, seed=5)
-  tx = _predictive(cj.compressors.top_k(REF_RATIO), cj.predictors.least_squares(), True,
-                   axis_name=None)
+  tx = _predictive(
+    cj.compressors.top_k(REF_RATIO), cj.predictors.least_squares(), True, axis_name=None
+  )
   outs, states = _run_single(tx, {k: v[:, 0] for k, v in xs.items()})
   outs_t = [{k: outs[k][t] for k in xs} for t in range(REF_STEPS)]
   recon = {k: v[-1] for k, v in states.reconstruction.value.items()}  # (1, *shape)
@@ -213,8 +229,9 @@ def test_pmap_replicated_state_bitwise_identical_on_every_device(n_devices):
   for t in range(AGREE_STEPS):
     for k in xs:
       for name, x in (("output", outs[t][k]), ("average", states[t].average[k])):
-        np.testing.assert_array_equal(x, np.broadcast_to(x[0], x.shape),
-                                      err_msg=f"{name} {k} at step {t}")
+        np.testing.assert_array_equal(
+          x, np.broadcast_to(x[0], x.shape), err_msg=f"{name} {k} at step {t}"
+        )
       np.testing.assert_array_equal(outs[t][k], states[t].average[k])
     np.testing.assert_array_equal(states[t].count, t + 1)
   # Workers' own state really differs (it is per worker, not replicated).
@@ -224,11 +241,13 @@ def test_pmap_replicated_state_bitwise_identical_on_every_device(n_devices):
 
 
 SINGLE_CASES = {
-    "top_k-fixed-no_ef": (lambda: cj.compressors.top_k(0.1), lambda: cj.predictors.fixed(BETA),
-                          False),
-    "qsgd-least_squares-ef": (lambda: cj.compressors.qsgd(16), cj.predictors.least_squares,
-                              True),
-    "block_sign-fixed-ef": (cj.compressors.block_sign, lambda: cj.predictors.fixed(BETA), True),
+  "top_k-fixed-no_ef": (
+    lambda: cj.compressors.top_k(0.1),
+    lambda: cj.predictors.fixed(BETA),
+    False,
+  ),
+  "qsgd-least_squares-ef": (lambda: cj.compressors.qsgd(16), cj.predictors.least_squares, True),
+  "block_sign-fixed-ef": (cj.compressors.block_sign, lambda: cj.predictors.fixed(BETA), True),
 }
 
 
@@ -244,10 +263,14 @@ def _run_eager(tx, xs):
   return jax.tree.map(stack, *outs), jax.tree.map(stack, *states)
 
 
-@pytest.mark.parametrize("mode,case", [
-    ("jit", c) for c in sorted(SINGLE_CASES)] + [
+@pytest.mark.parametrize(
+  "mode,case",
+  [("jit", c) for c in sorted(SINGLE_CASES)]
+  + [
     # Op by op (no fusion) the same cases agree bit for bit: the scheme itself is consistent.
-    ("eager", "top_k-fixed-no_ef")])
+    ("eager", "top_k-fixed-no_ef")
+  ],
+)
 def test_single_worker_sender_and_receiver_bitwise_identical(mode, case):
   make_c, make_p, ef = SINGLE_CASES[case]
   steps = AGREE_STEPS if mode == "jit" else 12  # eager dispatch is slow
@@ -272,8 +295,7 @@ def test_receivers_average_equals_mean_of_senders_reconstructions(n_devices, mes
     senders = states.reconstruction.value[k].astype(np.float64).mean(axis=1)  # (T, *shape)
     scale = np.abs(senders).max()
     # Not bitwise: the receivers sum the decoded payloads in another order. Float32 tolerance.
-    np.testing.assert_allclose(states.average[k], senders, rtol=1e-5, atol=1e-5 * scale,
-                               err_msg=k)
+    np.testing.assert_allclose(states.average[k], senders, rtol=1e-5, atol=1e-5 * scale, err_msg=k)
     np.testing.assert_array_equal(outs[k], states.average[k])
 
 
@@ -284,16 +306,16 @@ def test_receivers_average_equals_mean_of_senders_reconstructions(n_devices, mes
 DIST_SHAPES = {"w": (32, 16)}
 DIST_STEPS = 100
 DIST_COMPRESSORS = {
-    "top_k(0.05)": lambda: cj.compressors.top_k(0.05),
-    "random_k(0.05)": lambda: cj.compressors.random_k(0.05),
-    "qsgd(2)": lambda: cj.compressors.qsgd(2),
-    "qsgd(16)": lambda: cj.compressors.qsgd(16),
+  "top_k(0.05)": lambda: cj.compressors.top_k(0.05),
+  "random_k(0.05)": lambda: cj.compressors.random_k(0.05),
+  "qsgd(2)": lambda: cj.compressors.qsgd(2),
+  "qsgd(16)": lambda: cj.compressors.qsgd(16),
 }
 DIST_PREDICTORS = {
-    "compressed_mean": None,
-    "fixed(0)": lambda: cj.predictors.fixed(0.0),
-    "fixed(0.9)": lambda: cj.predictors.fixed(BETA),
-    "least_squares": cj.predictors.least_squares,
+  "compressed_mean": None,
+  "fixed(0)": lambda: cj.predictors.fixed(0.0),
+  "fixed(0.9)": lambda: cj.predictors.fixed(BETA),
+  "least_squares": cj.predictors.least_squares,
 }
 _DIST_RUNNERS = {}
 _DIST_RESULTS = {}
@@ -303,7 +325,7 @@ def _dist_like():
   return {k: jnp.zeros(s) for k, s in DIST_SHAPES.items()}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _dist_data(kind, n):
   if kind == "correlated":
     return _momentum_sequence(DIST_SHAPES, DIST_STEPS, n, seed=11)
@@ -318,8 +340,11 @@ def _dist_run(mesh, cname, pname, ef, kind):
     if rkey not in _DIST_RUNNERS:
       compressor = DIST_COMPRESSORS[cname]()
       if pname == "compressed_mean":
-        tx = (cj.error_feedback(compressor, axis_name="data") if ef
-              else cj.compressed_mean(compressor, axis_name="data"))
+        tx = (
+          cj.error_feedback(compressor, axis_name="data")
+          if ef
+          else cj.compressed_mean(compressor, axis_name="data")
+        )
       else:
         tx = _predictive(compressor, DIST_PREDICTORS[pname](), ef)
       like = {k: np.zeros(s, np.float32) for k, s in DIST_SHAPES.items()}
@@ -348,16 +373,20 @@ def test_fixed_zero_without_feedback_is_exactly_compressed_mean(cname, mesh):
     zero, _ = _dist_run(mesh, cname, "fixed(0)", False, kind)
     for k in base:
       np.testing.assert_array_equal(zero[k], base[k], err_msg=f"{cname} {kind} {k}")
-  assert (cj.wire_bytes(cj.compressed_mean(DIST_COMPRESSORS[cname]()), _dist_like())
-          == cj.wire_bytes(_predictive(DIST_COMPRESSORS[cname](), cj.predictors.fixed(0.9),
-                                       False, axis_name=None), _dist_like()))
+  assert cj.wire_bytes(
+    cj.compressed_mean(DIST_COMPRESSORS[cname]()), _dist_like()
+  ) == cj.wire_bytes(
+    _predictive(DIST_COMPRESSORS[cname](), cj.predictors.fixed(0.9), False, axis_name=None),
+    _dist_like(),
+  )
 
 
 @pytest.mark.parametrize("cname", ["top_k(0.05)", "random_k(0.05)", "qsgd(2)"])
 def test_prediction_lowers_distortion_on_correlated_sequences(cname, mesh):
   xs = _dist_data("correlated", mesh.devices.size)
-  d = {p: _distortion(_dist_run(mesh, cname, p, False, "correlated")[0], xs)
-       for p in DIST_PREDICTORS}
+  d = {
+    p: _distortion(_dist_run(mesh, cname, p, False, "correlated")[0], xs) for p in DIST_PREDICTORS
+  }
   base = d["compressed_mean"]
   assert 0.01 < base < 2.0, d  # the baseline really is lossy
   # Least squares always helps on a momentum sequence (ρ ≈ 1 fits it).
@@ -395,8 +424,9 @@ def test_least_squares_costs_nothing_on_white_noise(cname, mesh):
     h = states.reconstruction.value[k].astype(np.float64)
     avg = states.average[k].astype(np.float64)
     sent = (h[1:] - rho.reshape(-1, 1, 1, 1) * h[:-1]).mean(axis=1)
-    np.testing.assert_allclose(avg[1:], rho.reshape(-1, 1, 1) * avg[:-1] + sent,
-                               rtol=1e-4, atol=1e-4 * np.abs(avg).max())
+    np.testing.assert_allclose(
+      avg[1:], rho.reshape(-1, 1, 1) * avg[:-1] + sent, rtol=1e-4, atol=1e-4 * np.abs(avg).max()
+    )
 
 
 def _bounded(outs, xs, ef):
@@ -407,14 +437,15 @@ def _bounded(outs, xs, ef):
   feedback the per-step output is noisy by design; what SGD integrates is the running sum.
   """
   assert all(np.isfinite(v).all() for v in outs.values())
-  err = sum(np.sum((outs[k].astype(np.float64) - xs[k].mean(1)) ** 2,
-                   axis=tuple(range(1, outs[k].ndim))) for k in xs)
+  err = sum(
+    np.sum((outs[k].astype(np.float64) - xs[k].mean(1)) ** 2, axis=tuple(range(1, outs[k].ndim)))
+    for k in xs
+  )
   quarter = DIST_STEPS // 4
-  late, early = err[-quarter:].mean(), err[quarter:2 * quarter].mean()
+  late, early = err[-quarter:].mean(), err[quarter : 2 * quarter].mean()
   assert late < 4.0 * early + 1e-6, (early, late)
   if ef:
-    gap = sum(np.sum((outs[k].sum(0, dtype=np.float64) - xs[k].sum(0).mean(0)) ** 2)
-              for k in xs)
+    gap = sum(np.sum((outs[k].sum(0, dtype=np.float64) - xs[k].sum(0).mean(0)) ** 2) for k in xs)
     total = sum(np.sum(xs[k].sum(0).mean(0).astype(np.float64) ** 2) for k in xs)
     assert gap < 0.15 * total, (gap, total)
     assert _distortion(outs, xs) < 40.0
@@ -422,15 +453,23 @@ def _bounded(outs, xs, ef):
     assert _distortion(outs, xs) < 1.0
 
 
-RANDOMIZED_CASES = [(c, p, ef) for c in ("random_k(0.05)", "qsgd(16)")
-                    for p in ("least_squares", "fixed(0.9)") for ef in (False, True)]
+RANDOMIZED_CASES = [
+  (c, p, ef)
+  for c in ("random_k(0.05)", "qsgd(16)")
+  for p in ("least_squares", "fixed(0.9)")
+  for ef in (False, True)
+]
 
-_BUG_EF_FIXED = pytest.mark.xfail(strict=True, reason=(
+_BUG_EF_FIXED = pytest.mark.xfail(
+  strict=True,
+  reason=(
     "KNOWN LIMITATION (documented in cj.predictive_compression, which warns): predictive_compression(error_feedback=True) with fixed rho = 0.9 is unstable: the "
     "sender's compression error is fed back twice (the closed-loop prediction rho*x_hat already "
     "carries -rho*e, the residual adds +e), so e_t = (I-C)[(x_t - rho x_{t-1}) + (1+rho) e_{t-1}"
     " - rho e_{t-2}] and an unsent coordinate grows by up to 1/(1-rho) per echo; the residual "
-    "and the output diverge"))
+    "and the output diverge"
+  ),
+)
 
 
 def _randomized_marks(cname, pname, ef):
@@ -440,8 +479,10 @@ def _randomized_marks(cname, pname, ef):
   return marks
 
 
-@pytest.mark.parametrize("cname,pname,ef", [
-    pytest.param(c, p, ef, marks=_randomized_marks(c, p, ef)) for c, p, ef in RANDOMIZED_CASES])
+@pytest.mark.parametrize(
+  "cname,pname,ef",
+  [pytest.param(c, p, ef, marks=_randomized_marks(c, p, ef)) for c, p, ef in RANDOMIZED_CASES],
+)
 def test_randomized_compressors_stay_finite_and_bounded(cname, pname, ef, mesh):
   xs = _dist_data("correlated", mesh.devices.size)
   outs, states = _dist_run(mesh, cname, pname, ef, "correlated")
@@ -472,7 +513,7 @@ def test_error_feedback_with_fixed_rho_keeps_residual_bounded_top_k():
 LSQ_M, LSQ_IN, LSQ_OUT, LSQ_STEPS, LSQ_NOISE = 32, 8, 4, 200, 0.5
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _lsq_problem(n):
   """Per-worker least squares with different data (and a different local optimum) per worker.
 
@@ -482,10 +523,10 @@ def _lsq_problem(n):
   rng = np.random.default_rng(21)
   x = rng.normal(size=(n, LSQ_M, LSQ_IN))
   x = np.concatenate([x, np.ones((n, LSQ_M, 1))], axis=-1).astype(np.float32)
-  w_true = rng.normal(size=(LSQ_IN + 1, LSQ_OUT)) + 0.5 * rng.normal(size=(n, LSQ_IN + 1,
-                                                                            LSQ_OUT))
-  y = (np.einsum("nmi,nio->nmo", x, w_true)
-       + 0.3 * rng.normal(size=(n, LSQ_M, LSQ_OUT))).astype(np.float32)
+  w_true = rng.normal(size=(LSQ_IN + 1, LSQ_OUT)) + 0.5 * rng.normal(size=(n, LSQ_IN + 1, LSQ_OUT))
+  y = (np.einsum("nmi,nio->nmo", x, w_true) + 0.3 * rng.normal(size=(n, LSQ_M, LSQ_OUT))).astype(
+    np.float32
+  )
   noise = (LSQ_NOISE * rng.normal(size=(LSQ_STEPS, n, LSQ_IN + 1, LSQ_OUT))).astype(np.float32)
   w_opt = np.linalg.lstsq(x.reshape(-1, LSQ_IN + 1), y.reshape(-1, LSQ_OUT), rcond=None)[0]
   return x, y, noise, w_opt
@@ -493,8 +534,9 @@ def _lsq_problem(n):
 
 def _lsq_loss(w, x, y):
   w = np.asarray(w, np.float64)
-  return float(np.mean([0.5 * np.mean(np.sum((x[i] @ w - y[i]) ** 2, -1))
-                        for i in range(x.shape[0])]))
+  return float(
+    np.mean([0.5 * np.mean(np.sum((x[i] @ w - y[i]) ** 2, -1)) for i in range(x.shape[0])])
+  )
 
 
 def _train_lsq(tx, mesh):
@@ -507,9 +549,12 @@ def _train_lsq(tx, mesh):
     return 0.5 * jnp.mean(jnp.sum((xi @ p["w"] - yi) ** 2, -1))
 
   @jax.jit
-  @functools.partial(jax.shard_map, mesh=mesh,
-                     in_specs=(P(), specs, P("data"), P("data"), P(None, "data")),
-                     out_specs=P())
+  @functools.partial(
+    jax.shard_map,
+    mesh=mesh,
+    in_specs=(P(), specs, P("data"), P("data"), P(None, "data")),
+    out_specs=P(),
+  )
   def run(p, s, xi, yi, nz):
     def body(carry, nz_t):
       p, s = carry
@@ -518,47 +563,69 @@ def _train_lsq(tx, mesh):
       g = {"w": g["w"] + nz_t[0]}
       updates, s = tx.update(g, s, p)
       return (optax.apply_updates(p, updates), s), None
+
     return jax.lax.scan(body, (p, s), nz)[0][0]
 
   put = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))
-  args = (put(params, P()), state, put(x, P("data")), put(y, P("data")),
-          put(noise, P(None, "data")))
+  args = (
+    put(params, P()),
+    state,
+    put(x, P("data")),
+    put(y, P("data")),
+    put(noise, P(None, "data")),
+  )
   out = run.lower(*args).compile(FAST_COMPILE)(*args)
   return np.asarray(out["w"])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _heavy_ball_loss(n, lr):
   x, y, noise, _ = _lsq_problem(n)
+
   def grad(theta, t):
     g = np.mean([x[i].T @ (x[i] @ theta - y[i]) / LSQ_M for i in range(n)], axis=0)
     return g + noise[t].mean(0)
-  trace = reference.np_heavy_ball(np.zeros((LSQ_IN + 1, LSQ_OUT)), grad, lr=lr, momentum=BETA,
-                                  steps=LSQ_STEPS)
+
+  trace = reference.np_heavy_ball(
+    np.zeros((LSQ_IN + 1, LSQ_OUT)), grad, lr=lr, momentum=BETA, steps=LSQ_STEPS
+  )
   return _lsq_loss(trace[-1], x, y)
 
 
 SGD_LR = 0.01
 SGD_COMPRESSORS = {
-    "top_k(0.1)": lambda: cj.compressors.top_k(0.1),
-    "block_sign": cj.compressors.block_sign,
-    "random_k(0.1)": lambda: cj.compressors.random_k(0.1),
-    "qsgd(4)": lambda: cj.compressors.qsgd(4),
+  "top_k(0.1)": lambda: cj.compressors.top_k(0.1),
+  "block_sign": cj.compressors.block_sign,
+  "random_k(0.1)": lambda: cj.compressors.random_k(0.1),
+  "qsgd(4)": lambda: cj.compressors.qsgd(4),
 }
 
 
-@pytest.mark.parametrize("cname,ef,predictive", [
-    pytest.param(c, ef, pr, marks=[_BUG_EF_FIXED] if (
-        ef and pr == "fixed" and c != "block_sign") else [])
-    for c in SGD_COMPRESSORS for ef in (True, False) for pr in ("least_squares", "fixed", "none")
-    if pr != "fixed" or c in ("top_k(0.1)", "block_sign")])
+@pytest.mark.parametrize(
+  "cname,ef,predictive",
+  [
+    pytest.param(
+      c, ef, pr, marks=[_BUG_EF_FIXED] if (ef and pr == "fixed" and c != "block_sign") else []
+    )
+    for c in SGD_COMPRESSORS
+    for ef in (True, False)
+    for pr in ("least_squares", "fixed", "none")
+    if pr != "fixed" or c in ("top_k(0.1)", "block_sign")
+  ],
+)
 @pytest.mark.filterwarnings("ignore:predictive_compression with error_feedback")
 def test_compressed_momentum_sgd_converges(cname, ef, predictive, mesh):
   n = mesh.devices.size
   x, y, _, w_opt = _lsq_problem(n)
   pred = {"least_squares": True, "fixed": cj.predictors.fixed(BETA), "none": False}[predictive]
-  tx = cj.compressed_momentum_sgd(SGD_LR, SGD_COMPRESSORS[cname](), momentum=BETA,
-                                  predictive=pred, error_feedback=ef, axis_name="data")
+  tx = cj.compressed_momentum_sgd(
+    SGD_LR,
+    SGD_COMPRESSORS[cname](),
+    momentum=BETA,
+    predictive=pred,
+    error_feedback=ef,
+    axis_name="data",
+  )
   w = _train_lsq(tx, mesh)
   l0, lopt = _lsq_loss(np.zeros_like(w_opt), x, y), _lsq_loss(w_opt, x, y)
   final = _lsq_loss(w, x, y)
@@ -576,8 +643,9 @@ def test_compressed_momentum_sgd_converges(cname, ef, predictive, mesh):
 def test_comp_ams_with_least_squares_predictor_reduces_loss(mesh):
   n = mesh.devices.size
   x, y, _, w_opt = _lsq_problem(n)
-  tx = cj.comp_ams(0.05, cj.compressors.top_k(0.1), axis_name="data",
-                   predictor=cj.predictors.least_squares())
+  tx = cj.comp_ams(
+    0.05, cj.compressors.top_k(0.1), axis_name="data", predictor=cj.predictors.least_squares()
+  )
   w = _train_lsq(tx, mesh)
   l0, lopt = _lsq_loss(np.zeros_like(w_opt), x, y), _lsq_loss(w_opt, x, y)
   final = _lsq_loss(w, x, y)
@@ -620,8 +688,9 @@ def test_state_specs_and_sharded_init(ef, n_devices, mesh):
 
 def test_compressed_momentum_sgd_state_specs():
   for predictive in (True, False):
-    tx = cj.compressed_momentum_sgd(0.1, cj.compressors.top_k(0.5), predictive=predictive,
-                                    axis_name="data")
+    tx = cj.compressed_momentum_sgd(
+      0.1, cj.compressors.top_k(0.5), predictive=predictive, axis_name="data"
+    )
     specs = cj.sharding.state_specs(jax.eval_shape(tx.init, STATE_PARAMS), "data")
     assert isinstance(specs[0], cj.WorkerMomentumState)
     assert specs[0].momentum == cj.PerWorker({k: P("data") for k in STATE_PARAMS})
@@ -632,10 +701,12 @@ def test_compressed_momentum_sgd_state_specs():
 
 @pytest.mark.parametrize("cname", ["top_k", "block_sign", "random_k", "qsgd"])
 def test_wire_bytes_least_squares_adds_two_float32_per_leaf(cname):
-  compressor = {"top_k": lambda: cj.compressors.top_k(0.01),
-                "block_sign": cj.compressors.block_sign,
-                "random_k": lambda: cj.compressors.random_k(0.1),
-                "qsgd": lambda: cj.compressors.qsgd(4)}[cname]()
+  compressor = {
+    "top_k": lambda: cj.compressors.top_k(0.01),
+    "block_sign": cj.compressors.block_sign,
+    "random_k": lambda: cj.compressors.random_k(0.1),
+    "qsgd": lambda: cj.compressors.qsgd(4),
+  }[cname]()
   params = {"a": jnp.zeros((1000,)), "b": jnp.zeros((10,)), "c": jnp.zeros((3, 3, 4))}
   bits = cj.compressors.tree_wire_bits(compressor, params)
   leaves = len(jax.tree.leaves(params))
@@ -646,8 +717,9 @@ def test_wire_bytes_least_squares_adds_two_float32_per_leaf(cname):
     ls = _predictive(compressor, cj.predictors.least_squares(), ef, axis_name="data")
     assert cj.wire_bytes(fixed, params) == own
     assert cj.wire_bytes(ls, params) == -(-(bits + leaves * 2 * 32) // 8)
-  assert cj.wire_bytes(cj.compressed_momentum_sgd(
-      0.1, compressor, predictive=cj.predictors.least_squares()), params) == -(
-          -(bits + leaves * 64) // 8)
-  assert cj.wire_bytes(cj.comp_ams(0.1, compressor, predictor=cj.predictors.least_squares()),
-                       params) == -(-(bits + leaves * 64) // 8)
+  assert cj.wire_bytes(
+    cj.compressed_momentum_sgd(0.1, compressor, predictive=cj.predictors.least_squares()), params
+  ) == -(-(bits + leaves * 64) // 8)
+  assert cj.wire_bytes(
+    cj.comp_ams(0.1, compressor, predictor=cj.predictors.least_squares()), params
+  ) == -(-(bits + leaves * 64) // 8)

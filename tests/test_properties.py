@@ -86,8 +86,17 @@ def compressors(draw, family: str):
   raise AssertionError(family)
 
 
-FAMILIES = ["identity", "cast_bf16", "cast_f16", "top_k", "random_k", "block_sign",
-            "block_sign_exact", "scaled_sign", "qsgd"]
+FAMILIES = [
+  "identity",
+  "cast_bf16",
+  "cast_f16",
+  "top_k",
+  "random_k",
+  "block_sign",
+  "block_sign_exact",
+  "scaled_sign",
+  "qsgd",
+]
 
 
 def test_registry_builds_every_family():
@@ -144,8 +153,9 @@ def make_values(recipe, shape, dtype, leaf: int = 0) -> np.ndarray:
   return x.astype(dtype).reshape(shape)
 
 
-recipes = st.tuples(st.sampled_from(KINDS), st.integers(0, 2**32 - 1),
-                    st.sampled_from([0.0, 0.0, 0.1, 0.5, 1.0]))
+recipes = st.tuples(
+  st.sampled_from(KINDS), st.integers(0, 2**32 - 1), st.sampled_from([0.0, 0.0, 0.1, 0.5, 1.0])
+)
 
 # Leaf shapes for compiled checks: 0-d, size 1, odd sizes, the uint8→uint16 index boundary.
 SHAPES = [(), (1,), (7,), (3, 5), (2, 1, 9), (257,)]
@@ -153,9 +163,9 @@ LARGE = (100_003,)  # uint32 indices; > 65,536 so top_k(method="auto") takes the
 
 # Multi-leaf trees (mixed dtypes): leaf vs model granularity differ here.
 TREES = [
-    (("a", (3, 5), F32), ("b", (), BF16), ("c", (7,), F32)),
-    (("w", (2, 1, 9), F16), ("v", (1,), F32)),
-    (("p", (7,), BF16), ("q", (3, 5), BF16)),
+  (("a", (3, 5), F32), ("b", (), BF16), ("c", (7,), F32)),
+  (("w", (2, 1, 9), F16), ("v", (1,), F32)),
+  (("p", (7,), BF16), ("q", (3, 5), BF16)),
 ]
 
 
@@ -170,8 +180,7 @@ def tree_specs(draw, allow_large: bool):
 
 
 def build_tree(spec, recipe):
-  return {name: make_values(recipe, shape, dtype, i) for i, (name, shape, dtype) in
-          enumerate(spec)}
+  return {name: make_values(recipe, shape, dtype, i) for i, (name, shape, dtype) in enumerate(spec)}
 
 
 # ----------------------------------------------------------------- helpers
@@ -194,7 +203,7 @@ def bits_of(tree):
   return [np.asarray(leaf).tobytes() for leaf in jax.tree.leaves(tree)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def roundtrip_fn(c, spec):
   """Jitted (payload, C(tree)) for one compressor and tree spec (compiled once)."""
   del spec  # part of the cache key only: jit re-specializes on shapes anyway
@@ -262,7 +271,9 @@ def _bound_applies(c, x, flat, leaf_dtypes) -> bool:
     if np.any((a > 0) & (a < float(finfo(F32).tiny))):
       return False
     total = float(np.sum(np.abs(x)))
-    if total >= F32_MAX / 2:  # Regression-tested separately: test_block_sign_scale_overflows_for_huge_finite_input
+    if (
+      total >= F32_MAX / 2
+    ):  # Regression-tested separately: test_block_sign_scale_overflows_for_huge_finite_input
       return False
     # XLA:CPU flushes float32 subnormals to zero in arithmetic (FTZ/DAZ): a scale ‖x‖₁/d below
     # the smallest normal of float32 (or of a leaf dtype it is cast to) comes out 0 / rounded
@@ -356,7 +367,7 @@ def check_example(c, spec, value_recipes, n_keys=6):
   like = {name: jax.ShapeDtypeStruct(shape, dtype) for name, shape, dtype in spec}
   for recipe in value_recipes:
     x_tree = build_tree(spec, recipe)
-    key, = keys_for(c, [17])
+    (key,) = keys_for(c, [17])
     payload, out = fn(x_tree, key)
     # Bits on the wire: what encode really returned, and the static count.
     assert payload_nbits(payload) == C.tree_wire_bits(c, like)
@@ -376,8 +387,9 @@ def check_example(c, spec, value_recipes, n_keys=6):
     # Different keys → different payloads, for randomized codes on non-trivial inputs.
     if c.needs_key:
       if isinstance(c, C.RandomK):
-        nontrivial = [x.size > C.num_kept(c.ratio, x.size) and np.unique(x).size == x.size
-                      for x, *_ in bl]
+        nontrivial = [
+          x.size > C.num_kept(c.ratio, x.size) and np.unique(x).size == x.size for x, *_ in bl
+        ]
       else:
         nontrivial = [_qsgd_nontrivial(c, x) for x, *_ in bl]
       if any(nontrivial):
@@ -411,24 +423,37 @@ def test_top_k_large(value_recipes):
 def abstract_compressors(draw):
   g = draw(GRANULARITY)
   ratio = st.floats(1e-6, 1.0, exclude_min=True)
-  return draw(st.sampled_from([
-      C.identity(granularity=g), C.cast(jnp.bfloat16, granularity=g),
-      C.cast(jnp.float16, granularity=g),
-      C.top_k(draw(ratio), granularity=g), C.random_k(draw(ratio), granularity=g),
-      C.block_sign(granularity=g), C.block_sign(exact_zeros=True, granularity=g),
-      C.scaled_sign(), C.qsgd(draw(st.integers(1, 32767)), granularity=g)]))
+  return draw(
+    st.sampled_from(
+      [
+        C.identity(granularity=g),
+        C.cast(jnp.bfloat16, granularity=g),
+        C.cast(jnp.float16, granularity=g),
+        C.top_k(draw(ratio), granularity=g),
+        C.random_k(draw(ratio), granularity=g),
+        C.block_sign(granularity=g),
+        C.block_sign(exact_zeros=True, granularity=g),
+        C.scaled_sign(),
+        C.qsgd(draw(st.integers(1, 32767)), granularity=g),
+      ]
+    )
+  )
 
 
 small_dims = st.integers(0, 9)
 abstract_shapes = st.one_of(
-    st.lists(small_dims, max_size=4).map(tuple),
-    st.sampled_from([(255,), (256,), (257,), (8, 32), (65_536,), (65_537,), (300, 301)]))
+  st.lists(small_dims, max_size=4).map(tuple),
+  st.sampled_from([(255,), (256,), (257,), (8, 32), (65_536,), (65_537,), (300, 301)]),
+)
 abstract_trees = st.recursive(
-    st.tuples(abstract_shapes, st.sampled_from(DTYPES)).map(
-        lambda sd: jax.ShapeDtypeStruct(sd[0], sd[1])),
-    lambda children: st.one_of(st.lists(children, max_size=3),
-                               st.dictionaries(st.sampled_from("abcd"), children, max_size=3)),
-    max_leaves=5)
+  st.tuples(abstract_shapes, st.sampled_from(DTYPES)).map(
+    lambda sd: jax.ShapeDtypeStruct(sd[0], sd[1])
+  ),
+  lambda children: st.one_of(
+    st.lists(children, max_size=3), st.dictionaries(st.sampled_from("abcd"), children, max_size=3)
+  ),
+  max_leaves=5,
+)
 
 
 @settings(max_examples=80, deadline=None)
@@ -449,12 +474,12 @@ def test_wire_bits_and_shapes_abstract(c, tree):
     assert (got.shape, got.dtype) == (want.shape, want.dtype)
   for leaf in jax.tree.leaves(tree):
     assert C.payload_bits(c.payload_shapes(leaf.shape, leaf.dtype)) == c.wire_bits(
-        leaf.shape, leaf.dtype)
+      leaf.shape, leaf.dtype
+    )
 
 
 def payload_bits_abstract(payload) -> int:
-  return sum(math.prod(p.shape) * np.dtype(p.dtype).itemsize * 8
-             for p in jax.tree.leaves(payload))
+  return sum(math.prod(p.shape) * np.dtype(p.dtype).itemsize * 8 for p in jax.tree.leaves(payload))
 
 
 # ----------------------------------------------------------------- regression tests of fixed bugs
@@ -478,9 +503,11 @@ def test_qsgd_norm_underflow_zeroes_small_vectors():
   np.testing.assert_allclose(out, x, rtol=1e-5)
 
 
-@pytest.mark.parametrize("x", [np.full(8, 1e38, np.float32),
-                               np.array([3.0e38, -3.0e38], ml_dtypes.bfloat16)],
-                         ids=["f32x8", "bf16x2"])
+@pytest.mark.parametrize(
+  "x",
+  [np.full(8, 1e38, np.float32), np.array([3.0e38, -3.0e38], ml_dtypes.bfloat16)],
+  ids=["f32x8", "bf16x2"],
+)
 def test_block_sign_scale_overflows_for_huge_finite_input(x):
   out = _eval(C.block_sign(), x)
   assert np.all(np.isfinite(out))
@@ -498,17 +525,25 @@ def test_cast_bf16_of_float16_near_max_is_finite():
 
 EF_STEPS = 4
 EF_TREES = [
-    (("w", (3, 5), F32), ("b", (7,), F32)),
-    (("k", (2, 1, 9), F32), ("s", (), F32), ("h", (5,), BF16)),
+  (("w", (3, 5), F32), ("b", (7,), F32)),
+  (("k", (2, 1, 9), F32), ("s", (), F32), ("h", (5,), BF16)),
 ]
 EF_COMPRESSORS = [
-    C.top_k(0.3), C.top_k(0.1, granularity="model"), C.random_k(0.3), C.block_sign(),
-    C.block_sign(exact_zeros=True), C.scaled_sign(), C.qsgd(4), C.cast(jnp.bfloat16),
-    C.identity(),
+  C.top_k(0.3),
+  C.top_k(0.1, granularity="model"),
+  C.random_k(0.3),
+  C.block_sign(),
+  C.block_sign(exact_zeros=True),
+  C.scaled_sign(),
+  C.qsgd(4),
+  C.cast(jnp.bfloat16),
+  C.identity(),
 ]
-ef_values = st.tuples(st.sampled_from(["normal", "normal", "spike", "constant", "zeros",
-                                       "per_leaf_small"]),
-                      st.integers(0, 2**32 - 1), st.sampled_from([0.0, 0.1, 0.5]))
+ef_values = st.tuples(
+  st.sampled_from(["normal", "normal", "spike", "constant", "zeros", "per_leaf_small"]),
+  st.integers(0, 2**32 - 1),
+  st.sampled_from([0.0, 0.1, 0.5]),
+)
 
 
 def _ef_grads(recipe, spec, n):
@@ -517,24 +552,35 @@ def _ef_grads(recipe, spec, n):
   rng = np.random.default_rng(seed)
   out = {}
   for name, shape, dtype in spec:
-    leaf_kind = kind if kind != "per_leaf_small" else ["normal", "spike", "zeros"][
-        rng.integers(3)]
-    x = np.stack([make_values((leaf_kind, int(rng.integers(2**32)), zero_frac),
-                              (EF_STEPS,) + shape, np.float64) for _ in range(n)])
+    leaf_kind = kind if kind != "per_leaf_small" else ["normal", "spike", "zeros"][rng.integers(3)]
+    x = np.stack(
+      [
+        make_values(
+          (leaf_kind, int(rng.integers(2**32)), zero_frac), (EF_STEPS,) + shape, np.float64
+        )
+        for _ in range(n)
+      ]
+    )
     out[name] = x.astype(dtype)
   return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def ef_run_fn(c, topology, spec, mesh):
   n = mesh.size
-  tx = cj.error_feedback(c, axis_name="data", seed=3, topology=topology,
-                         num_workers=n if topology == "two_phase" else None)
+  tx = cj.error_feedback(
+    c,
+    axis_name="data",
+    seed=3,
+    topology=topology,
+    num_workers=n if topology == "two_phase" else None,
+  )
 
   def varying(node):  # the carry of a scan must already vary over workers where it will
     if isinstance(node, cj.PerWorker):
-      return cj.PerWorker(jax.tree.map(lambda a: jax.lax.pcast(a, "data", to="varying"),
-                                       node.value))
+      return cj.PerWorker(
+        jax.tree.map(lambda a: jax.lax.pcast(a, "data", to="varying"), node.value)
+      )
     return node
 
   def run(grads):
@@ -557,13 +603,21 @@ def ef_run_fn(c, topology, spec, mesh):
 def _flat(tree, spec, axis_prefix):
   """Leaves concatenated after `axis_prefix` leading axes, as float64, in the pytree's leaf
   order (sorted dict keys, as `flatten_tree` lays out the two-phase vector)."""
-  return np.concatenate([f64(tree[name]).reshape(tree[name].shape[:axis_prefix] + (-1,))
-                         for name, _, _ in sorted(spec)], axis=-1)
+  return np.concatenate(
+    [
+      f64(tree[name]).reshape(tree[name].shape[:axis_prefix] + (-1,)) for name, _, _ in sorted(spec)
+    ],
+    axis=-1,
+  )
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(c=st.sampled_from(EF_COMPRESSORS), topology=st.sampled_from(["gather", "two_phase"]),
-       spec=st.sampled_from(EF_TREES), recipe=ef_values)
+@given(
+  c=st.sampled_from(EF_COMPRESSORS),
+  topology=st.sampled_from(["gather", "two_phase"]),
+  spec=st.sampled_from(EF_TREES),
+  recipe=ef_values,
+)
 def test_error_feedback_invariants_on_8_devices(mesh, n_devices, c, topology, spec, recipe):
   n = n_devices
   grads = _ef_grads(recipe, spec, n)
@@ -593,8 +647,14 @@ def test_error_feedback_invariants_on_8_devices(mesh, n_devices, c, topology, sp
     s_new = s_old = np.zeros_like(out)
   lhs = (g + e_old).sum(axis=0) + n * s_old
   rhs = n * out + e_new.sum(axis=0) + n * s_new
-  scale = (np.abs(g).sum(0) + np.abs(e_old).sum(0) + np.abs(e_new).sum(0) + n * np.abs(out)
-           + n * np.abs(s_old) + n * np.abs(s_new))
+  scale = (
+    np.abs(g).sum(0)
+    + np.abs(e_old).sum(0)
+    + np.abs(e_new).sum(0)
+    + n * np.abs(out)
+    + n * np.abs(s_old)
+    + n * np.abs(s_new)
+  )
   err = np.abs(lhs - rhs)
   tol = 4 * eps * scale + 1e-30
   if isinstance(c, C.Cast) and topology == "gather":

@@ -1,6 +1,5 @@
 """Reliability: non-finite gradients skip the step on every worker; elastic worker counts."""
 
-
 import jax
 import numpy as np
 import optax
@@ -14,8 +13,10 @@ SHAPES = {"w": (6, 5), "b": (5,)}
 
 def _grads(n, steps, seed=0):
   rng = np.random.default_rng(seed)
-  return [{k: rng.normal(size=(n,) + s).astype(np.float32) for k, s in SHAPES.items()}
-          for _ in range(steps)]
+  return [
+    {k: rng.normal(size=(n,) + s).astype(np.float32) for k, s in SHAPES.items()}
+    for _ in range(steps)
+  ]
 
 
 def _runner(tx, mesh):
@@ -28,8 +29,11 @@ def _equal(a, b):
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-@pytest.mark.parametrize("compressor", [cj.compressors.top_k(0.2), cj.compressors.block_sign(),
-                                        cj.compressors.qsgd(8)], ids=["top_k", "sign", "qsgd"])
+@pytest.mark.parametrize(
+  "compressor",
+  [cj.compressors.top_k(0.2), cj.compressors.block_sign(), cj.compressors.qsgd(8)],
+  ids=["top_k", "sign", "qsgd"],
+)
 def test_nonfinite_on_one_worker_skips_the_step_everywhere(bad, compressor, n_devices, mesh):
   tx = cj.skip_nonfinite(cj.comp_ams(0.1, compressor, axis_name="data"), axis_name="data")
   grads = _grads(n_devices, 4)
@@ -57,8 +61,11 @@ def test_skip_nonfinite_composes_with_apply_if_finite_under_pmap(n_devices):
   # cleaned, finite updates. Under jax.shard_map its branches differ in device variance and it
   # does not trace at all, so this composition is for pmap.
   tx = cj.skip_nonfinite(
-      optax.apply_if_finite(cj.comp_ams(0.1, cj.compressors.top_k(0.2), axis_name="data"),
-                            max_consecutive_errors=3), axis_name="data")
+    optax.apply_if_finite(
+      cj.comp_ams(0.1, cj.compressors.top_k(0.2), axis_name="data"), max_consecutive_errors=3
+    ),
+    axis_name="data",
+  )
   grads = _grads(n_devices, 2)
   grads[1]["b"][0, 0] = np.nan
   params = {k: np.ones((n_devices,) + s, np.float32) for k, s in SHAPES.items()}
@@ -100,12 +107,19 @@ def test_resize_workers_preserves_the_residual_sum(new_n):
   _equal(resized[1], state[1])  # replicated AMSGrad state untouched
 
 
-@pytest.mark.parametrize("make,match", [
+@pytest.mark.parametrize(
+  "make,match",
+  [
     (lambda: cj.predictive_compression(cj.compressors.top_k(0.2)), "PredictiveState"),
     (lambda: cj.compressed_momentum_sgd(0.1, cj.compressors.top_k(0.2)), "WorkerMomentumState"),
-    (lambda: cj.comp_ams(0.1, cj.compressors.block_sign(), axis_name="data",
-                         topology="two_phase", num_workers=4), "two-phase"),
-])
+    (
+      lambda: cj.comp_ams(
+        0.1, cj.compressors.block_sign(), axis_name="data", topology="two_phase", num_workers=4
+      ),
+      "two-phase",
+    ),
+  ],
+)
 def test_resize_workers_refuses_state_without_an_invariant(make, match):
   state = make().init({k: np.zeros(s, np.float32) for k, s in SHAPES.items()})
   with pytest.raises(ValueError, match=match):

@@ -51,9 +51,10 @@ def check_float_leaf(x: Any) -> None:
   dtype = np.dtype(x.dtype)
   if not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(
-        f"compams_jax compresses real floating-point gradients only; got a leaf of dtype {dtype} "
-        f"and shape {tuple(x.shape)}. Mask integer/complex leaves out (e.g. optax.masked) or "
-        "cast them.")
+      f"compams_jax compresses real floating-point gradients only; got a leaf of dtype {dtype} "
+      f"and shape {tuple(x.shape)}. Mask integer/complex leaves out (e.g. optax.masked) or "
+      "cast them."
+    )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -89,8 +90,7 @@ class Compressor(abc.ABC):
 
   def __post_init__(self):
     if self.granularity not in _GRANULARITIES:
-      raise ValueError(
-          f"granularity must be one of {_GRANULARITIES}, got {self.granularity!r}.")
+      raise ValueError(f"granularity must be one of {_GRANULARITIES}, got {self.granularity!r}.")
 
   @property
   def needs_key(self) -> bool:
@@ -108,7 +108,7 @@ class Compressor(abc.ABC):
   def wire_bits(self, shape: tuple[int, ...], dtype: Any) -> int:
     """Exact number of bits one payload of an array of this shape/dtype puts on the wire."""
 
-  def batched(self) -> "Compressor":
+  def batched(self) -> Compressor:
     """The variant to use under `jax.vmap` inside `jax.shard_map` (the two-phase wire).
 
     The same operator; compressors whose fast path is not vmap-safe there return their exact
@@ -150,5 +150,7 @@ class Compressor(abc.ABC):
 
 def payload_bits(payload: Payload) -> int:
   """Bits held by a payload pytree of arrays / ShapeDtypeStructs."""
-  return sum(int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize * 8
-             for leaf in jax.tree.leaves(payload))
+  return sum(
+    int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize * 8
+    for leaf in jax.tree.leaves(payload)
+  )

@@ -63,8 +63,10 @@ class Cast(Compressor):
     if not jnp.issubdtype(dt, jnp.floating):
       raise TypeError(f"cast(dtype=...) needs a floating dtype, got {dt}.")
     if jax.dtypes.canonicalize_dtype(dt) != dt:
-      raise ValueError(f"cast(dtype={dt}) cannot be sent: JAX would produce "
-                       f"{jax.dtypes.canonicalize_dtype(dt)} (enable jax_enable_x64 for {dt}).")
+      raise ValueError(
+        f"cast(dtype={dt}) cannot be sent: JAX would produce "
+        f"{jax.dtypes.canonicalize_dtype(dt)} (enable jax_enable_x64 for {dt})."
+      )
     object.__setattr__(self, "dtype", dt)
 
   def encode(self, x, key=None):

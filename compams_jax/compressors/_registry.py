@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from compams_jax.compressors._base import Compressor
 from compams_jax.compressors._dense import cast, identity
@@ -12,13 +13,13 @@ from compams_jax.compressors._sign import block_sign, scaled_sign
 from compams_jax.compressors._top_k import random_k, top_k
 
 FACTORIES: dict[str, Callable[..., Compressor]] = {
-    "identity": identity,
-    "cast": cast,
-    "top_k": top_k,
-    "random_k": random_k,
-    "block_sign": block_sign,
-    "scaled_sign": scaled_sign,
-    "qsgd": qsgd,
+  "identity": identity,
+  "cast": cast,
+  "top_k": top_k,
+  "random_k": random_k,
+  "block_sign": block_sign,
+  "scaled_sign": scaled_sign,
+  "qsgd": qsgd,
 }
 
 
@@ -43,6 +44,7 @@ def get(name: str, **kwargs: Any) -> Compressor:
   accepted = set(inspect.signature(factory).parameters)
   unknown = sorted(set(kwargs) - accepted)
   if unknown:
-    raise ValueError(f"compressor {name!r} takes {sorted(accepted) or 'no arguments'}; got "
-                     f"unexpected {unknown}.")
+    raise ValueError(
+      f"compressor {name!r} takes {sorted(accepted) or 'no arguments'}; got unexpected {unknown}."
+    )
   return factory(**kwargs)

@@ -61,6 +61,7 @@ _MAX_SAMPLE = 1 << 15
 
 class Plan(NamedTuple):
   """Static parameters of the threshold path for one (d, k)."""
+
   d: int
   k: int
   m: int  # sample size: one per stratum of `stride` elements
@@ -69,7 +70,7 @@ class Plan(NamedTuple):
   c: int  # candidate buffer size
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def plan(d: int, k: int) -> Plan | None:
   """The threshold path's static parameters, or None where it cannot pay off."""
   if d < 2 * _MIN_SAMPLE or k <= 0 or k >= d:
@@ -183,11 +184,11 @@ def _pack(flat: jax.Array, pred) -> jax.Array:
   shifts = jnp.arange(_WORD, dtype=jnp.uint32)
   parts = []
   if whole:
-    m = pred(keys_of(flat[:whole * _WORD])).reshape(whole, _WORD).astype(jnp.uint32)
+    m = pred(keys_of(flat[: whole * _WORD])).reshape(whole, _WORD).astype(jnp.uint32)
     parts.append(jnp.sum(m << shifts, axis=1, dtype=jnp.uint32))
   tail = d - whole * _WORD
   if tail:
-    m = pred(keys_of(flat[whole * _WORD:])).astype(jnp.uint32)
+    m = pred(keys_of(flat[whole * _WORD :])).astype(jnp.uint32)
     parts.append(jnp.sum(m << shifts[:tail], dtype=jnp.uint32)[None])
   return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
 
@@ -301,22 +302,28 @@ def _branch(flat, t, words, p: Plan) -> jax.Array:
 
   # n_ge < k: t is too high for the tie branch as well. n_ge > c: one more pass to see whether
   # t is the k-th largest value (then #{key > t} ≤ k).
-  return lax.cond(main_ok, lambda: zero + BRANCH_MAIN,
-                  lambda: lax.cond(n_ge > p.c, tie_or_exact, lambda: zero + BRANCH_EXACT))
+  return lax.cond(
+    main_ok,
+    lambda: zero + BRANCH_MAIN,
+    lambda: lax.cond(n_ge > p.c, tie_or_exact, lambda: zero + BRANCH_EXACT),
+  )
 
 
 def _single(flat: jax.Array, p: Plan) -> tuple[jax.Array, jax.Array]:
   t, words = _estimate(flat, p)
   branch = _branch(flat, t, words, p)
-  idx = lax.switch(branch, [
+  idx = lax.switch(
+    branch,
+    [
       lambda: _main(flat, t, words, p),
       lambda: _tie(flat, t, p),
       lambda: exact_indices(flat, p.k),
-  ])
+    ],
+  )
   return idx, branch
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _batched_selector(p: Plan):
   """(indices, branch) of one flat array, with a vmap rule that keeps the fast path cheap."""
 
@@ -331,6 +338,7 @@ def _batched_selector(p: Plan):
       return select(flat), (False, False)
     t, words = jax.vmap(lambda f: _estimate(f, p))(flat)
     n_ge = jnp.sum(lax.population_count(words), axis=-1, dtype=jnp.int32)
+
     # One scalar decision for the whole batch: the threshold branch when every example can take
     # it; otherwise every example goes through the per-example switch (vmapped, that runs every
     # branch for every example: slow, but only for a batch with a miss).
@@ -338,15 +346,15 @@ def _batched_selector(p: Plan):
       idx = jax.vmap(lambda f, t, w: _main(f, t, w, p))(flat, t, words)
       return idx, jnp.zeros_like(n_ge) + BRANCH_MAIN
 
-    out = lax.cond(jnp.all((n_ge >= p.k) & (n_ge <= p.c)), fast,
-                   lambda: jax.vmap(lambda f: _single(f, p))(flat))
+    out = lax.cond(
+      jnp.all((n_ge >= p.k) & (n_ge <= p.c)), fast, lambda: jax.vmap(lambda f: _single(f, p))(flat)
+    )
     return out, (True, True)
 
   return select
 
 
-def top_k_indices(flat: jax.Array, k: int, method: Method = "auto",
-                  *, with_branch: bool = False):
+def top_k_indices(flat: jax.Array, k: int, method: Method = "auto", *, with_branch: bool = False):
   """Flat indices of the k largest |flat| entries: the set `lax.top_k(|flat|, k)` returns.
 
   Args:

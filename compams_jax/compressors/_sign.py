@@ -66,8 +66,9 @@ class BlockSign(Compressor):
     """
     del key
     d = int(np.prod(like.shape, dtype=np.int64))
-    signs = 1.0 - 2.0 * jnp.unpackbits(payloads["negative"], axis=-1,
-                                       bitorder="little").astype(jnp.float32)
+    signs = 1.0 - 2.0 * jnp.unpackbits(payloads["negative"], axis=-1, bitorder="little").astype(
+      jnp.float32
+    )
     if self.exact_zeros:
       signs = signs * jnp.unpackbits(payloads["nonzero"], axis=-1, bitorder="little")
     total = jnp.einsum("n,nd->d", payloads["scale"].astype(jnp.float32), signs)

@@ -8,8 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from compams_jax.compressors._base import (Compressor, Granularity, check_ratio, index_dtype,
-                                           num_kept)
+from compams_jax.compressors._base import (
+  Compressor,
+  Granularity,
+  check_ratio,
+  index_dtype,
+  num_kept,
+)
 from compams_jax.compressors._selection import METHODS, Method, top_k_indices
 
 
@@ -147,8 +152,9 @@ class RandomK(Compressor):
     return 0.0 if size == 0 else 1.0 - num_kept(self.ratio, size) / size
 
 
-def top_k(ratio: float = 0.01, *, granularity: Granularity = "leaf",
-          method: Method = "auto") -> TopK:
+def top_k(
+  ratio: float = 0.01, *, granularity: Granularity = "leaf", method: Method = "auto"
+) -> TopK:
   """Top-k sparsification (the paper's Top-k; default ratio 1%).
 
   Args:

@@ -28,7 +28,7 @@ def _unflatten(vector: jax.Array, like_tree: Any) -> Any:
   out, start = [], 0
   for like in leaves:
     size = int(np.prod(like.shape, dtype=np.int64))
-    out.append(vector[start:start + size].reshape(like.shape).astype(like.dtype))
+    out.append(vector[start : start + size].reshape(like.shape).astype(like.dtype))
     start += size
   return jax.tree.unflatten(treedef, out)
 
@@ -78,14 +78,16 @@ def _decode_with(compressor, fn, payload, like_tree, key):
   return jax.tree.unflatten(treedef, out)
 
 
-def decode_tree(compressor: Compressor, payload: Payload, like_tree: Any,
-                key: jax.Array | None = None) -> Any:
+def decode_tree(
+  compressor: Compressor, payload: Payload, like_tree: Any, key: jax.Array | None = None
+) -> Any:
   """Inverse of `encode_tree`: a dense pytree shaped and typed like `like_tree`."""
   return _decode_with(compressor, compressor.decode, payload, like_tree, key)
 
 
-def decode_sum_tree(compressor: Compressor, payloads: Payload, like_tree: Any,
-                    key: jax.Array | None = None) -> Any:
+def decode_sum_tree(
+  compressor: Compressor, payloads: Payload, like_tree: Any, key: jax.Array | None = None
+) -> Any:
   """Σ_i decode_tree(payloads[i]) for payloads stacked along a leading worker axis."""
   return _decode_with(compressor, compressor.decode_sum, payloads, like_tree, key)
 

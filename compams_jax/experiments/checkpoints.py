@@ -29,15 +29,20 @@ def read_meta(workdir: pathlib.Path) -> dict[str, Any] | None:
     raise CheckpointError(f"{path} is corrupt ({e}); refusing to touch this run directory.") from e
 
 
-def check_meta(saved: dict[str, Any], current: dict[str, Any], workdir: pathlib.Path,
-               keys: tuple[str, ...] = MUST_MATCH) -> None:
+def check_meta(
+  saved: dict[str, Any],
+  current: dict[str, Any],
+  workdir: pathlib.Path,
+  keys: tuple[str, ...] = MUST_MATCH,
+) -> None:
   """Raises CheckpointError naming the first of `keys` whose saved and current values differ."""
   for key in keys:
     if saved.get(key) != current.get(key):
       raise CheckpointError(
-          f"cannot resume {workdir}: its checkpoint was made with {key} = {saved.get(key)!r}, "
-          f"this run has {key} = {current.get(key)!r}. Use a new --workdir (nothing was "
-          "overwritten).")
+        f"cannot resume {workdir}: its checkpoint was made with {key} = {saved.get(key)!r}, "
+        f"this run has {key} = {current.get(key)!r}. Use a new --workdir (nothing was "
+        "overwritten)."
+      )
 
 
 class Checkpointer:
@@ -46,8 +51,9 @@ class Checkpointer:
   def __init__(self, directory: pathlib.Path, *, max_to_keep: int = 2):
     self.directory = directory
     self.manager = ocp.CheckpointManager(
-        directory.absolute(),
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+      directory.absolute(),
+      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+    )
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -58,14 +64,20 @@ class Checkpointer:
 
   def restore(self, step: int, like: dict[str, Any]) -> dict[str, Any]:
     abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-        if isinstance(x, jax.Array) else x, like)
+      lambda x: (
+        jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+        if isinstance(x, jax.Array)
+        else x
+      ),
+      like,
+    )
     try:
       return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
     except Exception as e:  # orbax raises many types for unreadable data.
       raise CheckpointError(
-          f"checkpoint {step} in {self.directory} is unreadable or does not match this run "
-          f"(corrupt, incomplete, or from another model): {type(e).__name__}: {e}") from e
+        f"checkpoint {step} in {self.directory} is unreadable or does not match this run "
+        f"(corrupt, incomplete, or from another model): {type(e).__name__}: {e}"
+      ) from e
 
   def close(self) -> None:
     self.manager.close()

@@ -6,7 +6,8 @@ import ast
 import copy
 import importlib.util
 import pathlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import ml_collections
 
@@ -38,11 +39,22 @@ def base_config(*, name: str, dataset: str, model: str, **fields: Any) -> ml_col
   c.checkpoint_every = 500
   c.target_train_loss = 0.0
   c.target_loss_window = 10
-  c.optimizer = ml_collections.ConfigDict({
-      "name": "comp_ams", "learning_rate": 1e-3, "compressor": "top_k",
-      "compressor_kwargs": {"ratio": 0.01}, "b1": 0.9, "b2": 0.999, "eps": 1e-8,
-      "momentum": 0.9, "predictor": "none", "error_feedback": True, "seed": 0,
-      "warmup_steps": 100})
+  c.optimizer = ml_collections.ConfigDict(
+    {
+      "name": "comp_ams",
+      "learning_rate": 1e-3,
+      "compressor": "top_k",
+      "compressor_kwargs": {"ratio": 0.01},
+      "b1": 0.9,
+      "b2": 0.999,
+      "eps": 1e-8,
+      "momentum": 0.9,
+      "predictor": "none",
+      "error_feedback": True,
+      "seed": 0,
+      "warmup_steps": 100,
+    }
+  )
   c.variants = ("amsgrad", "comp_ams_top_k", "comp_ams_block_sign", "onebit_adam", "qadam")
   c.lr_grid = (1e-4, 3e-4, 1e-3)
   for key, value in fields.items():
@@ -52,8 +64,14 @@ def base_config(*, name: str, dataset: str, model: str, **fields: Any) -> ml_col
 
 def smoke(c: ml_collections.ConfigDict, **fields: Any) -> ml_collections.ConfigDict:
   """Shrinks a config for tests: 4 workers, 1 epoch on a small subset, unless `fields` say."""
-  defaults = dict(num_workers=4, epochs=1, max_train_examples=1024, max_test_examples=512,
-                  log_every=2, checkpoint_every=1000)
+  defaults = dict(
+    num_workers=4,
+    epochs=1,
+    max_train_examples=1024,
+    max_test_examples=512,
+    log_every=2,
+    checkpoint_every=1000,
+  )
   for key, value in {**defaults, **fields}.items():
     apply_override(c, key.replace("__", "."), value)
   with c.unlocked():
@@ -95,8 +113,10 @@ def apply_override(config: ml_collections.ConfigDict, key: str, value: Any) -> N
   node = config
   for i, part in enumerate(parts[:-1]):
     if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-      raise ConfigError(f"unknown config key {'.'.join(parts[:i + 1])!r} (in override "
-                        f"{key!r}); valid keys here: {sorted(node.keys())}.")
+      raise ConfigError(
+        f"unknown config key {'.'.join(parts[: i + 1])!r} (in override "
+        f"{key!r}); valid keys here: {sorted(node.keys())}."
+      )
     node = node[part]
   leaf = parts[-1]
   # Free-form sections (compressor/dataset/model kwargs) take new keys; all others must exist.
@@ -104,8 +124,9 @@ def apply_override(config: ml_collections.ConfigDict, key: str, value: Any) -> N
   if leaf not in node and not allow_new:
     raise ConfigError(f"unknown config key {key!r}; valid keys: {sorted(node.keys())}.")
   try:
-    if leaf in node and isinstance(node[leaf], ml_collections.ConfigDict) and isinstance(
-        value, dict):
+    if (
+      leaf in node and isinstance(node[leaf], ml_collections.ConfigDict) and isinstance(value, dict)
+    ):
       node[leaf] = ml_collections.ConfigDict(value)
     else:
       node[leaf] = value
@@ -134,8 +155,9 @@ def with_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collecti
   return out
 
 
-def resolve(spec: str, overrides: Sequence[str] = (), variants: Sequence[str] | None = None
-            ) -> list[ml_collections.ConfigDict]:
+def resolve(
+  spec: str, overrides: Sequence[str] = (), variants: Sequence[str] | None = None
+) -> list[ml_collections.ConfigDict]:
   """The configs to run: one per variant (config's `variants` unless given), overrides last."""
   base = load_config_file(spec)
   names = list(variants) if variants else list(base.get("variants", ()) or ())

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import optax
 
@@ -14,26 +15,32 @@ PREDICTORS = ("none", "fixed", "least_squares")
 # Named optimizer presets: overrides of the `optimizer` config section. A config lists the ones
 # it runs side by side in `variants`.
 PRESETS: dict[str, dict[str, Any]] = {
-    "amsgrad": dict(name="amsgrad", compressor="identity", compressor_kwargs={}),
-    "comp_ams_top_k": dict(name="comp_ams", compressor="top_k", compressor_kwargs={"ratio": 0.01}),
-    "comp_ams_block_sign": dict(name="comp_ams", compressor="block_sign", compressor_kwargs={}),
-    "comp_ams_random_k": dict(name="comp_ams", compressor="random_k",
-                              compressor_kwargs={"ratio": 0.01}),
-    "comp_ams_qsgd": dict(name="comp_ams", compressor="qsgd", compressor_kwargs={"levels": 4}),
-    "onebit_adam": dict(name="onebit_adam", compressor="scaled_sign", compressor_kwargs={}),
-    "qadam": dict(name="qadam", compressor="qsgd", compressor_kwargs={"levels": 127}),
-    "momentum_sgd": dict(name="momentum_sgd", compressor="identity", compressor_kwargs={},
-                         predictor="none"),
-    "momentum_sgd_top_k": dict(name="momentum_sgd", compressor="top_k",
-                               compressor_kwargs={"ratio": 0.01}, predictor="none"),
-    # Least-squares ρ: with error feedback, a fixed ρ = β re-injects the residual with weight
-    # (1 + β) and trains worse (see cj.predictive_compression); the fitted ρ does not.
-    "momentum_sgd_top_k_predictive": dict(name="momentum_sgd", compressor="top_k",
-                                          compressor_kwargs={"ratio": 0.01},
-                                          predictor="least_squares"),
-    "momentum_sgd_top_k_predictive_fixed": dict(name="momentum_sgd", compressor="top_k",
-                                                compressor_kwargs={"ratio": 0.01},
-                                                predictor="fixed"),
+  "amsgrad": dict(name="amsgrad", compressor="identity", compressor_kwargs={}),
+  "comp_ams_top_k": dict(name="comp_ams", compressor="top_k", compressor_kwargs={"ratio": 0.01}),
+  "comp_ams_block_sign": dict(name="comp_ams", compressor="block_sign", compressor_kwargs={}),
+  "comp_ams_random_k": dict(
+    name="comp_ams", compressor="random_k", compressor_kwargs={"ratio": 0.01}
+  ),
+  "comp_ams_qsgd": dict(name="comp_ams", compressor="qsgd", compressor_kwargs={"levels": 4}),
+  "onebit_adam": dict(name="onebit_adam", compressor="scaled_sign", compressor_kwargs={}),
+  "qadam": dict(name="qadam", compressor="qsgd", compressor_kwargs={"levels": 127}),
+  "momentum_sgd": dict(
+    name="momentum_sgd", compressor="identity", compressor_kwargs={}, predictor="none"
+  ),
+  "momentum_sgd_top_k": dict(
+    name="momentum_sgd", compressor="top_k", compressor_kwargs={"ratio": 0.01}, predictor="none"
+  ),
+  # Least-squares ρ: with error feedback, a fixed ρ = β re-injects the residual with weight
+  # (1 + β) and trains worse (see cj.predictive_compression); the fitted ρ does not.
+  "momentum_sgd_top_k_predictive": dict(
+    name="momentum_sgd",
+    compressor="top_k",
+    compressor_kwargs={"ratio": 0.01},
+    predictor="least_squares",
+  ),
+  "momentum_sgd_top_k_predictive_fixed": dict(
+    name="momentum_sgd", compressor="top_k", compressor_kwargs={"ratio": 0.01}, predictor="fixed"
+  ),
 }
 
 
@@ -48,7 +55,9 @@ def _predictor(opt: Mapping[str, Any]):
   return None
 
 
-def build_optimizer(opt: Mapping[str, Any], *, axis_name: str | None) -> optax.GradientTransformation:
+def build_optimizer(
+  opt: Mapping[str, Any], *, axis_name: str | None
+) -> optax.GradientTransformation:
   """Builds the optimizer that an `optimizer` config section describes.
 
   Args:
@@ -74,26 +83,59 @@ def build_optimizer(opt: Mapping[str, Any], *, axis_name: str | None) -> optax.G
   seed = int(opt.get("seed", 0))
   if name == "amsgrad":
     # Full precision: the identity compressor's payload is the dense gradient (one psum).
-    return cj.comp_ams(lr, cj.compressors.identity(), axis_name=axis_name,
-                       b1=opt.get("b1", 0.9), b2=opt.get("b2", 0.999), eps=opt.get("eps", 1e-8))
-  compressor = cj.compressors.get(opt.get("compressor", "identity"),
-                                  **dict(opt.get("compressor_kwargs", {}) or {}))
+    return cj.comp_ams(
+      lr,
+      cj.compressors.identity(),
+      axis_name=axis_name,
+      b1=opt.get("b1", 0.9),
+      b2=opt.get("b2", 0.999),
+      eps=opt.get("eps", 1e-8),
+    )
+  compressor = cj.compressors.get(
+    opt.get("compressor", "identity"), **dict(opt.get("compressor_kwargs", {}) or {})
+  )
   if name == "onebit_adam":
-    return cj.onebit_adam(lr, warmup_steps=int(opt.get("warmup_steps", 100)),
-                          b1=opt.get("b1", 0.9), b2=opt.get("b2", 0.999), eps=opt.get("eps", 1e-8),
-                          compressor=compressor, axis_name=axis_name, seed=seed)
+    return cj.onebit_adam(
+      lr,
+      warmup_steps=int(opt.get("warmup_steps", 100)),
+      b1=opt.get("b1", 0.9),
+      b2=opt.get("b2", 0.999),
+      eps=opt.get("eps", 1e-8),
+      compressor=compressor,
+      axis_name=axis_name,
+      seed=seed,
+    )
   if name == "qadam":
-    return cj.qadam(lr, compressor, b1=opt.get("b1", 0.9), b2=opt.get("b2", 0.999),
-                    eps=opt.get("eps", 1e-8), axis_name=axis_name, seed=seed)
+    return cj.qadam(
+      lr,
+      compressor,
+      b1=opt.get("b1", 0.9),
+      b2=opt.get("b2", 0.999),
+      eps=opt.get("eps", 1e-8),
+      axis_name=axis_name,
+      seed=seed,
+    )
   if name == "comp_ams":
-    return cj.comp_ams(lr, compressor, axis_name=axis_name, b1=opt.get("b1", 0.9),
-                       b2=opt.get("b2", 0.999), eps=opt.get("eps", 1e-8), seed=seed,
-                       predictor=_predictor(opt))
+    return cj.comp_ams(
+      lr,
+      compressor,
+      axis_name=axis_name,
+      b1=opt.get("b1", 0.9),
+      b2=opt.get("b2", 0.999),
+      eps=opt.get("eps", 1e-8),
+      seed=seed,
+      predictor=_predictor(opt),
+    )
   predictor = _predictor(opt)
   return cj.compressed_momentum_sgd(
-      lr, compressor, momentum=float(opt.get("momentum", 0.9)),
-      predictive=predictor if predictor is not None else False,
-      error_feedback=bool(opt.get("error_feedback", True)), axis_name=axis_name, seed=seed)
+    lr,
+    compressor,
+    momentum=float(opt.get("momentum", 0.9)),
+    predictive=predictor if predictor is not None else False,
+    error_feedback=bool(opt.get("error_feedback", True)),
+    axis_name=axis_name,
+    seed=seed,
+  )
 
 
 def bytes_sent_by_step(opt: Mapping[str, Any], params: Any, hlo_bytes: int):
@@ -108,7 +150,10 @@ def bytes_sent_by_step(opt: Mapping[str, Any], params: Any, hlo_bytes: int):
     return lambda step: step * hlo_bytes, hlo_bytes
   warmup = int(opt.get("warmup_steps", 100))
   dense = cj.wire_bytes(cj.compressors.identity(), params)
-  compressed = cj.wire_bytes(cj.compressors.get(opt.get("compressor", "scaled_sign"),
-                                                **dict(opt.get("compressor_kwargs", {}) or {})),
-                             params)
+  compressed = cj.wire_bytes(
+    cj.compressors.get(
+      opt.get("compressor", "scaled_sign"), **dict(opt.get("compressor_kwargs", {}) or {})
+    ),
+    params,
+  )
   return (lambda step: min(step, warmup) * dense + max(step - warmup, 0) * compressed), compressed

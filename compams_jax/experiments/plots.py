@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import pathlib
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def read_run(run_dir: str | pathlib.Path) -> dict:
@@ -22,8 +22,9 @@ def read_run(run_dir: str | pathlib.Path) -> dict:
   return {"label": label, "evals": evals, "train": [l for l in lines if l["kind"] == "train"]}
 
 
-def plot_runs(run_dirs: Sequence[str | pathlib.Path], out: str | pathlib.Path,
-              title: str | None = None) -> pathlib.Path:
+def plot_runs(
+  run_dirs: Sequence[str | pathlib.Path], out: str | pathlib.Path, title: str | None = None
+) -> pathlib.Path:
   """Draws test accuracy and loss versus epochs and versus bits sent, one curve per run.
 
   Args:
@@ -35,6 +36,7 @@ def plot_runs(run_dirs: Sequence[str | pathlib.Path], out: str | pathlib.Path,
     The path written.
   """
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 

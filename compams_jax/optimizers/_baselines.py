@@ -8,11 +8,23 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from compams_jax.compressors import (Compressor, decode_tree, encode_tree, identity, qsgd,
-                                     scaled_sign)
+from compams_jax.compressors import (
+  Compressor,
+  decode_tree,
+  encode_tree,
+  identity,
+  qsgd,
+  scaled_sign,
+)
 from compams_jax.compressors._tree import check_tree
 from compams_jax.transforms import error_feedback, worker_adam
-from compams_jax.transforms._state import PerWorker, local, per_worker_zeros, step_key, to_per_worker
+from compams_jax.transforms._state import (
+  PerWorker,
+  local,
+  per_worker_zeros,
+  step_key,
+  to_per_worker,
+)
 from compams_jax.transforms._validate import check_axis_name, check_compressor, check_updates
 from compams_jax.wire import average, decode_key
 
@@ -33,10 +45,17 @@ class OneBitAdamState(NamedTuple):
   residual: PerWorker
 
 
-def onebit_adam(learning_rate: optax.ScalarOrSchedule, *, warmup_steps: int = 100,
-                b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-                compressor: Compressor | None = None, axis_name: str | None = None,
-                seed: int = 0) -> optax.GradientTransformation:
+def onebit_adam(
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  warmup_steps: int = 100,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  compressor: Compressor | None = None,
+  axis_name: str | None = None,
+  seed: int = 0,
+) -> optax.GradientTransformation:
   """1-bit Adam (Tang et al., 2021): full-precision warm-up, then frozen variance and 1-bit momentum.
 
   Warm-up (the first `warmup_steps` steps): Adam on the dense average of the gradients
@@ -89,8 +108,9 @@ def onebit_adam(learning_rate: optax.ScalarOrSchedule, *, warmup_steps: int = 10
   def init_fn(params):
     check_tree(params)
     zeros = jax.tree.map(jnp.zeros_like, params)
-    return OneBitAdamState(count=jnp.zeros([], jnp.int32), mu=zeros, nu=zeros,
-                           residual=per_worker_zeros(params))
+    return OneBitAdamState(
+      count=jnp.zeros([], jnp.int32), mu=zeros, nu=zeros, residual=per_worker_zeros(params)
+    )
 
   def warmup(updates, state):
     gbar = average(dense, encode_tree(dense, updates), updates, axis_name=axis_name)
@@ -111,19 +131,26 @@ def onebit_adam(learning_rate: optax.ScalarOrSchedule, *, warmup_steps: int = 10
   def update_fn(updates, state, params=None):
     del params
     check_updates(updates, state.mu, "onebit_adam")
-    mu, nu, residual = jax.lax.cond(state.count < warmup_steps, warmup, compressed, updates,
-                                    state)
+    mu, nu, residual = jax.lax.cond(state.count < warmup_steps, warmup, compressed, updates, state)
     step_lr = lr(state.count)
     out = jax.tree.map(lambda m, v: -step_lr * m / (jnp.sqrt(v) + eps), mu, nu)
-    return out, OneBitAdamState(count=optax.safe_increment(state.count), mu=mu, nu=nu,
-                                residual=PerWorker(residual))
+    return out, OneBitAdamState(
+      count=optax.safe_increment(state.count), mu=mu, nu=nu, residual=PerWorker(residual)
+    )
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def qadam(learning_rate: optax.ScalarOrSchedule, compressor: Compressor | None = None, *,
-          b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, axis_name: str | None = None,
-          seed: int = 0) -> optax.GradientTransformation:
+def qadam(
+  learning_rate: optax.ScalarOrSchedule,
+  compressor: Compressor | None = None,
+  *,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  axis_name: str | None = None,
+  seed: int = 0,
+) -> optax.GradientTransformation:
   """QAdam (Chen et al., 2021): workers run Adam locally and send the compressed update.
 
   Worker i keeps its own moments m_i, v_i from its own gradients, forms δ_i = m_i/(sqrt(v_i)+ε),
@@ -149,6 +176,8 @@ def qadam(learning_rate: optax.ScalarOrSchedule, compressor: Compressor | None =
     Chen, Shen, Huang, Liu, "Quantized Adam with Error Feedback", ACM TIST 2021.
   """
   compressor = qsgd(127) if compressor is None else compressor
-  return optax.chain(worker_adam(b1, b2, eps),
-                     error_feedback(compressor, axis_name=axis_name, seed=seed),
-                     optax.scale_by_learning_rate(learning_rate))
+  return optax.chain(
+    worker_adam(b1, b2, eps),
+    error_feedback(compressor, axis_name=axis_name, seed=seed),
+    optax.scale_by_learning_rate(learning_rate),
+  )

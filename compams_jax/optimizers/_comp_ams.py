@@ -9,11 +9,19 @@ from compams_jax.transforms import error_feedback, predictive_compression
 from compams_jax.transforms._predictors import Predictor
 
 
-def comp_ams(learning_rate: optax.ScalarOrSchedule, compressor: Compressor, *,
-             axis_name: str | None = None, b1: float = 0.9, b2: float = 0.999,
-             eps: float = 1e-8, seed: int = 0, predictor: Predictor | None = None,
-             topology: str = "gather",
-             num_workers: int | None = None) -> optax.GradientTransformation:
+def comp_ams(
+  learning_rate: optax.ScalarOrSchedule,
+  compressor: Compressor,
+  *,
+  axis_name: str | None = None,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  seed: int = 0,
+  predictor: Predictor | None = None,
+  topology: str = "gather",
+  num_workers: int | None = None,
+) -> optax.GradientTransformation:
   """COMP-AMS (Li, Karimi & Li, ICLR 2022), exactly as the paper states it.
 
   Workers compress their gradients with error feedback; the average of the compressed
@@ -63,16 +71,19 @@ def comp_ams(learning_rate: optax.ScalarOrSchedule, compressor: Compressor, *,
     Li, Karimi, Li, "On Distributed Adaptive Optimization with Gradient Compression", ICLR 2022.
   """
   if predictor is None:
-    communicate = error_feedback(compressor, axis_name=axis_name, seed=seed, topology=topology,
-                                 num_workers=num_workers)
+    communicate = error_feedback(
+      compressor, axis_name=axis_name, seed=seed, topology=topology, num_workers=num_workers
+    )
   else:
     if topology != "gather":
       raise ValueError("comp_ams(predictor=...) supports topology='gather' only.")
-    communicate = predictive_compression(compressor, predictor=predictor, error_feedback=True,
-                                         axis_name=axis_name, seed=seed)
+    communicate = predictive_compression(
+      compressor, predictor=predictor, error_feedback=True, axis_name=axis_name, seed=seed
+    )
   return optax.chain(
-      communicate,
-      optax.scale_by_amsgrad(b1=b1, b2=b2, eps=0.0, eps_root=eps,
-                             bias_correction_mu=False, bias_correction_nu=False),
-      optax.scale_by_learning_rate(learning_rate),
+    communicate,
+    optax.scale_by_amsgrad(
+      b1=b1, b2=b2, eps=0.0, eps_root=eps, bias_correction_mu=False, bias_correction_nu=False
+    ),
+    optax.scale_by_learning_rate(learning_rate),
   )

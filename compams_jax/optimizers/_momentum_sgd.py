@@ -10,10 +10,16 @@ from compams_jax.transforms import error_feedback as error_feedback_transform
 from compams_jax.transforms._predictors import Predictor, least_squares
 
 
-def compressed_momentum_sgd(learning_rate: optax.ScalarOrSchedule, compressor: Compressor, *,
-                            momentum: float = 0.9, predictive: bool | Predictor = True,
-                            error_feedback: bool = True, axis_name: str | None = None,
-                            seed: int = 0) -> optax.GradientTransformation:
+def compressed_momentum_sgd(
+  learning_rate: optax.ScalarOrSchedule,
+  compressor: Compressor,
+  *,
+  momentum: float = 0.9,
+  predictive: bool | Predictor = True,
+  error_feedback: bool = True,
+  axis_name: str | None = None,
+  seed: int = 0,
+) -> optax.GradientTransformation:
   """Momentum SGD where each worker keeps its momentum and sends it compressed.
 
   Worker i: m_i ← β m_i + g_i, then m_i is compressed, with predictive coding against its last
@@ -63,12 +69,13 @@ def compressed_momentum_sgd(learning_rate: optax.ScalarOrSchedule, compressor: C
   else:
     raise TypeError(f"predictive must be a bool or a cj.predictors predictor, got {predictive!r}.")
   if predictor is not None:
-    communicate = predictive_compression(compressor, predictor=predictor,
-                                         error_feedback=error_feedback, axis_name=axis_name,
-                                         seed=seed)
+    communicate = predictive_compression(
+      compressor, predictor=predictor, error_feedback=error_feedback, axis_name=axis_name, seed=seed
+    )
   elif error_feedback:
     communicate = error_feedback_transform(compressor, axis_name=axis_name, seed=seed)
   else:
     communicate = compressed_mean(compressor, axis_name=axis_name, seed=seed)
-  return optax.chain(worker_momentum(momentum), communicate,
-                     optax.scale_by_learning_rate(learning_rate))
+  return optax.chain(
+    worker_momentum(momentum), communicate, optax.scale_by_learning_rate(learning_rate)
+  )

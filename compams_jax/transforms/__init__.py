@@ -1,31 +1,35 @@
 """Transforms: optax GradientTransformations with compressed communication and their state."""
 
-from compams_jax.transforms._error_feedback import (CompressedMeanState, ErrorFeedbackState,
-                                                    compressed_mean, error_feedback)
+from compams_jax.transforms._error_feedback import (
+  CompressedMeanState,
+  ErrorFeedbackState,
+  compressed_mean,
+  error_feedback,
+)
 from compams_jax.transforms._momentum import WorkerMomentumState, worker_momentum
 from compams_jax.transforms._nonfinite import SkipNonFiniteState, skip_nonfinite
 from compams_jax.transforms._powersgd import PowerSGDState, powersgd
 from compams_jax.transforms._predictive import PredictiveState, predictive_compression
-from compams_jax.transforms._worker_adam import WorkerAdamState, worker_adam
 from compams_jax.transforms._state import PerWorker, local, per_worker_zeros, to_per_worker
+from compams_jax.transforms._worker_adam import WorkerAdamState, worker_adam
 
 __all__ = [
-    "CompressedMeanState",
-    "ErrorFeedbackState",
-    "PerWorker",
-    "PowerSGDState",
-    "PredictiveState",
-    "SkipNonFiniteState",
-    "WorkerAdamState",
-    "WorkerMomentumState",
-    "compressed_mean",
-    "error_feedback",
-    "local",
-    "per_worker_zeros",
-    "powersgd",
-    "predictive_compression",
-    "skip_nonfinite",
-    "to_per_worker",
-    "worker_adam",
-    "worker_momentum",
+  "CompressedMeanState",
+  "ErrorFeedbackState",
+  "PerWorker",
+  "PowerSGDState",
+  "PredictiveState",
+  "SkipNonFiniteState",
+  "WorkerAdamState",
+  "WorkerMomentumState",
+  "compressed_mean",
+  "error_feedback",
+  "local",
+  "per_worker_zeros",
+  "powersgd",
+  "predictive_compression",
+  "skip_nonfinite",
+  "to_per_worker",
+  "worker_adam",
+  "worker_momentum",
 ]

@@ -9,12 +9,21 @@ import jax.numpy as jnp
 import optax
 
 from compams_jax.compressors import Compressor, decode_tree, encode_tree
-from compams_jax.compressors._tree import check_tree
-from compams_jax.transforms._state import (PerWorker, local, per_worker_zeros, step_key,
-                                           to_per_worker)
-from compams_jax.transforms._validate import (check_axis_name, check_compressor, check_seed,
-                                              check_updates, warn_if_not_contractive)
-from compams_jax.compressors._tree import flat_spec, flatten_tree, unflatten_tree
+from compams_jax.compressors._tree import check_tree, flat_spec, flatten_tree, unflatten_tree
+from compams_jax.transforms._state import (
+  PerWorker,
+  local,
+  per_worker_zeros,
+  step_key,
+  to_per_worker,
+)
+from compams_jax.transforms._validate import (
+  check_axis_name,
+  check_compressor,
+  check_seed,
+  check_updates,
+  warn_if_not_contractive,
+)
 from compams_jax.wire import average, chunk_size, decode_key, two_phase_average
 from compams_jax.wire import num_workers as num_workers_of
 
@@ -42,9 +51,15 @@ class CompressedMeanState(NamedTuple):
   count: jax.Array
 
 
-def error_feedback(compressor: Compressor, *, axis_name: str | None = None, seed: int = 0,
-                   residual_dtype: Any = None, topology: str = "gather",
-                   num_workers: int | None = None) -> optax.GradientTransformation:
+def error_feedback(
+  compressor: Compressor,
+  *,
+  axis_name: str | None = None,
+  seed: int = 0,
+  residual_dtype: Any = None,
+  topology: str = "gather",
+  num_workers: int | None = None,
+) -> optax.GradientTransformation:
   """Compresses each worker's gradient with error feedback and averages over workers.
 
   Per worker i at step t (e₀ = 0)::
@@ -105,8 +120,10 @@ def error_feedback(compressor: Compressor, *, axis_name: str | None = None, seed
     if axis_name is None:
       num_workers = 1
     elif isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
-      raise ValueError("error_feedback(topology='two_phase') needs num_workers=<size of axis "
-                       f"{axis_name!r}> (a positive int), got {num_workers!r}.")
+      raise ValueError(
+        "error_feedback(topology='two_phase') needs num_workers=<size of axis "
+        f"{axis_name!r}> (a positive int), got {num_workers!r}."
+      )
   workers = num_workers
 
   def init_fn(params):
@@ -116,8 +133,11 @@ def error_feedback(compressor: Compressor, *, axis_name: str | None = None, seed
     if topology == "two_phase":
       flat = flat_spec(params)
       server = PerWorker(jnp.zeros((1, chunk_size(flat.shape[0], workers)), flat.dtype))
-    return ErrorFeedbackState(residual=per_worker_zeros(params, residual_dtype),
-                              count=jnp.zeros([], jnp.int32), server_residual=server)
+    return ErrorFeedbackState(
+      residual=per_worker_zeros(params, residual_dtype),
+      count=jnp.zeros([], jnp.int32),
+      server_residual=server,
+    )
 
   def update_fn(updates, state, params=None):
     del params
@@ -130,32 +150,48 @@ def error_feedback(compressor: Compressor, *, axis_name: str | None = None, seed
     payload = encode_tree(compressor, corrected, key)
     sent = decode_tree(compressor, payload, corrected, decode_key(compressor, key))
     new_residual = jax.tree.map(lambda c, s: c - s, corrected, sent)
-    mean = average(compressor, payload, updates, axis_name=axis_name, key=key,
-                   decoded=jax.tree.map(lambda c, u: c.astype(u.dtype), sent, updates))
-    return mean, ErrorFeedbackState(residual=to_per_worker(new_residual),
-                                    count=optax.safe_increment(state.count))
+    mean = average(
+      compressor,
+      payload,
+      updates,
+      axis_name=axis_name,
+      key=key,
+      decoded=jax.tree.map(lambda c, u: c.astype(u.dtype), sent, updates),
+    )
+    return mean, ErrorFeedbackState(
+      residual=to_per_worker(new_residual), count=optax.safe_increment(state.count)
+    )
 
   def _two_phase_update(corrected, updates, state, key):
     n = num_workers_of(axis_name)
     if n != workers:
-      raise ValueError(f"error_feedback(topology='two_phase') was built for num_workers="
-                       f"{workers}, but axis {axis_name!r} has {n} workers.")
+      raise ValueError(
+        f"error_feedback(topology='two_phase') was built for num_workers="
+        f"{workers}, but axis {axis_name!r} has {n} workers."
+      )
     if not jax.tree.leaves(corrected):
       return updates, state._replace(count=optax.safe_increment(state.count))
     mean, server, own = two_phase_average(
-        compressor, flatten_tree(corrected), state.server_residual.value[0],
-        axis_name=axis_name, key=key)
+      compressor,
+      flatten_tree(corrected),
+      state.server_residual.value[0],
+      axis_name=axis_name,
+      key=key,
+    )
     sent = unflatten_tree(own, corrected)
     new_residual = jax.tree.map(lambda c, s: c - s, corrected, sent)
     return unflatten_tree(mean, updates), ErrorFeedbackState(
-        residual=to_per_worker(new_residual), count=optax.safe_increment(state.count),
-        server_residual=PerWorker(server[None]))
+      residual=to_per_worker(new_residual),
+      count=optax.safe_increment(state.count),
+      server_residual=PerWorker(server[None]),
+    )
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def compressed_mean(compressor: Compressor, *, axis_name: str | None = None,
-                    seed: int = 0) -> optax.GradientTransformation:
+def compressed_mean(
+  compressor: Compressor, *, axis_name: str | None = None, seed: int = 0
+) -> optax.GradientTransformation:
   """Averages C(g_i) over workers, without error feedback.
 
   Args:

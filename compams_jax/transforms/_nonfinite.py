@@ -26,8 +26,9 @@ class SkipNonFiniteState(NamedTuple):
   last_finite: jax.Array
 
 
-def skip_nonfinite(inner: optax.GradientTransformation, *,
-                   axis_name: str | None = None) -> optax.GradientTransformation:
+def skip_nonfinite(
+  inner: optax.GradientTransformation, *, axis_name: str | None = None
+) -> optax.GradientTransformation:
   """Skips the whole step, on every worker, if any worker's gradient has a NaN or an Inf.
 
   A non-finite gradient on one worker would otherwise poison that worker's error residual at
@@ -59,13 +60,19 @@ def skip_nonfinite(inner: optax.GradientTransformation, *,
   check_axis_name(axis_name)
 
   def init_fn(params):
-    return SkipNonFiniteState(inner_state=inner.init(params), skipped=jnp.zeros([], jnp.int32),
-                              last_finite=jnp.ones([], jnp.bool_))
+    return SkipNonFiniteState(
+      inner_state=inner.init(params),
+      skipped=jnp.zeros([], jnp.int32),
+      last_finite=jnp.ones([], jnp.bool_),
+    )
 
   def update_fn(updates, state, params=None):
     leaves = jax.tree.leaves(updates)
-    local_ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else (
-        jnp.ones([], jnp.bool_))
+    local_ok = (
+      jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+      if leaves
+      else (jnp.ones([], jnp.bool_))
+    )
     ok = all_workers(local_ok, axis_name)
     # Feed finite values to the inner update either way, so no NaN reaches any arithmetic.
     clean = jax.tree.map(lambda x: jnp.where(jnp.isfinite(x), x, 0), updates)
@@ -73,8 +80,8 @@ def skip_nonfinite(inner: optax.GradientTransformation, *,
     keep = lambda new, old: jnp.where(ok, new, old)
     out = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), new_updates)
     inner_state = jax.tree.map(keep, new_inner, state.inner_state)
-    return out, SkipNonFiniteState(inner_state=inner_state,
-                                   skipped=state.skipped + (~ok).astype(jnp.int32),
-                                   last_finite=ok)
+    return out, SkipNonFiniteState(
+      inner_state=inner_state, skipped=state.skipped + (~ok).astype(jnp.int32), last_finite=ok
+    )
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -12,8 +12,8 @@ import optax
 from compams_jax.compressors._tree import check_tree
 from compams_jax.transforms._state import PerWorker, local, per_worker_zeros, to_per_worker
 from compams_jax.transforms._validate import check_axis_name, check_seed, check_updates
-from compams_jax.wire import sum_over_workers
 from compams_jax.wire import num_workers as num_workers_of
+from compams_jax.wire import sum_over_workers
 
 
 class PowerSGDState(NamedTuple):
@@ -53,8 +53,9 @@ def _orthonormalize(p: jax.Array, eps: float = 1e-8) -> jax.Array:
   return jnp.stack(cols, axis=1)
 
 
-def powersgd(rank: int = 4, *, axis_name: str | None = None, seed: int = 0
-             ) -> optax.GradientTransformation:
+def powersgd(
+  rank: int = 4, *, axis_name: str | None = None, seed: int = 0
+) -> optax.GradientTransformation:
   """PowerSGD low-rank gradient averaging with error feedback (Vogels, Karimireddy, Jaggi 2019).
 
   For each leaf of ndim ≥ 2, viewed as a matrix M (all leading axes × the last), worker i with
@@ -101,8 +102,9 @@ def powersgd(rank: int = 4, *, axis_name: str | None = None, seed: int = 0
     for i, x in enumerate(leaves):
       if is_compressed(tuple(x.shape), rank):
         k = _as_matrix_shape(tuple(x.shape))[1]
-        qs.append(jax.random.normal(jax.random.fold_in(jax.random.key(seed), i), (k, rank),
-                                    jnp.float32))
+        qs.append(
+          jax.random.normal(jax.random.fold_in(jax.random.key(seed), i), (k, rank), jnp.float32)
+        )
       else:
         qs.append(jnp.zeros((0, rank), jnp.float32))
     return PowerSGDState(residual=per_worker_zeros(params), q=jax.tree.unflatten(treedef, qs))
@@ -117,20 +119,24 @@ def powersgd(rank: int = 4, *, axis_name: str | None = None, seed: int = 0
     qs = jax.tree.leaves(state.q)
     corrected = [g.astype(e.dtype) + e for g, e in zip(leaves, res)]
     matrix = [is_compressed(tuple(x.shape), rank) for x in leaves]
-    ms = [c.reshape(_as_matrix_shape(tuple(c.shape))).astype(jnp.float32) if is_m else None
-          for c, is_m in zip(corrected, matrix)]
+    ms = [
+      c.reshape(_as_matrix_shape(tuple(c.shape))).astype(jnp.float32) if is_m else None
+      for c, is_m in zip(corrected, matrix)
+    ]
     # First all-reduce: the left factors P of every matrix leaf, plus the uncompressed leaves.
     ps = [m @ q if m is not None else None for m, q in zip(ms, qs)]
     first = sum_over_workers(
-        [p if is_m else c for p, c, is_m in zip(ps, corrected, matrix)], axis_name=axis_name)
+      [p if is_m else c for p, c, is_m in zip(ps, corrected, matrix)], axis_name=axis_name
+    )
     p_hat = [_orthonormalize(s / n) if is_m else None for s, is_m in zip(first, matrix)]
     # Second all-reduce: the right factors Q.
     q_local = [m.T @ p if m is not None else None for m, p in zip(ms, p_hat)]
     second = sum_over_workers([q for q in q_local if q is not None], axis_name=axis_name)
     second = iter(second)
     out, new_res, new_q = [], [], []
-    for g, c, m, p, ql, q_old, s, is_m in zip(leaves, corrected, ms, p_hat, q_local, qs, first,
-                                              matrix):
+    for g, c, m, p, ql, q_old, s, is_m in zip(
+      leaves, corrected, ms, p_hat, q_local, qs, first, matrix
+    ):
       if is_m:
         q_mean = next(second) / n
         out.append((p @ q_mean.T).reshape(g.shape).astype(g.dtype))
@@ -141,7 +147,8 @@ def powersgd(rank: int = 4, *, axis_name: str | None = None, seed: int = 0
         new_res.append(jnp.zeros_like(c))
         new_q.append(q_old)
     return jax.tree.unflatten(treedef, out), PowerSGDState(
-        residual=to_per_worker(jax.tree.unflatten(treedef, new_res)),
-        q=jax.tree.unflatten(treedef, new_q))
+      residual=to_per_worker(jax.tree.unflatten(treedef, new_res)),
+      q=jax.tree.unflatten(treedef, new_q),
+    )
 
   return optax.GradientTransformation(init_fn, update_fn)

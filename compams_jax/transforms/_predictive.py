@@ -12,10 +12,20 @@ import optax
 from compams_jax.compressors import Compressor, decode_tree, encode_tree
 from compams_jax.compressors._tree import check_tree
 from compams_jax.transforms._predictors import Fixed, Predictor, fixed
-from compams_jax.transforms._state import (PerWorker, local, per_worker_zeros, step_key,
-                                           to_per_worker)
-from compams_jax.transforms._validate import (check_axis_name, check_compressor, check_seed,
-                                              check_updates, warn_if_not_contractive)
+from compams_jax.transforms._state import (
+  PerWorker,
+  local,
+  per_worker_zeros,
+  step_key,
+  to_per_worker,
+)
+from compams_jax.transforms._validate import (
+  check_axis_name,
+  check_compressor,
+  check_seed,
+  check_updates,
+  warn_if_not_contractive,
+)
 from compams_jax.wire import average, decode_key, num_workers
 
 
@@ -35,9 +45,14 @@ class PredictiveState(NamedTuple):
   count: jax.Array
 
 
-def predictive_compression(compressor: Compressor, *, predictor: Predictor | None = None,
-                           error_feedback: bool = True, axis_name: str | None = None,
-                           seed: int = 0) -> optax.GradientTransformation:
+def predictive_compression(
+  compressor: Compressor,
+  *,
+  predictor: Predictor | None = None,
+  error_feedback: bool = True,
+  axis_name: str | None = None,
+  seed: int = 0,
+) -> optax.GradientTransformation:
   """Compresses the innovation of each worker's vector against a shared-knowledge prediction.
 
   Sender i and every receiver hold x̂_{t−1,i}, the last reconstruction (receivers only through
@@ -103,25 +118,35 @@ def predictive_compression(compressor: Compressor, *, predictor: Predictor | Non
   check_seed(seed)
   predictor = fixed() if predictor is None else predictor
   if not isinstance(predictor, Predictor):
-    raise TypeError("predictor must be cj.predictors.fixed(rho) or "
-                    f"cj.predictors.least_squares(), got {predictor!r}.")
-  if (error_feedback and isinstance(predictor, Fixed) and predictor.rho != 0
-      and compressor.deviation != "none" and type(compressor).__name__ != "BlockSign"):
+    raise TypeError(
+      "predictor must be cj.predictors.fixed(rho) or "
+      f"cj.predictors.least_squares(), got {predictor!r}."
+    )
+  if (
+    error_feedback
+    and isinstance(predictor, Fixed)
+    and predictor.rho != 0
+    and compressor.deviation != "none"
+    and type(compressor).__name__ != "BlockSign"
+  ):
     warnings.warn(
-        f"predictive_compression with error_feedback=True and a fixed rho={predictor.rho} is "
-        f"unstable for {type(compressor).__name__} (the residual is fed back with weight "
-        "1 + rho); use cj.predictors.least_squares() or error_feedback=False.", UserWarning,
-        stacklevel=2)
+      f"predictive_compression with error_feedback=True and a fixed rho={predictor.rho} is "
+      f"unstable for {type(compressor).__name__} (the residual is fed back with weight "
+      "1 + rho); use cj.predictors.least_squares() or error_feedback=False.",
+      UserWarning,
+      stacklevel=2,
+    )
 
   def init_fn(params):
     check_tree(params)
     if error_feedback or isinstance(predictor, Fixed):
       warn_if_not_contractive(compressor, params, "predictive_compression")
     return PredictiveState(
-        reconstruction=per_worker_zeros(params),
-        residual=per_worker_zeros(params) if error_feedback else None,
-        average=jax.tree.map(jnp.zeros_like, params),
-        count=jnp.zeros([], jnp.int32))
+      reconstruction=per_worker_zeros(params),
+      residual=per_worker_zeros(params) if error_feedback else None,
+      average=jax.tree.map(jnp.zeros_like, params),
+      count=jnp.zeros([], jnp.int32),
+    )
 
   def update_fn(updates, state, params=None):
     del params
@@ -149,7 +174,10 @@ def predictive_compression(compressor: Compressor, *, predictor: Predictor | Non
     else:
       new_average = jax.tree.map(lambda r, a, c: scale(r, a) + c, rho, state.average, mean_sent)
     return new_average, PredictiveState(
-        reconstruction=to_per_worker(reconstruction), residual=residual,
-        average=new_average, count=optax.safe_increment(state.count))
+      reconstruction=to_per_worker(reconstruction),
+      residual=residual,
+      average=new_average,
+      count=optax.safe_increment(state.count),
+    )
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -34,8 +34,11 @@ class Fixed(Predictor):
   rho: float = 0.9
 
   def __post_init__(self):
-    if not isinstance(self.rho, (int, float)) or isinstance(self.rho, bool) or not math.isfinite(
-        self.rho):
+    if (
+      not isinstance(self.rho, (int, float))
+      or isinstance(self.rho, bool)
+      or not math.isfinite(self.rho)
+    ):
       raise ValueError(f"fixed(rho=...) must be a finite float, got {self.rho!r}.")
 
   def coefficients(self, target, previous, axis_name):
@@ -59,10 +62,17 @@ class LeastSquares(Predictor):
     prev = jax.tree.leaves(previous)
     if not leaves:
       return target
-    stats = jnp.stack([
-        jnp.stack([jnp.vdot(x.astype(jnp.float32), h.astype(jnp.float32)),
-                   jnp.vdot(h.astype(jnp.float32), h.astype(jnp.float32))])
-        for x, h in zip(leaves, prev)])
+    stats = jnp.stack(
+      [
+        jnp.stack(
+          [
+            jnp.vdot(x.astype(jnp.float32), h.astype(jnp.float32)),
+            jnp.vdot(h.astype(jnp.float32), h.astype(jnp.float32)),
+          ]
+        )
+        for x, h in zip(leaves, prev)
+      ]
+    )
     stats = sum_over_workers(stats, axis_name=axis_name)
     num, den = stats[:, 0], stats[:, 1]
     rho = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)

@@ -26,8 +26,7 @@ class PerWorker(NamedTuple):
 
 def per_worker_zeros(tree: Any, dtype: Any = None) -> PerWorker:
   """A `PerWorker` of zeros shaped like `tree` with the leading worker axis of size 1."""
-  return PerWorker(jax.tree.map(
-      lambda x: jnp.zeros((1,) + tuple(x.shape), dtype or x.dtype), tree))
+  return PerWorker(jax.tree.map(lambda x: jnp.zeros((1,) + tuple(x.shape), dtype or x.dtype), tree))
 
 
 def local(state: PerWorker) -> Any:
@@ -40,8 +39,9 @@ def to_per_worker(tree: Any) -> PerWorker:
   return PerWorker(jax.tree.map(lambda x: x[None], tree))
 
 
-def step_key(compressor: Compressor, seed: int, count: jax.Array,
-             axis_name: str | None) -> jax.Array | None:
+def step_key(
+  compressor: Compressor, seed: int, count: jax.Array, axis_name: str | None
+) -> jax.Array | None:
   """The PRNG key of one step: shared by all workers, or folded with the worker index.
 
   Keys are derived from (seed, step count[, worker index]), so the state holds no key and a

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import warnings
+from typing import Any
 
 import jax
 import numpy as np
@@ -15,8 +14,9 @@ from compams_jax.compressors import Compressor
 def check_compressor(compressor: Any) -> Compressor:
   if not isinstance(compressor, Compressor):
     raise TypeError(
-        "expected a compams_jax Compressor (e.g. cj.compressors.top_k(0.01)), got "
-        f"{type(compressor).__name__}: {compressor!r}.")
+      "expected a compams_jax Compressor (e.g. cj.compressors.top_k(0.01)), got "
+      f"{type(compressor).__name__}: {compressor!r}."
+    )
   return compressor
 
 
@@ -36,13 +36,17 @@ def check_updates(updates: Any, like: Any, name: str) -> None:
   """Raises ValueError unless `updates` has the structure and leaf shapes of `like` (the state)."""
   got, want = jax.tree.structure(updates), jax.tree.structure(like)
   if got != want:
-    raise ValueError(f"{name}: the updates' pytree structure {got} does not match the "
-                     f"structure the state was initialised with, {want}.")
+    raise ValueError(
+      f"{name}: the updates' pytree structure {got} does not match the "
+      f"structure the state was initialised with, {want}."
+    )
   for (path, u), l in zip(jax.tree_util.tree_leaves_with_path(updates), jax.tree.leaves(like)):
     if tuple(u.shape) != tuple(l.shape):
-      raise ValueError(f"{name}: update leaf {jax.tree_util.keystr(path)} has shape "
-                       f"{tuple(u.shape)}, but the state was initialised for shape "
-                       f"{tuple(l.shape)}.")
+      raise ValueError(
+        f"{name}: update leaf {jax.tree_util.keystr(path)} has shape "
+        f"{tuple(u.shape)}, but the state was initialised for shape "
+        f"{tuple(l.shape)}."
+      )
 
 
 def warn_if_not_contractive(compressor: Compressor, params: Any, what: str) -> None:
@@ -56,7 +60,9 @@ def warn_if_not_contractive(compressor: Compressor, params: Any, what: str) -> N
   worst = max((q for q in (compressor.q_squared(d) for d in sizes) if q is not None), default=0)
   if worst >= 1:
     warnings.warn(
-        f"{what}: {type(compressor).__name__} declares q² = {worst:.3g} ≥ 1 on the largest leaf, "
-        "so it is not a contraction there and error feedback / fixed-rho prediction can "
-        "diverge (measured for qsgd with few levels). Use more levels or a smaller granularity.",
-        UserWarning, stacklevel=3)
+      f"{what}: {type(compressor).__name__} declares q² = {worst:.3g} ≥ 1 on the largest leaf, "
+      "so it is not a contraction there and error feedback / fixed-rho prediction can "
+      "diverge (measured for qsgd with few levels). Use more levels or a smaller granularity.",
+      UserWarning,
+      stacklevel=3,
+    )

@@ -20,8 +20,9 @@ class WorkerAdamState(NamedTuple):
   nu: PerWorker
 
 
-def worker_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
-                ) -> optax.GradientTransformation:
+def worker_adam(
+  b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
+) -> optax.GradientTransformation:
   """Each worker's own Adam direction m_i / (sqrt(v_i) + ε), from its local gradients.
 
   No bias correction. Its state is per worker, so it may precede a compressed average (QAdam).
@@ -39,6 +40,7 @@ def worker_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
     >>> tx.update(g, tx.init(g))[0]["w"]
     Array([ 1., -1.], dtype=float32)
   """
+
   def init_fn(params):
     check_tree(params)
     return WorkerAdamState(mu=per_worker_zeros(params), nu=per_worker_zeros(params))

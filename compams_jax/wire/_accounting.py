@@ -11,8 +11,9 @@ from compams_jax.compressors import Compressor, payload_bits, tree_wire_bits
 from compams_jax.wire._axis import recording
 
 
-def wire_bytes(tx_or_compressor: optax.GradientTransformation | Compressor, params: Any, *,
-               num_workers: int = 1) -> int:
+def wire_bytes(
+  tx_or_compressor: optax.GradientTransformation | Compressor, params: Any, *, num_workers: int = 1
+) -> int:
   """Bytes one worker puts on the wire per step for gradients shaped like `params`.
 
   For a compressor this is its exact static `wire_bits` summed over the pytree. For a
@@ -38,8 +39,10 @@ def wire_bytes(tx_or_compressor: optax.GradientTransformation | Compressor, para
   if isinstance(tx_or_compressor, Compressor):
     return -(-tree_wire_bits(tx_or_compressor, params) // 8)
   if not isinstance(tx_or_compressor, optax.GradientTransformation):
-    raise TypeError("wire_bytes expects a Compressor or an optax.GradientTransformation, got "
-                    f"{type(tx_or_compressor).__name__}.")
+    raise TypeError(
+      "wire_bytes expects a Compressor or an optax.GradientTransformation, got "
+      f"{type(tx_or_compressor).__name__}."
+    )
   tx = tx_or_compressor
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
   with recording(num_workers) as rec:

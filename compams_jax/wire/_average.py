@@ -16,8 +16,15 @@ def decode_key(compressor: Compressor, key: jax.Array | None) -> jax.Array | Non
   return key if compressor.randomness == "shared" else None
 
 
-def average(compressor: Compressor, payload: Any, like: Any, *, axis_name: str | None,
-            key: jax.Array | None = None, decoded: Any = None) -> Any:
+def average(
+  compressor: Compressor,
+  payload: Any,
+  like: Any,
+  *,
+  axis_name: str | None,
+  key: jax.Array | None = None,
+  decoded: Any = None,
+) -> Any:
   """(1/n) Σ_i decode(payload_i) over the workers of `axis_name`, as a dense pytree like `like`.
 
   Summable payloads (identity, cast, shared-seed random-k) travel by one `psum`; all others by

@@ -5,12 +5,14 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import jax
 
-_RECORDER: contextvars.ContextVar["PayloadRecorder | None"] = contextvars.ContextVar(
-    "compams_jax_payload_recorder", default=None)
+_RECORDER: contextvars.ContextVar[PayloadRecorder | None] = contextvars.ContextVar(
+  "compams_jax_payload_recorder", default=None
+)
 
 
 @dataclasses.dataclass
@@ -58,9 +60,9 @@ def num_workers(axis_name: str | None) -> int:
     return jax.lax.axis_size(axis_name)
   except NameError as e:
     raise ValueError(
-        f"axis_name={axis_name!r} is not bound here. Call the optimizer's update inside "
-        f"jax.shard_map over a mesh with an axis named {axis_name!r}, or inside "
-        f"jax.pmap(..., axis_name={axis_name!r}); use axis_name=None for a single worker."
+      f"axis_name={axis_name!r} is not bound here. Call the optimizer's update inside "
+      f"jax.shard_map over a mesh with an axis named {axis_name!r}, or inside "
+      f"jax.pmap(..., axis_name={axis_name!r}); use axis_name=None for a single worker."
     ) from e
 
 

@@ -5,23 +5,54 @@ from __future__ import annotations
 import collections
 import dataclasses
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 
 _DTYPE_BYTES = {
-    "pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3": 1, "f8e5m2fnuz": 1,
-    "f8e4m3fnuz": 1, "f8e4m3b11fnuz": 1, "f8e3m4": 1, "f8e8m0fnu": 1,
-    "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
-    "s32": 4, "u32": 4, "f32": 4,
-    "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
-    "s4": 0.5, "u4": 0.5, "s2": 0.25, "u2": 0.25, "s1": 0.125, "u1": 0.125,
-    "token": 0,
+  "pred": 1,
+  "s8": 1,
+  "u8": 1,
+  "f8e4m3fn": 1,
+  "f8e5m2": 1,
+  "f8e4m3": 1,
+  "f8e5m2fnuz": 1,
+  "f8e4m3fnuz": 1,
+  "f8e4m3b11fnuz": 1,
+  "f8e3m4": 1,
+  "f8e8m0fnu": 1,
+  "s16": 2,
+  "u16": 2,
+  "f16": 2,
+  "bf16": 2,
+  "s32": 4,
+  "u32": 4,
+  "f32": 4,
+  "s64": 8,
+  "u64": 8,
+  "f64": 8,
+  "c64": 8,
+  "c128": 16,
+  "s4": 0.5,
+  "u4": 0.5,
+  "s2": 0.25,
+  "u2": 0.25,
+  "s1": 0.125,
+  "u1": 0.125,
+  "token": 0,
 }
 
 # Collective opcodes; for async pairs only the "-start" half is counted.
-COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "reduce-scatter",
-               "collective-permute", "collective-broadcast", "ragged-all-to-all")
+COLLECTIVES = (
+  "all-gather",
+  "all-reduce",
+  "all-to-all",
+  "reduce-scatter",
+  "collective-permute",
+  "collective-broadcast",
+  "ragged-all-to-all",
+)
 
 _ARRAY_RE = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
 _DEF_RE = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
@@ -52,7 +83,7 @@ def _split_type(rest: str) -> tuple[str, str]:
       depth += ch == "("
       depth -= ch == ")"
       if depth == 0:
-        return rest[:i + 1], rest[i + 1:].strip()
+        return rest[: i + 1], rest[i + 1 :].strip()
   head, _, tail = rest.partition(" ")
   return head, tail.strip()
 
@@ -162,7 +193,7 @@ def parse_collectives(hlo_text: str) -> CollectiveBytes:
     type_str, call = _split_type(rest)
     shapes[name] = type_str
     opcode = call.split("(", 1)[0].strip()
-    base = opcode[:-len("-start")] if opcode.endswith("-start") else opcode
+    base = opcode[: -len("-start")] if opcode.endswith("-start") else opcode
     if base in COLLECTIVES and "(" in call:
       calls.append((base, type_str, call))
   found = []

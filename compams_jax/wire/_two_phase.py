@@ -41,9 +41,14 @@ def _decode_chunks(compressor: Compressor, payloads, like, keys: jax.Array | Non
   return jax.vmap(lambda p, k: compressor.decode(p, like, k))(payloads, keys)
 
 
-def two_phase_average(compressor: Compressor, vector: jax.Array, server_residual: jax.Array, *,
-                      axis_name: str | None, key: jax.Array | None = None,
-                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def two_phase_average(
+  compressor: Compressor,
+  vector: jax.Array,
+  server_residual: jax.Array,
+  *,
+  axis_name: str | None,
+  key: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Average of a per-worker flat vector over workers by a two-phase compressed all-reduce.
 
   Phase 1: split the vector into n chunks, compress each (chunk = block of the compressor),
@@ -89,8 +94,9 @@ def two_phase_average(compressor: Compressor, vector: jax.Array, server_residual
   mine_keys = None
   if phase1_keys is not None and compressor.randomness == "shared":
     mine_keys = jnp.broadcast_to(phase1_keys[me], (n,) + phase1_keys.shape[1:])
-  chunk_avg = jnp.mean(_decode_chunks(compressor, received, like, mine_keys).astype(jnp.float32),
-                       axis=0).astype(vector.dtype)
+  chunk_avg = jnp.mean(
+    _decode_chunks(compressor, received, like, mine_keys).astype(jnp.float32), axis=0
+  ).astype(vector.dtype)
   corrected = chunk_avg + server_residual
   server_keys = _keys(key, n, n) if key is not None else None
   if server_keys is not None and compressor.randomness == "shared":
@@ -101,7 +107,8 @@ def two_phase_average(compressor: Compressor, vector: jax.Array, server_residual
     my_server_key = None
   server_payload = compressor.encode(corrected, my_server_key)
   new_server_residual = corrected - compressor.decode(
-      server_payload, like, my_server_key if compressor.randomness == "shared" else None)
+    server_payload, like, my_server_key if compressor.randomness == "shared" else None
+  )
   if recorder is not None:
     recorder.sends.append(("all_gather", server_payload))
   if axis is None:  # One worker, or accounting: every chunk's payload has this shape.

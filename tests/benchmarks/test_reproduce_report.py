@@ -14,24 +14,55 @@ import reproduce_report  # noqa: E402
 
 
 def _run(seed, acc, bits_per_step, steps=6):
-  evals = [[e, acc - 0.1 * (2 - e), 1.0 / (e + 1), bits_per_step * 8 * 2 * (e + 1)]
-           for e in range(3)]
-  return {"seed": seed, "test_accuracy": acc, "test_loss": 0.3, "steps": steps, "seconds": 10.0,
-          "bits_sent_total": evals[-1][3], "evals": evals}
+  evals = [
+    [e, acc - 0.1 * (2 - e), 1.0 / (e + 1), bits_per_step * 8 * 2 * (e + 1)] for e in range(3)
+  ]
+  return {
+    "seed": seed,
+    "test_accuracy": acc,
+    "test_loss": 0.3,
+    "steps": steps,
+    "seconds": 10.0,
+    "bits_sent_total": evals[-1][3],
+    "evals": evals,
+  }
 
 
 def _study(accs_dense, accs_topk, dense_bytes=4000, topk_bytes=80):
   variant = lambda accs, b, lr: {
-      "lr": lr, "grid": {"0.001": accs[0], "0.003": None}, "bytes_per_step_hlo": b,
-      "bytes_per_step_steady": b, "dense_f32_bytes": dense_bytes, "collectives": {},
-      "runs": [_run(s, a, b) for s, a in enumerate(accs)]}
-  return {"study": "fashion_mnist", "title": "Synthetic", "config": "c.py", "overrides": [],
-          "seeds": [0, 1, 2], "lr_grid": [0.001, 0.003], "tuned_on": None, "num_workers": 16,
-          "num_params": 1000, "total_steps": 6, "train_examples": 100, "test_examples": 50,
-          "local_batch": 32, "epochs": 3, "dataset": "d", "model": "m", "num_runs": 6,
-          "train_seconds_total": 60.0, "host": {"cpus": 2, "jax": "x", "devices": 16},
-          "variants": {"amsgrad": variant(accs_dense, dense_bytes, 0.001),
-                       "comp_ams_top_k": variant(accs_topk, topk_bytes, 0.001)}}
+    "lr": lr,
+    "grid": {"0.001": accs[0], "0.003": None},
+    "bytes_per_step_hlo": b,
+    "bytes_per_step_steady": b,
+    "dense_f32_bytes": dense_bytes,
+    "collectives": {},
+    "runs": [_run(s, a, b) for s, a in enumerate(accs)],
+  }
+  return {
+    "study": "fashion_mnist",
+    "title": "Synthetic",
+    "config": "c.py",
+    "overrides": [],
+    "seeds": [0, 1, 2],
+    "lr_grid": [0.001, 0.003],
+    "tuned_on": None,
+    "num_workers": 16,
+    "num_params": 1000,
+    "total_steps": 6,
+    "train_examples": 100,
+    "test_examples": 50,
+    "local_batch": 32,
+    "epochs": 3,
+    "dataset": "d",
+    "model": "m",
+    "num_runs": 6,
+    "train_seconds_total": 60.0,
+    "host": {"cpus": 2, "jax": "x", "devices": 16},
+    "variants": {
+      "amsgrad": variant(accs_dense, dense_bytes, 0.001),
+      "comp_ams_top_k": variant(accs_topk, topk_bytes, 0.001),
+    },
+  }
 
 
 def test_tables_show_mean_std_bits_and_ratio(tmp_path):
@@ -62,8 +93,10 @@ def test_report_without_results_is_a_clear_error(tmp_path):
 def test_quick_pipeline_runs_and_renders(tmp_path):
   """`reproduce.py run --quick` trains tiny versions and `report` renders them."""
   results, docs = tmp_path / "results", tmp_path / "docs"
-  for cmd in (["run", "--quick", "--study", "mnist5k", "--study", "speedup",
-               "--results", str(results)], ["report", "--results", str(results), "--docs", str(docs)]):
+  for cmd in (
+    ["run", "--quick", "--study", "mnist5k", "--study", "speedup", "--results", str(results)],
+    ["report", "--results", str(results), "--docs", str(docs)],
+  ):
     subprocess.run([sys.executable, str(BENCH / "reproduce.py"), *cmd], check=True, timeout=900)
   text = (docs / "results.md").read_text()
   assert "COMP-AMS top-k 1%" in text and "Linear speedup" in text

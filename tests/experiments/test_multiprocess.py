@@ -32,14 +32,35 @@ def _cli(*args):
 
 
 def test_two_processes_match_one_process_bit_for_bit(tmp_path):
-  one = subprocess.run(_cli("--workdir", str(tmp_path / "one"), *ARGS), env=_env(),
-                       capture_output=True, text=True, timeout=600)
+  one = subprocess.run(
+    _cli("--workdir", str(tmp_path / "one"), *ARGS),
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert one.returncode == 0, one.stderr[-3000:]
   port = _free_port()
-  procs = [subprocess.Popen(_cli("--workdir", str(tmp_path / "two"), *ARGS, "--coordinator",
-                                 f"127.0.0.1:{port}", "--num-processes", "2", "--process-id",
-                                 str(i)), env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      _cli(
+        "--workdir",
+        str(tmp_path / "two"),
+        *ARGS,
+        "--coordinator",
+        f"127.0.0.1:{port}",
+        "--num-processes",
+        "2",
+        "--process-id",
+        str(i),
+      ),
+      env=_env(),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
   outs = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
@@ -49,7 +70,8 @@ def test_two_processes_match_one_process_bit_for_bit(tmp_path):
   for key in a.files:
     np.testing.assert_array_equal(a[key], b[key], err_msg=key)
   assert (tmp_path / "one" / "metrics.jsonl").read_text() == (
-      tmp_path / "two" / "metrics.jsonl").read_text()
+    tmp_path / "two" / "metrics.jsonl"
+  ).read_text()
 
 
 @pytest.mark.slow
@@ -57,23 +79,52 @@ def test_killed_process_fails_fast_and_resume_is_bit_identical(tmp_path):
   """Kill one of two processes mid-run: the other exits non-zero with JAX's message within the
   heartbeat timeout (no hang); relaunching both with --resume ends bit-identical to an
   uninterrupted run."""
-  args = ["--no-progress", "--variant", "comp_ams_top_k", "num_workers=8", "epochs=6",
-          "checkpoint_every=11"]
-  ref = subprocess.run(_cli("--workdir", str(tmp_path / "ref"), *args), env=_env(),
-                       capture_output=True, text=True, timeout=900)
+  args = [
+    "--no-progress",
+    "--variant",
+    "comp_ams_top_k",
+    "num_workers=8",
+    "epochs=6",
+    "checkpoint_every=11",
+  ]
+  ref = subprocess.run(
+    _cli("--workdir", str(tmp_path / "ref"), *args),
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
   assert ref.returncode == 0, ref.stderr[-3000:]
 
   def launch(port, *extra):
-    return [subprocess.Popen(_cli("--workdir", str(tmp_path / "run"), *args, *extra,
-                                  "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-                                  "--process-id", str(i)), env=_env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True) for i in range(2)]
+    return [
+      subprocess.Popen(
+        _cli(
+          "--workdir",
+          str(tmp_path / "run"),
+          *args,
+          *extra,
+          "--coordinator",
+          f"127.0.0.1:{port}",
+          "--num-processes",
+          "2",
+          "--process-id",
+          str(i),
+        ),
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+      )
+      for i in range(2)
+    ]
 
   procs = launch(_free_port())
   ckpts = tmp_path / "run" / "checkpoints"
   deadline = time.time() + 600
   while time.time() < deadline and not any(
-      p.name.isdigit() and int(p.name) >= 22 for p in ckpts.glob("*")):
+    p.name.isdigit() and int(p.name) >= 22 for p in ckpts.glob("*")
+  ):
     time.sleep(0.5)
   assert procs[0].poll() is None, "the run finished before it could be interrupted"
   procs[1].kill()
@@ -97,4 +148,5 @@ def test_killed_process_fails_fast_and_resume_is_bit_identical(tmp_path):
   for key in a.files:
     np.testing.assert_array_equal(a[key], b[key], err_msg=key)
   assert (tmp_path / "ref" / "metrics.jsonl").read_text() == (
-      tmp_path / "run" / "metrics.jsonl").read_text()
+    tmp_path / "run" / "metrics.jsonl"
+  ).read_text()

@@ -7,14 +7,16 @@ import jax
 import numpy as np
 import pytest
 
-from compams_jax.experiments import checkpoints, cli, config as config_lib, train
+from compams_jax.experiments import checkpoints, cli, train
+from compams_jax.experiments import config as config_lib
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
 
 
 def _digits(*overrides, variant="comp_ams_top_k"):
-  return config_lib.resolve(str(CONFIGS / "digits.py") + ":smoke",
-                            ["num_workers=8", *overrides], [variant])[0]
+  return config_lib.resolve(
+    str(CONFIGS / "digits.py") + ":smoke", ["num_workers=8", *overrides], [variant]
+  )[0]
 
 
 def _assert_trees_equal(a, b):
@@ -25,15 +27,17 @@ def _assert_trees_equal(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-@pytest.mark.parametrize("variant", ["amsgrad", "comp_ams_top_k", "comp_ams_block_sign",
-                                     "momentum_sgd_top_k_predictive"])
+@pytest.mark.parametrize(
+  "variant", ["amsgrad", "comp_ams_top_k", "comp_ams_block_sign", "momentum_sgd_top_k_predictive"]
+)
 def test_digits_smoke_learns(variant, tmp_path):
   overrides = ["optimizer.learning_rate=0.1"] if variant.startswith("momentum") else []
   result = train.train(_digits(*overrides, variant=variant), tmp_path, progress=False)
   s = result.summary
   chance = np.log(10)
-  evals = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()
-           if '"eval"' in l]
+  evals = [
+    json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"eval"' in l
+  ]
   assert evals[-1]["train_loss"] < 0.5 * chance, evals[-1]
   assert s["test_accuracy"] > 0.5
   # Bytes read from the compiled step's HLO agree with the payload accounting.
@@ -61,7 +65,8 @@ def test_resume_is_bit_identical(tmp_path):
   # The metrics log of the resumed run equals the uninterrupted one.
   strip = lambda p: [{k: v for k, v in json.loads(l).items()} for l in p.read_text().splitlines()]
   assert strip(tmp_path / "straight" / "metrics.jsonl") == strip(
-      tmp_path / "resumed" / "metrics.jsonl")
+    tmp_path / "resumed" / "metrics.jsonl"
+  )
 
 
 def test_existing_run_is_not_overwritten_without_resume(tmp_path):
@@ -73,11 +78,14 @@ def test_existing_run_is_not_overwritten_without_resume(tmp_path):
   assert (tmp_path / "metrics.jsonl").read_text() == before
 
 
-@pytest.mark.parametrize("override,match", [
+@pytest.mark.parametrize(
+  "override,match",
+  [
     ("model.name=resnet18", "model"),
     ("num_workers=4", "num_workers"),
     ("optimizer.learning_rate=0.5", "optimizer"),
-])
+  ],
+)
 def test_resume_refuses_a_different_run(override, match, tmp_path):
   train.train(_digits("epochs=1"), tmp_path, progress=False, stop_after=3)
   snapshot = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
@@ -121,22 +129,53 @@ def test_unknown_compressor_name_is_a_clear_error(tmp_path):
 
 
 def test_cli_trains_prints_table_and_plots(tmp_path, capsys):
-  rc = cli.train_main(["--config", str(CONFIGS / "digits.py") + ":smoke", "--workdir",
-                       str(tmp_path / "runs"), "--no-progress", "--variant", "amsgrad",
-                       "--variant", "comp_ams_block_sign", "epochs=1", "num_workers=8"])
+  rc = cli.train_main(
+    [
+      "--config",
+      str(CONFIGS / "digits.py") + ":smoke",
+      "--workdir",
+      str(tmp_path / "runs"),
+      "--no-progress",
+      "--variant",
+      "amsgrad",
+      "--variant",
+      "comp_ams_block_sign",
+      "epochs=1",
+      "num_workers=8",
+    ]
+  )
   out = capsys.readouterr().out
   assert rc == 0
   assert "comp_ams_block_sign" in out and "bytes/step" in out
   png = tmp_path / "fig.png"
-  assert cli.plot_main([str(tmp_path / "runs" / "amsgrad"),
-                        str(tmp_path / "runs" / "comp_ams_block_sign"), "--out", str(png)]) == 0
+  assert (
+    cli.plot_main(
+      [
+        str(tmp_path / "runs" / "amsgrad"),
+        str(tmp_path / "runs" / "comp_ams_block_sign"),
+        "--out",
+        str(png),
+      ]
+    )
+    == 0
+  )
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_cli_reports_errors_without_traceback(tmp_path, capsys):
-  rc = cli.train_main(["--config", str(CONFIGS / "digits.py") + ":smoke", "--workdir",
-                       str(tmp_path), "--no-progress", "--variant", "amsgrad",
-                       "num_workers=8", "dataset.name=nope"])
+  rc = cli.train_main(
+    [
+      "--config",
+      str(CONFIGS / "digits.py") + ":smoke",
+      "--workdir",
+      str(tmp_path),
+      "--no-progress",
+      "--variant",
+      "amsgrad",
+      "num_workers=8",
+      "dataset.name=nope",
+    ]
+  )
   assert rc == 2
   assert "unknown dataset 'nope'" in capsys.readouterr().err
   with pytest.raises(SystemExit):
@@ -144,15 +183,29 @@ def test_cli_reports_errors_without_traceback(tmp_path, capsys):
 
 
 def test_cli_reports_a_diverged_run_as_an_error(tmp_path, capsys):
-  rc = cli.train_main(["--config", str(CONFIGS / "digits.py") + ":smoke", "--workdir",
-                       str(tmp_path), "--no-progress", "--variant", "momentum_sgd",
-                       "num_workers=8", "optimizer.learning_rate=1e6"])
+  rc = cli.train_main(
+    [
+      "--config",
+      str(CONFIGS / "digits.py") + ":smoke",
+      "--workdir",
+      str(tmp_path),
+      "--no-progress",
+      "--variant",
+      "momentum_sgd",
+      "num_workers=8",
+      "optimizer.learning_rate=1e6",
+    ]
+  )
   assert rc == 2
   assert "training loss became" in capsys.readouterr().err
 
 
-SMOKE_CONFIGS = ["fashion_mnist_cnn", "fashion_mnist_momentum", "mnist5k_lenet",
-                 "rotten_tomatoes_lstm"]
+SMOKE_CONFIGS = [
+  "fashion_mnist_cnn",
+  "fashion_mnist_momentum",
+  "mnist5k_lenet",
+  "rotten_tomatoes_lstm",
+]
 
 
 @pytest.mark.parametrize("name", SMOKE_CONFIGS)
@@ -162,8 +215,9 @@ def test_paper_config_smoke_runs_below_chance(name, tmp_path):
     result = train.train(cfg, tmp_path, progress=False)
   except FileNotFoundError as e:
     pytest.skip(f"dataset not installed here: {e}")
-  evals = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()
-           if '"eval"' in l]
+  evals = [
+    json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"eval"' in l
+  ]
   num_classes = 2 if "rotten" in name else 10
   assert evals[-1]["train_loss"] < 0.9 * np.log(num_classes), evals
   assert result.summary["bytes_per_step_hlo"] < result.summary["dense_f32_bytes"] / 25
@@ -173,8 +227,9 @@ def test_elastic_resume_on_fewer_workers(tmp_path):
   train.train(_digits("epochs=2"), tmp_path, progress=False, stop_after=5)
   with pytest.raises(checkpoints.CheckpointError, match="num_workers"):
     train.train(_digits("epochs=2", "num_workers=4"), tmp_path, resume=True, progress=False)
-  result = train.train(_digits("epochs=2", "num_workers=4"), tmp_path, resume=True,
-                       progress=False, elastic=True)
+  result = train.train(
+    _digits("epochs=2", "num_workers=4"), tmp_path, resume=True, progress=False, elastic=True
+  )
   assert result.summary["finished"] and result.summary["num_workers"] == 4
   assert jax.tree.leaves(result.opt_state[0].residual.value)[0].shape[0] == 4
   assert result.summary["test_accuracy"] > 0.3
@@ -183,10 +238,13 @@ def test_elastic_resume_on_fewer_workers(tmp_path):
 def test_stops_once_the_windowed_training_loss_reaches_the_target(tmp_path):
   c = _digits("target_train_loss=1.8", "target_loss_window=4", "log_every=1")
   s = train.train(c, tmp_path, progress=False).summary
-  losses = [json.loads(l)["loss"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()
-            if '"train"' in l]
+  losses = [
+    json.loads(l)["loss"]
+    for l in (tmp_path / "metrics.jsonl").read_text().splitlines()
+    if '"train"' in l
+  ]
   # Independent check: the first step whose 4-step mean is <= 1.8 (chance is ln 10 = 2.30).
-  first = next(i + 1 for i in range(3, len(losses)) if np.mean(losses[i - 3:i + 1]) <= 1.8)
+  first = next(i + 1 for i in range(3, len(losses)) if np.mean(losses[i - 3 : i + 1]) <= 1.8)
   assert s["steps_to_target"] == first == s["steps"] == len(losses)
   assert s["steps"] < s["total_steps"] and s["finished"]
   assert np.isfinite(s["test_accuracy"])
@@ -194,5 +252,6 @@ def test_stops_once_the_windowed_training_loss_reaches_the_target(tmp_path):
 
 def test_target_window_longer_than_the_run_is_refused(tmp_path):
   with pytest.raises(ValueError, match="target_loss_window"):
-    train.train(_digits("target_train_loss=0.5", "target_loss_window=100000"), tmp_path,
-                progress=False)
+    train.train(
+      _digits("target_train_loss=0.5", "target_loss_window=100000"), tmp_path, progress=False
+    )

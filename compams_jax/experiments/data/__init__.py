@@ -23,59 +23,61 @@ deterministic, resumable ``(num_workers, local_batch, ...)`` steps.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ._common import Dataset, package_data_file, stratified_split
 from .batching import epoch_permutation, steps_per_epoch, worker_batches
 from .images import (
-    FASHION_MNIST_DIR,
-    load_cifar10_dir,
-    load_digits,
-    load_fashion_mnist,
-    load_idx_dir,
-    load_mnist_5k,
-    read_idx,
+  FASHION_MNIST_DIR,
+  load_cifar10_dir,
+  load_digits,
+  load_fashion_mnist,
+  load_idx_dir,
+  load_mnist_5k,
+  read_idx,
 )
 from .text import OOV_ID, PAD_ID, build_vocab, encode, load_imdb_dir, load_rotten_tomatoes, tokenize
 
 __all__ = [
-    "Dataset",
-    "DATASET_NAMES",
-    "load_dataset",
-    "load_digits",
-    "load_idx_dir",
-    "load_fashion_mnist",
-    "load_mnist_5k",
-    "load_rotten_tomatoes",
-    "load_cifar10_dir",
-    "load_imdb_dir",
-    "read_idx",
-    "tokenize",
-    "build_vocab",
-    "encode",
-    "PAD_ID",
-    "OOV_ID",
-    "FASHION_MNIST_DIR",
-    "epoch_permutation",
-    "steps_per_epoch",
-    "worker_batches",
-    "stratified_split",
-    "package_data_file",
+  "Dataset",
+  "DATASET_NAMES",
+  "load_dataset",
+  "load_digits",
+  "load_idx_dir",
+  "load_fashion_mnist",
+  "load_mnist_5k",
+  "load_rotten_tomatoes",
+  "load_cifar10_dir",
+  "load_imdb_dir",
+  "read_idx",
+  "tokenize",
+  "build_vocab",
+  "encode",
+  "PAD_ID",
+  "OOV_ID",
+  "FASHION_MNIST_DIR",
+  "epoch_permutation",
+  "steps_per_epoch",
+  "worker_batches",
+  "stratified_split",
+  "package_data_file",
 ]
 
+
 def _load_mnist_idx(path: Any = None, **kw: Any) -> Dataset:
-    """``load_idx_dir(path, name="mnist_idx")``; see :func:`load_idx_dir`."""
-    return load_idx_dir(path, **{"name": "mnist_idx", **kw})
+  """``load_idx_dir(path, name="mnist_idx")``; see :func:`load_idx_dir`."""
+  return load_idx_dir(path, **{"name": "mnist_idx", **kw})
 
 
 _LOADERS: dict[str, Callable[..., Dataset]] = {
-    "digits": load_digits,
-    "fashion_mnist": load_fashion_mnist,
-    "mnist_idx": _load_mnist_idx,
-    "mnist_5k": load_mnist_5k,
-    "rotten_tomatoes": load_rotten_tomatoes,
-    "cifar10": load_cifar10_dir,
-    "imdb": load_imdb_dir,
+  "digits": load_digits,
+  "fashion_mnist": load_fashion_mnist,
+  "mnist_idx": _load_mnist_idx,
+  "mnist_5k": load_mnist_5k,
+  "rotten_tomatoes": load_rotten_tomatoes,
+  "cifar10": load_cifar10_dir,
+  "imdb": load_imdb_dir,
 }
 
 DATASET_NAMES: tuple[str, ...] = tuple(_LOADERS)
@@ -85,29 +87,31 @@ _NEEDS_PATH = ("mnist_idx", "cifar10", "imdb")
 
 
 def load_dataset(name: str, **kw: Any) -> Dataset:
-    """Load a dataset by name.
+  """Load a dataset by name.
 
-    Args:
-      name: one of :data:`DATASET_NAMES` (``"digits"``, ``"fashion_mnist"``,
-        ``"mnist_idx"``, ``"mnist_5k"``, ``"rotten_tomatoes"``, ``"cifar10"``,
-        ``"imdb"``); case-insensitive, ``-`` and ``_`` interchangeable.
-      **kw: passed to the loader, e.g. ``path=`` for the directory-based ones
-        (required for ``mnist_idx``, ``cifar10`` and ``imdb``), ``seed=``,
-        ``vocab_size=``, ``maxlen=``.
+  Args:
+    name: one of :data:`DATASET_NAMES` (``"digits"``, ``"fashion_mnist"``,
+      ``"mnist_idx"``, ``"mnist_5k"``, ``"rotten_tomatoes"``, ``"cifar10"``,
+      ``"imdb"``); case-insensitive, ``-`` and ``_`` interchangeable.
+    **kw: passed to the loader, e.g. ``path=`` for the directory-based ones
+      (required for ``mnist_idx``, ``cifar10`` and ``imdb``), ``seed=``,
+      ``vocab_size=``, ``maxlen=``.
 
-    Returns:
-      The :class:`Dataset`.
+  Returns:
+    The :class:`Dataset`.
 
-    Raises:
-      ValueError: for an unknown name (the message lists the valid ones), or
-        a directory-based dataset requested without ``path=``.
-      FileNotFoundError: if the data is not installed (see the table above).
-    """
-    key = name.lower().replace("-", "_")
-    if key not in _LOADERS:
-        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
-    if key in _NEEDS_PATH and kw.get("path") is None:
-        raise ValueError(f"dataset {key!r} is read from a local directory: pass "
-                         f"load_dataset({key!r}, path=...) (see the loader's docstring "
-                         "for the expected files)")
-    return _LOADERS[key](**kw)
+  Raises:
+    ValueError: for an unknown name (the message lists the valid ones), or
+      a directory-based dataset requested without ``path=``.
+    FileNotFoundError: if the data is not installed (see the table above).
+  """
+  key = name.lower().replace("-", "_")
+  if key not in _LOADERS:
+    raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+  if key in _NEEDS_PATH and kw.get("path") is None:
+    raise ValueError(
+      f"dataset {key!r} is read from a local directory: pass "
+      f"load_dataset({key!r}, path=...) (see the loader's docstring "
+      "for the expected files)"
+    )
+  return _LOADERS[key](**kw)
