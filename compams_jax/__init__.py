@@ -12,27 +12,24 @@ Examples:
   True
 """
 
-from compams_jax import compressors, predictors, sharding, wire
+from compams_jax import compressors, predictors, sharding, transforms, wire
+from compams_jax._src.workers import PerWorker
 from compams_jax.compressors import Compressor
-from compams_jax.optimizers import (
-  OneBitAdamState,
-  comp_ams,
-  compressed_momentum_sgd,
-  onebit_adam,
-  qadam,
-)
+from compams_jax.optimizers import comp_ams, compressed_momentum_sgd, onebit_adam, qadam
 from compams_jax.transforms import (
   CompressedMeanState,
   ErrorFeedbackState,
-  PerWorker,
+  OneBitAdamState,
   PowerSGDState,
   PredictiveState,
   SkipNonFiniteState,
+  WorkerAdamState,
   WorkerMomentumState,
   compressed_mean,
   error_feedback,
   powersgd,
   predictive_compression,
+  scale_by_onebit_adam,
   skip_nonfinite,
   worker_adam,
   worker_momentum,
@@ -51,6 +48,7 @@ __all__ = [
   "PowerSGDState",
   "PredictiveState",
   "SkipNonFiniteState",
+  "WorkerAdamState",
   "WorkerMomentumState",
   "collective_bytes",
   "comp_ams",
@@ -63,8 +61,10 @@ __all__ = [
   "predictive_compression",
   "predictors",
   "qadam",
+  "scale_by_onebit_adam",
   "sharding",
   "skip_nonfinite",
+  "transforms",
   "wire",
   "wire_bytes",
   "worker_adam",

@@ -27,11 +27,11 @@ def test_onebit_adam_matches_numpy_reference_and_freezes_v(n_devices, mesh):
   want, want_m, want_v, want_err = reference.np_onebit_adam(params, grads, lr=0.01, warmup=5)
   for k in SHAPES:
     np.testing.assert_allclose(p[k], want[k], rtol=1e-5, atol=1e-5, err_msg=k)
-    np.testing.assert_allclose(states[-1].mu[k], want_m[k], rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(states[-1].nu[k], states[4].nu[k])  # frozen after warm-up
-    assert not np.array_equal(states[3].nu[k], states[4].nu[k])
+    np.testing.assert_allclose(states[-1][0].mu[k], want_m[k], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(states[-1][0].nu[k], states[4][0].nu[k])  # frozen after warm-up
+    assert not np.array_equal(states[3][0].nu[k], states[4][0].nu[k])
     np.testing.assert_allclose(
-      np.asarray(states[-1].residual.value[k]),
+      np.asarray(states[-1][0].residual.value[k]),
       np.stack([e[k] for e in want_err]),
       rtol=1e-5,
       atol=1e-5,

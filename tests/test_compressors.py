@@ -18,7 +18,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import compams_jax as cj
-from compams_jax.transforms._state import step_key
+from compams_jax._src.keys import step_key
 
 C = cj.compressors
 KEY = jax.random.key(1234)

@@ -665,9 +665,9 @@ def test_state_specs_and_sharded_init(ef, n_devices, mesh):
   abstract = jax.eval_shape(tx.init, STATE_PARAMS)
   assert isinstance(abstract, cj.PredictiveState)
   specs = cj.sharding.state_specs(abstract, "data")
-  sharded = cj.PerWorker({k: P("data") for k in STATE_PARAMS})
-  assert specs.reconstruction == sharded
-  assert specs.residual == (sharded if ef else None)
+  sharded = {k: P("data") for k in STATE_PARAMS}
+  assert specs.reconstruction.value == sharded
+  assert (specs.residual.value if ef else specs.residual) == (sharded if ef else None)
   assert abstract.residual is None if not ef else isinstance(abstract.residual, cj.PerWorker)
   assert specs.average == {k: P() for k in STATE_PARAMS}
   assert specs.count == P()
@@ -693,7 +693,7 @@ def test_compressed_momentum_sgd_state_specs():
     )
     specs = cj.sharding.state_specs(jax.eval_shape(tx.init, STATE_PARAMS), "data")
     assert isinstance(specs[0], cj.WorkerMomentumState)
-    assert specs[0].momentum == cj.PerWorker({k: P("data") for k in STATE_PARAMS})
+    assert specs[0].momentum.value == {k: P("data") for k in STATE_PARAMS}
     if predictive:
       assert isinstance(specs[1], cj.PredictiveState)
       assert specs[1].average == {k: P() for k in STATE_PARAMS}

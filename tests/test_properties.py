@@ -578,7 +578,7 @@ def ef_run_fn(c, topology, spec, mesh):
 
   def varying(node):  # the carry of a scan must already vary over workers where it will
     if isinstance(node, cj.PerWorker):
-      return cj.PerWorker(
+      return node.replace(
         jax.tree.map(lambda a: jax.lax.pcast(a, "data", to="varying"), node.value)
       )
     return node

@@ -98,7 +98,7 @@ def test_resize_workers_preserves_the_residual_sum(new_n):
   tx = cj.comp_ams(1e-3, cj.compressors.top_k(0.2))
   state = tx.init({k: np.zeros(s, np.float32) for k, s in SHAPES.items()})
   old = {k: rng.normal(size=(6,) + s).astype(np.float32) for k, s in SHAPES.items()}
-  state = (state[0]._replace(residual=cj.PerWorker(old)),) + state[1:]
+  state = (state[0]._replace(residual=state[0].residual.replace(old)),) + state[1:]
   resized = cj.sharding.resize_workers(state, new_n)
   for k in SHAPES:
     new = np.asarray(resized[0].residual.value[k])
@@ -110,8 +110,11 @@ def test_resize_workers_preserves_the_residual_sum(new_n):
 @pytest.mark.parametrize(
   "make,match",
   [
-    (lambda: cj.predictive_compression(cj.compressors.top_k(0.2)), "PredictiveState"),
-    (lambda: cj.compressed_momentum_sgd(0.1, cj.compressors.top_k(0.2)), "WorkerMomentumState"),
+    (
+      lambda: cj.predictive_compression(cj.compressors.top_k(0.2)),
+      "predictive encoder reconstructions",
+    ),
+    (lambda: cj.compressed_momentum_sgd(0.1, cj.compressors.top_k(0.2)), "per-worker momentum"),
     (
       lambda: cj.comp_ams(
         0.1, cj.compressors.block_sign(), axis_name="data", topology="two_phase", num_workers=4

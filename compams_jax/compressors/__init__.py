@@ -5,19 +5,19 @@ its exact static `wire_bits(shape, dtype)`, and acts per pytree leaf (the paper'
 compression) or, with `granularity="model"`, on the whole model flattened into one vector.
 """
 
-from compams_jax.compressors._base import Compressor, num_kept, payload_bits
-from compams_jax.compressors._dense import Cast, Identity, cast, identity
-from compams_jax.compressors._qsgd import QSGD, qsgd
-from compams_jax.compressors._registry import FACTORIES, get
-from compams_jax.compressors._sign import BlockSign, block_sign, scaled_sign
-from compams_jax.compressors._top_k import RandomK, TopK, random_k, top_k
-from compams_jax.compressors._tree import (
+from compams_jax._src.base import Compressor, num_kept, payload_bits
+from compams_jax._src.tree import (
   compress_tree,
   decode_sum_tree,
   decode_tree,
   encode_tree,
   tree_wire_bits,
 )
+from compams_jax.compressors._dense import Cast, Identity, cast, identity
+from compams_jax.compressors._qsgd import QSGD, qsgd
+from compams_jax.compressors._registry import FACTORIES, get
+from compams_jax.compressors._sign import BlockSign, block_sign, scaled_sign
+from compams_jax.compressors._top_k import RandomK, TopK, random_k, top_k
 
 __all__ = [
   "BlockSign",

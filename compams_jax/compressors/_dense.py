@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from compams_jax.compressors._base import Compressor, Granularity
+from compams_jax._src.base import Compressor, Granularity
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -20,6 +20,7 @@ class Identity(Compressor):
   unbiased = True
   summable = True
   randomness = "none"
+  sends_every_entry = True
 
   def encode(self, x, key=None):
     del key
@@ -53,6 +54,7 @@ class Cast(Compressor):
   unbiased = False
   summable = True
   randomness = "none"
+  sends_every_entry = True
 
   def __post_init__(self):
     super().__post_init__()

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from compams_jax.compressors._base import Compressor, Granularity
+from compams_jax._src.base import Compressor, Granularity
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

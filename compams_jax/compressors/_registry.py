@@ -6,7 +6,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from compams_jax.compressors._base import Compressor
+from compams_jax._src.base import Compressor
 from compams_jax.compressors._dense import cast, identity
 from compams_jax.compressors._qsgd import qsgd
 from compams_jax.compressors._sign import block_sign, scaled_sign

@@ -7,7 +7,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from compams_jax.compressors._base import Compressor, Granularity
+from compams_jax._src.base import Compressor, Granularity
 
 
 def _mean_abs(flat):
@@ -39,6 +39,7 @@ class BlockSign(Compressor):
   unbiased = False
   summable = False
   randomness = "none"
+  sends_every_entry = True
 
   def encode(self, x, key=None):
     del key

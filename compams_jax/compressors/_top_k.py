@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from compams_jax.compressors._base import (
+from compams_jax._src.base import (
   Compressor,
   Granularity,
   check_ratio,

@@ -97,11 +97,11 @@ def build_optimizer(
   if name == "onebit_adam":
     return cj.onebit_adam(
       lr,
+      compressor,
       warmup_steps=int(opt.get("warmup_steps", 100)),
       b1=opt.get("b1", 0.9),
       b2=opt.get("b2", 0.999),
       eps=opt.get("eps", 1e-8),
-      compressor=compressor,
       axis_name=axis_name,
       seed=seed,
     )

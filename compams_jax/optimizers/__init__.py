@@ -1,7 +1,7 @@
 """Optimizers: thin factories chaining compams_jax transforms with optax."""
 
-from compams_jax.optimizers._baselines import OneBitAdamState, onebit_adam, qadam
+from compams_jax.optimizers._baselines import onebit_adam, qadam
 from compams_jax.optimizers._comp_ams import comp_ams
 from compams_jax.optimizers._momentum_sgd import compressed_momentum_sgd
 
-__all__ = ["OneBitAdamState", "comp_ams", "compressed_momentum_sgd", "onebit_adam", "qadam"]
+__all__ = ["comp_ams", "compressed_momentum_sgd", "onebit_adam", "qadam"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import optax
 
 from compams_jax.compressors import Compressor
+from compams_jax.predictors import Predictor
 from compams_jax.transforms import error_feedback, predictive_compression
-from compams_jax.transforms._predictors import Predictor
 
 
 def comp_ams(

@@ -5,9 +5,9 @@ from __future__ import annotations
 import optax
 
 from compams_jax.compressors import Compressor
+from compams_jax.predictors import Predictor, least_squares
 from compams_jax.transforms import compressed_mean, predictive_compression, worker_momentum
 from compams_jax.transforms import error_feedback as error_feedback_transform
-from compams_jax.transforms._predictors import Predictor, least_squares
 
 
 def compressed_momentum_sgd(

@@ -8,15 +8,15 @@ from compams_jax.transforms._error_feedback import (
 )
 from compams_jax.transforms._momentum import WorkerMomentumState, worker_momentum
 from compams_jax.transforms._nonfinite import SkipNonFiniteState, skip_nonfinite
+from compams_jax.transforms._onebit_adam import OneBitAdamState, scale_by_onebit_adam
 from compams_jax.transforms._powersgd import PowerSGDState, powersgd
 from compams_jax.transforms._predictive import PredictiveState, predictive_compression
-from compams_jax.transforms._state import PerWorker, local, per_worker_zeros, to_per_worker
 from compams_jax.transforms._worker_adam import WorkerAdamState, worker_adam
 
 __all__ = [
   "CompressedMeanState",
   "ErrorFeedbackState",
-  "PerWorker",
+  "OneBitAdamState",
   "PowerSGDState",
   "PredictiveState",
   "SkipNonFiniteState",
@@ -24,12 +24,10 @@ __all__ = [
   "WorkerMomentumState",
   "compressed_mean",
   "error_feedback",
-  "local",
-  "per_worker_zeros",
   "powersgd",
   "predictive_compression",
+  "scale_by_onebit_adam",
   "skip_nonfinite",
-  "to_per_worker",
   "worker_adam",
   "worker_momentum",
 ]

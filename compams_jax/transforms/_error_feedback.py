@@ -8,23 +8,19 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from compams_jax.compressors import Compressor, decode_tree, encode_tree
-from compams_jax.compressors._tree import check_tree, flat_spec, flatten_tree, unflatten_tree
-from compams_jax.transforms._state import (
-  PerWorker,
-  local,
-  per_worker_zeros,
-  step_key,
-  to_per_worker,
-)
-from compams_jax.transforms._validate import (
+from compams_jax._src.base import Compressor
+from compams_jax._src.feedback import compress_with_feedback
+from compams_jax._src.keys import step_key
+from compams_jax._src.tree import check_tree, encode_tree, flat_spec, flatten_tree, unflatten_tree
+from compams_jax._src.validate import (
   check_axis_name,
   check_compressor,
   check_seed,
   check_updates,
   warn_if_not_contractive,
 )
-from compams_jax.wire import average, chunk_size, decode_key, two_phase_average
+from compams_jax._src.workers import PerWorker, local, per_worker_zeros, to_per_worker
+from compams_jax.wire import average, chunk_size, two_phase_average
 from compams_jax.wire import num_workers as num_workers_of
 
 TOPOLOGIES = ("gather", "two_phase")
@@ -132,9 +128,15 @@ def error_feedback(
     server = None
     if topology == "two_phase":
       flat = flat_spec(params)
-      server = PerWorker(jnp.zeros((1, chunk_size(flat.shape[0], workers)), flat.dtype))
+      server = PerWorker(
+        jnp.zeros((1, chunk_size(flat.shape[0], workers)), flat.dtype),
+        what="two-phase server residuals (tied to the chunk layout of the worker count)",
+        params_like=False,
+      )
     return ErrorFeedbackState(
-      residual=per_worker_zeros(params, residual_dtype),
+      residual=per_worker_zeros(
+        params, residual_dtype, what="error-feedback residuals", sum_invariant=True
+      ),
       count=jnp.zeros([], jnp.int32),
       server_residual=server,
     )
@@ -144,22 +146,20 @@ def error_feedback(
     residual = local(state.residual)
     check_updates(updates, residual, "error_feedback")
     key = step_key(compressor, seed, state.count, axis_name)
-    corrected = jax.tree.map(lambda g, e: g.astype(e.dtype) + e, updates, residual)
     if topology == "two_phase":
+      corrected = jax.tree.map(lambda g, e: g.astype(e.dtype) + e, updates, residual)
       return _two_phase_update(corrected, updates, state, key)
-    payload = encode_tree(compressor, corrected, key)
-    sent = decode_tree(compressor, payload, corrected, decode_key(compressor, key))
-    new_residual = jax.tree.map(lambda c, s: c - s, corrected, sent)
+    out = compress_with_feedback(compressor, updates, residual, key)
     mean = average(
       compressor,
-      payload,
+      out.payload,
       updates,
       axis_name=axis_name,
       key=key,
-      decoded=jax.tree.map(lambda c, u: c.astype(u.dtype), sent, updates),
+      decoded=jax.tree.map(lambda c, u: c.astype(u.dtype), out.sent, updates),
     )
     return mean, ErrorFeedbackState(
-      residual=to_per_worker(new_residual), count=optax.safe_increment(state.count)
+      residual=to_per_worker(out.residual, state.residual), count=optax.safe_increment(state.count)
     )
 
   def _two_phase_update(corrected, updates, state, key):
@@ -181,9 +181,9 @@ def error_feedback(
     sent = unflatten_tree(own, corrected)
     new_residual = jax.tree.map(lambda c, s: c - s, corrected, sent)
     return unflatten_tree(mean, updates), ErrorFeedbackState(
-      residual=to_per_worker(new_residual),
+      residual=to_per_worker(new_residual, state.residual),
       count=optax.safe_increment(state.count),
-      server_residual=PerWorker(server[None]),
+      server_residual=state.server_residual.replace(server[None]),
     )
 
   return optax.GradientTransformation(init_fn, update_fn)

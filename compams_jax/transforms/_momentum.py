@@ -7,9 +7,9 @@ from typing import NamedTuple
 import jax
 import optax
 
-from compams_jax.compressors._tree import check_tree
-from compams_jax.transforms._state import PerWorker, local, per_worker_zeros, to_per_worker
-from compams_jax.transforms._validate import check_updates
+from compams_jax._src.tree import check_tree
+from compams_jax._src.validate import check_updates
+from compams_jax._src.workers import PerWorker, local, per_worker_zeros, to_per_worker
 
 
 class WorkerMomentumState(NamedTuple):
@@ -47,7 +47,7 @@ def worker_momentum(decay: float = 0.9, *, nesterov: bool = False) -> optax.Grad
 
   def init_fn(params):
     check_tree(params)
-    return WorkerMomentumState(momentum=per_worker_zeros(params))
+    return WorkerMomentumState(momentum=per_worker_zeros(params, what="per-worker momentum"))
 
   def update_fn(updates, state, params=None):
     del params
@@ -55,6 +55,6 @@ def worker_momentum(decay: float = 0.9, *, nesterov: bool = False) -> optax.Grad
     check_updates(updates, previous, "worker_momentum")
     m = jax.tree.map(lambda g, m: (decay * m + g).astype(m.dtype), updates, previous)
     out = jax.tree.map(lambda g, m: g + decay * m, updates, m) if nesterov else m
-    return out, WorkerMomentumState(momentum=to_per_worker(m))
+    return out, WorkerMomentumState(momentum=to_per_worker(m, state.momentum))
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from compams_jax.transforms._validate import check_axis_name
+from compams_jax._src.validate import check_axis_name
 from compams_jax.wire import all_workers
 
 

@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from compams_jax.compressors._tree import check_tree
-from compams_jax.transforms._state import PerWorker, local, per_worker_zeros, to_per_worker
-from compams_jax.transforms._validate import check_axis_name, check_seed, check_updates
+from compams_jax._src.tree import check_tree
+from compams_jax._src.validate import check_axis_name, check_seed, check_updates
+from compams_jax._src.workers import PerWorker, local, per_worker_zeros, to_per_worker
 from compams_jax.wire import num_workers as num_workers_of
 from compams_jax.wire import sum_over_workers
 
@@ -107,7 +107,8 @@ def powersgd(
         )
       else:
         qs.append(jnp.zeros((0, rank), jnp.float32))
-    return PowerSGDState(residual=per_worker_zeros(params), q=jax.tree.unflatten(treedef, qs))
+    residual = per_worker_zeros(params, what="PowerSGD residuals", sum_invariant=True)
+    return PowerSGDState(residual=residual, q=jax.tree.unflatten(treedef, qs))
 
   def update_fn(updates, state, params=None):
     del params
@@ -147,7 +148,7 @@ def powersgd(
         new_res.append(jnp.zeros_like(c))
         new_q.append(q_old)
     return jax.tree.unflatten(treedef, out), PowerSGDState(
-      residual=to_per_worker(jax.tree.unflatten(treedef, new_res)),
+      residual=to_per_worker(jax.tree.unflatten(treedef, new_res), state.residual),
       q=jax.tree.unflatten(treedef, new_q),
     )
 

@@ -9,24 +9,20 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from compams_jax.compressors import Compressor, decode_tree, encode_tree
-from compams_jax.compressors._tree import check_tree
-from compams_jax.transforms._predictors import Fixed, Predictor, fixed
-from compams_jax.transforms._state import (
-  PerWorker,
-  local,
-  per_worker_zeros,
-  step_key,
-  to_per_worker,
-)
-from compams_jax.transforms._validate import (
+from compams_jax._src.base import Compressor
+from compams_jax._src.feedback import compress_with_feedback
+from compams_jax._src.keys import step_key
+from compams_jax._src.tree import check_tree
+from compams_jax._src.validate import (
   check_axis_name,
   check_compressor,
   check_seed,
   check_updates,
   warn_if_not_contractive,
 )
-from compams_jax.wire import average, decode_key, num_workers
+from compams_jax._src.workers import PerWorker, local, per_worker_zeros, to_per_worker
+from compams_jax.predictors import Fixed, Predictor, fixed
+from compams_jax.wire import average, num_workers
 
 
 class PredictiveState(NamedTuple):
@@ -127,7 +123,7 @@ def predictive_compression(
     and isinstance(predictor, Fixed)
     and predictor.rho != 0
     and compressor.deviation != "none"
-    and type(compressor).__name__ != "BlockSign"
+    and not compressor.sends_every_entry
   ):
     warnings.warn(
       f"predictive_compression with error_feedback=True and a fixed rho={predictor.rho} is "
@@ -142,8 +138,10 @@ def predictive_compression(
     if error_feedback or isinstance(predictor, Fixed):
       warn_if_not_contractive(compressor, params, "predictive_compression")
     return PredictiveState(
-      reconstruction=per_worker_zeros(params),
-      residual=per_worker_zeros(params) if error_feedback else None,
+      reconstruction=per_worker_zeros(params, what="predictive encoder reconstructions"),
+      residual=per_worker_zeros(params, what="predictive error-feedback residuals")
+      if error_feedback
+      else None,
       average=jax.tree.map(jnp.zeros_like, params),
       count=jnp.zeros([], jnp.int32),
     )
@@ -158,15 +156,13 @@ def predictive_compression(
     rho = predictor.coefficients(target, previous, axis_name)
     scale = lambda r, h: (r * h).astype(h.dtype)
     prediction = jax.tree.map(scale, rho, previous)
-    innovation = jax.tree.map(lambda x, p: x - p, target, prediction)
     key = step_key(compressor, seed, state.count, axis_name)
-    payload = encode_tree(compressor, innovation, key)
-    sent = decode_tree(compressor, payload, innovation, decode_key(compressor, key))
-    reconstruction = jax.tree.map(lambda p, c: p + c, prediction, sent)
-    residual = None
-    if error_feedback:
-      residual = to_per_worker(jax.tree.map(lambda x, h: x - h, target, reconstruction))
-    mean_sent = average(compressor, payload, updates, axis_name=axis_name, key=key)
+    # The error-feedback kernel with the prediction as offset: it sends C(target − prediction),
+    # reconstructs prediction + C(·) and owes target − reconstruction.
+    out = compress_with_feedback(compressor, target, None, key, offset=prediction)
+    reconstruction = out.sent
+    residual = to_per_worker(out.residual, state.residual) if error_feedback else None
+    mean_sent = average(compressor, out.payload, updates, axis_name=axis_name, key=key)
     if num_workers(axis_name) == 1:
       # The receiver is the sender: take its reconstruction rather than recompute it (XLA may
       # contract ρ·x̄ + c into a fused multiply-add on one side only, 1 ulp apart).
@@ -174,7 +170,7 @@ def predictive_compression(
     else:
       new_average = jax.tree.map(lambda r, a, c: scale(r, a) + c, rho, state.average, mean_sent)
     return new_average, PredictiveState(
-      reconstruction=to_per_worker(reconstruction),
+      reconstruction=to_per_worker(reconstruction, state.reconstruction),
       residual=residual,
       average=new_average,
       count=optax.safe_increment(state.count),

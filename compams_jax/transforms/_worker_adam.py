@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from compams_jax.compressors._tree import check_tree
-from compams_jax.transforms._state import PerWorker, local, per_worker_zeros, to_per_worker
-from compams_jax.transforms._validate import check_updates
+from compams_jax._src.tree import check_tree
+from compams_jax._src.validate import check_updates
+from compams_jax._src.workers import PerWorker, local, per_worker_zeros, to_per_worker
 
 
 class WorkerAdamState(NamedTuple):
@@ -43,7 +43,10 @@ def worker_adam(
 
   def init_fn(params):
     check_tree(params)
-    return WorkerAdamState(mu=per_worker_zeros(params), nu=per_worker_zeros(params))
+    return WorkerAdamState(
+      mu=per_worker_zeros(params, what="per-worker Adam moments"),
+      nu=per_worker_zeros(params, what="per-worker Adam moments"),
+    )
 
   def update_fn(updates, state, params=None):
     del params
@@ -52,6 +55,6 @@ def worker_adam(
     mu = jax.tree.map(lambda g, m: b1 * m + (1 - b1) * g, updates, mu)
     nu = jax.tree.map(lambda g, v: b2 * v + (1 - b2) * g * g, updates, nu)
     out = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu, nu)
-    return out, WorkerAdamState(mu=to_per_worker(mu), nu=to_per_worker(nu))
+    return out, WorkerAdamState(mu=to_per_worker(mu, state.mu), nu=to_per_worker(nu, state.nu))
 
   return optax.GradientTransformation(init_fn, update_fn)

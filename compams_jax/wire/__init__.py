@@ -1,8 +1,8 @@
 """Wire: collectives over compressed payloads, and byte accounting (static and from HLO)."""
 
+from compams_jax._src.axis import num_workers, recording, worker_index
 from compams_jax.wire._accounting import wire_bytes
-from compams_jax.wire._average import all_workers, average, decode_key, sum_over_workers
-from compams_jax.wire._axis import num_workers, recording, worker_index
+from compams_jax.wire._average import all_workers, average, sum_over_workers
 from compams_jax.wire._hlo import Collective, CollectiveBytes, collective_bytes, parse_collectives
 from compams_jax.wire._two_phase import chunk_size, two_phase_average
 
@@ -13,7 +13,6 @@ __all__ = [
   "average",
   "chunk_size",
   "collective_bytes",
-  "decode_key",
   "num_workers",
   "parse_collectives",
   "recording",

@@ -7,8 +7,9 @@ from typing import Any
 import jax
 import optax
 
-from compams_jax.compressors import Compressor, payload_bits, tree_wire_bits
-from compams_jax.wire._axis import recording
+from compams_jax._src.axis import recording
+from compams_jax._src.base import Compressor, payload_bits
+from compams_jax._src.tree import tree_wire_bits
 
 
 def wire_bytes(

@@ -7,13 +7,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from compams_jax.compressors import Compressor, decode_sum_tree, decode_tree
-from compams_jax.wire._axis import active_recorder, effective_axis, num_workers
-
-
-def decode_key(compressor: Compressor, key: jax.Array | None) -> jax.Array | None:
-  """The key a receiver may use to decode: only a shared one (a private key stays local)."""
-  return key if compressor.randomness == "shared" else None
+from compams_jax._src.axis import active_recorder, effective_axis, num_workers
+from compams_jax._src.base import Compressor
+from compams_jax._src.keys import decode_key
+from compams_jax._src.tree import decode_sum_tree, decode_tree
 
 
 def average(

@@ -14,8 +14,9 @@ import math
 import jax
 import jax.numpy as jnp
 
-from compams_jax.compressors import Compressor
-from compams_jax.wire._axis import active_recorder, effective_axis, num_workers, worker_index
+from compams_jax._src.axis import active_recorder, effective_axis, num_workers, worker_index
+from compams_jax._src.base import Compressor
+from compams_jax._src.feedback import compress_with_feedback
 
 
 def chunk_size(size: int, n: int) -> int:
@@ -97,7 +98,6 @@ def two_phase_average(
   chunk_avg = jnp.mean(
     _decode_chunks(compressor, received, like, mine_keys).astype(jnp.float32), axis=0
   ).astype(vector.dtype)
-  corrected = chunk_avg + server_residual
   server_keys = _keys(key, n, n) if key is not None else None
   if server_keys is not None and compressor.randomness == "shared":
     my_server_key = server_keys[me]
@@ -105,9 +105,9 @@ def two_phase_average(
     my_server_key = jax.random.fold_in(key, 2 * n + 1)  # private: any key of this device
   else:
     my_server_key = None
-  server_payload = compressor.encode(corrected, my_server_key)
-  new_server_residual = corrected - compressor.decode(
-    server_payload, like, my_server_key if compressor.randomness == "shared" else None
+  # Server-side error feedback: the same kernel as the workers', on this device's chunk.
+  server_payload, _, new_server_residual = compress_with_feedback(
+    compressor, chunk_avg, server_residual, my_server_key, per_leaf=False
   )
   if recorder is not None:
     recorder.sends.append(("all_gather", server_payload))

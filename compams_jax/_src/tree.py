@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from compams_jax.compressors._base import Compressor, Payload, check_float_leaf
+from compams_jax._src.base import Compressor, Payload, check_float_leaf
 
 
 def _leaf_keys(key: jax.Array | None, n: int) -> list[jax.Array | None]:

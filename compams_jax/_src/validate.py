@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from compams_jax.compressors import Compressor
+from compams_jax._src.base import Compressor
 
 
 def check_compressor(compressor: Any) -> Compressor:

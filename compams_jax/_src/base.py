@@ -74,6 +74,10 @@ class Compressor(abc.ABC):
     decodes to the sum of the decoded vectors (so a `psum` can replace an `all_gather`).
   * `randomness`: "none", "private" (each worker draws its own key), or "shared" (all workers
     use the same key, e.g. shared-seed random-k, which is what makes it summable).
+  * `sends_every_entry`: every entry of a non-zero input gets a non-zero decoded value each step
+    (sign codes, dense casts); sparsifiers and quantizers that can round to zero do not. With a
+    fixed-ρ prediction under error feedback, only such codes are stable (a skipped entry's
+    residual is echoed with weight 1 + ρ).
 
   Attributes:
     granularity: "leaf" (default, the paper's per-layer compression) compresses each pytree leaf
@@ -87,6 +91,7 @@ class Compressor(abc.ABC):
   unbiased: ClassVar[bool] = True
   summable: ClassVar[bool] = False
   randomness: ClassVar[Randomness] = "none"
+  sends_every_entry: ClassVar[bool] = False
 
   def __post_init__(self):
     if self.granularity not in _GRANULARITIES:

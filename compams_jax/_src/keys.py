@@ -1,0 +1,29 @@
+"""The key policy: which PRNG key a step, a worker and a receiver use."""
+
+from __future__ import annotations
+
+import jax
+
+from compams_jax._src.axis import worker_index
+from compams_jax._src.base import Compressor
+
+
+def step_key(
+  compressor: Compressor, seed: int, count: jax.Array, axis_name: str | None
+) -> jax.Array | None:
+  """The PRNG key of one step: shared by all workers, or folded with the worker index.
+
+  Keys are derived from (seed, step count[, worker index]), so the state holds no key and a
+  resumed run draws exactly the keys it would have drawn.
+  """
+  if not compressor.needs_key:
+    return None
+  key = jax.random.fold_in(jax.random.key(seed), count)
+  if compressor.randomness == "private":
+    key = jax.random.fold_in(key, worker_index(axis_name))
+  return key
+
+
+def decode_key(compressor: Compressor, key: jax.Array | None) -> jax.Array | None:
+  """The key a receiver may use to decode: only a shared one (a private key stays local)."""
+  return key if compressor.randomness == "shared" else None

@@ -1,0 +1,121 @@
+"""Partition specs of an optimizer state, and its sharded initialisation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import optax
+from jax.sharding import PartitionSpec as P
+
+from compams_jax._src.workers import is_per_worker
+
+
+def state_specs(
+  opt_state: Any, axis_name: str, *, params: Any = None, param_specs: Any = None
+) -> Any:
+  """PartitionSpecs for an optimizer state: per-worker leaves sharded over `axis_name`.
+
+  Leaves inside a `PerWorker` (error residuals, encoder state) get `P(axis_name)`: their leading
+  worker axis is split over the data axis. Every other leaf (AMSGrad moments, counts, decoder
+  state) is replicated, `P()`.
+
+  With parameters sharded over other mesh axes (a ("data", "model") mesh: FSDP / tensor
+  parallelism), pass `params` (or their shapes) and `param_specs`: every state subtree shaped
+  like the parameters then follows their specs — `P(axis_name, *spec)` inside a `PerWorker`,
+  `spec` outside — so compression and its state act on each device's local shard while the
+  collectives run over `axis_name` only. Per-worker state reads its marker
+  (`PerWorker.params_like`); replicated state mirrors the parameters when it has their pytree
+  structure and leaf shapes. (Per-worker state not shaped like the parameters, such as the
+  two-phase server residual, is sharded over `axis_name` only.)
+
+  Args:
+    opt_state: an optimizer state, or its abstract shape (`jax.eval_shape(tx.init, params)`).
+    axis_name: the mesh axis indexing workers.
+    params: the parameters (arrays or ShapeDtypeStructs, global shapes), with `param_specs`.
+    param_specs: a pytree of PartitionSpecs for `params`.
+
+  Returns:
+    A pytree of `PartitionSpec`s with the structure of `opt_state`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, compams_jax as cj
+    >>> tx = cj.comp_ams(1e-3, cj.compressors.block_sign(), axis_name="data")
+    >>> state = jax.eval_shape(tx.init, {"w": jnp.zeros(3)})
+    >>> cj.sharding.state_specs(state, "data")[0].residual.value
+    {'w': P('data',)}
+  """
+  if (params is None) != (param_specs is None):
+    raise ValueError("state_specs: pass both params and param_specs, or neither.")
+  if params is None:
+
+    def spec(node):
+      if is_per_worker(node):
+        return node.replace(jax.tree.map(lambda _: P(axis_name), node.value))
+      return P()
+
+    return jax.tree.map(spec, opt_state, is_leaf=is_per_worker)
+
+  treedef = jax.tree.structure(params)
+  shapes = [tuple(x.shape) for x in jax.tree.leaves(params)]
+  spec_leaves = jax.tree.leaves(param_specs, is_leaf=lambda x: isinstance(x, P))
+  if len(spec_leaves) != len(shapes):
+    raise ValueError(f"state_specs: {len(spec_leaves)} param_specs for {len(shapes)} params.")
+
+  def with_prefix(prefix: tuple) -> Any:
+    return jax.tree.unflatten(treedef, [P(*prefix, *s) for s in spec_leaves])
+
+  def mirrors_params(node) -> bool:
+    # Replicated state of optax's own transforms (AMSGrad's mu and nu) carries no marker; it
+    # mirrors the parameters exactly: the same pytree structure and the same leaf shapes.
+    if jax.tree.structure(node) != treedef:
+      return False
+    return [tuple(x.shape) for x in jax.tree.leaves(node)] == shapes
+
+  def walk(node) -> Any:
+    if node is None:
+      return None
+    if is_per_worker(node):
+      if node.params_like:
+        return node.replace(with_prefix((axis_name,)))
+      return node.replace(jax.tree.map(lambda _: P(axis_name), node.value))
+    if mirrors_params(node):
+      return with_prefix(())
+    if isinstance(node, (list, tuple, dict)) or hasattr(node, "_fields"):
+      children, sub = jax.tree_util.tree_flatten(node, is_leaf=lambda x: x is not node)
+      return jax.tree_util.tree_unflatten(sub, [walk(c) for c in children])
+    return P()
+
+  return walk(opt_state)
+
+
+def init(
+  tx: optax.GradientTransformation, params: Any, *, mesh: jax.sharding.Mesh, axis_name: str
+) -> Any:
+  """Initialises `tx`'s state for every worker of `mesh`'s `axis_name` (global view).
+
+  Per-worker leaves come out stacked along a leading axis of size n (sharded over the axis);
+  the rest replicated. `params` must be replicated over the data axis.
+
+  Args:
+    tx: the optimizer.
+    params: the (replicated) parameters.
+    mesh: the device mesh.
+    axis_name: the mesh axis indexing workers.
+
+  Returns:
+    The optimizer state, sharded as `state_specs(state, axis_name)` says.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, compams_jax as cj
+    >>> mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    >>> tx = cj.comp_ams(1e-3, cj.compressors.top_k(0.1), axis_name="data")
+    >>> state = cj.sharding.init(tx, {"w": jnp.zeros(4)}, mesh=mesh, axis_name="data")
+    >>> state[0].residual.value["w"].shape == (jax.device_count(), 4)
+    True
+  """
+  specs = state_specs(jax.eval_shape(tx.init, params), axis_name)
+  param_specs = jax.tree.map(lambda _: P(), params)
+  return jax.jit(
+    jax.shard_map(tx.init, mesh=mesh, in_specs=(param_specs,), out_specs=specs, check_vma=False)
+  )(params)

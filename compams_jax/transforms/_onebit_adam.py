@@ -1,0 +1,113 @@
+"""1-bit Adam's preconditioner: a dense warm-up, then frozen variance and compressed momentum."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from compams_jax._src.base import Compressor
+from compams_jax._src.feedback import compress_with_feedback
+from compams_jax._src.keys import step_key
+from compams_jax._src.tree import check_tree, encode_tree
+from compams_jax._src.validate import check_axis_name, check_compressor, check_seed, check_updates
+from compams_jax._src.workers import PerWorker, local, per_worker_zeros, to_per_worker
+from compams_jax.compressors import identity, scaled_sign
+from compams_jax.wire import average
+
+
+class OneBitAdamState(NamedTuple):
+  """State of `scale_by_onebit_adam`.
+
+  Attributes:
+    count: steps taken (replicated).
+    mu: the averaged first moment m (replicated).
+    nu: the second moment v, frozen after warm-up (replicated).
+    residual: each worker's error-feedback residual of its momentum (per worker).
+  """
+
+  count: jax.Array
+  mu: Any
+  nu: Any
+  residual: PerWorker
+
+
+def scale_by_onebit_adam(
+  compressor: Compressor | None = None,
+  *,
+  warmup_steps: int = 100,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  axis_name: str | None = None,
+  seed: int = 0,
+) -> optax.GradientTransformation:
+  """1-bit Adam's direction m / (sqrt(v) + ε), with the momentum averaged compressed.
+
+  Warm-up (the first `warmup_steps` steps): Adam on the dense average of the gradients
+  (one `psum`), m ← β1 m + (1−β1) ḡ, v ← β2 v + (1−β2) ḡ². Afterwards v is frozen and each
+  worker i forms its momentum m_i = β1 m + (1−β1) g_i, compresses m_i + e_i with error feedback
+  (scaled sign by default: 1 bit per entry and one scale), and all workers set m to the average
+  of the compressed momenta. Both phases emit m / (sqrt(v) + ε) (no bias correction). The phase
+  is chosen by a `lax.cond` on the replicated step count, so every worker always enters the
+  same collectives.
+
+  Caution: a coordinate whose gradient stayed zero through the warm-up (e.g. a weight into a
+  ReLU unit that was dead throughout it) keeps v = 0, yet the 1-bit code sends its zero momentum
+  as ±scale, so it steps by η·scale/ε. With ε = 1e-8 that diverged on LeNet-5/MNIST right after
+  the warm-up (docs/results.md); a larger ε (1e-4) trained.
+
+  Args:
+    compressor: the momentum compressor (default `cj.compressors.scaled_sign()`).
+    warmup_steps: full-precision steps before v is frozen.
+    b1: β1, the first-moment decay.
+    b2: β2, the second-moment decay.
+    eps: ε, added outside the square root.
+    axis_name: the mapped axis indexing workers, or None for one worker.
+    seed: seeds randomized compressors.
+
+  Returns:
+    An `optax.GradientTransformation` whose state is a `OneBitAdamState`.
+
+  References:
+    Tang, Gan, Rajbhandari, Zhang, He, Li, Li, Huang, Liu, Wu, "1-bit Adam: Communication
+    Efficient Large-Scale Training with Adam's Convergence Speed", ICML 2021.
+  """
+  compressor = scaled_sign() if compressor is None else check_compressor(compressor)
+  check_axis_name(axis_name)
+  check_seed(seed)
+  if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+    raise ValueError(f"warmup_steps must be a non-negative int, got {warmup_steps!r}.")
+  dense = identity()  # The warm-up's full-precision average: one psum of the gradients.
+
+  def init_fn(params):
+    check_tree(params)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    residual = per_worker_zeros(params, what="1-bit Adam momentum residuals", sum_invariant=True)
+    return OneBitAdamState(count=jnp.zeros([], jnp.int32), mu=zeros, nu=zeros, residual=residual)
+
+  def warmup(updates, state):
+    gbar = average(dense, encode_tree(dense, updates), updates, axis_name=axis_name)
+    mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, gbar)
+    nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, state.nu, gbar)
+    return mu, nu, state.residual
+
+  def compressed(updates, state):
+    key = step_key(compressor, seed, state.count, axis_name)
+    momentum = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, updates)
+    out = compress_with_feedback(compressor, momentum, local(state.residual), key)
+    mu = average(compressor, out.payload, updates, axis_name=axis_name, key=key)
+    return mu, state.nu, to_per_worker(out.residual, state.residual)
+
+  def update_fn(updates, state, params=None):
+    del params
+    check_updates(updates, state.mu, "scale_by_onebit_adam")
+    mu, nu, residual = jax.lax.cond(state.count < warmup_steps, warmup, compressed, updates, state)
+    out = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu, nu)
+    return out, OneBitAdamState(
+      count=optax.safe_increment(state.count), mu=mu, nu=nu, residual=residual
+    )
+
+  return optax.GradientTransformation(init_fn, update_fn)
