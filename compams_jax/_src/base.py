@@ -132,8 +132,8 @@ class Compressor(abc.ABC):
 
     The default decodes every payload and adds them up, one worker after another (n is static);
     compressors override it with something cheaper (top-k scatters all values into one buffer).
-    (A vmapped decode reduced over the worker axis compiles, on XLA:CPU, to a strided reduction
-    1000× slower: 40 s instead of 0.04 s for 16 qsgd payloads of 1.2M entries.)
+    Transient memory stays O(size) whatever n is: never decode all n payloads into one
+    (n, size) array (docs/benchmarks.md measures both).
     """
     n = jax.tree.leaves(payloads)[0].shape[0]
     total = None

@@ -21,14 +21,16 @@ class WorkerAdamState(NamedTuple):
 
 
 def worker_adam(
-  b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
+  *, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
 ) -> optax.GradientTransformation:
   """Each worker's own Adam direction m_i / (sqrt(v_i) + ε), from its local gradients.
 
   No bias correction. Its state is per worker, so it may precede a compressed average (QAdam).
 
   Args:
-    b1: β1. b2: β2. eps: ε, outside the root.
+    b1: β1, the first-moment decay.
+    b2: β2, the second-moment decay.
+    eps: ε, added outside the square root.
 
   Returns:
     An `optax.GradientTransformation`.
