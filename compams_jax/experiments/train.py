@@ -1,4 +1,9 @@
-"""The data-parallel training loop: n workers on a `jax.shard_map` mesh axis "data"."""
+"""The data-parallel training loop: n workers on a `jax.shard_map` mesh axis "data".
+
+`train` orchestrates: `create_train_state` (model, parameters and optimizer state on the mesh),
+`make_train_step` and `make_eval_step` (the jitted data-parallel steps), `evaluate`, and `_fit`
+(the loop: metrics, progress, checkpoints and the windowed loss-target stop).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,8 @@ import math
 import os
 import pathlib
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -126,6 +132,442 @@ def _truncate_metrics(path: pathlib.Path, step: int) -> None:
   path.write_text("".join(line + "\n" for line in kept))
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+  """What a checkpoint holds: the parameters, the full optimizer state (every worker's
+  residuals), the step (the data position: batches and dropout keys derive from seed and step)
+  and the epoch's running metrics."""
+
+  params: Any
+  opt_state: Any
+  step: int = 0
+  meters: Meters = dataclasses.field(default_factory=Meters)
+
+  def checkpoint_item(self) -> dict[str, Any]:
+    return {
+      "params": self.params,
+      "opt_state": self.opt_state,
+      "step": self.step,
+      "meters": dataclasses.asdict(self.meters),
+    }
+
+
+def _load_data(config):
+  """The config's dataset, cut to `max_train_examples` / `max_test_examples` (0 = all)."""
+  dataset = load_dataset(config.dataset.name, **dict(config.dataset.get("kwargs", {}) or {}))
+  return _limit(
+    dataset,
+    int(config.get("max_train_examples", 0)),
+    int(config.get("max_test_examples", 0)),
+    int(config.seed),
+  )
+
+
+def _epoch_length(config, dataset) -> int:
+  """Steps per epoch: full global batches of `num_workers` × `local_batch` examples."""
+  n, local_batch = int(config.num_workers), int(config.local_batch)
+  per_epoch = steps_per_epoch(len(dataset.y_train), n, local_batch)
+  if per_epoch == 0:
+    raise ValueError(
+      f"{len(dataset.y_train)} training examples cannot fill one global batch of "
+      f"{n} workers × {local_batch}."
+    )
+  return per_epoch
+
+
+def create_train_state(config, dataset, mesh: jax.sharding.Mesh, key: jax.Array):
+  """The model, the optimizer and the initial `TrainState`: parameters replicated on `mesh`,
+  optimizer state laid out by `cj.sharding.init` (per-worker leaves split over "data")."""
+  model = create_model(
+    config.model.name, dataset.num_classes, **dict(config.model.get("kwargs", {}) or {})
+  )
+  params = model.init({"params": key}, jnp.asarray(dataset.x_train[:1]), train=False)["params"]
+  params = jax.tree.map(lambda x: put_global(x, mesh, P()), params)
+  tx = build_optimizer(config.optimizer, axis_name=AXIS)
+  opt_state = cj.sharding.init(tx, params, mesh=mesh, axis_name=AXIS)
+  return model, tx, TrainState(params, opt_state)
+
+
+def make_train_step(model, tx, mesh: jax.sharding.Mesh, specs, dropout_key: jax.Array):
+  """The jitted data-parallel step `(params, opt_state, x, y, step) -> (params, opt_state, loss,
+  accuracy)`: every worker differentiates on its own batch `x[w], y[w]` (dropout keyed by step
+  and worker), and `tx.update`'s collectives average the compressed gradients."""
+
+  @jax.jit
+  @functools.partial(
+    jax.shard_map,
+    mesh=mesh,
+    in_specs=(P(), specs, P(AXIS), P(AXIS), P()),
+    out_specs=(P(), specs, P(AXIS), P(AXIS)),
+  )
+  def train_step(params, opt_state, x, y, step):
+    x, y = x[0], y[0]
+    rng = jax.random.fold_in(jax.random.fold_in(dropout_key, step), jax.lax.axis_index(AXIS))
+
+    def loss_fn(p):
+      logits = model.apply({"params": p}, x, train=True, rngs={"dropout": rng})
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+      return loss, jnp.mean(jnp.argmax(logits, -1) == y)
+
+    # Differentiate w.r.t. a device-varying copy: the gradient of a replicated parameter inside
+    # shard_map would otherwise be summed over workers before compression.
+    varying = jax.tree.map(lambda p: jax.lax.pcast(p, AXIS, to="varying"), params)
+    (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(varying)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss[None], acc[None]
+
+  return train_step
+
+
+def make_eval_step(model, mesh: jax.sharding.Mesh):
+  """The jitted `(params, x, y) -> (losses, correct)`, per example, the batch split over "data"."""
+
+  @jax.jit
+  @functools.partial(
+    jax.shard_map, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS)), out_specs=(P(AXIS), P(AXIS))
+  )
+  def eval_step(params, x, y):
+    logits = model.apply({"params": params}, x, train=False)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    return losses, (jnp.argmax(logits, -1) == y).astype(jnp.float32)
+
+  return eval_step
+
+
+def evaluate(eval_step, params, dataset, mesh: jax.sharding.Mesh) -> tuple[float, float]:
+  """Mean test loss and accuracy over the whole test split, in chunks of 64 per worker."""
+  x, y = dataset.x_test, dataset.y_test
+  chunk = mesh.shape[AXIS] * 64
+  total = math.ceil(len(y) / chunk) * chunk
+  pad = total - len(y)
+  xp = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
+  yp = np.concatenate([y, np.zeros((pad,), y.dtype)])
+  losses, correct = [], []
+  for i in range(0, total, chunk):
+    put = lambda a: put_global(a[i : i + chunk], mesh, P(AXIS))
+    l, c = eval_step(params, put(xp), put(yp))
+    losses.append(to_host(l))
+    correct.append(to_host(c))
+  losses, correct = np.concatenate(losses)[: len(y)], np.concatenate(correct)[: len(y)]
+  return float(losses.mean()), float(correct.mean())
+
+
+def make_batches(dataset, mesh: jax.sharding.Mesh, seed: int, local_batch: int, per_epoch: int):
+  """`batch(step)`: the step's (workers, local_batch, ...) inputs and labels, split over "data".
+
+  A pure function of seed and step: each epoch deals out one seeded permutation of the training
+  set (`epoch_permutation`), so a resumed run sees exactly the batches of an uninterrupted one.
+  """
+  n = mesh.shape[AXIS]
+
+  def batch(step):
+    epoch, k = divmod(step, per_epoch)
+    idx = epoch_permutation(len(dataset.y_train), seed, epoch)[
+      k * n * local_batch : (k + 1) * n * local_batch
+    ].reshape(n, local_batch)
+    put = lambda a: put_global(a, mesh, P(AXIS))
+    return put(dataset.x_train[idx]), put(dataset.y_train[idx])
+
+  return batch
+
+
+def _communication(config, tx, train_step, state: TrainState, x0, y0):
+  """What the optimizer sends: `sent_after(step)`, the bytes one worker has sent after `step`
+  steps, and the summary's byte fields, read from the compiled step's HLO and from payloads."""
+  step0 = jnp.zeros([], jnp.int32)
+  compiled = train_step.lower(state.params, state.opt_state, x0, y0, step0).compile()
+  hlo = cj.collective_bytes(compiled)
+  sent_after, steady = bytes_sent_by_step(config.optimizer, state.params, hlo.total)
+  static = cj.wire_bytes(tx, state.params)
+  dense = 4 * count_params(state.params)
+  return sent_after, {
+    "bytes_per_step_hlo": hlo.total,
+    "bytes_per_step_static": static,
+    "dense_f32_bytes": dense,
+    "bytes_per_step_steady": steady,
+    "compression_ratio": dense / steady if steady else float("inf"),
+    "collectives": hlo.by_op,
+  }
+
+
+class _Setup(NamedTuple):
+  """Everything `train` builds from the config before it touches the run directory."""
+
+  mesh: jax.sharding.Mesh
+  dataset: Any
+  specs: Any  # The optimizer state's partition specs.
+  state: TrainState  # The initial state.
+  train_step: Callable
+  evaluate: Callable  # params -> (test loss, test accuracy)
+  batch: Callable  # step -> (x, y)
+  per_epoch: int
+  total_steps: int
+  sent_after: Callable  # step -> bytes one worker has sent
+  comm: dict[str, Any]  # The summary's byte fields.
+
+
+def _setup(config: ml_collections.ConfigDict) -> _Setup:
+  """Mesh, data, initial state, jitted steps and byte accounting (no run directory yet)."""
+  mesh = make_mesh(int(config.num_workers))
+  dataset = _load_data(config)
+  init_key = jax.random.key(int(config.seed))
+  model, tx, state = create_train_state(config, dataset, mesh, init_key)
+  specs = cj.sharding.state_specs(state.opt_state, AXIS)
+  train_step = make_train_step(model, tx, mesh, specs, jax.random.fold_in(init_key, 1))
+  eval_step = make_eval_step(model, mesh)
+  per_epoch = _epoch_length(config, dataset)
+  batch = make_batches(dataset, mesh, int(config.seed), int(config.local_batch), per_epoch)
+  sent_after, comm = _communication(config, tx, train_step, state, *batch(0))
+  return _Setup(
+    mesh=mesh,
+    dataset=dataset,
+    specs=specs,
+    state=state,
+    train_step=train_step,
+    evaluate=functools.partial(evaluate, eval_step, dataset=dataset, mesh=mesh),
+    batch=batch,
+    per_epoch=per_epoch,
+    total_steps=int(config.epochs) * per_epoch,
+    sent_after=sent_after,
+    comm=comm,
+  )
+
+
+def restore_train_state(ckpt, step: int, like: TrainState, saved_workers: int, mesh, specs):
+  """The `TrainState` checkpointed at `step`, laid out like `like`.
+
+  A checkpoint of another worker count (elastic resume) is restored replicated and resized by
+  `cj.sharding.resize_workers` (error residuals redistributed with their sum preserved).
+  """
+  n = mesh.shape[AXIS]
+  like_state = like.opt_state
+  if saved_workers != n:  # Restore the old worker count's shapes, replicated, then resize.
+    like_state = jax.tree.map(
+      lambda x, sp: jax.ShapeDtypeStruct(
+        ((saved_workers,) + x.shape[1:]) if sp and sp[0] == AXIS else x.shape,
+        x.dtype,
+        sharding=NamedSharding(mesh, P()),
+      ),
+      like.opt_state,
+      specs,
+    )
+  restored = ckpt.restore(step, TrainState(like.params, like_state).checkpoint_item())
+  opt_state = restored["opt_state"]
+  if saved_workers != n:
+    opt_state = jax.tree.map(
+      lambda x, sp: put_global(to_host(x), mesh, sp),
+      cj.sharding.resize_workers(opt_state, n),
+      specs,
+    )
+  meters = {k: type(getattr(Meters(), k))(v) for k, v in restored["meters"].items()}
+  return TrainState(restored["params"], opt_state, int(restored["step"]), Meters(**meters))
+
+
+def _resume_or_start(ckpt, setup: _Setup, config, workdir, resume, saved_meta, must_match, lead):
+  """The state to train from: the initial one, or with `resume` the latest checkpoint's.
+  Process 0 (`lead`) empties metrics.jsonl (or cuts it back to the resumed step) and writes
+  run_meta.json and config.json."""
+  meta = _meta(config, setup.state.params)
+  latest = ckpt.latest_step()
+  if latest is not None and not resume:
+    raise checkpoints.CheckpointError(
+      f"{workdir} already holds a run (checkpoint at step {latest}); pass --resume to "
+      "continue it or choose another --workdir (nothing was overwritten)."
+    )
+  state, metrics_path = setup.state, workdir / "metrics.jsonl"
+  if resume and latest is not None:
+    if saved_meta is None:
+      raise checkpoints.CheckpointError(
+        f"{workdir} has checkpoints but no {checkpoints.META_FILE}."
+      )
+    checkpoints.check_meta(saved_meta, meta, workdir, keys=must_match + ("param_shapes",))
+    saved_workers = int(saved_meta["num_workers"])
+    state = restore_train_state(ckpt, latest, state, saved_workers, setup.mesh, setup.specs)
+    if lead:
+      _truncate_metrics(metrics_path, state.step)
+  elif lead:
+    metrics_path.write_text("")
+  if lead:
+    (workdir / checkpoints.META_FILE).write_text(json.dumps(meta, indent=1))
+    (workdir / "config.json").write_text(config.to_json(indent=1))
+  return state
+
+
+class _LossTarget:
+  """The windowed loss-target stop: reached at the first step where the mean training loss of
+  the last `target_loss_window` steps is at most `target_train_loss` (0 = train all epochs)."""
+
+  def __init__(self, config, total_steps: int):
+    self.target = float(config.get("target_train_loss", 0.0))
+    self.recent = collections.deque(maxlen=max(int(config.get("target_loss_window", 10)), 1))
+    if self.target and self.recent.maxlen > total_steps:
+      raise ValueError(
+        f"target_loss_window={self.recent.maxlen} is longer than the whole run ({total_steps} steps)."
+      )
+    self.reached: int | None = None  # The step that reached the target.
+
+  def update(self, loss: float, step: int) -> bool:
+    """Records `step`'s training loss; True if the target is reached (first) at this step."""
+    self.recent.append(loss)
+    if (
+      self.target
+      and self.reached is None
+      and len(self.recent) == self.recent.maxlen
+      and sum(self.recent) / len(self.recent) <= self.target
+    ):
+      self.reached = step
+      return True
+    return False
+
+
+class _Progress:
+  """A live bar on a terminal; on a log (no tty) one line per epoch instead; or nothing."""
+
+  def __init__(self, config, *, show: bool, total_steps: int, start: int):
+    self.config, self.bar = config, None
+    if show:
+      from tqdm.auto import tqdm
+
+      self.bar = tqdm(
+        total=total_steps,
+        initial=start,
+        desc=str(config.get("variant", "train")),
+        unit="step",
+        dynamic_ncols=True,
+        leave=True,
+        mininterval=0.5,
+        disable=None,
+      )
+
+  def epoch(self, epoch: int, train_loss: float, test_acc: float, sent: int) -> None:
+    if self.bar is not None and self.bar.disable:
+      print(
+        f"[{self.config.get('variant', 'train')}] epoch {epoch}/"
+        f"{self.config.epochs}: train loss {train_loss:.4f}, test acc {test_acc:.4f}, "
+        f"{sent / 8e6:.2f} MB sent per worker",
+        flush=True,
+      )
+
+  def step(self, loss: float, acc: float, test_acc: float, sent: int) -> None:
+    if self.bar is not None:
+      self.bar.update(1)
+      self.bar.set_postfix(
+        loss=f"{loss:.3f}", acc=f"{acc:.3f}", test_acc=f"{test_acc:.3f}", sent=f"{sent / 8e6:.2f}MB"
+      )
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+
+
+def _write_line(log, **record) -> None:
+  log.write(json.dumps(record) + "\n")
+
+
+def _train_one_step(setup: _Setup, state: TrainState, step: int):
+  """`state` advanced by the step's batch (its meters added to in place), with the step's mean
+  training loss and accuracy."""
+  x, y = setup.batch(step)
+  params, opt_state, loss, acc = setup.train_step(
+    state.params, state.opt_state, x, y, jnp.asarray(step, jnp.int32)
+  )
+  loss, acc = float(np.mean(to_host(loss))), float(np.mean(to_host(acc)))
+  if not math.isfinite(loss):
+    raise FloatingPointError(f"training loss became {loss} at step {step}.")
+  state.meters.add(loss, acc)
+  return dataclasses.replace(state, params=params, opt_state=opt_state, step=step + 1), loss, acc
+
+
+def _end_epoch(state: TrainState, epoch: int, test, sent: int, log, progress) -> TrainState:
+  """Logs and shows the epoch's metrics; the state with the next epoch's (empty) meters."""
+  train_loss, train_acc = state.meters.means()
+  _write_line(
+    log,
+    kind="eval",
+    step=state.step,
+    epoch=epoch,
+    train_loss=train_loss,
+    train_accuracy=train_acc,
+    test_loss=test[0],
+    test_accuracy=test[1],
+    bits_sent=sent,
+  )
+  progress.epoch(epoch, train_loss, test[1], sent)
+  return dataclasses.replace(state, meters=Meters())
+
+
+def _fit(setup: _Setup, state: TrainState, end: int, config, ckpt, log, progress, stop):
+  """Trains from `state.step` to `end` (sooner if `stop` is reached), writing metric lines to
+  `log` and checkpoints to `ckpt`. Returns the final state, the step it ended at and the last
+  epoch's (test loss, test accuracy) (NaN if no epoch ended)."""
+  log_every, ckpt_every = int(config.log_every), int(config.checkpoint_every)
+  per_epoch = setup.per_epoch
+  test = (float("nan"), float("nan"))
+  for step in range(state.step, end):
+    state, loss, acc = _train_one_step(setup, state, step)
+    done = state.step
+    if stop.update(loss, done):
+      end = done
+    sent = setup.sent_after(done) * 8
+    if done % log_every == 0:
+      _write_line(
+        log,
+        kind="train",
+        step=done,
+        epoch=done / per_epoch,
+        loss=loss,
+        accuracy=acc,
+        bits_sent=sent,
+      )
+    if done % per_epoch == 0:
+      test = setup.evaluate(state.params)
+      state = _end_epoch(state, done // per_epoch, test, sent, log, progress)
+    log.flush()
+    if done % ckpt_every == 0 or done == end:
+      ckpt.save(done, state.checkpoint_item())
+    progress.step(loss, acc, test[1], sent)
+    if stop.reached is not None:
+      break
+  return state, end, test
+
+
+def _summary(config, setup: _Setup, state: TrainState, steps: int, test, stop, t0: float):
+  """The run summary (summary.json, and the CLI's table)."""
+  return {
+    "variant": config.get("variant", "run"),
+    "config": json.loads(config.to_json()),
+    "steps": steps,
+    "total_steps": setup.total_steps,
+    "epochs_done": steps / setup.per_epoch,
+    "num_workers": int(config.num_workers),
+    "num_params": count_params(state.params),
+    "train_examples": len(setup.dataset.y_train),
+    "test_examples": len(setup.dataset.y_test),
+    "test_loss": test[0],
+    "test_accuracy": test[1],
+    **setup.comm,
+    "seconds": time.time() - t0,
+    "finished": steps == setup.total_steps or stop.reached is not None,
+    "target_train_loss": stop.target or None,
+    "steps_to_target": stop.reached,
+  }
+
+
+def _final_state_arrays(state: TrainState) -> dict[str, np.ndarray]:
+  """Every parameter and optimizer-state leaf as a host array (global view), keyed by its path."""
+  flat = {
+    f"params{jax.tree_util.keystr(k)}": to_host(v)
+    for k, v in jax.tree_util.tree_leaves_with_path(state.params)
+  }
+  flat.update(
+    {
+      f"opt_state{jax.tree_util.keystr(k)}": to_host(v)
+      for k, v in jax.tree_util.tree_leaves_with_path(state.opt_state)
+    }
+  )
+  return flat
+
+
 def train(
   config: ml_collections.ConfigDict,
   workdir: str | pathlib.Path,
@@ -163,312 +605,27 @@ def train(
   must_match = ("model", "dataset", "optimizer") + (() if elastic else ("num_workers",))
   if resume and saved_meta is not None:  # Refuse a mismatched run before any expensive setup.
     checkpoints.check_meta(saved_meta, _meta(config), workdir, keys=must_match)
-  n = int(config.num_workers)
-  mesh = make_mesh(n)
-  dataset = load_dataset(config.dataset.name, **dict(config.dataset.get("kwargs", {}) or {}))
-  dataset = _limit(
-    dataset,
-    int(config.get("max_train_examples", 0)),
-    int(config.get("max_test_examples", 0)),
-    int(config.seed),
-  )
-  model = create_model(
-    config.model.name, dataset.num_classes, **dict(config.model.get("kwargs", {}) or {})
-  )
-  seed = int(config.seed)
-  init_key = jax.random.key(seed)
-  params = model.init({"params": init_key}, jnp.asarray(dataset.x_train[:1]), train=False)["params"]
-  params = jax.tree.map(lambda x: put_global(x, mesh, P()), params)
-  tx = build_optimizer(config.optimizer, axis_name=AXIS)
-  opt_state = cj.sharding.init(tx, params, mesh=mesh, axis_name=AXIS)
-  specs = cj.sharding.state_specs(opt_state, AXIS)
-  dropout_key = jax.random.fold_in(init_key, 1)
-
-  @jax.jit
-  @functools.partial(
-    jax.shard_map,
-    mesh=mesh,
-    in_specs=(P(), specs, P(AXIS), P(AXIS), P()),
-    out_specs=(P(), specs, P(AXIS), P(AXIS)),
-  )
-  def train_step(params, opt_state, x, y, step):
-    x, y = x[0], y[0]
-    rng = jax.random.fold_in(jax.random.fold_in(dropout_key, step), jax.lax.axis_index(AXIS))
-
-    def loss_fn(p):
-      logits = model.apply({"params": p}, x, train=True, rngs={"dropout": rng})
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-      return loss, jnp.mean(jnp.argmax(logits, -1) == y)
-
-    # Differentiate w.r.t. a device-varying copy: the gradient of a replicated parameter inside
-    # shard_map would otherwise be summed over workers before compression.
-    varying = jax.tree.map(lambda p: jax.lax.pcast(p, AXIS, to="varying"), params)
-    (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(varying)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss[None], acc[None]
-
-  @jax.jit
-  @functools.partial(
-    jax.shard_map, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS)), out_specs=(P(AXIS), P(AXIS))
-  )
-  def eval_chunk(params, x, y):
-    logits = model.apply({"params": params}, x, train=False)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-    return losses, (jnp.argmax(logits, -1) == y).astype(jnp.float32)
-
-  def evaluate(params):
-    x, y = dataset.x_test, dataset.y_test
-    chunk = n * 64
-    total = math.ceil(len(y) / chunk) * chunk
-    pad = total - len(y)
-    xp = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
-    yp = np.concatenate([y, np.zeros((pad,), y.dtype)])
-    losses, correct = [], []
-    for i in range(0, total, chunk):
-      put = lambda a: put_global(a[i : i + chunk], mesh, P(AXIS))
-      l, c = eval_chunk(params, put(xp), put(yp))
-      losses.append(to_host(l))
-      correct.append(to_host(c))
-    losses, correct = np.concatenate(losses)[: len(y)], np.concatenate(correct)[: len(y)]
-    return float(losses.mean()), float(correct.mean())
-
-  local_batch = int(config.local_batch)
-  per_epoch = steps_per_epoch(len(dataset.y_train), n, local_batch)
-  if per_epoch == 0:
-    raise ValueError(
-      f"{len(dataset.y_train)} training examples cannot fill one global batch of "
-      f"{n} workers × {local_batch}."
-    )
-  total_steps = int(config.epochs) * per_epoch
-
-  def batch(step):
-    epoch, k = divmod(step, per_epoch)
-    idx = epoch_permutation(len(dataset.y_train), seed, epoch)[
-      k * n * local_batch : (k + 1) * n * local_batch
-    ].reshape(n, local_batch)
-    put = lambda a: put_global(a, mesh, P(AXIS))
-    return put(dataset.x_train[idx]), put(dataset.y_train[idx])
-
-  # What the optimizer's collectives send, read from the compiled step's HLO.
-  x0, y0 = batch(0)
-  step0 = jnp.zeros([], jnp.int32)
-  hlo = cj.collective_bytes(train_step.lower(params, opt_state, x0, y0, step0).compile())
-  bytes_per_step = hlo.total
-  sent_after, steady_bytes = bytes_sent_by_step(config.optimizer, params, bytes_per_step)
-  static_bytes = cj.wire_bytes(tx, params)
-  num_params = count_params(params)
-  dense_bytes = 4 * num_params
-
-  # Run directory and resume.
+  setup = _setup(config)
   lead = jax.process_index() == 0  # Across processes, process 0 writes the run's files.
   workdir.mkdir(parents=True, exist_ok=True)
-  meta = _meta(config, params)
   ckpt = checkpoints.Checkpointer(workdir / "checkpoints")
-  metrics_path = workdir / "metrics.jsonl"
-  start, meters = 0, Meters()
   try:
-    latest = ckpt.latest_step()
-    if latest is not None and not resume:
-      raise checkpoints.CheckpointError(
-        f"{workdir} already holds a run (checkpoint at step {latest}); pass --resume to "
-        "continue it or choose another --workdir (nothing was overwritten)."
-      )
-    if resume and latest is not None:
-      if saved_meta is None:
-        raise checkpoints.CheckpointError(
-          f"{workdir} has checkpoints but no {checkpoints.META_FILE}."
-        )
-      checkpoints.check_meta(saved_meta, meta, workdir, keys=must_match + ("param_shapes",))
-      saved_n = int(saved_meta["num_workers"])
-      like_state = opt_state
-      if saved_n != n:  # Elastic: restore the old worker count's shapes, replicated, then resize.
-        like_state = jax.tree.map(
-          lambda x, sp: jax.ShapeDtypeStruct(
-            ((saved_n,) + x.shape[1:]) if sp and sp[0] == AXIS else x.shape,
-            x.dtype,
-            sharding=NamedSharding(mesh, P()),
-          ),
-          opt_state,
-          specs,
-        )
-      like = {
-        "params": params,
-        "opt_state": like_state,
-        "step": 0,
-        "meters": dataclasses.asdict(Meters()),
-      }
-      restored = ckpt.restore(latest, like)
-      params, opt_state = restored["params"], restored["opt_state"]
-      if saved_n != n:
-        opt_state = jax.tree.map(
-          lambda x, sp: put_global(to_host(x), mesh, sp),
-          cj.sharding.resize_workers(opt_state, n),
-          specs,
-        )
-      start, meters = (
-        int(restored["step"]),
-        Meters(**{k: type(getattr(Meters(), k))(v) for k, v in restored["meters"].items()}),
-      )
-      if lead:
-        _truncate_metrics(metrics_path, start)
-    elif lead:
-      metrics_path.write_text("")
-    if lead:
-      (workdir / checkpoints.META_FILE).write_text(json.dumps(meta, indent=1))
-      (workdir / "config.json").write_text(config.to_json(indent=1))
-
-    end = total_steps if stop_after is None else min(total_steps, int(stop_after))
-    bar = None
-    progress = progress and lead
-    if progress:
-      from tqdm.auto import tqdm
-
-      # A live bar on a terminal; on a log (no tty) one line per epoch instead.
-      bar = tqdm(
-        total=total_steps,
-        initial=start,
-        desc=str(config.get("variant", "train")),
-        unit="step",
-        dynamic_ncols=True,
-        leave=True,
-        mininterval=0.5,
-        disable=None,
-      )
+    state = _resume_or_start(ckpt, setup, config, workdir, resume, saved_meta, must_match, lead)
+    total = setup.total_steps
+    end = total if stop_after is None else min(total, int(stop_after))
+    shown = _Progress(config, show=progress and lead, total_steps=total, start=state.step)
     t0 = time.time()
-    log_every = int(config.log_every)
-    ckpt_every = int(config.checkpoint_every)
-    target = float(config.get("target_train_loss", 0.0))
-    recent = collections.deque(maxlen=max(int(config.get("target_loss_window", 10)), 1))
-    if target and recent.maxlen > total_steps:
-      raise ValueError(
-        f"target_loss_window={recent.maxlen} is longer than the whole run ({total_steps} steps)."
-      )
-    reached_target = None
-    test_loss = test_acc = float("nan")
-    with open(metrics_path if lead else os.devnull, "a") as log:
-      for step in range(start, end):
-        x, y = batch(step)
-        params, opt_state, loss, acc = train_step(
-          params, opt_state, x, y, jnp.asarray(step, jnp.int32)
-        )
-        loss, acc = float(np.mean(to_host(loss))), float(np.mean(to_host(acc)))
-        if not math.isfinite(loss):
-          raise FloatingPointError(f"training loss became {loss} at step {step}.")
-        meters.add(loss, acc)
-        recent.append(loss)
-        done = step + 1
-        if (
-          target
-          and reached_target is None
-          and len(recent) == recent.maxlen
-          and sum(recent) / len(recent) <= target
-        ):
-          reached_target = done
-          end = done
-        sent = sent_after(done) * 8
-        if done % log_every == 0:
-          log.write(
-            json.dumps(
-              {
-                "kind": "train",
-                "step": done,
-                "epoch": done / per_epoch,
-                "loss": loss,
-                "accuracy": acc,
-                "bits_sent": sent,
-              }
-            )
-            + "\n"
-          )
-        if done % per_epoch == 0:
-          test_loss, test_acc = evaluate(params)
-          train_loss, train_acc = meters.means()
-          meters = Meters()
-          log.write(
-            json.dumps(
-              {
-                "kind": "eval",
-                "step": done,
-                "epoch": done // per_epoch,
-                "train_loss": train_loss,
-                "train_accuracy": train_acc,
-                "test_loss": test_loss,
-                "test_accuracy": test_acc,
-                "bits_sent": sent,
-              }
-            )
-            + "\n"
-          )
-          if progress and (bar is None or bar.disable):
-            print(
-              f"[{config.get('variant', 'train')}] epoch {done // per_epoch}/"
-              f"{config.epochs}: train loss {train_loss:.4f}, test acc {test_acc:.4f}, "
-              f"{sent / 8e6:.2f} MB sent per worker",
-              flush=True,
-            )
-        log.flush()
-        if done % ckpt_every == 0 or done == end:
-          ckpt.save(
-            done,
-            {
-              "params": params,
-              "opt_state": opt_state,
-              "step": done,
-              "meters": dataclasses.asdict(meters),
-            },
-          )
-        if bar is not None:
-          bar.update(1)
-          bar.set_postfix(
-            loss=f"{loss:.3f}",
-            acc=f"{acc:.3f}",
-            test_acc=f"{test_acc:.3f}",
-            sent=f"{sent / 8e6:.2f}MB",
-          )
-        if reached_target is not None:
-          break
-    if bar is not None:
-      bar.close()
-    if math.isnan(test_acc) or (reached_target is not None and end % per_epoch):
-      test_loss, test_acc = evaluate(params)
+    stop = _LossTarget(config, total)
+    with open(workdir / "metrics.jsonl" if lead else os.devnull, "a") as log:
+      state, end, test = _fit(setup, state, end, config, ckpt, log, shown, stop)
+    shown.close()
+    if math.isnan(test[1]) or (stop.reached is not None and end % setup.per_epoch):
+      test = setup.evaluate(state.params)
   finally:
     ckpt.close()
-
-  summary = {
-    "variant": config.get("variant", "run"),
-    "config": json.loads(config.to_json()),
-    "steps": end,
-    "total_steps": total_steps,
-    "epochs_done": end / per_epoch,
-    "num_workers": n,
-    "num_params": num_params,
-    "train_examples": len(dataset.y_train),
-    "test_examples": len(dataset.y_test),
-    "test_loss": test_loss,
-    "test_accuracy": test_acc,
-    "bytes_per_step_hlo": bytes_per_step,
-    "bytes_per_step_static": static_bytes,
-    "dense_f32_bytes": dense_bytes,
-    "bytes_per_step_steady": steady_bytes,
-    "compression_ratio": dense_bytes / steady_bytes if steady_bytes else float("inf"),
-    "collectives": hlo.by_op,
-    "seconds": time.time() - t0,
-    "finished": end == total_steps or reached_target is not None,
-    "target_train_loss": target or None,
-    "steps_to_target": reached_target,
-  }
-  # The final training state as plain arrays (global view), for analysis and comparisons.
-  flat = {
-    f"params{jax.tree_util.keystr(k)}": to_host(v)
-    for k, v in jax.tree_util.tree_leaves_with_path(params)
-  }
-  flat.update(
-    {
-      f"opt_state{jax.tree_util.keystr(k)}": to_host(v)
-      for k, v in jax.tree_util.tree_leaves_with_path(opt_state)
-    }
-  )
+  summary = _summary(config, setup, state, end, test, stop, t0)
+  flat = _final_state_arrays(state)  # On every process: gathering a global array is collective.
   if lead:
     np.savez(workdir / "final_state.npz", **flat)
     (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
-  return RunResult(summary=summary, params=params, opt_state=opt_state)
+  return RunResult(summary=summary, params=state.params, opt_state=state.opt_state)

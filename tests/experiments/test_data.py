@@ -37,7 +37,6 @@ from compams_jax.experiments.data import (
   steps_per_epoch,
   stratified_split,
   tokenize,
-  worker_batches,
 )
 
 # ------------------------------------------------------------------ helpers
@@ -502,48 +501,8 @@ def test_epoch_permutation():
     epoch_permutation(10, seed=-1, epoch=0)
 
 
-def test_worker_batches_shapes_and_coverage():
-  n, w, b = 103, 4, 5
-  x = np.arange(n, dtype=np.float32)[:, None, None] * np.ones((1, 2, 3), np.float32)
-  y = np.arange(n, dtype=np.int32)
-  steps = list(worker_batches(x, y, num_workers=w, local_batch=b, seed=0, epoch=0))
-  assert len(steps) == steps_per_epoch(n, w, b) == 5  # 103 // 20, ragged tail of 3 dropped
-  for xb, yb in steps:
-    assert xb.shape == (w, b, 2, 3) and yb.shape == (w, b)
-    np.testing.assert_array_equal(xb[:, :, 0, 0], yb)  # x and y stay aligned
-  seen = np.concatenate([yb.reshape(-1) for _, yb in steps])
-  assert len(np.unique(seen)) == seen.size == 100  # no example repeated within an epoch
-  # Worker layout: step k, worker j takes permuted positions k*G + j*b ... + b.
-  perm = epoch_permutation(n, 0, 0)
-  np.testing.assert_array_equal(steps[2][1][1], perm[2 * 20 + 5 : 2 * 20 + 10])
-
-
-def test_worker_batches_determinism_and_resume():
-  x = np.random.default_rng(0).normal(size=(64, 3)).astype(np.float32)
-  y = np.arange(64)
-  kw = dict(num_workers=2, local_batch=4, seed=11)
-  run1 = [yb for _, yb in worker_batches(x, y, epoch=1, **kw)]
-  run2 = [yb for _, yb in worker_batches(x, y, epoch=1, **kw)]
-  assert len(run1) == 8
-  for a, b in zip(run1, run2):
-    np.testing.assert_array_equal(a, b)
-  resumed = [yb for _, yb in worker_batches(x, y, epoch=1, start_step=5, **kw)]
-  assert len(resumed) == 3
-  for a, b in zip(run1[5:], resumed):
-    np.testing.assert_array_equal(a, b)
-  assert list(worker_batches(x, y, epoch=1, start_step=8, **kw)) == []
-  other = [yb for _, yb in worker_batches(x, y, epoch=2, **kw)]
-  assert not all(np.array_equal(a, b) for a, b in zip(run1, other))
-
-
-def test_worker_batches_errors():
-  x, y = np.zeros((10, 2)), np.zeros(10)
-  # Raised at call time, not on first iteration.
-  with pytest.raises(ValueError, match="exceeds"):
-    worker_batches(x, y, num_workers=4, local_batch=3, seed=0, epoch=0)
-  with pytest.raises(ValueError, match="start_step"):
-    worker_batches(x, y, num_workers=2, local_batch=2, seed=0, epoch=0, start_step=3)
-  with pytest.raises(ValueError, match="same length"):
-    worker_batches(x, y[:9], num_workers=2, local_batch=2, seed=0, epoch=0)
+def test_steps_per_epoch():
+  assert steps_per_epoch(103, 4, 5) == 5  # The ragged tail of 3 is dropped.
+  assert steps_per_epoch(10, 4, 3) == 0
   with pytest.raises(ValueError):
     steps_per_epoch(10, 0, 2)

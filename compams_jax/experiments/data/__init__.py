@@ -17,8 +17,8 @@ files) when they are absent.
 * ``imdb`` -- an ``aclImdb/`` directory given as ``path=``.
 
 Images come back float32 NHWC in ``[0, 1]``; text as int32 ``[N, maxlen]``
-ids (0 = pad, 1 = OOV).  :func:`worker_batches` turns arrays into
-deterministic, resumable ``(num_workers, local_batch, ...)`` steps.
+ids (0 = pad, 1 = OOV).  :func:`epoch_permutation` and :func:`steps_per_epoch`
+fix the deterministic, resumable order in which training batches are dealt out.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ._common import Dataset, package_data_file, stratified_split
-from .batching import epoch_permutation, steps_per_epoch, worker_batches
+from .batching import epoch_permutation, steps_per_epoch
 from .images import (
   FASHION_MNIST_DIR,
   load_cifar10_dir,
@@ -59,7 +59,6 @@ __all__ = [
   "FASHION_MNIST_DIR",
   "epoch_permutation",
   "steps_per_epoch",
-  "worker_batches",
   "stratified_split",
   "package_data_file",
 ]
