@@ -718,8 +718,12 @@ def test_wire_bytes_least_squares_adds_two_float32_per_leaf(cname):
     assert cj.wire_bytes(fixed, params) == own
     assert cj.wire_bytes(ls, params) == -(-(bits + leaves * 2 * 32) // 8)
   assert cj.wire_bytes(
-    cj.compressed_momentum_sgd(0.1, compressor, predictive=cj.predictors.least_squares()), params
+    cj.compressed_momentum_sgd(
+      0.1, compressor, predictive=cj.predictors.least_squares(), axis_name="data"
+    ),
+    params,
   ) == -(-(bits + leaves * 64) // 8)
   assert cj.wire_bytes(
-    cj.comp_ams(0.1, compressor, predictor=cj.predictors.least_squares()), params
+    cj.comp_ams(0.1, compressor, predictor=cj.predictors.least_squares(), axis_name="data"),
+    params,
   ) == -(-(bits + leaves * 64) // 8)

@@ -117,13 +117,14 @@ def test_resize_workers_preserves_the_residual_sum(new_n):
     (lambda: cj.compressed_momentum_sgd(0.1, cj.compressors.top_k(0.2)), "per-worker momentum"),
     (
       lambda: cj.comp_ams(
-        0.1, cj.compressors.block_sign(), axis_name="data", topology="two_phase", num_workers=4
+        0.1, cj.compressors.block_sign(), axis_name="data", wire=cj.wire.two_phase()
       ),
       "two-phase",
     ),
   ],
 )
-def test_resize_workers_refuses_state_without_an_invariant(make, match):
-  state = make().init({k: np.zeros(s, np.float32) for k, s in SHAPES.items()})
+def test_resize_workers_refuses_state_without_an_invariant(make, match, mesh):
+  params = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
+  state = cj.sharding.init(make(), params, mesh=mesh, axis_name="data")
   with pytest.raises(ValueError, match=match):
     cj.sharding.resize_workers(state, 2)

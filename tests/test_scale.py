@@ -40,7 +40,7 @@ def test_two_phase_matches_numpy_reference(name, n_devices, mesh):
     "block_sign": (cj.compressors.block_sign, reference.np_block_sign),
   }[name]
   params, grads = _problem(n_devices)
-  tx = cj.comp_ams(LR, make(), axis_name="data", topology="two_phase", num_workers=n_devices)
+  tx = cj.comp_ams(LR, make(), axis_name="data", wire=cj.wire.two_phase())
   p, state, _ = _shard_map_run(tx, params, grads, mesh)
   want, want_err, want_server = reference.np_two_phase_comp_ams(params, grads, np_c, lr=LR)
   for k in SHAPES:
@@ -53,7 +53,7 @@ def test_two_phase_matches_numpy_reference(name, n_devices, mesh):
   )
   np.testing.assert_allclose(got_err, want_err, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(
-    np.asarray(state[0].server_residual.value), want_server, rtol=1e-5, atol=1e-5
+    np.asarray(state[0].wire_state.value), want_server, rtol=1e-5, atol=1e-5
   )
   assert max(np.abs(want[k] - params[k]).max() for k in SHAPES) > 0.1
 
@@ -64,7 +64,7 @@ def test_two_phase_matches_numpy_reference(name, n_devices, mesh):
   ids=["sign", "top_k", "qsgd"],
 )
 def test_two_phase_converges_on_least_squares(compressor, n_devices, mesh):
-  tx = cj.comp_ams(0.05, compressor, axis_name="data", topology="two_phase", num_workers=n_devices)
+  tx = cj.comp_ams(0.05, compressor, axis_name="data", wire=cj.wire.two_phase())
   assert harness.least_squares_error(tx, mesh) < 0.05
 
 
@@ -88,9 +88,7 @@ def test_two_phase_bytes_do_not_grow_with_workers():
   dense = 4 * sum(x.size for x in jax.tree.leaves(params))
   measured = {}
   for n in (2, 4, 8):
-    tx = cj.comp_ams(
-      1e-3, cj.compressors.block_sign(), axis_name="data", topology="two_phase", num_workers=n
-    )
+    tx = cj.comp_ams(1e-3, cj.compressors.block_sign(), axis_name="data", wire=cj.wire.two_phase())
     cb = _step_bytes(tx, params, n)
     measured[n] = cb
     assert cb.total == cj.wire_bytes(tx, params, num_workers=n)
@@ -261,7 +259,7 @@ def test_two_phase_traces_with_large_leaves(compressor):
   """Chunks of ≥ 65,536 elements: the fast selectors are swapped for their vmap-safe path."""
   n = 4
   params = {"w": jnp.zeros((1024, 512))}
-  tx = cj.comp_ams(1e-3, compressor, axis_name="data", topology="two_phase", num_workers=n)
+  tx = cj.comp_ams(1e-3, compressor, axis_name="data", wire=cj.wire.two_phase())
   cb = _step_bytes(tx, params, n)
   assert cb.total == cj.wire_bytes(tx, params, num_workers=n)
   assert set(cb.by_op) == {"all-to-all", "all-gather"}

@@ -1,75 +1,102 @@
-"""Named-axis queries that fail with a clear message, and a recorder for payload accounting."""
+"""Named-axis queries that fail with a clear message, and collectives that work in every context.
+
+The same transform runs inside `jax.shard_map` (with or without device-variance checks),
+`jax.pmap` and `jax.vmap(..., axis_name=...)`. Only shard_map tracks whether a value varies along
+an axis (`jax.typeof(x).vma`); the helpers here read that instead of guessing the context.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import dataclasses
-from collections.abc import Iterator
 from typing import Any
 
 import jax
 
-_RECORDER: contextvars.ContextVar[PayloadRecorder | None] = contextvars.ContextVar(
-  "compams_jax_payload_recorder", default=None
-)
+AxisName = str | tuple[str, ...]
 
 
-@dataclasses.dataclass
-class PayloadRecorder:
-  """Collects what every compams_jax collective would send while a function is traced."""
+class UnboundAxisError(ValueError):
+  """An optimizer's collective names an axis that the calling code has not bound.
 
-  sends: list[tuple[str, Any]] = dataclasses.field(default_factory=list)
-  num_workers: int = 1
-
-
-@contextlib.contextmanager
-def recording(num_workers: int = 1) -> Iterator[PayloadRecorder]:
-  """Within this context, collectives record their payloads instead of communicating.
-
-  Args:
-    num_workers: the number of workers to account for (payload shapes of the two-phase
-      all-reduce depend on it); the traced function still runs as if on one device.
+  Attributes:
+    axis_name: the unbound axis.
+    role: "workers" (the axis whose workers the wire averages over) or "dense" (a fast axis
+      reduced densely first).
   """
-  rec = PayloadRecorder(num_workers=num_workers)
-  token = _RECORDER.set(rec)
-  try:
-    yield rec
-  finally:
-    _RECORDER.reset(token)
+
+  def __init__(self, axis_name: str, role: str):
+    self.axis_name = axis_name
+    self.role = role
+    flag = "axis_name" if role == "workers" else "dense_axis_name"
+    super().__init__(
+      f"{flag}={axis_name!r} is not bound here. Call the optimizer's update inside "
+      f"jax.shard_map over a mesh with an axis named {axis_name!r}, inside "
+      f"jax.pmap(..., axis_name={axis_name!r}) or jax.vmap(..., axis_name={axis_name!r}); "
+      f"initialise per-worker state with cj.sharding.init; use {flag}=None for a single worker."
+    )
 
 
-def active_recorder() -> PayloadRecorder | None:
-  return _RECORDER.get()
+def _names(axis_name: AxisName) -> tuple[str, ...]:
+  return (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
 
 
-def effective_axis(axis_name: str | None) -> str | None:
-  """The axis to communicate over: None while recording (one worker, no collective)."""
-  return None if _RECORDER.get() is not None else axis_name
-
-
-def num_workers(axis_name: str | None) -> int:
-  """Size of the named axis (1 for None), with a clear error when the axis is not bound."""
-  recorder = _RECORDER.get()
-  if recorder is not None:
-    return recorder.num_workers
-  axis_name = effective_axis(axis_name)
+def axis_size(axis_name: AxisName | None, role: str = "workers") -> int:
+  """Size of the named axis (or product over a tuple of axes; 1 for None), or `UnboundAxisError`."""
   if axis_name is None:
     return 1
-  try:
-    return jax.lax.axis_size(axis_name)
-  except NameError as e:
-    raise ValueError(
-      f"axis_name={axis_name!r} is not bound here. Call the optimizer's update inside "
-      f"jax.shard_map over a mesh with an axis named {axis_name!r}, or inside "
-      f"jax.pmap(..., axis_name={axis_name!r}); use axis_name=None for a single worker."
-    ) from e
+  size = 1
+  for name in _names(axis_name):
+    try:
+      size *= jax.lax.axis_size(name)
+    except NameError as e:
+      raise UnboundAxisError(name, role) from e
+  return size
 
 
-def worker_index(axis_name: str | None) -> jax.Array | int:
-  """This worker's index along the axis (0 for None)."""
-  axis_name = effective_axis(axis_name)
+def num_workers(axis_name: AxisName | None) -> int:
+  """The number of workers on `axis_name` (1 for None), with a clear error when unbound."""
+  return axis_size(axis_name, "workers")
+
+
+def worker_index(axis_name: AxisName | None) -> jax.Array | int:
+  """This worker's index along the axis (0 for None; row-major over a tuple of axes)."""
   if axis_name is None:
     return 0
   num_workers(axis_name)  # Raises the clear error for an unbound axis.
   return jax.lax.axis_index(axis_name)
+
+
+def varying_axes(x: Any) -> frozenset:
+  """The mesh axes along which shard_map's types say `x` varies (empty outside shard_map)."""
+  t = jax.typeof(x)
+  vma = getattr(t, "vma", None)
+  if vma is None:  # jax versions that expose it as manual_axis_type.varying
+    vma = getattr(getattr(t, "manual_axis_type", None), "varying", frozenset())
+  return frozenset(vma)
+
+
+def like_varying(x: Any, *likes: Any) -> Any:
+  """`x` typed as varying along every axis that any leaf of `likes` varies along.
+
+  A loop carry that starts as a constant must be typed like what the loop body adds to it.
+  """
+  want = frozenset().union(*(varying_axes(leaf) for leaf in jax.tree.leaves(likes)))
+  missing = tuple(sorted(want - varying_axes(x)))
+  return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
+def _manual(axis_name: AxisName) -> bool:
+  """Whether the axes are manual axes of an enclosing shard_map (or pmap), not vmap's."""
+  manual = getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ())
+  return all(name in manual for name in _names(axis_name))
+
+
+def all_gather_invariant(x: Any, axis_name: AxisName) -> Any:
+  """all_gather whose result may feed replicated state in any context (stacked on axis 0).
+
+  Inside shard_map (and pmap) a gathered value is typed device-varying unless gathered with
+  `to="invarying"`; that option exists only there, so under `jax.vmap(..., axis_name=...)` the
+  plain all_gather is used.
+  """
+  if _manual(axis_name):
+    return jax.tree.map(lambda a: jax.lax.all_gather(a, axis_name, to="invarying"), x)
+  return jax.tree.map(lambda a: jax.lax.all_gather(a, axis_name), x)

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from compams_jax._src.axis import like_varying
+
 Payload = Any  # a pytree of fixed-shape arrays: what travels on the wire.
 Deviation = Literal["none", "pointwise", "expected", "unbounded"]
 Randomness = Literal["none", "private", "shared"]
@@ -136,10 +138,13 @@ class Compressor(abc.ABC):
     (n, size) array (docs/benchmarks.md measures both).
     """
     n = jax.tree.leaves(payloads)[0].shape[0]
-    total = None
-    for i in range(n):
-      x = self.decode(jax.tree.map(lambda a: a[i], payloads), like, key).astype(jnp.float32)
-      total = x if total is None else total + x
+
+    def add(i, total):
+      one = self.decode(jax.tree.map(lambda a: a[i], payloads), like, key)
+      return total + one.astype(jnp.float32)
+
+    zeros = like_varying(jnp.zeros(tuple(like.shape), jnp.float32), payloads, key)
+    total = jax.lax.fori_loop(0, n, add, zeros)
     return total.astype(like.dtype)
 
   def payload_shapes(self, shape: tuple[int, ...], dtype: Any) -> Payload:

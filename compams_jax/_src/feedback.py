@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 from compams_jax._src.base import Compressor
-from compams_jax._src.keys import decode_key
 from compams_jax._src.tree import decode_tree, encode_tree
 
 
@@ -25,14 +26,63 @@ class Compressed(NamedTuple):
   residual: Any
 
 
+@dataclasses.dataclass(frozen=True)
+class TreeCodec:
+  """A compressor applied to a pytree as its granularity says (per leaf, or the whole model)."""
+
+  compressor: Compressor
+
+  @property
+  def randomness(self) -> str:
+    return self.compressor.randomness
+
+  def encode(self, tree: Any, key: jax.Array | None) -> Any:
+    return encode_tree(self.compressor, tree, key)
+
+  def decode(self, payload: Any, like: Any, key: jax.Array | None) -> Any:
+    return decode_tree(self.compressor, payload, like, key)
+
+
+@dataclasses.dataclass(frozen=True)
+class RowCodec:
+  """A compressor applied to every row of a matrix on its own (row j uses fold_in(key, j))."""
+
+  compressor: Compressor
+
+  @property
+  def randomness(self) -> str:
+    return self.compressor.randomness
+
+  def row_keys(self, key: jax.Array | None, rows: int, offset: int = 0) -> jax.Array | None:
+    if key is None:
+      return None
+    return jax.vmap(lambda j: jax.random.fold_in(key, offset + j))(jnp.arange(rows))
+
+  def encode(self, x: jax.Array, key: jax.Array | None) -> Any:
+    # One row after another (lax.map), not vmapped: encoders may branch with lax.cond, which a
+    # vmap inside shard_map cannot type.
+    c = self.compressor
+    keys = self.row_keys(key, x.shape[0])
+    if keys is None:
+      return jax.lax.map(lambda r: c.encode(r, None), x)
+    return jax.lax.map(lambda rk: c.encode(*rk), (x, keys))
+
+  def decode(self, payload: Any, like: Any, key: jax.Array | None) -> jax.Array:
+    c = self.compressor
+    row = jax.ShapeDtypeStruct(tuple(like.shape[1:]), like.dtype)
+    keys = self.row_keys(key, like.shape[0])
+    if keys is None:
+      return jax.vmap(lambda p: c.decode(p, row, None))(payload)
+    return jax.vmap(lambda p, k: c.decode(p, row, k))(payload, keys)
+
+
 def compress_with_feedback(
-  compressor: Compressor,
+  codec: Any,
   value: Any,
   residual: Any,
   key: jax.Array | None,
   *,
   offset: Any = None,
-  per_leaf: bool = True,
 ) -> Compressed:
   """corrected = value + residual; send C(corrected − offset); keep corrected − sent.
 
@@ -43,14 +93,13 @@ def compress_with_feedback(
   rounding of narrow value dtypes) is owed to the next step.
 
   Args:
-    compressor: the compressor C.
-    value: the pytree (or, with `per_leaf=False`, the single array) to send.
+    codec: a `Compressor` (one array), a `TreeCodec` (a pytree) or a `RowCodec` (the rows of a
+      matrix, each its own block).
+    value: what to send, in the codec's layout.
     residual: the residual owed from the last step, structured like `value`, or None when the
       caller has already added it (or keeps none).
     key: the encoding key (see `compams_jax._src.keys`).
     offset: a prediction structured like `value` that receivers also hold, or None.
-    per_leaf: True: `value` is a pytree compressed as the compressor's granularity says
-      (`encode_tree`); False: `value` is one array and the compressor acts on it whole.
 
   Returns:
     A `Compressed` (payload, sent, residual).
@@ -60,12 +109,8 @@ def compress_with_feedback(
   else:
     corrected = jax.tree.map(lambda v, e: v.astype(e.dtype) + e, value, residual)
   coded = corrected if offset is None else jax.tree.map(lambda c, p: c - p, corrected, offset)
-  receiver_key = decode_key(compressor, key)
-  if per_leaf:
-    payload = encode_tree(compressor, coded, key)
-    decoded = decode_tree(compressor, payload, coded, receiver_key)
-  else:
-    payload = compressor.encode(coded, key)
-    decoded = compressor.decode(payload, coded, receiver_key)
+  payload = codec.encode(coded, key)
+  receiver_key = key if codec.randomness == "shared" else None
+  decoded = codec.decode(payload, coded, receiver_key)
   sent = decoded if offset is None else jax.tree.map(lambda p, d: p + d, offset, decoded)
   return Compressed(payload, sent, jax.tree.map(lambda c, s: c - s, corrected, sent))

@@ -4,23 +4,31 @@ from __future__ import annotations
 
 import jax
 
-from compams_jax._src.axis import worker_index
+from compams_jax._src.axis import AxisName, worker_index
 from compams_jax._src.base import Compressor
 
 
 def step_key(
-  compressor: Compressor, seed: int, count: jax.Array, axis_name: str | None
+  compressor: Compressor,
+  seed: int,
+  count: jax.Array,
+  axis_name: AxisName | None,
+  dense_axis_name: AxisName | None = None,
 ) -> jax.Array | None:
   """The PRNG key of one step: shared by all workers, or folded with the worker index.
 
   Keys are derived from (seed, step count[, worker index]), so the state holds no key and a
-  resumed run draws exactly the keys it would have drawn.
+  resumed run draws exactly the keys it would have drawn. Private randomness folds in the
+  index along `axis_name` and, on hierarchical meshes, along `dense_axis_name` too (every
+  device compresses its own chunk); shared randomness is the same on every device.
   """
   if not compressor.needs_key:
     return None
   key = jax.random.fold_in(jax.random.key(seed), count)
   if compressor.randomness == "private":
     key = jax.random.fold_in(key, worker_index(axis_name))
+    if dense_axis_name is not None:
+      key = jax.random.fold_in(key, worker_index(dense_axis_name))
   return key
 
 

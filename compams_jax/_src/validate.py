@@ -20,9 +20,14 @@ def check_compressor(compressor: Any) -> Compressor:
   return compressor
 
 
-def check_axis_name(axis_name: Any) -> str | None:
-  if axis_name is not None and not isinstance(axis_name, str):
-    raise TypeError(f"axis_name must be a str or None, got {axis_name!r}.")
+def check_axis_name(axis_name: Any, what: str = "axis_name") -> Any:
+  """A mesh axis name, a tuple of them, or None."""
+  ok = axis_name is None or isinstance(axis_name, str)
+  ok = ok or (
+    isinstance(axis_name, tuple) and axis_name and all(isinstance(a, str) for a in axis_name)
+  )
+  if not ok:
+    raise TypeError(f"{what} must be a str, a tuple of str or None, got {axis_name!r}.")
   return axis_name
 
 

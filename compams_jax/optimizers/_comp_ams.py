@@ -7,6 +7,7 @@ import optax
 from compams_jax.compressors import Compressor
 from compams_jax.predictors import Predictor
 from compams_jax.transforms import error_feedback, predictive_compression
+from compams_jax.wire import Wire
 
 
 def comp_ams(
@@ -14,13 +15,13 @@ def comp_ams(
   compressor: Compressor,
   *,
   axis_name: str | None = None,
+  dense_axis_name: str | None = None,
+  wire: Wire | None = None,
   b1: float = 0.9,
   b2: float = 0.999,
   eps: float = 1e-8,
   seed: int = 0,
   predictor: Predictor | None = None,
-  topology: str = "gather",
-  num_workers: int | None = None,
 ) -> optax.GradientTransformation:
   """COMP-AMS (Li, Karimi & Li, ICLR 2022), exactly as the paper states it.
 
@@ -38,8 +39,8 @@ def comp_ams(
     learning_rate: η, a float or an optax schedule.
     compressor: the gradient compressor, e.g. `cj.compressors.top_k(0.01)` or
       `cj.compressors.block_sign()`.
-    axis_name: the mapped axis indexing workers (`jax.shard_map` mesh axis or `jax.pmap`
-      axis_name), or None for one worker.
+    axis_name: the mapped axis indexing workers (`jax.shard_map` mesh axis, `jax.pmap` or
+      `jax.vmap` axis_name), or None for one worker.
     b1: β1, the first-moment decay.
     b2: β2, the second-moment decay.
     eps: ε, added to v̂ inside the square root.
@@ -50,9 +51,10 @@ def comp_ams(
       It helps when consecutive gradients are correlated (large batches, small learning rates,
       smooth losses); on noise-dominated gradients the least-squares ρ falls to ≈ 0 and it
       costs only two scalars per leaf. A fixed ρ on uncorrelated gradients makes things worse.
-    topology: "gather" (the paper's algorithm) or "two_phase" (a compressed all-reduce whose
-      bytes per device do not grow with n; see `cj.error_feedback`).
-    num_workers: the size of `axis_name`; required with topology="two_phase".
+    dense_axis_name: a fast axis averaged densely before compression (hierarchical meshes:
+      compressed bytes only on the slow `axis_name`; see `cj.error_feedback`).
+    wire: the wire strategy: `cj.wire.gather()` (default, the paper's algorithm) or
+      `cj.wire.two_phase()` (a compressed all-reduce whose bytes per device do not grow with n).
 
   Returns:
     An `optax.GradientTransformation`.
@@ -70,15 +72,12 @@ def comp_ams(
   References:
     Li, Karimi, Li, "On Distributed Adaptive Optimization with Gradient Compression", ICLR 2022.
   """
+  where = dict(axis_name=axis_name, dense_axis_name=dense_axis_name, wire=wire, seed=seed)
   if predictor is None:
-    communicate = error_feedback(
-      compressor, axis_name=axis_name, seed=seed, topology=topology, num_workers=num_workers
-    )
+    communicate = error_feedback(compressor, **where)
   else:
-    if topology != "gather":
-      raise ValueError("comp_ams(predictor=...) supports topology='gather' only.")
     communicate = predictive_compression(
-      compressor, predictor=predictor, error_feedback=True, axis_name=axis_name, seed=seed
+      compressor, predictor=predictor, error_feedback=True, **where
     )
   return optax.chain(
     communicate,

@@ -8,6 +8,7 @@ from compams_jax.compressors import Compressor
 from compams_jax.predictors import Predictor, least_squares
 from compams_jax.transforms import compressed_mean, predictive_compression, worker_momentum
 from compams_jax.transforms import error_feedback as error_feedback_transform
+from compams_jax.wire import Wire
 
 
 def compressed_momentum_sgd(
@@ -18,6 +19,8 @@ def compressed_momentum_sgd(
   predictive: bool | Predictor = True,
   error_feedback: bool = True,
   axis_name: str | None = None,
+  dense_axis_name: str | None = None,
+  wire: Wire | None = None,
   seed: int = 0,
 ) -> optax.GradientTransformation:
   """Momentum SGD where each worker keeps its momentum and sends it compressed.
@@ -39,6 +42,8 @@ def compressed_momentum_sgd(
       predictor, or False to compress the momentum itself.
     error_feedback: keep worker-side residuals.
     axis_name: the mapped axis indexing workers, or None for one worker.
+    dense_axis_name: a fast axis averaged densely before compression (see `cj.error_feedback`).
+    wire: the wire strategy (default `cj.wire.gather()`; predictive coding needs it).
     seed: seeds the PRNG keys of randomized compressors.
 
   Returns:
@@ -68,14 +73,15 @@ def compressed_momentum_sgd(
     predictor = predictive
   else:
     raise TypeError(f"predictive must be a bool or a cj.predictors predictor, got {predictive!r}.")
+  where = dict(axis_name=axis_name, dense_axis_name=dense_axis_name, wire=wire, seed=seed)
   if predictor is not None:
     communicate = predictive_compression(
-      compressor, predictor=predictor, error_feedback=error_feedback, axis_name=axis_name, seed=seed
+      compressor, predictor=predictor, error_feedback=error_feedback, **where
     )
   elif error_feedback:
-    communicate = error_feedback_transform(compressor, axis_name=axis_name, seed=seed)
+    communicate = error_feedback_transform(compressor, **where)
   else:
-    communicate = compressed_mean(compressor, axis_name=axis_name, seed=seed)
+    communicate = compressed_mean(compressor, **where)
   return optax.chain(
     worker_momentum(momentum), communicate, optax.scale_by_learning_rate(learning_rate)
   )

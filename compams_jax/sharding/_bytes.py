@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -27,7 +28,7 @@ def step_bytes(
     tx: the optimizer.
     params: the parameters, or their shapes (`jax.ShapeDtypeStruct`s).
     mesh: the device mesh.
-    axis_name: the mesh axis indexing workers.
+    axis_name: the mesh axis indexing workers, or a tuple of axes (hierarchical meshes).
 
   Returns:
     The `cj.CollectiveBytes` of the compiled step (`.total`: bytes per device per step).
@@ -40,7 +41,8 @@ def step_bytes(
     >>> cj.sharding.step_bytes(tx, params, mesh=mesh, axis_name="data").total  # 1000 sign bits + f32 scale
     129
   """
-  n = mesh.shape[axis_name]
+  names = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+  n = math.prod(mesh.shape[a] for a in names)
   state = jax.eval_shape(lambda p: init(tx, p, mesh=mesh, axis_name=axis_name), params)
   specs = state_specs(state, axis_name)
 

@@ -6,6 +6,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from compams_jax._src.workers import is_per_worker
 
@@ -15,7 +16,7 @@ def _regroup(x: Any, num_workers: int) -> Any:
 
   Growing pads with zero residuals; shrinking adds worker i's residual to worker i mod n_new.
   """
-  x = jnp.asarray(x)
+  x = jnp.asarray(np.asarray(x))  # a host-side regrouping (checkpoint restore), any sharding
   n_old = x.shape[0]
   if num_workers >= n_old:
     return jnp.concatenate([x, jnp.zeros((num_workers - n_old,) + x.shape[1:], x.dtype)])
@@ -55,14 +56,17 @@ def resize_workers(opt_state: Any, num_workers: int) -> Any:
   if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
     raise ValueError(f"num_workers must be a positive int, got {num_workers!r}.")
 
-  def visit(node):
-    if not is_per_worker(node):
-      return node
+  markers = [x for x in jax.tree.leaves(opt_state, is_leaf=is_per_worker) if is_per_worker(x)]
+  for node in markers:
     if not node.sum_invariant:
       raise ValueError(
         f"cannot resume {node.what} on a different number of workers: they have no sum to "
         "preserve. Resume with the original worker count."
       )
+
+  def visit(node):
+    if not is_per_worker(node):
+      return node
     return node.replace(jax.tree.map(lambda x: _regroup(x, num_workers), node.value))
 
   return jax.tree.map(visit, opt_state, is_leaf=is_per_worker)

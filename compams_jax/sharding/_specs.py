@@ -101,7 +101,8 @@ def init(
     tx: the optimizer.
     params: the (replicated) parameters.
     mesh: the device mesh.
-    axis_name: the mesh axis indexing workers.
+    axis_name: the mesh axis indexing workers, or a tuple of axes (a hierarchical mesh: every
+      device of ("dcn", "ici") keeps its own per-worker state).
 
   Returns:
     The optimizer state, sharded as `state_specs(state, axis_name)` says.
@@ -114,8 +115,21 @@ def init(
     >>> state[0].residual.value["w"].shape == (jax.device_count(), 4)
     True
   """
-  specs = state_specs(jax.eval_shape(tx.init, params), axis_name)
   param_specs = jax.tree.map(lambda _: P(), params)
+  specs = state_specs(local_state_shapes(tx, params, mesh), axis_name)
   return jax.jit(
     jax.shard_map(tx.init, mesh=mesh, in_specs=(param_specs,), out_specs=specs, check_vma=False)
   )(params)
+
+
+def local_state_shapes(tx: optax.GradientTransformation, params: Any, mesh: Any) -> Any:
+  """One device's optimizer state shapes, traced where the mesh axes are bound (nothing runs).
+
+  State sizes may depend on axis sizes (the two-phase server residual, hierarchical chunks), so
+  `tx.init` is traced inside `jax.shard_map` rather than on its own.
+  """
+  param_specs = jax.tree.map(lambda _: P(), params)
+  return jax.eval_shape(
+    jax.shard_map(tx.init, mesh=mesh, in_specs=(param_specs,), out_specs=P(), check_vma=False),
+    params,
+  )

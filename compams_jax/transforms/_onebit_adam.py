@@ -9,13 +9,13 @@ import jax.numpy as jnp
 import optax
 
 from compams_jax._src.base import Compressor
-from compams_jax._src.feedback import compress_with_feedback
+from compams_jax._src.feedback import TreeCodec, compress_with_feedback
 from compams_jax._src.keys import step_key
 from compams_jax._src.tree import check_tree, encode_tree
 from compams_jax._src.validate import check_axis_name, check_compressor, check_seed, check_updates
 from compams_jax._src.workers import PerWorker, local, per_worker_zeros, to_per_worker
 from compams_jax.compressors import identity, scaled_sign
-from compams_jax.wire import average
+from compams_jax.wire import gather_average
 
 
 class OneBitAdamState(NamedTuple):
@@ -89,7 +89,7 @@ def scale_by_onebit_adam(
     return OneBitAdamState(count=jnp.zeros([], jnp.int32), mu=zeros, nu=zeros, residual=residual)
 
   def warmup(updates, state):
-    gbar = average(dense, encode_tree(dense, updates), updates, axis_name=axis_name)
+    gbar = gather_average(dense, encode_tree(dense, updates), updates, axis_name=axis_name)
     mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, gbar)
     nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, state.nu, gbar)
     return mu, nu, state.residual
@@ -97,8 +97,8 @@ def scale_by_onebit_adam(
   def compressed(updates, state):
     key = step_key(compressor, seed, state.count, axis_name)
     momentum = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, updates)
-    out = compress_with_feedback(compressor, momentum, local(state.residual), key)
-    mu = average(compressor, out.payload, updates, axis_name=axis_name, key=key)
+    out = compress_with_feedback(TreeCodec(compressor), momentum, local(state.residual), key)
+    mu = gather_average(compressor, out.payload, updates, axis_name=axis_name, key=key)
     return mu, state.nu, to_per_worker(out.residual, state.residual)
 
   def update_fn(updates, state, params=None):

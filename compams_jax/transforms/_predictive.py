@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from compams_jax._src.base import Compressor
-from compams_jax._src.feedback import compress_with_feedback
+from compams_jax._src.feedback import TreeCodec, compress_with_feedback
 from compams_jax._src.keys import step_key
 from compams_jax._src.tree import check_tree
 from compams_jax._src.validate import (
@@ -22,7 +22,15 @@ from compams_jax._src.validate import (
 )
 from compams_jax._src.workers import PerWorker, local, per_worker_zeros, to_per_worker
 from compams_jax.predictors import Fixed, Predictor, fixed
-from compams_jax.wire import average, num_workers
+from compams_jax.wire import (
+  Wire,
+  check_wire,
+  chunks_like,
+  gather,
+  gather_chunks,
+  num_workers,
+  scatter_mean,
+)
 
 
 class PredictiveState(NamedTuple):
@@ -47,6 +55,8 @@ def predictive_compression(
   predictor: Predictor | None = None,
   error_feedback: bool = True,
   axis_name: str | None = None,
+  dense_axis_name: str | None = None,
+  wire: Wire | None = None,
   seed: int = 0,
 ) -> optax.GradientTransformation:
   """Compresses the innovation of each worker's vector against a shared-knowledge prediction.
@@ -89,6 +99,9 @@ def predictive_compression(
     predictor: `cj.predictors.fixed(rho)` (default ρ = 0.9) or `cj.predictors.least_squares()`.
     error_feedback: keep a worker-side residual of what compression dropped.
     axis_name: the mapped axis indexing workers, or None for one worker.
+    dense_axis_name: a fast axis reduced densely first (see `cj.error_feedback`): every device
+      codes the innovation of the chunk it owns; the receiver average stays whole.
+    wire: the wire strategy; it must declare `exact_mean` (default `cj.wire.gather()`).
     seed: seeds the PRNG keys of randomized compressors.
 
   Returns:
@@ -111,7 +124,21 @@ def predictive_compression(
   """
   check_compressor(compressor)
   check_axis_name(axis_name)
+  check_axis_name(dense_axis_name, "dense_axis_name")
   check_seed(seed)
+  wire = gather() if wire is None else check_wire(wire)
+  if not wire.exact_mean:
+    raise ValueError(
+      f"predictive_compression needs a wire strategy whose output is the mean of what the "
+      f"workers sent (exact_mean), such as cj.wire.gather(); got {wire!r}."
+    )
+  if dense_axis_name is None:
+    every_device = axis_name
+  elif axis_name is None:
+    every_device = dense_axis_name
+  else:
+    every_device = (axis_name, dense_axis_name)  # the predictor's statistics sum every chunk
+  marker = {} if dense_axis_name is None else {"params_like": False}
   predictor = fixed() if predictor is None else predictor
   if not isinstance(predictor, Predictor):
     raise TypeError(
@@ -135,11 +162,12 @@ def predictive_compression(
 
   def init_fn(params):
     check_tree(params)
+    value = chunks_like(params, dense_axis_name)
     if error_feedback or isinstance(predictor, Fixed):
-      warn_if_not_contractive(compressor, params, "predictive_compression")
+      warn_if_not_contractive(compressor, value, "predictive_compression")
     return PredictiveState(
-      reconstruction=per_worker_zeros(params, what="predictive encoder reconstructions"),
-      residual=per_worker_zeros(params, what="predictive error-feedback residuals")
+      reconstruction=per_worker_zeros(value, what="predictive encoder reconstructions", **marker),
+      residual=per_worker_zeros(value, what="predictive error-feedback residuals", **marker)
       if error_feedback
       else None,
       average=jax.tree.map(jnp.zeros_like, params),
@@ -149,25 +177,28 @@ def predictive_compression(
   def update_fn(updates, state, params=None):
     del params
     previous = local(state.reconstruction)
-    check_updates(updates, previous, "predictive_compression")
-    target = updates
+    value = scatter_mean(updates, dense_axis_name)
+    check_updates(value, previous, "predictive_compression")
+    target = value
     if error_feedback:
-      target = jax.tree.map(lambda x, e: x + e, updates, local(state.residual))
-    rho = predictor.coefficients(target, previous, axis_name)
+      target = jax.tree.map(lambda x, e: x + e, value, local(state.residual))
+    rho = predictor.coefficients(target, previous, every_device)
     scale = lambda r, h: (r * h).astype(h.dtype)
     prediction = jax.tree.map(scale, rho, previous)
-    key = step_key(compressor, seed, state.count, axis_name)
+    key = step_key(compressor, seed, state.count, axis_name, dense_axis_name)
     # The error-feedback kernel with the prediction as offset: it sends C(target − prediction),
     # reconstructs prediction + C(·) and owes target − reconstruction.
-    out = compress_with_feedback(compressor, target, None, key, offset=prediction)
+    out = compress_with_feedback(TreeCodec(compressor), target, None, key, offset=prediction)
     reconstruction = out.sent
     residual = to_per_worker(out.residual, state.residual) if error_feedback else None
-    mean_sent = average(compressor, out.payload, updates, axis_name=axis_name, key=key)
     if num_workers(axis_name) == 1:
       # The receiver is the sender: take its reconstruction rather than recompute it (XLA may
       # contract ρ·x̄ + c into a fused multiply-add on one side only, 1 ulp apart).
-      new_average = jax.tree.map(lambda h, u: h.astype(u.dtype), reconstruction, updates)
+      own = jax.tree.map(lambda h, u: h.astype(u.dtype), reconstruction, value)
+      new_average = gather_chunks(own, updates, dense_axis_name)
     else:
+      mean_sent = wire.average(compressor, out.payload, value, axis_name=axis_name, key=key)
+      mean_sent = gather_chunks(mean_sent, updates, dense_axis_name)
       new_average = jax.tree.map(lambda r, a, c: scale(r, a) + c, rho, state.average, mean_sent)
     return new_average, PredictiveState(
       reconstruction=to_per_worker(reconstruction, state.reconstruction),

@@ -1,23 +1,40 @@
-"""Wire: collectives over compressed payloads, and byte accounting (static and from HLO)."""
+"""Wire: strategies that average compressed payloads over workers, and byte accounting.
 
-from compams_jax._src.axis import num_workers, recording, worker_index
+A strategy is a value handed to a transform (`wire=cj.wire.gather()` or
+`cj.wire.two_phase()`); hierarchical meshes add a dense axis around either
+(`dense_axis_name=`). `wire_bytes` reads the bytes a transformation sends from its traced
+program; `collective_bytes` reads them from a compiled program's HLO.
+"""
+
+from compams_jax._src.axis import UnboundAxisError, num_workers, worker_index
 from compams_jax.wire._accounting import wire_bytes
-from compams_jax.wire._average import all_workers, average, sum_over_workers
+from compams_jax.wire._collectives import all_workers, sum_over_workers
+from compams_jax.wire._gather import Gather, gather, gather_average
+from compams_jax.wire._hierarchical import chunks_like, gather_chunks, scatter_mean
 from compams_jax.wire._hlo import Collective, CollectiveBytes, collective_bytes, parse_collectives
-from compams_jax.wire._two_phase import chunk_size, two_phase_average
+from compams_jax.wire._strategy import Wire, check_wire
+from compams_jax.wire._two_phase import TwoPhase, chunk_size, two_phase
 
 __all__ = [
   "Collective",
   "CollectiveBytes",
+  "Gather",
+  "TwoPhase",
+  "UnboundAxisError",
+  "Wire",
   "all_workers",
-  "average",
+  "check_wire",
   "chunk_size",
+  "chunks_like",
   "collective_bytes",
+  "gather",
+  "gather_average",
+  "gather_chunks",
   "num_workers",
   "parse_collectives",
-  "recording",
+  "scatter_mean",
   "sum_over_workers",
-  "two_phase_average",
+  "two_phase",
   "wire_bytes",
   "worker_index",
 ]

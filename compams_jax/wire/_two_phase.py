@@ -1,4 +1,4 @@
-"""Two-phase compressed all-reduce: all_to_all of compressed chunks, reduce, recompress, all_gather.
+"""The two-phase strategy: all_to_all of compressed chunks, reduce, recompress, all_gather.
 
 Gathering every worker's payload costs each device n payloads; past a few dozen workers that
 loses to a dense ring all-reduce. Here each device receives only the n payloads of ITS chunk
@@ -9,14 +9,18 @@ XLA are one full payload (all_to_all) plus one chunk payload (all_gather), whate
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 
-from compams_jax._src.axis import active_recorder, effective_axis, num_workers, worker_index
-from compams_jax._src.base import Compressor
-from compams_jax._src.feedback import compress_with_feedback
+from compams_jax._src import bucket
+from compams_jax._src.axis import all_gather_invariant, num_workers, worker_index
+from compams_jax._src.feedback import RowCodec, compress_with_feedback
+from compams_jax._src.tree import flat_spec, flatten_tree, unflatten_tree
+from compams_jax._src.workers import PerWorker, local
+from compams_jax.wire._strategy import Wire
 
 
 def chunk_size(size: int, n: int) -> int:
@@ -24,96 +28,119 @@ def chunk_size(size: int, n: int) -> int:
   return max(1, math.ceil(size / n))
 
 
-def _keys(key: jax.Array | None, offset: int, n: int) -> jax.Array | None:
-  if key is None:
-    return None
-  return jax.vmap(lambda j: jax.random.fold_in(key, offset + j))(jnp.arange(n))
+@dataclasses.dataclass(frozen=True)
+class TwoPhase(Wire):
+  """A compressed all-reduce whose bytes per device do not grow with n.
+
+  The error-corrected values are flattened into one vector and split into n chunks; each chunk
+  is a block of the compressor (this replaces the per-leaf layout). Phase 1: every worker
+  compresses its n chunks, one `all_to_all` hands device j every worker's chunk j; device j
+  adds the n decoded chunks one worker at a time and divides by n. Phase 2: device j
+  RECOMPRESSES its averaged chunk with its own server-side residual s_j (the same
+  error-feedback kernel: s_j ← s_j + avg_j − C(avg_j + s_j)) and one `all_gather` brings every
+  device the n recompressed chunks. The output is therefore C(avg + s) rather than
+  avg C(g_i + e_i): a second compression with its own error feedback, as in 1-bit Adam's
+  compressed all-reduce.
+
+  Collectives per step: 2 (one all_to_all, one all_gather), whatever the number of leaves.
+  State: each device's server residual, a flat vector of ⌈size / n⌉ entries. The worker count
+  is read from the axis at `init`, so initialise the state where the axis is bound
+  (`cj.sharding.init`).
+  """
+
+  exact_mean = False
+
+  def init(self, compressor, like, axis_name):
+    del compressor
+    flat = flat_spec(like)
+    n = num_workers(axis_name)
+    return PerWorker(
+      jnp.zeros((1, chunk_size(flat.shape[0], n)), flat.dtype),
+      what="two-phase server residuals (tied to the chunk layout of the worker count)",
+      params_like=False,
+    )
+
+  def step(self, compressor, value, residual, state, *, key, axis_name):
+    if not jax.tree.leaves(value):
+      return value, residual, state
+    compressor = compressor.batched()  # Chunks are encoded under vmap.
+    n = num_workers(axis_name)
+    if residual is not None:
+      value_c = jax.tree.map(lambda v, e: v.astype(e.dtype) + e, value, residual)
+    else:
+      value_c = value
+    flat = flatten_tree(value_c)
+    size = flat.shape[0]
+    c = chunk_size(size, n)
+    if state.value.shape[-1] != c:
+      raise ValueError(
+        f"the two-phase state was initialised for chunks of {state.value.shape[-1]} entries, "
+        f"but axis {axis_name!r} has {n} workers (chunks of {c}): initialise it with "
+        "cj.sharding.init on the mesh it runs on."
+      )
+    rows = RowCodec(compressor)
+    # Phase 1 keys: chunk j uses fold_in(key, j); the server phase uses fold_in(key, n + j). With
+    # shared randomness every device derives the same keys, so any device can decode any chunk.
+    out = compress_with_feedback(rows, jnp.pad(flat, (0, n * c - size)).reshape(n, c), None, key)
+    new_residual = unflatten_tree(out.residual.reshape(-1)[:size], value_c)
+    like = jax.ShapeDtypeStruct((c,), flat.dtype)
+    if axis_name is None:
+      received, me = out.payload, 0
+    else:
+      row_payload = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), out.payload)
+      buffer = bucket.pack(out.payload, lead=1)
+      received = bucket.unpack(
+        jax.lax.all_to_all(buffer, axis_name, 0, 0, tiled=False), row_payload, lead=(n,)
+      )
+      me = worker_index(axis_name)
+    shared = compressor.randomness == "shared" and key is not None
+    # `received[i]` is worker i's payload of chunk `me`; with shared randomness all used key me.
+    chunk_key = jax.random.fold_in(key, me) if shared else None
+    chunk_avg = (compressor.decode_sum(received, like, chunk_key) / n).astype(flat.dtype)
+    if shared:
+      server_key = jax.random.fold_in(key, n + me)
+    elif key is not None:
+      server_key = jax.random.fold_in(key, 2 * n + 1)  # private: any key of this device
+    else:
+      server_key = None
+    server = compress_with_feedback(compressor, chunk_avg, local(state), server_key)
+    if axis_name is None:  # One worker: every chunk's payload has this shape.
+      gathered = jax.tree.map(lambda x: x[None], server.payload)
+    else:
+      gathered = bucket.unpack(
+        all_gather_invariant(bucket.pack(server.payload), axis_name), server.payload, lead=(n,)
+      )
+    decode_keys = rows.row_keys(key, n, offset=n) if shared else None
+    row = jax.ShapeDtypeStruct((c,), flat.dtype)
+    if decode_keys is None:
+      decoded = jax.vmap(lambda p: compressor.decode(p, row, None))(gathered)
+    else:
+      decoded = jax.vmap(lambda p, k: compressor.decode(p, row, k))(gathered, decode_keys)
+    mean = unflatten_tree(decoded.reshape(-1)[:size], value)
+    return mean, new_residual, state.replace(server.residual[None])
+
+  def bytes(self, compressor, like, num_workers):
+    size = flat_spec(like).shape[0]
+    if size == 0:
+      return 0
+    c = chunk_size(size, num_workers)
+    chunk = -(-compressor.wire_bits((c,), flat_spec(like).dtype) // 8)
+    return num_workers * chunk + chunk
+
+  def collectives(self, compressor):
+    del compressor
+    return 2
 
 
-def _encode_chunks(compressor: Compressor, chunks: jax.Array, keys: jax.Array | None):
-  if keys is None:
-    return jax.vmap(lambda c: compressor.encode(c, None))(chunks)
-  return jax.vmap(compressor.encode)(chunks, keys)
-
-
-def _decode_chunks(compressor: Compressor, payloads, like, keys: jax.Array | None):
-  if keys is None or compressor.randomness != "shared":
-    return jax.vmap(lambda p: compressor.decode(p, like, None))(payloads)
-  return jax.vmap(lambda p, k: compressor.decode(p, like, k))(payloads, keys)
-
-
-def two_phase_average(
-  compressor: Compressor,
-  vector: jax.Array,
-  server_residual: jax.Array,
-  *,
-  axis_name: str | None,
-  key: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Average of a per-worker flat vector over workers by a two-phase compressed all-reduce.
-
-  Phase 1: split the vector into n chunks, compress each (chunk = block of the compressor),
-  `all_to_all` so device j receives every worker's payload of chunk j, decode and average them.
-  Phase 2: device j compresses its averaged chunk plus its server residual s_j (error feedback
-  on the device side: s_j ← s_j + avg_j − C(avg_j + s_j)), `all_gather`s the payload, and every
-  device decodes the same n chunks.
-
-  Args:
-    compressor: compresses every chunk in both phases.
-    vector: this worker's float vector (already error-corrected by the caller), shape (size,).
-    server_residual: this device's residual of its chunk, shape (chunk_size(size, n),).
-    axis_name: the worker axis, or None (one worker: compress once, no collective).
-    key: PRNG key of the step (per worker for private randomness).
+def two_phase() -> TwoPhase:
+  """The two-phase strategy: a compressed all-reduce whose bytes do not grow with n.
 
   Returns:
-    (average, new_server_residual, own_decoded): the average over workers (identical on every
-    device), the device's new server residual, and this worker's own decoded phase-1 vector
-    (what its worker-side residual must subtract).
+    A `TwoPhase` strategy.
+
+  Examples:
+    >>> import compams_jax as cj
+    >>> tx = cj.comp_ams(1e-3, cj.compressors.block_sign(), axis_name="data",
+    ...                  wire=cj.wire.two_phase())
   """
-  compressor = compressor.batched()  # Chunks are encoded under vmap.
-  recorder = active_recorder()
-  axis = effective_axis(axis_name)
-  n = num_workers(axis)
-  size = vector.shape[0]
-  c = chunk_size(size, n)
-  padded = jnp.pad(vector, (0, n * c - size)).reshape(n, c)
-  like = jax.ShapeDtypeStruct((c,), vector.dtype)
-  # Phase 1 keys: chunk j uses fold_in(key, j); the server phase uses fold_in(key, n + j). With
-  # shared randomness every device derives the same keys, so any device can decode any chunk.
-  phase1_keys = _keys(key, 0, n)
-  payloads = _encode_chunks(compressor, padded, phase1_keys)
-  own = _decode_chunks(compressor, payloads, like, phase1_keys).reshape(-1)[:size]
-  if recorder is not None:
-    recorder.sends.append(("all_to_all", payloads))
-  if axis is None:
-    received = payloads
-    me = 0
-  else:
-    received = jax.lax.all_to_all(payloads, axis, 0, 0, tiled=False)
-    me = worker_index(axis)
-  # `received[i]` is worker i's payload of chunk `me`; with shared randomness all used key j=me.
-  mine_keys = None
-  if phase1_keys is not None and compressor.randomness == "shared":
-    mine_keys = jnp.broadcast_to(phase1_keys[me], (n,) + phase1_keys.shape[1:])
-  chunk_avg = jnp.mean(
-    _decode_chunks(compressor, received, like, mine_keys).astype(jnp.float32), axis=0
-  ).astype(vector.dtype)
-  server_keys = _keys(key, n, n) if key is not None else None
-  if server_keys is not None and compressor.randomness == "shared":
-    my_server_key = server_keys[me]
-  elif server_keys is not None:
-    my_server_key = jax.random.fold_in(key, 2 * n + 1)  # private: any key of this device
-  else:
-    my_server_key = None
-  # Server-side error feedback: the same kernel as the workers', on this device's chunk.
-  server_payload, _, new_server_residual = compress_with_feedback(
-    compressor, chunk_avg, server_residual, my_server_key, per_leaf=False
-  )
-  if recorder is not None:
-    recorder.sends.append(("all_gather", server_payload))
-  if axis is None:  # One worker, or accounting: every chunk's payload has this shape.
-    gathered = jax.tree.map(lambda x: jnp.broadcast_to(x[None], (n,) + x.shape), server_payload)
-  else:
-    gathered = jax.lax.all_gather(server_payload, axis, to="invarying")
-  average = _decode_chunks(compressor, gathered, like, server_keys).reshape(-1)[:size]
-  return average, new_server_residual, own
+  return TwoPhase()

@@ -1,0 +1,92 @@
+"""Bucketing: every leaf of a payload pytree in one buffer, so one collective carries them all.
+
+Compression stays per leaf; only transport is fused. `pack` bitcasts every payload array to
+bytes and concatenates them (for collectives that only move data: all_gather, all_to_all);
+`pack_by_dtype` concatenates arrays of one dtype (for psum, which must add values).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _nbytes(x: Any) -> int:
+  return math.prod(x.shape) * np.dtype(x.dtype).itemsize
+
+
+def _to_bytes(x: jax.Array, lead: int) -> jax.Array:
+  """(*lead, *shape) → (*lead, nbytes) uint8."""
+  lead_shape = x.shape[:lead]
+  if x.dtype == jnp.bool_:
+    x = x.astype(jnp.uint8)
+  if np.dtype(x.dtype).itemsize > 1:
+    x = jax.lax.bitcast_convert_type(x, jnp.uint8)
+  elif x.dtype != jnp.uint8:
+    x = jax.lax.bitcast_convert_type(x, jnp.uint8)
+  return x.reshape(lead_shape + (-1,))
+
+
+def _from_bytes(b: jax.Array, like: Any, lead: tuple[int, ...]) -> jax.Array:
+  """(*lead, nbytes) uint8 → (*lead, *like.shape) of like.dtype."""
+  dtype = np.dtype(like.dtype)
+  shape = tuple(like.shape)
+  if dtype == np.bool_:
+    return b.reshape(lead + shape).astype(jnp.bool_)
+  if dtype.itemsize == 1:
+    out = b if dtype == np.uint8 else jax.lax.bitcast_convert_type(b, dtype)
+    return out.reshape(lead + shape)
+  return jax.lax.bitcast_convert_type(b.reshape(lead + shape + (dtype.itemsize,)), dtype)
+
+
+def pack(tree: Any, lead: int = 0) -> jax.Array | None:
+  """All leaves of `tree` as one uint8 buffer (keeping `lead` leading axes); None if empty."""
+  leaves = [x for x in jax.tree.leaves(tree) if _nbytes(x) > 0]
+  if not leaves:
+    return None
+  parts = [_to_bytes(x, lead) for x in leaves]
+  return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=lead)
+
+
+def unpack(buffer: jax.Array | None, like: Any, lead: tuple[int, ...] = ()) -> Any:
+  """Inverse of `pack`: leaves shaped like `like`'s, behind the buffer's extra leading axes.
+
+  `lead` gives those axes when there is no buffer (every leaf empty).
+  """
+  leaves, treedef = jax.tree.flatten(like)
+  lead = lead if buffer is None else tuple(buffer.shape[:-1])
+  out, start = [], 0
+  for x in leaves:
+    n = _nbytes(x)
+    if n == 0:
+      out.append(jnp.zeros(lead + tuple(x.shape), x.dtype))
+      continue
+    out.append(_from_bytes(buffer[..., start : start + n], x, lead))
+    start += n
+  return jax.tree.unflatten(treedef, out)
+
+
+def pack_by_dtype(tree: Any) -> dict[str, jax.Array]:
+  """The leaves of `tree` raveled and concatenated per dtype (for collectives that add)."""
+  groups: dict[str, list[jax.Array]] = {}
+  for x in jax.tree.leaves(tree):
+    groups.setdefault(np.dtype(x.dtype).name, []).append(x.reshape(-1))
+  return {k: v[0] if len(v) == 1 else jnp.concatenate(v) for k, v in groups.items()}
+
+
+def unpack_by_dtype(buffers: dict[str, jax.Array], like: Any) -> Any:
+  """Inverse of `pack_by_dtype`."""
+  leaves, treedef = jax.tree.flatten(like)
+  starts: dict[str, int] = {}
+  out = []
+  for x in leaves:
+    name = np.dtype(x.dtype).name
+    start = starts.get(name, 0)
+    size = math.prod(x.shape)
+    out.append(buffers[name][start : start + size].reshape(x.shape))
+    starts[name] = start + size
+  return jax.tree.unflatten(treedef, out)

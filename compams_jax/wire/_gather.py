@@ -1,0 +1,107 @@
+"""The gather strategy: every worker's compact payload reaches every worker (the paper's algorithm)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+
+from compams_jax._src import bucket
+from compams_jax._src.axis import AxisName, all_gather_invariant, num_workers
+from compams_jax._src.base import Compressor
+from compams_jax._src.feedback import TreeCodec, compress_with_feedback
+from compams_jax._src.keys import decode_key
+from compams_jax._src.tree import decode_sum_tree, decode_tree, tree_wire_bits
+from compams_jax.wire._strategy import Wire
+
+
+def gather_average(
+  compressor: Compressor,
+  payload: Any,
+  like: Any,
+  *,
+  axis_name: AxisName | None,
+  key: jax.Array | None = None,
+  own: Any = None,
+) -> Any:
+  """(1/n) Σ_i decode(payload_i) over the workers of `axis_name`, as a pytree like `like`.
+
+  Summable payloads (identity, cast, shared-seed random-k) travel by one `psum` per payload
+  dtype; all others by ONE `all_gather` of every leaf's payload bitcast to bytes and
+  concatenated, after which every worker adds the n decoded payloads one worker at a time
+  (`decode_sum`: O(size) memory whatever n is). The result is identical on every worker.
+
+  Args:
+    compressor: the compressor that produced `payload`.
+    payload: this worker's payload (`encode_tree`).
+    like: arrays or ShapeDtypeStructs giving the result's shapes and dtypes.
+    axis_name: the worker axis, or None for a single worker.
+    key: the encoding key; used to decode only if the compressor's randomness is shared.
+    own: this worker's own decoded payload, if the caller has it; with one worker it is the
+      result (bit-identical to the caller's).
+
+  Returns:
+    The average of the decoded payloads, a pytree like `like`.
+  """
+  key = decode_key(compressor, key)
+  if axis_name is None:
+    return decode_tree(compressor, payload, like, key) if own is None else own
+  n = num_workers(axis_name)
+  if not jax.tree.leaves(like):
+    return like
+  if compressor.summable:
+    summed = {k: jax.lax.psum(v, axis_name) for k, v in bucket.pack_by_dtype(payload).items()}
+    total = decode_tree(compressor, bucket.unpack_by_dtype(summed, payload), like, key)
+  else:
+    buffer = bucket.pack(payload)
+    gathered = None if buffer is None else all_gather_invariant(buffer, axis_name)
+    payloads = bucket.unpack(gathered, payload, lead=(n,))
+    total = decode_sum_tree(compressor, payloads, like, key)
+  return jax.tree.map(lambda t: (t / n).astype(t.dtype), total)
+
+
+@dataclasses.dataclass(frozen=True)
+class Gather(Wire):
+  """Every worker's payload reaches every worker; each decodes and averages all n.
+
+  Collectives per step: one `all_gather` of all leaves' payloads (bytes), or, for summable
+  compressors, one `psum` per payload dtype (one for identity, cast and random-k). Bytes
+  handed over per worker: one payload of the whole model (`wire_bits`); received: n of them.
+  """
+
+  def init(self, compressor, like, axis_name):
+    del compressor, like, axis_name
+    return None
+
+  def step(self, compressor, value, residual, state, *, key, axis_name):
+    out = compress_with_feedback(TreeCodec(compressor), value, residual, key)
+    own = jax.tree.map(lambda s, v: s.astype(v.dtype), out.sent, value)
+    mean = gather_average(compressor, out.payload, value, axis_name=axis_name, key=key, own=own)
+    return mean, out.residual, state
+
+  def average(self, compressor, payload, like, *, axis_name, key=None, own=None):
+    return gather_average(compressor, payload, like, axis_name=axis_name, key=key, own=own)
+
+  def bytes(self, compressor, like, num_workers):
+    del num_workers
+    return -(-tree_wire_bits(compressor, like) // 8)
+
+  def collectives(self, compressor):
+    if not compressor.summable:
+      return 1
+    shapes = compressor.payload_shapes((8,), "float32")
+    return len({str(x.dtype) for x in jax.tree.leaves(shapes)})
+
+
+def gather() -> Gather:
+  """The gather strategy (the COMP-AMS paper's averaging; the default of every transform).
+
+  Returns:
+    A `Gather` strategy.
+
+  Examples:
+    >>> import compams_jax as cj
+    >>> tx = cj.comp_ams(1e-3, cj.compressors.top_k(0.01), axis_name="data", wire=cj.wire.gather())
+  """
+  return Gather()
