@@ -16,6 +16,7 @@ from compams_jax import compressors, predictors, sharding, transforms, wire
 from compams_jax._src.workers import PerWorker
 from compams_jax.compressors import Compressor
 from compams_jax.optimizers import comp_ams, compressed_momentum_sgd, onebit_adam, qadam
+from compams_jax.step import DataParallelStep, data_parallel_step
 from compams_jax.transforms import (
   CompressedMeanState,
   ErrorFeedbackState,
@@ -41,6 +42,7 @@ __version__ = "0.1.0"
 __all__ = [
   "CollectiveBytes",
   "CompressedMeanState",
+  "DataParallelStep",
   "Compressor",
   "ErrorFeedbackState",
   "OneBitAdamState",
@@ -55,6 +57,7 @@ __all__ = [
   "compressed_mean",
   "compressed_momentum_sgd",
   "compressors",
+  "data_parallel_step",
   "error_feedback",
   "onebit_adam",
   "powersgd",

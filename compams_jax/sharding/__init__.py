@@ -3,6 +3,6 @@
 
 from compams_jax.sharding._bytes import step_bytes
 from compams_jax.sharding._resize import resize_workers
-from compams_jax.sharding._specs import init, state_specs
+from compams_jax.sharding._specs import init, init_specs, state_specs
 
-__all__ = ["init", "resize_workers", "state_specs", "step_bytes"]
+__all__ = ["init", "init_specs", "resize_workers", "state_specs", "step_bytes"]

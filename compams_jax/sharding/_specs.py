@@ -90,7 +90,12 @@ def state_specs(
 
 
 def init(
-  tx: optax.GradientTransformation, params: Any, *, mesh: jax.sharding.Mesh, axis_name: str
+  tx: optax.GradientTransformation,
+  params: Any,
+  *,
+  mesh: jax.sharding.Mesh,
+  axis_name: str | tuple[str, ...],
+  param_specs: Any = None,
 ) -> Any:
   """Initialises `tx`'s state for every worker of `mesh`'s `axis_name` (global view).
 
@@ -103,6 +108,8 @@ def init(
     mesh: the device mesh.
     axis_name: the mesh axis indexing workers, or a tuple of axes (a hierarchical mesh: every
       device of ("dcn", "ici") keeps its own per-worker state).
+    param_specs: the parameters' PartitionSpecs over other mesh axes (e.g. "model"), or None
+      for parameters replicated on the whole mesh.
 
   Returns:
     The optimizer state, sharded as `state_specs(state, axis_name)` says.
@@ -115,21 +122,36 @@ def init(
     >>> state[0].residual.value["w"].shape == (jax.device_count(), 4)
     True
   """
-  param_specs = jax.tree.map(lambda _: P(), params)
-  specs = state_specs(local_state_shapes(tx, params, mesh), axis_name)
+  specs = init_specs(tx, params, mesh=mesh, axis_name=axis_name, param_specs=param_specs)
+  if param_specs is None:
+    param_specs = jax.tree.map(lambda _: P(), params)
   return jax.jit(
     jax.shard_map(tx.init, mesh=mesh, in_specs=(param_specs,), out_specs=specs, check_vma=False)
   )(params)
 
 
-def local_state_shapes(tx: optax.GradientTransformation, params: Any, mesh: Any) -> Any:
-  """One device's optimizer state shapes, traced where the mesh axes are bound (nothing runs).
+def init_specs(
+  tx: optax.GradientTransformation,
+  params: Any,
+  *,
+  mesh: Any,
+  axis_name: str | tuple[str, ...],
+  param_specs: Any = None,
+) -> Any:
+  """The partition specs `init` gives `tx`'s state, from shapes only (nothing runs).
 
   State sizes may depend on axis sizes (the two-phase server residual, hierarchical chunks), so
-  `tx.init` is traced inside `jax.shard_map` rather than on its own.
+  `tx.init` is traced inside `jax.shard_map`, where the mesh axes are bound.
   """
-  param_specs = jax.tree.map(lambda _: P(), params)
-  return jax.eval_shape(
-    jax.shard_map(tx.init, mesh=mesh, in_specs=(param_specs,), out_specs=P(), check_vma=False),
-    params,
-  )
+  replicated = param_specs is None
+  if replicated:
+    param_specs = jax.tree.map(lambda _: P(), params)
+
+  def local(fn):
+    return jax.shard_map(fn, mesh=mesh, in_specs=(param_specs,), out_specs=P(), check_vma=False)
+
+  state = jax.eval_shape(local(tx.init), params)
+  if replicated:
+    return state_specs(state, axis_name)
+  local_params = jax.eval_shape(local(lambda p: p), params)
+  return state_specs(state, axis_name, params=local_params, param_specs=param_specs)

@@ -1,0 +1,349 @@
+"""The data-parallel step: one place that builds it for shard_map meshes, pmap and vmap.
+
+Every worker differentiates its own share of the batch, the optimizer's collectives average
+the compressed gradients, and every worker applies the same update. The helper takes care of
+what a hand-written step gets silently wrong: differentiating with respect to a device-varying
+copy of the parameters (inside `jax.shard_map` the gradient of a replicated parameter is
+otherwise summed over workers before compression), per-worker optimizer state, batch placement
+and per-worker PRNG keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from compams_jax import sharding
+
+Mode = Literal["shard_map", "pmap", "vmap"]
+
+
+def _names(axis: Any) -> tuple[str, ...]:
+  if axis is None:
+    return ()
+  return (axis,) if isinstance(axis, str) else tuple(axis)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataParallelStep:
+  """A jitted data-parallel training step; build it with `data_parallel_step`.
+
+  Call `init(params)` once, then `step(params, opt_state, batch[, key])` every step. Layouts:
+
+  * "shard_map": params are global arrays on `mesh` (replicated, or sharded by
+    `param_specs`), the optimizer state is sharded as `cj.sharding.state_specs` says, and a
+    batch is a pytree of global arrays whose leading axis (the global batch) is split over the
+    worker axes.
+  * "pmap" and "vmap": params and every optimizer-state leaf carry a leading axis of the
+    workers (pmap's usual replicated layout); the batch's leading axis is split into
+    (workers, local batch).
+
+  Attributes:
+    loss_fn: `loss_fn(params, batch[, key]) -> loss` (or `(loss, aux)` with `has_aux`).
+    tx: the optimizer; its `axis_name` (and `dense_axis_name`) must name the worker axes.
+    mode: "shard_map", "pmap" or "vmap".
+    mesh: the device mesh ("shard_map" only).
+    axis_name: the axis (or axes) along which workers differ.
+    axis_sizes: the number of workers along each of those axes.
+    has_aux: whether `loss_fn` returns `(loss, aux)`.
+    param_specs: partition specs of the parameters over non-worker mesh axes, or None.
+  """
+
+  loss_fn: Callable[..., Any]
+  tx: optax.GradientTransformation
+  mode: Mode
+  mesh: jax.sharding.Mesh | None
+  axis_name: tuple[str, ...]
+  axis_sizes: tuple[int, ...]
+  has_aux: bool = False
+  param_specs: Any = None
+
+  @property
+  def num_workers(self) -> int:
+    return math.prod(self.axis_sizes)
+
+  def _nest(self, fn: Callable[..., Any], in_axes: Any) -> Callable[..., Any]:
+    """`fn` vmapped over every worker axis, outermost first, on (*axis_sizes, ...) inputs."""
+    for name, size in reversed(list(zip(self.axis_name, self.axis_sizes))):
+      fn = jax.vmap(fn, in_axes=in_axes, axis_name=name, axis_size=size)
+    return fn
+
+  def _split(self, tree: Any) -> Any:
+    return jax.tree.map(lambda x: x.reshape(self.axis_sizes + x.shape[1:]), tree)
+
+  def _merge(self, tree: Any) -> Any:
+    k = len(self.axis_sizes)
+    return jax.tree.map(lambda x: x.reshape((self.num_workers,) + x.shape[k:]), tree)
+
+  # ---------------------------------------------------------------------------------------------
+  # Placement.
+  # ---------------------------------------------------------------------------------------------
+
+  def _param_specs(self, params: Any) -> Any:
+    if self.param_specs is None:
+      return jax.tree.map(lambda _: P(), params)
+    return self.param_specs
+
+  def init(self, params: Any) -> tuple[Any, Any]:
+    """Places the parameters and initialises every worker's optimizer state.
+
+    Args:
+      params: the parameters (host or device arrays).
+
+    Returns:
+      (params, opt_state) in this step's layout.
+    """
+    if self.mode == "shard_map":
+      specs = self._param_specs(params)
+      # Fresh buffers: the step donates its inputs, which must not delete the caller's arrays.
+      out = jax.tree.map(lambda s: NamedSharding(self.mesh, s), specs)
+      params = jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=out)(params)
+      state = sharding.init(
+        self.tx,
+        params,
+        mesh=self.mesh,
+        axis_name=self.axis_name,
+        param_specs=self.param_specs,
+      )
+      return params, state
+    n = self.num_workers
+    stacked = jax.tree.map(lambda x: jnp.broadcast_to(jnp.asarray(x), (n,) + np.shape(x)), params)
+    if self.mode == "pmap":
+      init = jax.pmap(self.tx.init, axis_name=self._pmap_axis(), devices=jax.local_devices()[:n])
+      state = init(stacked)
+      place = jax.pmap(lambda x: x, devices=jax.local_devices()[:n])
+      return place(stacked), state
+    init = jax.jit(lambda p: self._merge(self._nest(self.tx.init, 0)(self._split(p))))
+    return stacked, init(stacked)
+
+  def _pmap_axis(self) -> str:
+    if len(self.axis_name) != 1:
+      raise ValueError(f"pmap takes one worker axis, got {self.axis_name}.")
+    return self.axis_name[0]
+
+  def shard_batch(self, batch: Any) -> Any:
+    """Places a global batch: its leading axis split over the workers (checked)."""
+    n = self.num_workers
+
+    def check(x):
+      size = np.shape(x)[0] if np.ndim(x) else None
+      if size is None or size % n:
+        raise ValueError(
+          f"every batch leaf needs a leading (global batch) axis divisible by the {n} workers; "
+          f"got shape {np.shape(x)}."
+        )
+
+    jax.tree.map(check, batch)
+    if self.mode == "shard_map":
+      spec = P(self.axis_name)
+      return jax.tree.map(lambda x: jax.device_put(x, NamedSharding(self.mesh, spec)), batch)
+    return jax.tree.map(lambda x: jnp.reshape(x, (n, -1) + np.shape(x)[1:]), batch)
+
+  # ---------------------------------------------------------------------------------------------
+  # The step.
+  # ---------------------------------------------------------------------------------------------
+
+  def _local(self, params, opt_state, batch, key, *, varying: bool):
+    """One worker's step: its gradient, the optimizer's collectives, the update."""
+    axes = self.axis_name
+    if key is not None:
+      key = jax.random.fold_in(key, jax.lax.axis_index(axes))
+    # Inside shard_map, differentiate with respect to a device-varying copy: the gradient of a
+    # replicated parameter would otherwise be summed over the workers before compression.
+    diff = (
+      jax.tree.map(lambda p: jax.lax.pcast(p, axes, to="varying"), params) if varying else params
+    )
+    args = (batch,) if key is None else (batch, key)
+    fn = self.loss_fn if self.has_aux else (lambda p, *a: (self.loss_fn(p, *a), None))
+    (loss, aux), grads = jax.value_and_grad(fn, has_aux=True)(diff, *args)
+    updates, opt_state = self.tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    metrics = {"loss": jax.lax.pmean(loss, axes)}
+    if aux is not None:
+      metrics["aux"] = jax.tree.map(
+        lambda a: jax.lax.pmean(a, axes) if jnp.issubdtype(a.dtype, jnp.inexact) else a, aux
+      )
+    skipped = optax.tree.get(opt_state, "skipped", None)
+    if skipped is not None:
+      metrics["skipped"] = skipped
+    return params, opt_state, metrics
+
+  @functools.cached_property
+  def _compiled(self) -> Callable[..., Any]:
+    if self.mode == "shard_map":
+      return self._shard_map_step()
+    if self.mode == "pmap":
+      return jax.pmap(
+        functools.partial(self._local, varying=False),
+        axis_name=self._pmap_axis(),
+        in_axes=(0, 0, 0, None),
+        donate_argnums=(0, 1),
+        devices=jax.local_devices()[: self.num_workers],
+      )
+    local = self._nest(functools.partial(self._local, varying=False), (0, 0, 0, None))
+
+    def simulated(params, opt_state, batch, key):
+      out = local(self._split(params), self._split(opt_state), self._split(batch), key)
+      return self._merge(out)
+
+    return jax.jit(simulated, donate_argnums=(0, 1))
+
+  def _shard_map_step(self) -> Callable[..., Any]:
+    cache: dict[Any, Callable[..., Any]] = {}
+
+    def step(params, opt_state, batch, key):
+      treedefs = (jax.tree.structure(params), jax.tree.structure(batch), key is None)
+      if treedefs not in cache:
+        pspecs = self._param_specs(params)
+        sspecs = sharding.init_specs(
+          self.tx, params, mesh=self.mesh, axis_name=self.axis_name, param_specs=self.param_specs
+        )
+        bspecs = jax.tree.map(lambda _: P(self.axis_name), batch)
+        mapped = jax.shard_map(
+          functools.partial(self._local, varying=True),
+          mesh=self.mesh,
+          in_specs=(pspecs, sspecs, bspecs, P()),
+          out_specs=(pspecs, sspecs, P()),
+        )
+        cache[treedefs] = jax.jit(mapped, donate_argnums=(0, 1))
+      return cache[treedefs](params, opt_state, batch, key)
+
+    return step
+
+  def __call__(self, params: Any, opt_state: Any, batch: Any, key: jax.Array | None = None):
+    """One step on a global batch.
+
+    Args:
+      params: the parameters in this step's layout (from `init` or the last step).
+      opt_state: the optimizer state in this step's layout.
+      batch: a pytree of arrays whose leading axis is the global batch (placed here if it is
+        not already).
+      key: a PRNG key; each worker's `loss_fn` receives `fold_in(key, worker index)` (for
+        dropout). Omit it for a `loss_fn(params, batch)`.
+
+    Returns:
+      (params, opt_state, metrics): metrics hold "loss" (the mean over workers), "aux" (with
+      `has_aux`; floating leaves averaged over workers) and "skipped" (the count of skipped
+      steps, when the optimizer is wrapped in `cj.skip_nonfinite`).
+    """
+    self._check_state(opt_state)
+    params, opt_state, metrics = self._compiled(params, opt_state, self.shard_batch(batch), key)
+    if self.mode != "shard_map":  # identical on every worker: report one copy
+      metrics = jax.tree.map(lambda x: x[0], metrics)
+    return params, opt_state, metrics
+
+  def _check_state(self, opt_state: Any) -> None:
+    """Per-worker state from `tx.init` (one worker) would be silently wrong on n workers."""
+    from compams_jax._src.workers import is_per_worker
+
+    for node in jax.tree.leaves(opt_state, is_leaf=is_per_worker):
+      if not is_per_worker(node):
+        continue
+      for leaf in jax.tree.leaves(node.value):
+        if np.shape(leaf)[0] != self.num_workers:
+          raise ValueError(
+            f"the optimizer state holds {node.what} for {np.shape(leaf)[0]} worker(s), but this "
+            f"step has {self.num_workers}: create it with step.init(params) (on a mesh, "
+            "cj.sharding.init(tx, params, mesh=..., axis_name=...)), not tx.init(params)."
+          )
+
+
+def data_parallel_step(
+  loss_fn: Callable[..., Any],
+  tx: optax.GradientTransformation,
+  *,
+  mesh: jax.sharding.Mesh | None = None,
+  axis_name: str | tuple[str, ...] = "data",
+  mode: Mode | None = None,
+  num_workers: int | tuple[int, ...] | None = None,
+  has_aux: bool = False,
+  param_specs: Any = None,
+) -> DataParallelStep:
+  """Builds the data-parallel training step for `tx` and `loss_fn`.
+
+  Args:
+    loss_fn: `loss_fn(params, batch)` (or `loss_fn(params, batch, key)` when the step is given
+      a key) returning the scalar loss of one worker's share of the batch, or `(loss, aux)`
+      with `has_aux`.
+    tx: the optimizer, built with the same worker axes (e.g. `cj.comp_ams(...,
+      axis_name="data")`; on a hierarchical mesh `axis_name="dcn", dense_axis_name="ici"`).
+    mesh: the device mesh for `jax.shard_map` (the default mode when given).
+    axis_name: the mesh axis (or tuple of axes) along which workers differ: ("dcn", "ici") on a
+      hierarchical mesh. Other mesh axes (e.g. "model") are left to `param_specs`.
+    mode: "shard_map" (default with a mesh), "pmap" (one worker per local device) or "vmap"
+      (all workers simulated on one device; `jax.vmap(..., axis_name=...)`).
+    num_workers: the number of workers (pmap: default all local devices; vmap: required, one
+      size per axis when `axis_name` is a tuple).
+    has_aux: `loss_fn` returns `(loss, aux)`; aux is averaged over workers (e.g. model state).
+    param_specs: PartitionSpecs of the parameters over non-worker mesh axes, or None
+      (replicated).
+
+  Returns:
+    A `DataParallelStep`: `params, opt_state = step.init(params)`, then
+    `params, opt_state, metrics = step(params, opt_state, batch)`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, compams_jax as cj
+    >>> mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    >>> tx = cj.comp_ams(1e-2, cj.compressors.top_k(0.5), axis_name="data")
+    >>> loss = lambda p, b: jnp.mean((b["x"] @ p["w"] - b["y"]) ** 2)
+    >>> step = cj.data_parallel_step(loss, tx, mesh=mesh, axis_name="data")
+    >>> params, opt_state = step.init({"w": jnp.zeros(3)})
+    >>> batch = {"x": jnp.ones((8 * jax.device_count(), 3)), "y": jnp.ones(8 * jax.device_count())}
+    >>> params, opt_state, metrics = step(params, opt_state, batch)
+    >>> float(metrics["loss"])
+    1.0
+  """
+  names = _names(axis_name)
+  if not names:
+    raise ValueError("data_parallel_step needs the worker axis_name (e.g. 'data').")
+  if mode is None:
+    mode = "shard_map" if mesh is not None else "pmap"
+  if mode not in ("shard_map", "pmap", "vmap"):
+    raise ValueError(f"mode must be 'shard_map', 'pmap' or 'vmap', got {mode!r}.")
+  if mode == "shard_map":
+    if mesh is None:
+      raise ValueError("mode='shard_map' needs a mesh (jax.make_mesh(...)).")
+    missing = [a for a in names if a not in mesh.shape]
+    if missing:
+      raise ValueError(f"axis_name {missing} not in the mesh's axes {tuple(mesh.shape)}.")
+    sizes = tuple(mesh.shape[a] for a in names)
+    if num_workers is not None and num_workers not in (math.prod(sizes), sizes):
+      raise ValueError(f"num_workers={num_workers}, but the mesh has {sizes} workers on {names}.")
+  elif mode == "pmap":
+    n = jax.local_device_count() if num_workers is None else num_workers
+    if len(names) != 1 or not isinstance(n, int):
+      raise ValueError("mode='pmap' takes one worker axis and an int num_workers.")
+    if n > jax.local_device_count():
+      raise ValueError(
+        f"pmap over {n} workers needs {n} local devices; jax sees {jax.local_device_count()}."
+      )
+    sizes = (n,)
+  else:
+    if num_workers is None:
+      raise ValueError("mode='vmap' needs num_workers (the number of simulated workers).")
+    sizes = (num_workers,) if isinstance(num_workers, int) else tuple(num_workers)
+    if len(sizes) != len(names):
+      raise ValueError(f"num_workers={num_workers} needs one size per axis of {names}.")
+  if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in sizes):
+    raise ValueError(f"num_workers must be positive ints, got {num_workers!r}.")
+  return DataParallelStep(
+    loss_fn=loss_fn,
+    tx=tx,
+    mode=mode,
+    mesh=mesh,
+    axis_name=names,
+    axis_sizes=sizes,
+    has_aux=has_aux,
+    param_specs=param_specs,
+  )
