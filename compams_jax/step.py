@@ -44,8 +44,9 @@ class DataParallelStep:
     `param_specs`), the optimizer state is sharded as `cj.sharding.state_specs` says, and a
     batch is a pytree of global arrays whose leading axis (the global batch) is split over the
     worker axes.
-  * "pmap" and "vmap": params and every optimizer-state leaf carry a leading axis of the
-    workers (pmap's usual replicated layout); the batch's leading axis is split into
+  * "pmap": params and every optimizer-state leaf carry a leading axis of the workers (pmap's
+    usual replicated layout). "vmap": one copy of the params; every optimizer-state leaf
+    carries the leading worker axis. In both, the batch's leading axis is split into
     (workers, local batch).
 
   Attributes:
@@ -123,8 +124,8 @@ class DataParallelStep:
       state = init(stacked)
       place = jax.pmap(lambda x: x, devices=jax.local_devices()[:n])
       return place(stacked), state
-    init = jax.jit(lambda p: self._merge(self._nest(self.tx.init, 0)(self._split(p))))
-    return stacked, init(stacked)
+    init = jax.jit(lambda p: self._merge(self._nest(self.tx.init, None)(p)))
+    return jax.tree.map(lambda x: jnp.array(x, copy=True), params), init(params)
 
   def _pmap_axis(self) -> str:
     if len(self.axis_name) != 1:
@@ -168,14 +169,11 @@ class DataParallelStep:
     (loss, aux), grads = jax.value_and_grad(fn, has_aux=True)(diff, *args)
     updates, opt_state = self.tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    metrics = {"loss": jax.lax.pmean(loss, axes)}
+    # Per-worker metrics, averaged outside the step: a collective here would add bytes to
+    # every step that the optimizer did not send.
+    metrics = {"loss": loss[None]}
     if aux is not None:
-      metrics["aux"] = jax.tree.map(
-        lambda a: jax.lax.pmean(a, axes) if jnp.issubdtype(a.dtype, jnp.inexact) else a, aux
-      )
-    skipped = optax.tree.get(opt_state, "skipped", None)
-    if skipped is not None:
-      metrics["skipped"] = skipped
+      metrics["aux"] = jax.tree.map(lambda a: jnp.asarray(a)[None], aux)
     return params, opt_state, metrics
 
   @functools.cached_property
@@ -190,33 +188,38 @@ class DataParallelStep:
         donate_argnums=(0, 1),
         devices=jax.local_devices()[: self.num_workers],
       )
-    local = self._nest(functools.partial(self._local, varying=False), (0, 0, 0, None))
+    local = self._nest(functools.partial(self._local, varying=False), (None, 0, 0, None))
 
     def simulated(params, opt_state, batch, key):
-      out = local(self._split(params), self._split(opt_state), self._split(batch), key)
-      return self._merge(out)
+      params, opt_state, metrics = local(params, self._split(opt_state), self._split(batch), key)
+      # Every simulated worker holds the same params: keep one copy.
+      params = jax.tree.map(lambda x: self._merge(x)[0], params)
+      return params, self._merge(opt_state), self._merge(metrics)
 
     return jax.jit(simulated, donate_argnums=(0, 1))
 
-  def _shard_map_step(self) -> Callable[..., Any]:
-    cache: dict[Any, Callable[..., Any]] = {}
+  def _jit_for(self, params: Any, batch: Any, key: Any) -> Callable[..., Any]:
+    """The jitted shard_map step for this params/batch structure (built once, cached)."""
+    signature = (jax.tree.structure(params), jax.tree.structure(batch), key is None)
+    cache = self.__dict__.setdefault("_jits", {})
+    if signature not in cache:
+      pspecs = self._param_specs(params)
+      sspecs = sharding.init_specs(
+        self.tx, params, mesh=self.mesh, axis_name=self.axis_name, param_specs=self.param_specs
+      )
+      bspecs = jax.tree.map(lambda _: P(self.axis_name), batch)
+      mapped = jax.shard_map(
+        functools.partial(self._local, varying=True),
+        mesh=self.mesh,
+        in_specs=(pspecs, sspecs, bspecs, P()),
+        out_specs=(pspecs, sspecs, P(self.axis_name)),
+      )
+      cache[signature] = jax.jit(mapped, donate_argnums=(0, 1))
+    return cache[signature]
 
+  def _shard_map_step(self) -> Callable[..., Any]:
     def step(params, opt_state, batch, key):
-      treedefs = (jax.tree.structure(params), jax.tree.structure(batch), key is None)
-      if treedefs not in cache:
-        pspecs = self._param_specs(params)
-        sspecs = sharding.init_specs(
-          self.tx, params, mesh=self.mesh, axis_name=self.axis_name, param_specs=self.param_specs
-        )
-        bspecs = jax.tree.map(lambda _: P(self.axis_name), batch)
-        mapped = jax.shard_map(
-          functools.partial(self._local, varying=True),
-          mesh=self.mesh,
-          in_specs=(pspecs, sspecs, bspecs, P()),
-          out_specs=(pspecs, sspecs, P()),
-        )
-        cache[treedefs] = jax.jit(mapped, donate_argnums=(0, 1))
-      return cache[treedefs](params, opt_state, batch, key)
+      return self._jit_for(params, batch, key)(params, opt_state, batch, key)
 
     return step
 
@@ -233,14 +236,25 @@ class DataParallelStep:
 
     Returns:
       (params, opt_state, metrics): metrics hold "loss" (the mean over workers), "aux" (with
-      `has_aux`; floating leaves averaged over workers) and "skipped" (the count of skipped
-      steps, when the optimizer is wrapped in `cj.skip_nonfinite`).
+      `has_aux`: the mean over workers) and "skipped" (the count of skipped steps, when the
+      optimizer is wrapped in `cj.skip_nonfinite`). They are averaged outside the compiled
+      step, which holds no collective but the optimizer's.
     """
     self._check_state(opt_state)
     params, opt_state, metrics = self._compiled(params, opt_state, self.shard_batch(batch), key)
-    if self.mode != "shard_map":  # identical on every worker: report one copy
-      metrics = jax.tree.map(lambda x: x[0], metrics)
+    metrics = jax.tree.map(lambda x: jnp.mean(x.reshape((self.num_workers, -1)), axis=0), metrics)
+    metrics = jax.tree.map(lambda x: x.reshape(()) if x.size == 1 else x, metrics)
+    skipped = optax.tree.get(opt_state, "skipped", None)
+    if skipped is not None:
+      metrics["skipped"] = jnp.asarray(skipped).reshape(-1)[0]
     return params, opt_state, metrics
+
+  def lower(self, params: Any, opt_state: Any, batch: Any, key: jax.Array | None = None):
+    """The lowered step (`.compile()`, `.as_text()`; `cj.collective_bytes` reads it)."""
+    batch = self.shard_batch(batch)
+    if self.mode == "shard_map":
+      return self._jit_for(params, batch, key).lower(params, opt_state, batch, key)
+    return self._compiled.lower(params, opt_state, batch, key)
 
   def _check_state(self, opt_state: Any) -> None:
     """Per-worker state from `tx.init` (one worker) would be silently wrong on n workers."""
@@ -284,7 +298,8 @@ def data_parallel_step(
       (all workers simulated on one device; `jax.vmap(..., axis_name=...)`).
     num_workers: the number of workers (pmap: default all local devices; vmap: required, one
       size per axis when `axis_name` is a tuple).
-    has_aux: `loss_fn` returns `(loss, aux)`; aux is averaged over workers (e.g. model state).
+    has_aux: `loss_fn` returns `(loss, aux)` (aux: numeric arrays, reported averaged over the
+      workers, e.g. accuracy).
     param_specs: PartitionSpecs of the parameters over non-worker mesh axes, or None
       (replicated).
 

@@ -22,7 +22,9 @@ def base_config(*, name: str, dataset: str, model: str, **fields: Any) -> ml_col
   target_train_loss / target_loss_window (stop once the mean training loss of the last
   `target_loss_window` steps is at most `target_train_loss`; 0 = train all epochs),
   optimizer.{name, learning_rate, compressor, compressor_kwargs, b1, b2, eps, momentum,
-  predictor, error_feedback, seed}, variants (optimizer presets run side by side), lr_grid
+  predictor, error_feedback, seed, wire ("gather" or "two_phase")}, mesh.{shape (() = 1-D
+  "data" of num_workers; (slices, chips) = hierarchical ("dcn", "ici")), dense_axis (the fast
+  axis averaged densely first, "ici"), simulate ("vmap": every worker on one device)}, variants (optimizer presets run side by side), lr_grid
   (the learning rates a sweep tries).
   """
   c = ml_collections.ConfigDict()
@@ -39,6 +41,7 @@ def base_config(*, name: str, dataset: str, model: str, **fields: Any) -> ml_col
   c.checkpoint_every = 500
   c.target_train_loss = 0.0
   c.target_loss_window = 10
+  c.mesh = ml_collections.ConfigDict({"shape": (), "dense_axis": "ici", "simulate": ""})
   c.optimizer = ml_collections.ConfigDict(
     {
       "name": "comp_ams",
@@ -53,6 +56,7 @@ def base_config(*, name: str, dataset: str, model: str, **fields: Any) -> ml_col
       "error_feedback": True,
       "seed": 0,
       "warmup_steps": 100,
+      "wire": "gather",
     }
   )
   c.variants = ("amsgrad", "comp_ams_top_k", "comp_ams_block_sign", "onebit_adam", "qadam")

@@ -56,7 +56,7 @@ def _predictor(opt: Mapping[str, Any]):
 
 
 def build_optimizer(
-  opt: Mapping[str, Any], *, axis_name: str | None
+  opt: Mapping[str, Any], *, axis_name: str | None, dense_axis_name: str | None = None
 ) -> optax.GradientTransformation:
   """Builds the optimizer that an `optimizer` config section describes.
 
@@ -67,6 +67,7 @@ def build_optimizer(
       fields (`b1`, `b2`, `eps`, `momentum`, `error_feedback`, `predictor`, `seed`,
       `warmup_steps`).
     axis_name: the data-parallel axis.
+    dense_axis_name: a fast axis averaged densely before compression (hierarchical meshes).
 
   Returns:
     The `optax.GradientTransformation`.
@@ -77,6 +78,13 @@ def build_optimizer(
     ...                           compressor_kwargs={"ratio": 0.01}), axis_name=None)
   """
   name = opt.get("name")
+  wire_name = opt.get("wire", "gather")
+  wires = {"gather": cj.wire.gather, "two_phase": cj.wire.two_phase}
+  if wire_name not in wires:
+    raise ValueError(f"unknown wire {wire_name!r}; valid: {', '.join(wires)}.")
+  where = dict(axis_name=axis_name, dense_axis_name=dense_axis_name, wire=wires[wire_name]())
+  if dense_axis_name is not None and name in ("onebit_adam", "qadam"):
+    raise ValueError(f"{name} does not support a hierarchical mesh (mesh.dense_axis).")
   if name not in OPTIMIZERS:
     raise ValueError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}.")
   lr = float(opt["learning_rate"])
@@ -87,6 +95,7 @@ def build_optimizer(
       lr,
       cj.compressors.identity(),
       axis_name=axis_name,
+      dense_axis_name=dense_axis_name,
       b1=opt.get("b1", 0.9),
       b2=opt.get("b2", 0.999),
       eps=opt.get("eps", 1e-8),
@@ -119,7 +128,7 @@ def build_optimizer(
     return cj.comp_ams(
       lr,
       compressor,
-      axis_name=axis_name,
+      **where,
       b1=opt.get("b1", 0.9),
       b2=opt.get("b2", 0.999),
       eps=opt.get("eps", 1e-8),
@@ -133,7 +142,7 @@ def build_optimizer(
     momentum=float(opt.get("momentum", 0.9)),
     predictive=predictor if predictor is not None else False,
     error_feedback=bool(opt.get("error_feedback", True)),
-    axis_name=axis_name,
+    **where,
     seed=seed,
   )
 

@@ -1,7 +1,7 @@
 """The data-parallel training loop: n workers on a `jax.shard_map` mesh axis "data".
 
 `train` orchestrates: `create_train_state` (model, parameters and optimizer state on the mesh),
-`make_train_step` and `make_eval_step` (the jitted data-parallel steps), `evaluate`, and `_fit`
+`cj.data_parallel_step` and `make_eval_step` (the jitted data-parallel steps), `evaluate`, and `_fit`
 (the loop: metrics, progress, checkpoints and the windowed loss-target stop).
 """
 
@@ -51,16 +51,74 @@ def to_host(x: jax.Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def make_mesh(num_workers: int) -> jax.sharding.Mesh:
-  """A 1-D mesh of `num_workers` devices named "data"."""
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Where the workers live: a device mesh (1-D "data", or hierarchical ("dcn", "ici")), or
+  all of them simulated on one device with `jax.vmap`.
+
+  Attributes:
+    mesh: the device mesh, or None when simulated.
+    axes: the worker axes of the step: ("data",) or ("dcn", "ici").
+    sizes: the number of workers along each axis.
+    axis_name: the optimizer's (slow) worker axis.
+    dense_axis_name: the fast axis averaged densely first, or None.
+  """
+
+  mesh: jax.sharding.Mesh | None
+  axes: tuple[str, ...]
+  sizes: tuple[int, ...]
+  axis_name: str
+  dense_axis_name: str | None
+
+  @property
+  def num_workers(self) -> int:
+    return math.prod(self.sizes)
+
+  @property
+  def simulated(self) -> bool:
+    return self.mesh is None
+
+
+def make_layout(config) -> Layout:
+  """The workers' layout from `num_workers` and the `mesh` config section.
+
+  `mesh.shape` () is a 1-D mesh of `num_workers` devices named "data"; a 2-D shape such as
+  (2, 4) is a hierarchical ("dcn", "ici") mesh whose fast axis `mesh.dense_axis` ("ici") is
+  averaged densely before compression (on several processes, one slice per process).
+  `mesh.simulate="vmap"` runs the same layout on one device.
+  """
+  n = int(config.num_workers)
+  section = config.get("mesh", None) or {}
+  shape = tuple(int(k) for k in (section.get("shape", ()) or ()))
+  simulate = str(section.get("simulate", "") or "")
+  if simulate not in ("", "vmap"):
+    raise ValueError(f"mesh.simulate must be '' or 'vmap', got {simulate!r}.")
+  if not shape:
+    shape = (n,)
+  if math.prod(shape) != n:
+    raise ValueError(f"mesh.shape={shape} has {math.prod(shape)} devices, num_workers={n}.")
+  if len(shape) == 1:
+    axes, axis_name, dense = (AXIS,), AXIS, None
+  elif len(shape) == 2:
+    dense = str(section.get("dense_axis", "ici") or "ici")
+    if dense not in ("ici", "dcn"):
+      raise ValueError(f"mesh.dense_axis must be 'ici' or 'dcn', got {dense!r}.")
+    axes, axis_name = ("dcn", "ici"), ("dcn" if dense == "ici" else "ici")
+  else:
+    raise ValueError(f"mesh.shape must have 1 or 2 axes, got {shape}.")
+  if simulate:
+    return Layout(None, axes, shape, axis_name, dense)
   devices = jax.devices()
-  if len(devices) < num_workers:
+  if len(devices) < n:
     raise RuntimeError(
-      f"the run needs {num_workers} devices (one per worker) but jax sees {len(devices)}. "
+      f"the run needs {n} devices (one per worker) but jax sees {len(devices)}. "
       "On CPU, simulate them by setting XLA_FLAGS=--xla_force_host_platform_device_count="
-      f"{num_workers} before jax starts (compams-train does this for you)."
+      f"{n} before jax starts (compams-train does this for you), or set mesh.simulate=vmap."
     )
-  return jax.make_mesh((num_workers,), (AXIS,), devices=devices[:num_workers])
+  # Row-major over jax.devices(): with several processes, each process's devices form a row
+  # (one slice per process along "dcn").
+  mesh = jax.sharding.Mesh(np.asarray(devices[:n]).reshape(shape), axes)
+  return Layout(mesh, axes, shape, axis_name, dense)
 
 
 @dataclasses.dataclass
@@ -175,110 +233,112 @@ def _epoch_length(config, dataset) -> int:
   return per_epoch
 
 
-def create_train_state(config, dataset, mesh: jax.sharding.Mesh, key: jax.Array):
-  """The model, the optimizer and the initial `TrainState`: parameters replicated on `mesh`,
-  optimizer state laid out by `cj.sharding.init` (per-worker leaves split over "data")."""
+def create_train_state(config, dataset, layout: Layout, key: jax.Array):
+  """The model, the data-parallel step (`cj.data_parallel_step`) and the initial `TrainState`:
+  parameters on the mesh, optimizer state laid out per worker."""
   model = create_model(
     config.model.name, dataset.num_classes, **dict(config.model.get("kwargs", {}) or {})
   )
   params = model.init({"params": key}, jnp.asarray(dataset.x_train[:1]), train=False)["params"]
-  params = jax.tree.map(lambda x: put_global(x, mesh, P()), params)
-  tx = build_optimizer(config.optimizer, axis_name=AXIS)
-  opt_state = cj.sharding.init(tx, params, mesh=mesh, axis_name=AXIS)
-  return model, tx, TrainState(params, opt_state)
-
-
-def make_train_step(model, tx, mesh: jax.sharding.Mesh, specs, dropout_key: jax.Array):
-  """The jitted data-parallel step `(params, opt_state, x, y, step) -> (params, opt_state, loss,
-  accuracy)`: every worker differentiates on its own batch `x[w], y[w]` (dropout keyed by step
-  and worker), and `tx.update`'s collectives average the compressed gradients."""
-
-  @jax.jit
-  @functools.partial(
-    jax.shard_map,
-    mesh=mesh,
-    in_specs=(P(), specs, P(AXIS), P(AXIS), P()),
-    out_specs=(P(), specs, P(AXIS), P(AXIS)),
+  tx = build_optimizer(
+    config.optimizer, axis_name=layout.axis_name, dense_axis_name=layout.dense_axis_name
   )
-  def train_step(params, opt_state, x, y, step):
-    x, y = x[0], y[0]
-    rng = jax.random.fold_in(jax.random.fold_in(dropout_key, step), jax.lax.axis_index(AXIS))
 
-    def loss_fn(p):
-      logits = model.apply({"params": p}, x, train=True, rngs={"dropout": rng})
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-      return loss, jnp.mean(jnp.argmax(logits, -1) == y)
+  def loss_fn(p, batch, rng):
+    logits = model.apply({"params": p}, batch["x"], train=True, rngs={"dropout": rng})
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+    return loss, jnp.mean(jnp.argmax(logits, -1) == batch["y"])
 
-    # Differentiate w.r.t. a device-varying copy: the gradient of a replicated parameter inside
-    # shard_map would otherwise be summed over workers before compression.
-    varying = jax.tree.map(lambda p: jax.lax.pcast(p, AXIS, to="varying"), params)
-    (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(varying)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss[None], acc[None]
-
-  return train_step
-
-
-def make_eval_step(model, mesh: jax.sharding.Mesh):
-  """The jitted `(params, x, y) -> (losses, correct)`, per example, the batch split over "data"."""
-
-  @jax.jit
-  @functools.partial(
-    jax.shard_map, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS)), out_specs=(P(AXIS), P(AXIS))
+  step = cj.data_parallel_step(
+    loss_fn,
+    tx,
+    mesh=layout.mesh,
+    axis_name=layout.axes,
+    mode="vmap" if layout.simulated else "shard_map",
+    num_workers=layout.sizes,
+    has_aux=True,
   )
+  params, opt_state = step.init(params)
+  return model, tx, step, TrainState(params, opt_state)
+
+
+def make_eval_step(model, layout: Layout):
+  """The jitted `(params, x, y) -> (losses, correct)`, per example, the batch split over the
+  workers (or one device when simulated)."""
+
   def eval_step(params, x, y):
     logits = model.apply({"params": params}, x, train=False)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
     return losses, (jnp.argmax(logits, -1) == y).astype(jnp.float32)
 
-  return eval_step
+  if layout.simulated:
+    return jax.jit(eval_step)
+  spec = P(layout.axes)
+  return jax.jit(
+    jax.shard_map(eval_step, mesh=layout.mesh, in_specs=(P(), spec, spec), out_specs=(spec, spec))
+  )
 
 
-def evaluate(eval_step, params, dataset, mesh: jax.sharding.Mesh) -> tuple[float, float]:
+def _put(a: Any, layout: Layout) -> Any:
+  """Host data split over the workers' devices (every process holds it in full)."""
+  return jnp.asarray(a) if layout.simulated else put_global(a, layout.mesh, P(layout.axes))
+
+
+def evaluate(eval_step, params, dataset, layout: Layout) -> tuple[float, float]:
   """Mean test loss and accuracy over the whole test split, in chunks of 64 per worker."""
   x, y = dataset.x_test, dataset.y_test
-  chunk = mesh.shape[AXIS] * 64
+  chunk = layout.num_workers * 64
   total = math.ceil(len(y) / chunk) * chunk
   pad = total - len(y)
   xp = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
   yp = np.concatenate([y, np.zeros((pad,), y.dtype)])
   losses, correct = [], []
   for i in range(0, total, chunk):
-    put = lambda a: put_global(a[i : i + chunk], mesh, P(AXIS))
-    l, c = eval_step(params, put(xp), put(yp))
+    l, c = eval_step(params, _put(xp[i : i + chunk], layout), _put(yp[i : i + chunk], layout))
     losses.append(to_host(l))
     correct.append(to_host(c))
   losses, correct = np.concatenate(losses)[: len(y)], np.concatenate(correct)[: len(y)]
   return float(losses.mean()), float(correct.mean())
 
 
-def make_batches(dataset, mesh: jax.sharding.Mesh, seed: int, local_batch: int, per_epoch: int):
-  """`batch(step)`: the step's (workers, local_batch, ...) inputs and labels, split over "data".
+def make_batches(dataset, layout: Layout, seed: int, local_batch: int, per_epoch: int):
+  """`batch(step)`: the step's global batch {"x", "y"} (worker-major: worker w's examples are
+  rows w·local_batch … (w+1)·local_batch − 1), split over the workers.
 
   A pure function of seed and step: each epoch deals out one seeded permutation of the training
   set (`epoch_permutation`), so a resumed run sees exactly the batches of an uninterrupted one.
   """
-  n = mesh.shape[AXIS]
+  n = layout.num_workers
 
   def batch(step):
     epoch, k = divmod(step, per_epoch)
     idx = epoch_permutation(len(dataset.y_train), seed, epoch)[
       k * n * local_batch : (k + 1) * n * local_batch
-    ].reshape(n, local_batch)
-    put = lambda a: put_global(a, mesh, P(AXIS))
-    return put(dataset.x_train[idx]), put(dataset.y_train[idx])
+    ]
+    return {"x": _put(dataset.x_train[idx], layout), "y": _put(dataset.y_train[idx], layout)}
 
   return batch
 
 
-def _communication(config, tx, train_step, state: TrainState, x0, y0):
+def _communication(config, tx, step, state: TrainState, batch0, layout: Layout):
   """What the optimizer sends: `sent_after(step)`, the bytes one worker has sent after `step`
-  steps, and the summary's byte fields, read from the compiled step's HLO and from payloads."""
-  step0 = jnp.zeros([], jnp.int32)
-  compiled = train_step.lower(state.params, state.opt_state, x0, y0, step0).compile()
-  hlo = cj.collective_bytes(compiled)
-  sent_after, steady = bytes_sent_by_step(config.optimizer, state.params, hlo.total)
-  static = cj.wire_bytes(tx, state.params)
+  steps, and the summary's byte fields, read from the compiled step's HLO and from payloads.
+
+  On a hierarchical mesh the HLO also holds the dense collectives of the fast axis; the bytes
+  "sent" are those of the slow (worker) axis. Simulated workers have no collectives at all:
+  their bytes are read from the traced optimizer (`cj.wire_bytes`).
+  """
+  key0 = jax.random.key(0)
+  hlo = cj.collective_bytes(step.lower(state.params, state.opt_state, batch0, key0).compile())
+  sizes = dict(zip(layout.axes, layout.sizes))
+  static = cj.wire_bytes(
+    tx,
+    state.params,
+    num_workers=sizes[layout.axis_name],
+    dense_workers=sizes.get(layout.dense_axis_name, 1),
+  )
+  per_step = hlo.total if (layout.dense_axis_name is None and not layout.simulated) else static
+  sent_after, steady = bytes_sent_by_step(config.optimizer, state.params, per_step)
   dense = 4 * count_params(state.params)
   return sent_after, {
     "bytes_per_step_hlo": hlo.total,
@@ -293,13 +353,13 @@ def _communication(config, tx, train_step, state: TrainState, x0, y0):
 class _Setup(NamedTuple):
   """Everything `train` builds from the config before it touches the run directory."""
 
-  mesh: jax.sharding.Mesh
+  layout: Layout
   dataset: Any
-  specs: Any  # The optimizer state's partition specs.
   state: TrainState  # The initial state.
-  train_step: Callable
+  train_step: Callable  # The `cj.data_parallel_step`.
   evaluate: Callable  # params -> (test loss, test accuracy)
-  batch: Callable  # step -> (x, y)
+  batch: Callable  # step -> {"x", "y"}
+  dropout_key: jax.Array
   per_epoch: int
   total_steps: int
   sent_after: Callable  # step -> bytes one worker has sent
@@ -307,25 +367,23 @@ class _Setup(NamedTuple):
 
 
 def _setup(config: ml_collections.ConfigDict) -> _Setup:
-  """Mesh, data, initial state, jitted steps and byte accounting (no run directory yet)."""
-  mesh = make_mesh(int(config.num_workers))
+  """Layout, data, initial state, jitted steps and byte accounting (no run directory yet)."""
+  layout = make_layout(config)
   dataset = _load_data(config)
   init_key = jax.random.key(int(config.seed))
-  model, tx, state = create_train_state(config, dataset, mesh, init_key)
-  specs = cj.sharding.state_specs(state.opt_state, AXIS)
-  train_step = make_train_step(model, tx, mesh, specs, jax.random.fold_in(init_key, 1))
-  eval_step = make_eval_step(model, mesh)
+  model, tx, step, state = create_train_state(config, dataset, layout, init_key)
+  eval_step = make_eval_step(model, layout)
   per_epoch = _epoch_length(config, dataset)
-  batch = make_batches(dataset, mesh, int(config.seed), int(config.local_batch), per_epoch)
-  sent_after, comm = _communication(config, tx, train_step, state, *batch(0))
+  batch = make_batches(dataset, layout, int(config.seed), int(config.local_batch), per_epoch)
+  sent_after, comm = _communication(config, tx, step, state, batch(0), layout)
   return _Setup(
-    mesh=mesh,
+    layout=layout,
     dataset=dataset,
-    specs=specs,
     state=state,
-    train_step=train_step,
-    evaluate=functools.partial(evaluate, eval_step, dataset=dataset, mesh=mesh),
+    train_step=step,
+    evaluate=functools.partial(evaluate, eval_step, dataset=dataset, layout=layout),
     batch=batch,
+    dropout_key=jax.random.fold_in(init_key, 1),
     per_epoch=per_epoch,
     total_steps=int(config.epochs) * per_epoch,
     sent_after=sent_after,
@@ -333,30 +391,39 @@ def _setup(config: ml_collections.ConfigDict) -> _Setup:
   )
 
 
-def restore_train_state(ckpt, step: int, like: TrainState, saved_workers: int, mesh, specs):
+def restore_train_state(ckpt, step: int, like: TrainState, saved_workers: int, setup: _Setup):
   """The `TrainState` checkpointed at `step`, laid out like `like`.
 
   A checkpoint of another worker count (elastic resume) is restored replicated and resized by
   `cj.sharding.resize_workers` (error residuals redistributed with their sum preserved).
   """
-  n = mesh.shape[AXIS]
-  like_state = like.opt_state
-  if saved_workers != n:  # Restore the old worker count's shapes, replicated, then resize.
+  layout = setup.layout
+  n = layout.num_workers
+  if saved_workers == n:
+    restored = ckpt.restore(step, like.checkpoint_item())
+    opt_state = restored["opt_state"]
+  else:
+    if layout.simulated:
+      raise checkpoints.CheckpointError(
+        "an elastic resume (another num_workers) needs a device mesh, not mesh.simulate=vmap."
+      )
+    mesh = layout.mesh
+    specs = jax.tree.map(lambda x: x.sharding.spec, like.opt_state)
+    per_worker = lambda sp: bool(sp) and sp[0] == P(layout.axes)[0]
+    # Restore the old worker count's shapes, replicated, then resize.
     like_state = jax.tree.map(
       lambda x, sp: jax.ShapeDtypeStruct(
-        ((saved_workers,) + x.shape[1:]) if sp and sp[0] == AXIS else x.shape,
+        ((saved_workers,) + x.shape[1:]) if per_worker(sp) else x.shape,
         x.dtype,
         sharding=NamedSharding(mesh, P()),
       ),
       like.opt_state,
       specs,
     )
-  restored = ckpt.restore(step, TrainState(like.params, like_state).checkpoint_item())
-  opt_state = restored["opt_state"]
-  if saved_workers != n:
+    restored = ckpt.restore(step, TrainState(like.params, like_state).checkpoint_item())
     opt_state = jax.tree.map(
       lambda x, sp: put_global(to_host(x), mesh, sp),
-      cj.sharding.resize_workers(opt_state, n),
+      cj.sharding.resize_workers(restored["opt_state"], n),
       specs,
     )
   meters = {k: type(getattr(Meters(), k))(v) for k, v in restored["meters"].items()}
@@ -382,7 +449,7 @@ def _resume_or_start(ckpt, setup: _Setup, config, workdir, resume, saved_meta, m
       )
     checkpoints.check_meta(saved_meta, meta, workdir, keys=must_match + ("param_shapes",))
     saved_workers = int(saved_meta["num_workers"])
-    state = restore_train_state(ckpt, latest, state, saved_workers, setup.mesh, setup.specs)
+    state = restore_train_state(ckpt, latest, state, saved_workers, setup)
     if lead:
       _truncate_metrics(metrics_path, state.step)
   elif lead:
@@ -467,11 +534,11 @@ def _write_line(log, **record) -> None:
 def _train_one_step(setup: _Setup, state: TrainState, step: int):
   """`state` advanced by the step's batch (its meters added to in place), with the step's mean
   training loss and accuracy."""
-  x, y = setup.batch(step)
-  params, opt_state, loss, acc = setup.train_step(
-    state.params, state.opt_state, x, y, jnp.asarray(step, jnp.int32)
+  key = jax.random.fold_in(setup.dropout_key, step)  # each worker folds in its index
+  params, opt_state, metrics = setup.train_step(
+    state.params, state.opt_state, setup.batch(step), key
   )
-  loss, acc = float(np.mean(to_host(loss))), float(np.mean(to_host(acc)))
+  loss, acc = float(to_host(metrics["loss"])), float(to_host(metrics["aux"]))
   if not math.isfinite(loss):
     raise FloatingPointError(f"training loss became {loss} at step {step}.")
   state.meters.add(loss, acc)
