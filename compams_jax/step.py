@@ -235,15 +235,16 @@ class DataParallelStep:
         dropout). Omit it for a `loss_fn(params, batch)`.
 
     Returns:
-      (params, opt_state, metrics): metrics hold "loss" (the mean over workers), "aux" (with
-      `has_aux`: the mean over workers) and "skipped" (the count of skipped steps, when the
-      optimizer is wrapped in `cj.skip_nonfinite`). They are averaged outside the compiled
-      step, which holds no collective but the optimizer's.
+      (params, opt_state, metrics): metrics hold "loss" (one value per worker: shape (n,)),
+      "aux" (with `has_aux`: each leaf with a leading axis of the n workers) and "skipped"
+      (the count of skipped steps, when the optimizer is wrapped in `cj.skip_nonfinite`). They
+      are not averaged inside the compiled step, which holds no collective but the
+      optimizer's: take `metrics["loss"].mean()`.
     """
     self._check_state(opt_state)
     params, opt_state, metrics = self._compiled(params, opt_state, self.shard_batch(batch), key)
-    metrics = jax.tree.map(lambda x: jnp.mean(x.reshape((self.num_workers, -1)), axis=0), metrics)
-    metrics = jax.tree.map(lambda x: x.reshape(()) if x.size == 1 else x, metrics)
+    if self.mode == "pmap":
+      metrics = jax.tree.map(lambda x: x.reshape((self.num_workers,) + x.shape[2:]), metrics)
     skipped = optax.tree.get(opt_state, "skipped", None)
     if skipped is not None:
       metrics["skipped"] = jnp.asarray(skipped).reshape(-1)[0]
@@ -316,7 +317,7 @@ def data_parallel_step(
     >>> params, opt_state = step.init({"w": jnp.zeros(3)})
     >>> batch = {"x": jnp.ones((8 * jax.device_count(), 3)), "y": jnp.ones(8 * jax.device_count())}
     >>> params, opt_state, metrics = step(params, opt_state, batch)
-    >>> float(metrics["loss"])
+    >>> float(metrics["loss"].mean())
     1.0
   """
   names = _names(axis_name)

@@ -3,6 +3,8 @@
 Each compressor declares its properties (`deviation`, `unbiased`, `summable`, `randomness`),
 its exact static `wire_bits(shape, dtype)`, and acts per pytree leaf (the paper's per-layer
 compression) or, with `granularity="model"`, on the whole model flattened into one vector.
+`REGISTRY` names every compressor (`get(name, **kwargs)` builds one) with the example settings
+the tests and benchmarks run.
 """
 
 from compams_jax._src.base import Compressor, num_kept, payload_bits
@@ -15,18 +17,22 @@ from compams_jax._src.tree import (
 )
 from compams_jax.compressors._dense import Cast, Identity, cast, identity
 from compams_jax.compressors._qsgd import QSGD, qsgd
-from compams_jax.compressors._registry import FACTORIES, get
+from compams_jax.compressors._registry import FACTORIES, REGISTRY, Entry, get
 from compams_jax.compressors._sign import BlockSign, block_sign, scaled_sign
+from compams_jax.compressors._terngrad import TernGrad, terngrad
 from compams_jax.compressors._top_k import RandomK, TopK, random_k, top_k
 
 __all__ = [
   "BlockSign",
   "Cast",
   "Compressor",
+  "Entry",
   "FACTORIES",
   "Identity",
   "QSGD",
+  "REGISTRY",
   "RandomK",
+  "TernGrad",
   "TopK",
   "block_sign",
   "cast",
@@ -41,6 +47,7 @@ __all__ = [
   "qsgd",
   "random_k",
   "scaled_sign",
+  "terngrad",
   "top_k",
   "tree_wire_bits",
 ]

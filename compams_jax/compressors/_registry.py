@@ -1,33 +1,82 @@
-"""Compressors by name, for configs and command lines."""
+"""Compressors by name: for configs and command lines, and the list tests and benchmarks use.
+
+Each name maps to an `Entry`: the factory, a few example arguments (the settings the tests
+parametrize over and the benchmarks run; the first is the benchmark default) and arguments the
+factory must reject. Registering a compressor here is what puts it under the registry-driven
+tests and benchmarks.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
+
+import jax.numpy as jnp
 
 from compams_jax._src.base import Compressor
 from compams_jax.compressors._dense import cast, identity
 from compams_jax.compressors._qsgd import qsgd
 from compams_jax.compressors._sign import block_sign, scaled_sign
+from compams_jax.compressors._terngrad import terngrad
 from compams_jax.compressors._top_k import random_k, top_k
 
-FACTORIES: dict[str, Callable[..., Compressor]] = {
-  "identity": identity,
-  "cast": cast,
-  "top_k": top_k,
-  "random_k": random_k,
-  "block_sign": block_sign,
-  "scaled_sign": scaled_sign,
-  "qsgd": qsgd,
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """One registered compressor.
+
+  Attributes:
+    factory: builds the compressor from keyword arguments.
+    examples: keyword arguments of representative settings (at least one; the first is what a
+      benchmark runs by default).
+    bad: (keyword arguments, exception type) pairs the factory must reject.
+  """
+
+  factory: Callable[..., Compressor]
+  examples: tuple[Mapping[str, Any], ...] = ({},)
+  bad: tuple[tuple[Mapping[str, Any], type[Exception]], ...] = ()
+
+  def __post_init__(self):
+    if not self.examples:
+      raise ValueError("a registry entry needs at least one example.")
+
+  @property
+  def parameters(self) -> frozenset[str]:
+    """Names of the factory's keyword arguments."""
+    return frozenset(inspect.signature(self.factory).parameters)
+
+
+_BAD_RATIO = (
+  ({"ratio": 0}, ValueError),
+  ({"ratio": 1.5}, ValueError),
+  ({"ratio": "0.1"}, TypeError),
+)
+
+REGISTRY: dict[str, Entry] = {
+  "identity": Entry(identity),
+  "cast": Entry(
+    cast,
+    ({"dtype": jnp.bfloat16}, {"dtype": jnp.float16}),
+    (({"dtype": jnp.int32}, TypeError), ({"dtype": "not-a-dtype"}, TypeError)),
+  ),
+  "top_k": Entry(top_k, ({"ratio": 0.01}, {"ratio": 0.3}), _BAD_RATIO),
+  "random_k": Entry(random_k, ({"ratio": 0.01}, {"ratio": 0.3}), _BAD_RATIO),
+  "block_sign": Entry(block_sign, ({}, {"exact_zeros": True})),
+  "scaled_sign": Entry(scaled_sign),
+  "qsgd": Entry(qsgd, ({"levels": 4}, {"levels": 300}), (({"levels": 0}, ValueError),)),
+  "terngrad": Entry(terngrad),
 }
+
+FACTORIES: dict[str, Callable[..., Compressor]] = {n: e.factory for n, e in REGISTRY.items()}
 
 
 def get(name: str, **kwargs: Any) -> Compressor:
-  """Builds a compressor from its name and keyword arguments.
+  """Builds a compressor from its registry name and keyword arguments.
 
   Args:
-    name: one of "identity", "cast", "top_k", "random_k", "block_sign", "scaled_sign", "qsgd".
+    name: a key of `REGISTRY` (the error for an unknown name lists them).
     **kwargs: the factory's arguments (e.g. ratio=0.01); unused ones are an error.
 
   Returns:
@@ -38,13 +87,13 @@ def get(name: str, **kwargs: Any) -> Compressor:
     >>> cj.compressors.get("top_k", ratio=0.05)
     TopK(granularity='leaf', ratio=0.05, method='auto')
   """
-  if name not in FACTORIES:
-    raise ValueError(f"unknown compressor {name!r}; valid names: {', '.join(sorted(FACTORIES))}.")
-  factory = FACTORIES[name]
-  accepted = set(inspect.signature(factory).parameters)
-  unknown = sorted(set(kwargs) - accepted)
+  if name not in REGISTRY:
+    raise ValueError(f"unknown compressor {name!r}; valid names: {', '.join(sorted(REGISTRY))}.")
+  entry = REGISTRY[name]
+  unknown = sorted(set(kwargs) - entry.parameters)
   if unknown:
     raise ValueError(
-      f"compressor {name!r} takes {sorted(accepted) or 'no arguments'}; got unexpected {unknown}."
+      f"compressor {name!r} takes {sorted(entry.parameters) or 'no arguments'}; "
+      f"got unexpected {unknown}."
     )
-  return factory(**kwargs)
+  return entry.factory(**kwargs)

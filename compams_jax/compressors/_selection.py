@@ -288,6 +288,7 @@ def _tie(flat: jax.Array, t: jax.Array, p: Plan) -> jax.Array:
 
 
 BRANCH_MAIN, BRANCH_TIE, BRANCH_EXACT = 0, 1, 2
+BRANCH_STATIC_EXACT = -1  # `lax.top_k` chosen at trace time (see `top_k_indices_and_branch`)
 
 
 def _branch(flat, t, words, p: Plan) -> jax.Array:
@@ -354,7 +355,18 @@ def _batched_selector(p: Plan):
   return select
 
 
-def top_k_indices(flat: jax.Array, k: int, method: Method = "auto", *, with_branch: bool = False):
+def _plan_for(flat: jax.Array, k: int, method: Method) -> Plan | None:
+  """The threshold path's plan for this call, or None where `lax.top_k` is used statically."""
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
+  d = flat.shape[0]
+  p = plan(d, k) if supported(flat.dtype) else None
+  if method == "exact" or p is None or (method == "auto" and d < AUTO_MIN_SIZE):
+    return None
+  return p
+
+
+def top_k_indices(flat: jax.Array, k: int, method: Method = "auto") -> jax.Array:
   """Flat indices of the k largest |flat| entries: the set `lax.top_k(|flat|, k)` returns.
 
   Args:
@@ -363,18 +375,32 @@ def top_k_indices(flat: jax.Array, k: int, method: Method = "auto", *, with_bran
     method: "exact" (`lax.top_k`), "threshold" (the estimated-threshold path wherever it is
       defined: 16/32-bit floats, at least 32,768 elements, k well below d/2), or "auto" (the
       threshold path from `AUTO_MIN_SIZE` elements up, `lax.top_k` below).
-    with_branch: also return which branch ran (0 threshold, 1 tie, 2 full `lax.top_k`; -1 when
-      the exact method was chosen statically). For tests and benchmarks.
 
   Returns:
-    int32 indices, shape (k,), and optionally the branch taken.
+    int32 indices, shape (k,).
   """
-  if method not in METHODS:
-    raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
-  d = flat.shape[0]
-  p = plan(d, k) if supported(flat.dtype) else None
-  if method == "exact" or p is None or (method == "auto" and d < AUTO_MIN_SIZE):
-    idx = exact_indices(flat, k)
-    return (idx, jnp.int32(-1)) if with_branch else idx
-  idx, branch = _batched_selector(p)(lax.stop_gradient(flat))
-  return (idx, branch) if with_branch else idx
+  p = _plan_for(flat, k, method)
+  if p is None:
+    return exact_indices(flat, k)
+  return _batched_selector(p)(lax.stop_gradient(flat))[0]
+
+
+def top_k_indices_and_branch(
+  flat: jax.Array, k: int, method: Method = "auto"
+) -> tuple[jax.Array, jax.Array]:
+  """`top_k_indices` and which branch ran, for tests and benchmarks (the library never asks).
+
+  Args:
+    flat: as in `top_k_indices`.
+    k: as in `top_k_indices`.
+    method: as in `top_k_indices`.
+
+  Returns:
+    (the indices `top_k_indices` returns, an int32 branch: `BRANCH_MAIN` (0) threshold,
+    `BRANCH_TIE` (1) tie at the threshold, `BRANCH_EXACT` (2) full `lax.top_k` at run time,
+    or `BRANCH_STATIC_EXACT` (-1) when `lax.top_k` was chosen statically).
+  """
+  p = _plan_for(flat, k, method)
+  if p is None:
+    return exact_indices(flat, k), jnp.int32(BRANCH_STATIC_EXACT)
+  return _batched_selector(p)(lax.stop_gradient(flat))

@@ -538,7 +538,8 @@ def _train_one_step(setup: _Setup, state: TrainState, step: int):
   params, opt_state, metrics = setup.train_step(
     state.params, state.opt_state, setup.batch(step), key
   )
-  loss, acc = float(to_host(metrics["loss"])), float(to_host(metrics["aux"]))
+  loss = float(np.mean(to_host(metrics["loss"])))
+  acc = float(np.mean(to_host(metrics["aux"])))
   if not math.isfinite(loss):
     raise FloatingPointError(f"training loss became {loss} at step {step}.")
   state.meters.add(loss, acc)
