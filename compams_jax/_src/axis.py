@@ -90,6 +90,15 @@ def _manual(axis_name: AxisName) -> bool:
   return all(name in manual for name in _names(axis_name))
 
 
+def manual_axes_tracked(axis_name: AxisName) -> bool:
+  """Whether we are inside shard_map over these axes with its varying-axis types switched on
+  (`check_vma=True`): only then does `varying_axes` say anything."""
+  if not _manual(axis_name):
+    return False
+  names = _names(axis_name)
+  return set(names) <= varying_axes(jax.lax.axis_index(names))
+
+
 def all_gather_invariant(x: Any, axis_name: AxisName) -> Any:
   """all_gather whose result may feed replicated state in any context (stacked on axis 0).
 

@@ -71,3 +71,37 @@ def warn_if_not_contractive(compressor: Compressor, params: Any, what: str) -> N
       UserWarning,
       stacklevel=3,
     )
+
+
+def check_per_worker(updates: Any, state: Any, axis_names: Any, what: str) -> None:
+  """Inside `jax.shard_map` (with its varying-axis types), refuses a step that would train
+  silently wrong: gradients that do not vary over the workers (taken with respect to
+  replicated parameters, so already summed over workers), or per-worker state that was
+  initialised for one worker (`tx.init`) and passed in replicated.
+
+  Under pmap, vmap, `check_vma=False` or one worker there are no such types and nothing is
+  checked.
+  """
+  from compams_jax._src.axis import manual_axes_tracked, varying_axes
+
+  names = tuple(a for a in axis_names if a is not None)
+  names = tuple(n for a in names for n in ((a,) if isinstance(a, str) else a))
+  if not names or not manual_axes_tracked(names):
+    return
+  for leaf in jax.tree.leaves(updates):
+    if not set(names) <= varying_axes(leaf):
+      raise ValueError(
+        f"{what}: the gradients do not vary over the worker axes {names}: inside jax.shard_map "
+        "the gradient of a replicated parameter is summed over all workers before the "
+        "optimizer sees it, so every worker would compress the same summed gradient. "
+        f"Differentiate with respect to jax.lax.pcast(params, {names!r}, to='varying'), or "
+        "build the step with cj.data_parallel_step(loss_fn, tx, mesh=mesh, axis_name=...)."
+      )
+  for leaf in jax.tree.leaves(state):
+    if not set(names) <= varying_axes(leaf):
+      raise ValueError(
+        f"{what}: the per-worker optimizer state is replicated over {names}: it was created "
+        "by tx.init for one worker. Create it for every worker with "
+        "cj.sharding.init(tx, params, mesh=mesh, axis_name=...) and pass it with "
+        "cj.sharding.state_specs(state, axis_name), or use cj.data_parallel_step."
+      )

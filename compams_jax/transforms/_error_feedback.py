@@ -15,6 +15,7 @@ from compams_jax._src.tree import check_tree
 from compams_jax._src.validate import (
   check_axis_name,
   check_compressor,
+  check_per_worker,
   check_seed,
   check_updates,
   warn_if_not_contractive,
@@ -135,6 +136,7 @@ def error_feedback(
 
   def update_fn(updates, state, params=None):
     del params
+    check_per_worker(updates, state.residual.value, (axis_name, dense_axis_name), "error_feedback")
     residual = local(state.residual)
     value = scatter_mean(updates, dense_axis_name)
     check_updates(value, residual, "error_feedback")
@@ -195,6 +197,7 @@ def compressed_mean(
   def update_fn(updates, state, params=None):
     del params
     check_tree(updates)
+    check_per_worker(updates, None, (axis_name, dense_axis_name), "compressed_mean")
     value = scatter_mean(updates, dense_axis_name)
     key = step_key(compressor, seed, state.count, axis_name, dense_axis_name)
     mean, _, wire_state = wire.step(

@@ -12,7 +12,13 @@ from compams_jax._src.base import Compressor
 from compams_jax._src.feedback import TreeCodec, compress_with_feedback
 from compams_jax._src.keys import step_key
 from compams_jax._src.tree import check_tree, encode_tree
-from compams_jax._src.validate import check_axis_name, check_compressor, check_seed, check_updates
+from compams_jax._src.validate import (
+  check_axis_name,
+  check_compressor,
+  check_per_worker,
+  check_seed,
+  check_updates,
+)
 from compams_jax._src.workers import PerWorker, local, per_worker_zeros, to_per_worker
 from compams_jax.compressors import identity, scaled_sign
 from compams_jax.wire import gather_average
@@ -104,6 +110,7 @@ def scale_by_onebit_adam(
   def update_fn(updates, state, params=None):
     del params
     check_updates(updates, state.mu, "scale_by_onebit_adam")
+    check_per_worker(updates, state.residual.value, (axis_name,), "scale_by_onebit_adam")
     mu, nu, residual = jax.lax.cond(state.count < warmup_steps, warmup, compressed, updates, state)
     out = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu, nu)
     return out, OneBitAdamState(

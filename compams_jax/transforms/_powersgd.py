@@ -10,7 +10,12 @@ import jax.numpy as jnp
 import optax
 
 from compams_jax._src.tree import check_tree
-from compams_jax._src.validate import check_axis_name, check_seed, check_updates
+from compams_jax._src.validate import (
+  check_axis_name,
+  check_per_worker,
+  check_seed,
+  check_updates,
+)
 from compams_jax._src.workers import PerWorker, local, per_worker_zeros, to_per_worker
 from compams_jax.wire import num_workers as num_workers_of
 from compams_jax.wire import sum_over_workers
@@ -114,6 +119,7 @@ def powersgd(
     del params
     residual = local(state.residual)
     check_updates(updates, residual, "powersgd")
+    check_per_worker(updates, state.residual.value, (axis_name,), "powersgd")
     n = num_workers_of(axis_name)
     leaves, treedef = jax.tree.flatten(updates)
     res = jax.tree.leaves(residual)

@@ -16,6 +16,7 @@ from compams_jax._src.tree import check_tree
 from compams_jax._src.validate import (
   check_axis_name,
   check_compressor,
+  check_per_worker,
   check_seed,
   check_updates,
   warn_if_not_contractive,
@@ -176,6 +177,8 @@ def predictive_compression(
 
   def update_fn(updates, state, params=None):
     del params
+    where = (axis_name, dense_axis_name)
+    check_per_worker(updates, state.reconstruction.value, where, "predictive_compression")
     previous = local(state.reconstruction)
     value = scatter_mean(updates, dense_axis_name)
     check_updates(value, previous, "predictive_compression")
