@@ -171,10 +171,12 @@ class DataParallelStep:
     params = optax.apply_updates(params, updates)
     # Per-worker metrics, averaged outside the step: a collective here would add bytes to
     # every step that the optimizer did not send.
-    metrics = {"loss": loss[None]}
-    if aux is not None:
-      metrics["aux"] = jax.tree.map(lambda a: jnp.asarray(a)[None], aux)
+    metrics = {"loss": loss} if aux is None else {"loss": loss, "aux": aux}
     return params, opt_state, metrics
+
+  def _local_sharded(self, params, opt_state, batch, key):
+    params, opt_state, metrics = self._local(params, opt_state, batch, key, varying=True)
+    return params, opt_state, jax.tree.map(lambda m: jnp.asarray(m)[None], metrics)
 
   @functools.cached_property
   def _compiled(self) -> Callable[..., Any]:
@@ -209,7 +211,7 @@ class DataParallelStep:
       )
       bspecs = jax.tree.map(lambda _: P(self.axis_name), batch)
       mapped = jax.shard_map(
-        functools.partial(self._local, varying=True),
+        self._local_sharded,
         mesh=self.mesh,
         in_specs=(pspecs, sspecs, bspecs, P()),
         out_specs=(pspecs, sspecs, P(self.axis_name)),
@@ -243,8 +245,6 @@ class DataParallelStep:
     """
     self._check_state(opt_state)
     params, opt_state, metrics = self._compiled(params, opt_state, self.shard_batch(batch), key)
-    if self.mode == "pmap":
-      metrics = jax.tree.map(lambda x: x.reshape((self.num_workers,) + x.shape[2:]), metrics)
     skipped = optax.tree.get(opt_state, "skipped", None)
     if skipped is not None:
       metrics["skipped"] = jnp.asarray(skipped).reshape(-1)[0]

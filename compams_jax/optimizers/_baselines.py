@@ -82,7 +82,7 @@ def qadam(
 
   Worker i keeps its own moments m_i, v_i from its own gradients, forms δ_i = m_i/(sqrt(v_i)+ε),
   compresses δ_i + e_i with error feedback, and all workers step with the average:
-  θ ← θ − η (1/n) Σ_i C(δ_i + e_i). It is `optax.chain(cj.worker_adam(b1=b1, b2=b2, eps=eps),
+  θ ← θ − η (1/n) Σ_i C(δ_i + e_i). It is `optax.chain(cj.worker_adam(b1=b1, b2=b2, eps=eps, axis_name=axis_name),
   cj.error_feedback(compressor), optax.scale_by_learning_rate(η))`.
 
   Args:

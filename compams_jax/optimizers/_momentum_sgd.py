@@ -83,5 +83,7 @@ def compressed_momentum_sgd(
   else:
     communicate = compressed_mean(compressor, **where)
   return optax.chain(
-    worker_momentum(momentum), communicate, optax.scale_by_learning_rate(learning_rate)
+    worker_momentum(momentum, axis_name=axis_name),
+    communicate,
+    optax.scale_by_learning_rate(learning_rate),
   )

@@ -8,7 +8,7 @@ import jax
 import optax
 
 from compams_jax._src.tree import check_tree
-from compams_jax._src.validate import check_updates
+from compams_jax._src.validate import check_axis_name, check_per_worker, check_updates
 from compams_jax._src.workers import PerWorker, local, per_worker_zeros, to_per_worker
 
 
@@ -18,7 +18,9 @@ class WorkerMomentumState(NamedTuple):
   momentum: PerWorker
 
 
-def worker_momentum(decay: float = 0.9, *, nesterov: bool = False) -> optax.GradientTransformation:
+def worker_momentum(
+  decay: float = 0.9, *, nesterov: bool = False, axis_name: str | None = None
+) -> optax.GradientTransformation:
   """Each worker's own momentum m ← β m + g (like `optax.trace`, but marked per worker).
 
   Use it before a compressed average when the momentum, not the gradient, is what travels (the
@@ -29,6 +31,8 @@ def worker_momentum(decay: float = 0.9, *, nesterov: bool = False) -> optax.Grad
   Args:
     decay: β.
     nesterov: emit g + β m instead of m.
+    axis_name: the worker axis, if any: inside shard_map the gradients are then checked to
+      vary over it (see `cj.error_feedback`).
 
   Returns:
     An `optax.GradientTransformation`.
@@ -42,6 +46,7 @@ def worker_momentum(decay: float = 0.9, *, nesterov: bool = False) -> optax.Grad
     >>> tx.update(g, s)[0]["w"]
     Array([1.5], dtype=float32)
   """
+  check_axis_name(axis_name)
   if not 0.0 <= float(decay) < 1.0:
     raise ValueError(f"worker_momentum(decay=...) must be in [0, 1), got {decay!r}.")
 
@@ -53,6 +58,7 @@ def worker_momentum(decay: float = 0.9, *, nesterov: bool = False) -> optax.Grad
     del params
     previous = local(state.momentum)
     check_updates(updates, previous, "worker_momentum")
+    check_per_worker(updates, state.momentum.value, (axis_name,), "worker_momentum")
     m = jax.tree.map(lambda g, m: (decay * m + g).astype(m.dtype), updates, previous)
     out = jax.tree.map(lambda g, m: g + decay * m, updates, m) if nesterov else m
     return out, WorkerMomentumState(momentum=to_per_worker(m, state.momentum))

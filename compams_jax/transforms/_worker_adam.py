@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from compams_jax._src.tree import check_tree
-from compams_jax._src.validate import check_updates
+from compams_jax._src.validate import check_axis_name, check_per_worker, check_updates
 from compams_jax._src.workers import PerWorker, local, per_worker_zeros, to_per_worker
 
 
@@ -21,7 +21,11 @@ class WorkerAdamState(NamedTuple):
 
 
 def worker_adam(
-  *, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
+  *,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  axis_name: str | None = None,
 ) -> optax.GradientTransformation:
   """Each worker's own Adam direction m_i / (sqrt(v_i) + ε), from its local gradients.
 
@@ -31,6 +35,8 @@ def worker_adam(
     b1: β1, the first-moment decay.
     b2: β2, the second-moment decay.
     eps: ε, added outside the square root.
+    axis_name: the worker axis, if any: inside shard_map the gradients are then checked to
+      vary over it (see `cj.error_feedback`).
 
   Returns:
     An `optax.GradientTransformation`.
@@ -43,6 +49,8 @@ def worker_adam(
     Array([ 1., -1.], dtype=float32)
   """
 
+  check_axis_name(axis_name)
+
   def init_fn(params):
     check_tree(params)
     return WorkerAdamState(
@@ -54,6 +62,7 @@ def worker_adam(
     del params
     mu, nu = local(state.mu), local(state.nu)
     check_updates(updates, mu, "worker_adam")
+    check_per_worker(updates, state.mu.value, (axis_name,), "worker_adam")
     mu = jax.tree.map(lambda g, m: b1 * m + (1 - b1) * g, updates, mu)
     nu = jax.tree.map(lambda g, v: b2 * v + (1 - b2) * g * g, updates, nu)
     out = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu, nu)
