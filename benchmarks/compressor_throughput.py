@@ -6,33 +6,33 @@ each repeat runs every candidate once (the order rotates from repeat to repeat),
 ratio of medians to the elementwise pass, and the median of the per-repeat (paired) ratios, which
 is the more robust number when the machine is shared (the cores' load drifts during a run).
 
-Candidates (d = 11,173,962, the CIFAR-10 ResNet-18 parameter count; k = 1% of d):
+Candidates (d = 11,173,962, the CIFAR-10 ResNet-18 parameter count; k = `--ratio` of d):
   elementwise          x * 2 + 1 (the reference pass: reads and writes d floats)
   abs                  jnp.abs(x)
   lax_top_k            jax.lax.top_k(|x|, k) (the partial sort the old top_k encode ran)
-  top_k_exact_encode   top_k(0.01, method="exact").encode (values + uint32 indices): BEFORE
-  top_k_encode         top_k(0.01).encode, method="auto" = estimated threshold: AFTER
-  top_k_encode_ratio_* the same at 0.1% and 10% (candidate buffers of ~1.2k-2k entries)
-  block_sign_encode    block_sign().encode (packed sign bits + one float32 scale)
-  block_sign_words     proposal: the same payload, bits packed 32 to a uint32 word, then split
-                       into bytes with shifts (checked byte-for-byte against block_sign_encode)
-  qsgd_encode          qsgd(127).encode (int8 levels + norm; draws d uniforms)
-  random_k_encode      random_k(0.01).encode (k values at key-drawn positions; today
-                       `jax.random.choice(replace=False)`, i.e. a full random permutation)
-  random_k_threshold   proposal: the same kind of sample (k distinct positions, uniformly
-                       random given the key) as the top k of d random 31-bit keys, selected by
-                       the estimated-threshold path (not the same positions as today's code)
+  LABEL.encode         `encode` of every compressor of `cj.compressors.REGISTRY` at its first
+                       example (`--compressors` / `--all-examples` choose), with `ratio`
+                       replaced by `--ratio` where the factory takes one; e.g.
+                       top_k_0.01.encode (method="auto" = estimated threshold: AFTER),
+                       block_sign.encode, qsgd_4.encode, terngrad.encode
+  top_k_exact.encode   top_k(ratio, method="exact").encode (values + uint32 indices): BEFORE
+  top_k_0.001.encode, top_k_0.1.encode   top_k at 0.1% and 10% (candidate buffers of ~1.2k-2k)
+  block_sign_words     proposal: block_sign's payload, bits packed 32 to a uint32 word, then
+                       split into bytes with shifts (checked byte-for-byte against block_sign)
+  random_k_threshold   the top k of d random 31-bit keys by the estimated-threshold path: k
+                       distinct positions, uniformly random given the key (what random_k does
+                       with float32 uniforms)
 
-Candidates whose first call takes over 2 s (the permutation) are timed min(3, repeats) times
-only, each time right after a fresh elementwise run for the paired ratio.
+Candidates whose first call takes over 2 s are timed min(3, repeats) times only, each time
+right after a fresh elementwise run for the paired ratio.
 
 Targets (from the issue): top-k encode ≤ 4x the elementwise pass, sign packing ≤ 2x.
 
 Run from the repository root:
 
-    python benchmarks/compressor_throughput.py              # ~4-5 min on 2 busy cores, most
-                                                            # of it in random_k's permutation
+    python benchmarks/compressor_throughput.py
     python benchmarks/compressor_throughput.py --repeats 5  # quicker
+    python benchmarks/compressor_throughput.py --size 100000 --repeats 1   # smoke run
 
 Writes benchmarks/results/compressor_throughput.json (or --out).
 """
@@ -40,15 +40,12 @@ Writes benchmarks/results/compressor_throughput.json (or --out).
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.metadata
-import json
 import os
-import platform
 import statistics
-import sys
 import time
 
+import _common
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,7 +55,7 @@ from compams_jax.compressors import _selection
 
 C = cj.compressors
 RESNET18_PARAMS = 11_173_962
-TARGETS = {"top_k_encode": 4.0, "block_sign_encode": 2.0}
+TARGET_RATIOS = {"top_k": 4.0, "block_sign": 2.0}  # of the issue: encode vs elementwise pass
 
 
 def sign_words_encode(x):
@@ -89,36 +86,47 @@ def random_k_threshold_indices(key, d: int, k: int):
   return _selection.top_k_indices(keys, k, "auto")
 
 
-def candidates(d: int, ratio: float):
+def registry_specs(ratio: float, names=None, all_examples=False):
+  """The registry's settings, `ratio` replaced by --ratio where the factory takes one."""
+  out = []
+  for spec in _common.compressor_specs(names, all_examples=all_examples):
+    if "ratio" in C.REGISTRY[spec.name].parameters:
+      spec = _common.Spec(spec.name, {**spec.kwargs, "ratio": ratio})
+    out.append(spec)
+  return out
+
+
+def _encoder(c, key):
+  return (lambda x: c.encode(x, key)) if c.needs_key else c.encode
+
+
+def candidates(d: int, ratio: float, specs):
   k = cj.compressors.num_kept(ratio, d)
   key = jax.random.key(0)
-  top_exact = C.top_k(ratio, method="exact")
-  top_auto = C.top_k(ratio)
-  sign = C.block_sign()
-  qsgd = C.qsgd(127)
-  rand_k = C.random_k(ratio)
-  return {
+  out = {
     "elementwise": lambda x: x * 2 + 1,
     "abs": jnp.abs,
     "lax_top_k": lambda x: jax.lax.top_k(jnp.abs(x), k),
-    "top_k_exact_encode": top_exact.encode,
-    "top_k_encode": top_auto.encode,
-    "top_k_encode_ratio_0.001": C.top_k(0.001).encode,
-    "top_k_encode_ratio_0.1": C.top_k(0.1).encode,
-    "block_sign_encode": sign.encode,
-    "block_sign_words": sign_words_encode,
-    "qsgd_encode": lambda x: qsgd.encode(x, key),
-    "random_k_encode": lambda x: rand_k.encode(x, key),
-    "random_k_threshold": lambda x: {"values": x[random_k_threshold_indices(key, d, k)]},
   }
+  for spec in specs:
+    out[f"{spec.label}.encode"] = _encoder(spec.build(), key)
+  top_k = _common.Spec("top_k", {"ratio": ratio})
+  out["top_k_exact.encode"] = C.top_k(ratio, method="exact").encode
+  out[f"{top_k.label}.encode"] = C.top_k(ratio).encode  # (the checks below need these two)
+  for r in (0.001, 0.1):
+    out[f"{_common.Spec('top_k', {'ratio': r}).label}.encode"] = C.top_k(r).encode
+  out[f"{_common.Spec('block_sign', {}).label}.encode"] = C.block_sign().encode
+  out["block_sign_words"] = sign_words_encode
+  out["random_k_threshold"] = lambda x: {"values": x[random_k_threshold_indices(key, d, k)]}
+  return out
 
 
 def check(fns, x, ratio):
   """The fast paths return what the reference paths return (before any timing)."""
   d = x.shape[0]
   k = cj.compressors.num_kept(ratio, d)
-  fast = fns["top_k_encode"](x)
-  exact = fns["top_k_exact_encode"](x)
+  fast = fns[f"{_common.Spec('top_k', {'ratio': ratio}).label}.encode"](x)
+  exact = fns["top_k_exact.encode"](x)
   same_set = bool(
     np.array_equal(np.sort(np.asarray(fast["indices"])), np.sort(np.asarray(exact["indices"])))
   )
@@ -127,8 +135,8 @@ def check(fns, x, ratio):
       np.asarray(x)[np.asarray(fast["indices"]).astype(np.int64)], np.asarray(fast["values"])
     )
   )
-  _, branch = jax.jit(lambda v: _selection.top_k_indices(v, k, "threshold", with_branch=True))(x)
-  sign = fns["block_sign_encode"](x)
+  _, branch = jax.jit(lambda v: _selection.top_k_indices_and_branch(v, k, "threshold"))(x)
+  sign = fns["block_sign.encode"](x)
   words = fns["block_sign_words"](x)
   same_sign = bool(
     np.array_equal(np.asarray(sign["negative"]), np.asarray(words["negative"]))
@@ -148,7 +156,7 @@ def check(fns, x, ratio):
     "top_k_values_match_indices": same_values,
     "top_k_branch": {0: "threshold", 1: "tie", 2: "fallback lax.top_k"}[int(branch)],
     "block_sign_words_payload_identical": same_sign,
-    "plan": _selection.plan(d, k)._asdict(),
+    "plan": plan._asdict() if (plan := _selection.plan(d, k)) is not None else None,
   }
 
 
@@ -158,9 +166,9 @@ def _time(f, x) -> float:
   return time.perf_counter() - t0
 
 
-def run(d: int, ratio: float, repeats: int) -> dict:
+def run(d: int, ratio: float, repeats: int, specs) -> dict:
   x = jnp.asarray(np.random.default_rng(0).standard_normal(d).astype(np.float32))
-  fns = {name: jax.jit(f) for name, f in candidates(d, ratio).items()}
+  fns = {name: jax.jit(f) for name, f in candidates(d, ratio, specs).items()}
   compile_s, slow = {}, []
   for name, f in fns.items():
     compile_s[name] = _time(f, x)  # compile + first run
@@ -196,14 +204,13 @@ def run(d: int, ratio: float, repeats: int) -> dict:
       "repeats": len(ts),
     }
   targets = {}
-  for name, target in TARGETS.items():
+  for name, target in (
+    (f"{_common.Spec('top_k', {'ratio': ratio}).label}.encode", TARGET_RATIOS["top_k"]),
+    ("block_sign.encode", TARGET_RATIOS["block_sign"]),
+    ("block_sign_words", TARGET_RATIOS["block_sign"]),
+  ):
     ratio_ = results[name]["median_paired_ratio"]
     targets[name] = {"target_ratio": target, "measured_ratio": ratio_, "met": ratio_ <= target}
-  targets["block_sign_words"] = {
-    "target_ratio": TARGETS["block_sign_encode"],
-    "measured_ratio": results["block_sign_words"]["median_paired_ratio"],
-    "met": results["block_sign_words"]["median_paired_ratio"] <= TARGETS["block_sign_encode"],
-  }
   return {"results": results, "targets": targets, "checks": checks}
 
 
@@ -212,31 +219,21 @@ def main(argv=None):
   parser.add_argument("--size", type=int, default=RESNET18_PARAMS)
   parser.add_argument("--ratio", type=float, default=0.01)
   parser.add_argument("--repeats", type=int, default=15)
-  parser.add_argument(
-    "--out",
-    default=os.path.join(
-      os.path.dirname(os.path.abspath(__file__)), "results", "compressor_throughput.json"
-    ),
-  )
+  _common.add_compressor_args(parser)
+  parser.add_argument("--out", default=str(_common.RESULTS / "compressor_throughput.json"))
   args = parser.parse_args(argv)
 
-  load_before = os.getloadavg()
-  started = datetime.datetime.now(datetime.timezone.utc)
-  out = run(args.size, args.ratio, args.repeats)
-  load_after = os.getloadavg()
+  specs = registry_specs(args.ratio, args.compressors, args.all_examples)
+  info = _common.run_info("compressor_throughput")
+  out = run(args.size, args.ratio, args.repeats, specs)
+  load_before, load_after = info.pop("loadavg_at_start"), _common.loadavg()
   record = {
-    "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-    "date_utc": started.isoformat(timespec="seconds"),
-    "jax_version": jax.__version__,
+    **info,
     "jaxlib_version": importlib.metadata.version("jaxlib"),
-    "backend": jax.default_backend(),
     "devices": [str(dv) for dv in jax.devices()],
-    "cpu_count": os.cpu_count(),
-    "platform": platform.platform(),
-    "python": platform.python_version(),
-    "xla_flags": os.environ.get("XLA_FLAGS", ""),
     "load_average_1_5_15_before": load_before,
     "load_average_1_5_15_after": load_after,
+    "compressors": [s.jsonable() for s in specs],
     "size": args.size,
     "ratio": args.ratio,
     "k": cj.compressors.num_kept(args.ratio, args.size),
@@ -244,9 +241,7 @@ def main(argv=None):
     "reference": "elementwise = jit(lambda x: x * 2 + 1) on the same float32 vector",
     **out,
   }
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(record, f, indent=2)
+  _common.write_json(args.out, record, indent=2)
 
   print(
     f"d = {args.size:,}, k = {record['k']:,}, {args.repeats} interleaved repeats; "

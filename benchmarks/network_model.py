@@ -28,6 +28,10 @@ emits one all-gather per payload array of every layer: e.g. 124 for top-k on Res
 `--bucketed` instead charges one α per collective kind and phase (as if payloads were
 concatenated into one buffer before the collective, as bucketing/combiner passes do).
 
+The methods are the rows of wire_bytes.json (which takes its compressors from
+`cj.compressors.REGISTRY`): every measured variant, dense f32 (psum_f32) first, plus dense bf16;
+`--compressors` keeps only the variants of the named registry compressors (baselines stay).
+
 The dense bf16 baseline uses 2 bytes/parameter analytically (XLA:CPU widens bf16 all-reduces
 to f32 in HLO; GPU/TPU do not). The speedup is T_dense_f32 / T_method.
 
@@ -36,6 +40,7 @@ Run from the repository root (after wire_bytes.py and step_time.py):
     python benchmarks/network_model.py                 # alpha = 5 us, measured compute time
     python benchmarks/network_model.py --alpha-us 20 --bucketed
     python benchmarks/network_model.py --compute-ms mnist_cnn=5 resnet18=50   # what-if compute
+    python benchmarks/network_model.py --compressors top_k block_sign
 
 Writes benchmarks/results/network_model.json and network_model.png (or --out / --png), prints
 markdown tables.
@@ -50,30 +55,42 @@ import os
 import platform
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-RESULTS = os.path.join(HERE, "results")
+import _common
 
-# Methods projected: (label, wire_bytes variant name, topology kind).
-METHODS = [
-  ("dense f32 (ring all-reduce)", "psum_f32", "dense"),
-  ("dense bf16 (2 B/param)", "__bf16__", "dense"),
-  ("top-k 1% gather", "top_k_1%/gather", "gather"),
-  ("top-k 1% two-phase", "top_k_1%/two_phase", "two_phase"),
-  ("block-sign gather", "block_sign/gather", "gather"),
-  ("block-sign two-phase", "block_sign/two_phase", "two_phase"),
-  ("qsgd(4) gather", "qsgd_4/gather", "gather"),
-  ("qsgd(4) two-phase", "qsgd_4/two_phase", "two_phase"),
-  ("random-k 1% (psum)", "random_k_1%/gather", "gather"),
-  ("PowerSGD r4 (psum)", "powersgd_r4", "gather"),
-]
-PLOT_METHODS = [
-  "dense bf16 (2 B/param)",
-  "top-k 1% gather",
-  "top-k 1% two-phase",
-  "block-sign gather",
-  "block-sign two-phase",
-  "PowerSGD r4 (psum)",
-]
+RESULTS = str(_common.RESULTS)
+DENSE_F32 = ("dense f32 (ring all-reduce)", "psum_f32", "dense")
+DENSE_BF16 = ("dense bf16 (2 B/param)", "__bf16__", "dense")
+BASELINES = ("psum_f32", "psum_bf16", "powersgd_r4")  # rows that are not a registry compressor
+
+
+def row_compressor(row):
+  """The registry name of a wire_bytes row's compressor (None for the baselines); for rows
+  written before rows named it, the setting's label ("top_k_1%", "cast_bf16")."""
+  if "compressor" in row:
+    return row["compressor"]
+  return None if row["variant"] in BASELINES else row["variant"].split("/")[0]
+
+
+def _of(name, compressors):
+  """Whether a row's compressor (or old label) is one of the registry names `compressors`."""
+  return any(name == c or name.startswith(c + "_") for c in compressors)
+
+
+def methods_of(rows, compressors=None):
+  """[(label, variant, topology kind)]: dense f32 and bf16, then every measured variant in the
+  order of the rows (only those of `compressors`, if given, besides the baselines)."""
+  out = [DENSE_F32, DENSE_BF16]
+  for r in rows:
+    v = r["variant"]
+    if v in ("psum_f32", "psum_bf16") or any(m[1] == v for m in out):
+      continue
+    name = row_compressor(r)
+    if compressors is not None and name is not None and not _of(name, compressors):
+      continue
+    out.append((v, v, "two_phase" if v.endswith("/two_phase") else "gather"))
+  return out
+
+
 MESSAGES = {
   "all-reduce": lambda n: 2 * (n - 1),
   "all-gather": lambda n: n - 1,
@@ -120,7 +137,7 @@ def pick_row(rows, model, variant, n):
   return exact[0] if exact else max(cand, key=lambda r: r["n"])
 
 
-def project(wire, compute_s, ns, gbits, alpha, bucketed):
+def project(wire, compute_s, ns, gbits, alpha, bucketed, methods):
   rows = wire["rows"]
   out = []
   for model, t_c in compute_s.items():
@@ -129,7 +146,7 @@ def project(wire, compute_s, ns, gbits, alpha, bucketed):
       for g in gbits:
         bw = g * 1e9 / 8
         base = None
-        for label, variant, topo in METHODS:
+        for label, variant, topo in methods:
           if variant == "__bf16__":
             colls = [("all-reduce", 2 * num_params, 1)]
             measured_n = None
@@ -179,7 +196,7 @@ def _ms(seconds):
   return f"{ms:,.0f}" if ms >= 1000 else f"{ms:.3g}"
 
 
-def markdown(proj, model, ns, gbits, what="speedup"):
+def markdown(proj, model, ns, gbits, methods, what="speedup"):
   """Rows: n × method; columns: bandwidths. what = "speedup" (step ms and speedup) or "comm"."""
   t_c = next(p["compute_s"] for p in proj if p["model"] == model)
   if what == "speedup":
@@ -201,14 +218,14 @@ def markdown(proj, model, ns, gbits, what="speedup"):
     "|---|---|" + "---|" * len(gbits),
   ]
   for n in ns:
-    for label, _, _ in METHODS:
+    for label, _, _ in methods:
       cells = [_cell(proj, model, n, g, label, fmt) for g in gbits]
       if any(cells):
         lines.append(f"| {n} | {label} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
-def plot(scenarios, ns, gbits, path):
+def plot(scenarios, ns, gbits, path, plot_methods):
   import matplotlib
 
   matplotlib.use("Agg")
@@ -222,7 +239,7 @@ def plot(scenarios, ns, gbits, path):
     proj = scenarios[scen]
     for j, n in enumerate(ns):
       ax = axes[i][j]
-      for label in PLOT_METHODS:
+      for label in plot_methods:
         pts = sorted(
           (p["gbit_s"], p["speedup_vs_dense_f32"])
           for p in proj
@@ -273,6 +290,20 @@ def main(argv=None):
     help="also project a hypothetical faster worker whose compute time is this "
     "fraction of the measured CPU time (0 to disable; default 0.01)",
   )
+  ap.add_argument(
+    "--compressors",
+    nargs="+",
+    default=None,
+    metavar="NAME",
+    help="registry names whose variants are projected (default: every one in --wire)",
+  )
+  ap.add_argument(
+    "--plot",
+    nargs="+",
+    default=None,
+    metavar="VARIANT",
+    help="variants drawn (default: every projected method but dense f32, the y = 1 line)",
+  )
   ap.add_argument("--out", default=os.path.join(RESULTS, "network_model.json"))
   ap.add_argument("--png", default=os.path.join(RESULTS, "network_model.png"))
   args = ap.parse_args(argv)
@@ -296,12 +327,20 @@ def main(argv=None):
       f"no compute time for {missing}: skipped (run step_time.py without --no-resnet)",
       file=sys.stderr,
     )
+  present = sorted({c for c in map(row_compressor, wire["rows"]) if c is not None})
+  unknown = [c for c in args.compressors or () if not any(_of(p, [c]) for p in present)]
+  if unknown:
+    raise SystemExit(f"no rows for {unknown} in {args.wire}; it has {present}")
+  methods = methods_of(wire["rows"], args.compressors)
+  plot_methods = args.plot or [label for label, v, _ in methods if v != "psum_f32"]
   alpha = args.alpha_us * 1e-6
-  scenarios = {"measured CPU compute": project(wire, compute, args.ns, gbits, alpha, args.bucketed)}
+  scenarios = {
+    "measured CPU compute": project(wire, compute, args.ns, gbits, alpha, args.bucketed, methods)
+  }
   if args.what_if_scale > 0:
     scaled = {m: t * args.what_if_scale for m, t in compute.items()}
     scenarios[f"what-if compute x{args.what_if_scale:g}"] = project(
-      wire, scaled, args.ns, gbits, alpha, args.bucketed
+      wire, scaled, args.ns, gbits, alpha, args.bucketed, methods
     )
 
   result = {
@@ -322,6 +361,7 @@ def main(argv=None):
     "gbit_s": gbits,
     "compute_s": compute,
     "compute_source": source,
+    "methods": [{"label": m[0], "variant": m[1], "topology": m[2]} for m in methods],
     "model": (
       "T = T_c + sum over collectives of alpha*messages + received/B; ring all-reduce "
       "2(n-1) msgs, 2(n-1)/n S; all-gather n-1 msgs, (n-1) S; all-to-all n-1 msgs, "
@@ -329,18 +369,18 @@ def main(argv=None):
     ),
     "scenarios": scenarios,
   }
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=1)
+  _common.write_json(args.out, result)
   for scen, proj in scenarios.items():
     print(f"## {scen} (α = {args.alpha_us:g} µs{', bucketed' if args.bucketed else ''})\n")
     for model in compute:
       if model in wire["models"]:
-        print(markdown(proj, model, args.ns, gbits) + "\n")
+        print(markdown(proj, model, args.ns, gbits, methods) + "\n")
   for model in compute:
     if model in wire["models"]:
-      print(markdown(scenarios["measured CPU compute"], model, args.ns, gbits, "comm") + "\n")
-  plot(scenarios, args.ns, gbits, args.png)
+      print(
+        markdown(scenarios["measured CPU compute"], model, args.ns, gbits, methods, "comm") + "\n"
+      )
+  plot(scenarios, args.ns, gbits, args.png, plot_methods)
   print(f"wrote {args.out} and {args.png}")
 
 

@@ -4,7 +4,9 @@ What it does (8 simulated CPU workers under `jax.shard_map`, MnistCNN on scikit-
 
 1. Records real momentum: trains the CNN with uncompressed momentum SGD (β = 0.9) and stores
    every worker's momentum vector m_{t,i} (flattened, 53,002 float32) at every step.
-2. Replays those sequences through the compression transforms, for every compressor/budget and
+2. Replays those sequences through the compression transforms, for every compressor of
+   `cj.compressors.REGISTRY` (its first example; `--compressors` / `--all-examples` choose, e.g.
+   `--compressors top_k top_k:ratio=0.05 qsgd:levels=2`) and
    method (no prediction / fixed ρ = 0.9 / least-squares ρ, with and without error feedback),
    and measures the relative distortion Σ_t‖x̄̂_t − x̄_t‖² / Σ_t‖x̄_t‖² of the averaged output
    against the true average momentum x̄_t = (1/n) Σ_i m_{t,i}.
@@ -18,43 +20,45 @@ What it does (8 simulated CPU workers under `jax.shard_map`, MnistCNN on scikit-
 
 Run from the repository root:
 
-    python benchmarks/predictive_momentum.py            # full run (~9 min on 2 shared CPU cores)
-    python benchmarks/predictive_momentum.py --quick    # smoke version (~1 min)
+    python benchmarks/predictive_momentum.py            # full run
+    python benchmarks/predictive_momentum.py --quick    # smoke version (~1-2 min)
 
 Writes benchmarks/results/predictive_momentum.json (or --out) and prints the tables.
 """
 
 from __future__ import annotations
 
-import os
+import _common
 
-os.environ["XLA_FLAGS"] = (
-  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+_common.force_devices(8)
 
-import argparse
-import dataclasses
-import datetime
-import functools
-import json
-import math
-import pathlib
-import platform
-import sys
-import tempfile
-import time
-import warnings
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import datetime  # noqa: E402
+import functools  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import pathlib  # noqa: E402
+import platform  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
 
-import compams_jax as cj
-from compams_jax.experiments.data import epoch_permutation, load_dataset, steps_per_epoch
-from compams_jax.experiments.models import create_model
+import compams_jax as cj  # noqa: E402
+from compams_jax.experiments.data import (  # noqa: E402
+  epoch_permutation,
+  load_dataset,
+  steps_per_epoch,
+)
+from compams_jax.experiments.models import create_model  # noqa: E402
 
 AXIS = "data"
 N_WORKERS = 8
@@ -63,17 +67,9 @@ BETA = 0.9
 # byte counts are read from separate compiles with default options.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
-# name -> (factory name, kwargs)
-COMPRESSORS = {
-  "top_k 1%": ("top_k", {"ratio": 0.01}),
-  "top_k 5%": ("top_k", {"ratio": 0.05}),
-  "random_k 1%": ("random_k", {"ratio": 0.01}),
-  "random_k 5%": ("random_k", {"ratio": 0.05}),
-  "qsgd s=2": ("qsgd", {"levels": 2}),
-  "qsgd s=8": ("qsgd", {"levels": 8}),
-  "block_sign": ("block_sign", {}),
-}
-QUICK_COMPRESSORS = ("top_k 1%", "random_k 1%", "qsgd s=2", "block_sign")
+# Replays and accuracy runs take their compressors from the registry (see --compressors).
+QUICK_COMPRESSORS = ("top_k", "random_k", "qsgd", "block_sign")
+QUICK_ACC_COMPRESSORS = ("top_k", "block_sign")
 
 # Replay methods: name -> (predictor: None | "fixed" | "ls", error_feedback)
 METHODS = {
@@ -161,9 +157,8 @@ def make_setup():
   )
 
 
-def make_compressor(name):
-  factory, kwargs = COMPRESSORS[name]
-  return cj.compressors.get(factory, **kwargs)
+def make_compressor(spec):
+  return spec.build()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -373,10 +368,10 @@ def replay(setup, seq_dev, mean_dev, compressor, predictor, error_feedback):
     out, state = tx.update(setup.unflatten(x_flat[0]), state)
     diff = to_flat(out) - mean
     cum = cum + diff  # error of the running sum Σ_s x̄̂_s − Σ_s x̄_s (the parameter trajectory)
-    if len(sink) != len(setup.leaf_sizes):
+    blocks = 1 if compressor.granularity == "model" else len(setup.leaf_sizes)
+    if len(sink) != blocks:
       raise RuntimeError(
-        f"expected one encode per leaf ({len(setup.leaf_sizes)}), the update "
-        f"encoded {len(sink)} payloads"
+        f"expected one encode per block ({blocks}), the update encoded {len(sink)} payloads"
       )
     payload = [jax.tree.map(lambda a: a[None], p) for p in sink]  # one payload per leaf
     rho = jnp.stack(jax.tree.leaves(rho_sink[0])) if rho_sink else jnp.zeros((0,), jnp.float32)
@@ -439,16 +434,48 @@ def fp_symbols(values):
   return bits >> np.uint32(23 - MANTISSA_BITS)
 
 
+def payload_kind(payload):
+  """How to read a payload (a list of per-leaf dicts) for its entropy, from its fields: sparse
+  values + indices, values only, QSGD levels + norm, sign bits + scale, or anything else."""
+  keys = set(payload[0]) if payload else set()
+  if keys == {"values", "indices"}:
+    return "top_k"
+  if keys == {"values"}:
+    return "random_k"
+  if keys == {"levels", "norm"}:
+    return "qsgd"
+  if keys == {"negative", "scale"}:
+    return "block_sign"
+  return "generic"
+
+
+def _symbols(a):
+  """Discrete symbols of a payload array: integers as they are, floats as fp_symbols."""
+  a = np.asarray(a)
+  return a if a.dtype.kind in "iub" else fp_symbols(a.astype(np.float32))
+
+
 def payload_entropy(kind, payload, leaf_sizes, steps_uniform):
   """Ideal (static, per-leaf) entropy-coded bits per worker per step of the captured payloads.
 
   Returns a dict of bits per worker per step: `fixed` (payload bits as sent), and the entropy
-  estimates; per-leaf histograms pooled over all steps and workers.
+  estimates; per-leaf histograms pooled over all steps and workers. `kind` is `payload_kind`'s.
   """
   T, n = None, None
   out = dict(fixed=0.0, entropy=0.0)
   detail = {}
-  if kind == "top_k":
+  if kind == "generic":  # every payload array coded on its own, symbol by symbol
+    for leaf in payload:
+      for name, arr in leaf.items():
+        per_step = int(np.prod(np.shape(arr)[2:], dtype=np.int64))  # (T, n, ...) captured
+        fixed = per_step * np.asarray(arr).dtype.itemsize * 8
+        ent = per_step * entropy_bits(_symbols(arr))
+        detail[f"{name}_fixed"] = detail.get(f"{name}_fixed", 0.0) + fixed
+        detail[f"{name}_entropy"] = detail.get(f"{name}_entropy", 0.0) + ent
+        out["fixed"] += fixed
+        out["entropy"] += ent
+    detail["generic"] = True
+  elif kind == "top_k":
     fp = uni = idx_gap = idx_fixed = idx_ideal = val_fixed = idx_cond = 0.0
     overlap_num = overlap_den = 0.0
     for leaf, d, delta in zip(payload, leaf_sizes, steps_uniform):
@@ -530,43 +557,6 @@ def payload_entropy(kind, payload, leaf_sizes, steps_uniform):
 # ------------------------------------------------------------------------------------------------
 
 
-def git_state(repo):
-  """(HEAD commit, uncommitted changes under compams_jax/) of the repository, or Nones."""
-  import subprocess  # pylint: disable=import-outside-toplevel
-
-  try:
-    head = subprocess.run(
-      ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-    ).stdout.strip()
-    dirty = subprocess.run(
-      ["git", "-C", str(repo), "status", "--porcelain", "--", "compams_jax"],
-      capture_output=True,
-      text=True,
-      check=True,
-    ).stdout.strip()
-    return head, dirty.splitlines()
-  except (OSError, subprocess.CalledProcessError):
-    return None, None
-
-
-def finite_or_str(x):
-  if isinstance(x, float) and not math.isfinite(x):
-    return str(x)
-  return x
-
-
-def sanitize(obj):
-  if isinstance(obj, dict):
-    return {k: sanitize(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [sanitize(v) for v in obj]
-  if isinstance(obj, (np.floating, float)):
-    return finite_or_str(float(obj))
-  if isinstance(obj, np.integer):
-    return int(obj)
-  return obj
-
-
 def fmt(x, spec=".3g"):
   if x is None:
     return "-"
@@ -601,19 +591,15 @@ def main(argv=None):
   parser.add_argument(
     "--seeds", type=int, default=None, help="accuracy runs per variant, seeds 0..S-1 (default 1)"
   )
-  parser.add_argument(
-    "--compressors",
-    nargs="+",
-    default=None,
-    choices=list(COMPRESSORS),
-    help="compressors of the replays (default all; quick: 4)",
-  )
+  _common.add_compressor_args(parser, "every one; quick: " + " ".join(QUICK_COMPRESSORS))
   parser.add_argument(
     "--acc-compressors",
     nargs="*",
     default=None,
-    choices=list(COMPRESSORS),
-    help="compressors of the accuracy runs (default: --compressors; quick: 2)",
+    metavar="NAME[:ARG=VALUE,...]",
+    help="compressors of the accuracy runs, as --compressors (default: --compressors; quick: "
+    + " ".join(QUICK_ACC_COMPRESSORS)
+    + ")",
   )
   parser.add_argument(
     "--acc-variants",
@@ -633,19 +619,24 @@ def main(argv=None):
 
   epochs = args.epochs or (2 if args.quick else 15)
   seeds = args.seeds or 1
-  names = args.compressors or (list(QUICK_COMPRESSORS) if args.quick else list(COMPRESSORS))
-  acc_names = (
-    args.acc_compressors
-    if args.acc_compressors is not None
-    else (["top_k 1%", "block_sign"] if args.quick else names)
+  specs = _common.compressor_specs(
+    args.compressors or (list(QUICK_COMPRESSORS) if args.quick else None),
+    all_examples=args.all_examples,
   )
+  if args.acc_compressors is not None:
+    acc_specs = _common.compressor_specs(args.acc_compressors, all_examples=args.all_examples)
+  elif args.quick:
+    acc_specs = _common.compressor_specs(list(QUICK_ACC_COMPRESSORS))
+  else:
+    acc_specs = specs
+  acc_names = [s.label for s in acc_specs]
   acc_variants = (
     args.acc_variants
     if args.acc_variants is not None
     else (["none+EF", "ls+EF", "fixed0.9"] if args.quick else list(ACC_VARIANTS))
   )
   if args.skip_accuracy:
-    acc_names = []
+    acc_specs, acc_names = [], []
   here = pathlib.Path(__file__).resolve().parent
   if args.out:
     out_path = pathlib.Path(args.out)
@@ -654,7 +645,7 @@ def main(argv=None):
   else:
     out_path = here / "results" / "predictive_momentum.json"
   t_start, cpu_start = time.time(), time.process_time()
-  commit, dirty = git_state(here.parent)
+  git_start = _common.git_state() or {}
   setup = make_setup()
   print(
     f"jax {jax.__version__}, {jax.device_count()} devices; MnistCNN on digits "
@@ -686,6 +677,7 @@ def main(argv=None):
     for a, b in zip(starts[:-1], starts[1:])
   ]
   steps_uniform = [r / UNIFORM_DIVISOR for r in leaf_rms]
+  model_rms = float(np.sqrt(np.mean(seq.astype(np.float64) ** 2)))
   record_info = dict(
     steps=T,
     seconds=time.time() - t0,
@@ -716,11 +708,11 @@ def main(argv=None):
 
   # 2.-3. Replays: distortion, ρ, fixed bytes, payload entropy.
   replays = []
-  for cname in names:
-    kind = COMPRESSORS[cname][0]
-    comp = make_compressor(cname)
+  for spec in specs:
+    cname = spec.label
+    comp = make_compressor(spec)
     for mname, (predictor, ef) in METHODS.items():
-      if mname == "fixed0.9+EF" and kind not in FIXED_EF_ONLY_FOR:
+      if mname == "fixed0.9+EF" and spec.name not in FIXED_EF_ONLY_FOR:
         continue
       t0 = time.time()
       err, cum_err, rho, payload, warns, hlo = replay(setup, seq_dev, mean_dev, comp, predictor, ef)
@@ -737,7 +729,11 @@ def main(argv=None):
             flush=True,
           )
       with np.errstate(all="ignore"):  # diverged runs carry inf/nan payloads
-        ent = payload_entropy(kind, payload, setup.leaf_sizes, steps_uniform)
+        if comp.granularity == "model":  # one block: the whole model
+          sizes, steps = [setup.dim], [model_rms / UNIFORM_DIVISOR]
+        else:
+          sizes, steps = setup.leaf_sizes, steps_uniform
+        ent = payload_entropy(payload_kind(payload), payload, sizes, steps)
       per_step = err / np.maximum(mean_sq, 1e-30)
       row = dict(
         compressor=cname,
@@ -804,8 +800,9 @@ def main(argv=None):
           seconds=record_info["seconds"],
         )
       accuracy.append(dict(compressor="identity", variant="uncompressed", seed=seed, **base))
-      for cname in acc_names:
-        comp = make_compressor(cname)
+      for spec in acc_specs:
+        cname = spec.label
+        comp = make_compressor(spec)
         for vname in acc_variants:
           pred, ef = ACC_VARIANTS[vname]
           r = train_run(
@@ -832,9 +829,9 @@ def main(argv=None):
     jax_version=jax.__version__,
     optax_version=optax.__version__,
     compams_jax_version=cj.__version__,
-    git_commit=commit,
-    git_uncommitted_library_changes=dirty,
-    git_commit_at_end=git_state(here.parent)[0],
+    git_commit=git_start.get("commit"),
+    git_uncommitted_library_changes=git_start.get("dirty_library_files"),
+    git_commit_at_end=(_common.git_state() or {}).get("commit"),
     python=platform.python_version(),
     machine=platform.machine(),
     cpu_count=os.cpu_count(),
@@ -847,8 +844,8 @@ def main(argv=None):
       epochs=epochs,
       steps=T,
       seeds=seeds,
-      compressors=names,
-      accuracy_compressors=acc_names,
+      compressors=[s.jsonable() for s in specs],
+      accuracy_compressors=[s.jsonable() for s in acc_specs],
       accuracy_variants=acc_variants,
       uniform_step=f"leaf RMS of per-worker momentum over the run / {UNIFORM_DIVISOR:g}",
       fp_symbols=f"sign + 8 exponent bits + {MANTISSA_BITS} mantissa bits",
@@ -862,8 +859,7 @@ def main(argv=None):
     cpu_seconds_total=cpu_total,
     load_average_at_end=list(os.getloadavg()),
   )
-  out_path.parent.mkdir(parents=True, exist_ok=True)
-  out_path.write_text(json.dumps(sanitize(result), indent=1, allow_nan=False))
+  _common.write_json(out_path, result)
   print(f"wrote {out_path} ({total:.0f}s wall, {cpu_total:.0f}s CPU of this process)")
 
 
@@ -917,7 +913,13 @@ def print_tables(replays, accuracy, acc_names, acc_variants, total):
   for r in replays:
     d = {k: v for k, v in r["entropy_detail_bits"].items()}
     b = lambda key: f"{d[key] / 8:.0f}"
-    if "indices_fixed" in d:
+    if d.get("generic"):
+      line = " | ".join(
+        f"{k[: -len('_fixed')]} fixed {d[k] / 8:.0f}, entropy {d[k[: -len('_fixed')] + '_entropy'] / 8:.0f}"
+        for k in d
+        if k.endswith("_fixed")
+      )
+    elif "indices_fixed" in d:
       line = (
         f"values fixed {b('values_fixed')}, fp {b('values_fp')}, uniform "
         f"{b('values_uniform')} | indices fixed {b('indices_fixed')}, gaps "
@@ -927,7 +929,7 @@ def print_tables(replays, accuracy, acc_names, acc_variants, total):
     elif "values_fixed" in d:
       line = (
         f"values fixed {b('values_fixed')}, fp {b('values_fp')}, uniform "
-        f"{b('values_uniform')} | indices: none (shared seed)"
+        f"{b('values_uniform')} | no indices (dense, or shared-seed positions)"
       )
     elif "levels_entropy" in d:
       line = (

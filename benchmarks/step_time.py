@@ -1,4 +1,4 @@
-"""Wall-clock time of a full data-parallel training step: COMP-AMS (top-k 1%, block-sign) vs dense.
+"""Wall-clock time of a full data-parallel training step: COMP-AMS with each compressor vs dense.
 
 The paper's MNIST CNN (`MnistCNN`, 28x28x1 inputs, 1,199,882 parameters), local batch 32, on 8
 simulated CPU workers (`--xla_force_host_platform_device_count=8`) under `jax.shard_map`. One
@@ -9,14 +9,12 @@ compiled and warmed up first, then each repeat runs `--steps` steps of every var
 (the order rotates each repeat); per-step times are medians over repeats, and the ratios are
 given both as a ratio of medians and as the median of per-repeat (paired) ratios.
 
-Variants (all `cj.comp_ams`, lr 1e-3):
-  dense       identity() compressor: one psum of the float32 gradients (= AMSGrad on the mean)
-  top_k       top_k(0.01), all-gather of values + indices
-  block_sign  block_sign(), all-gather of packed sign bits + one scale per layer
-  block_sign_2p  block_sign() with topology="two_phase" (each device decodes O(d) instead of
-                 O(n·d)); top_k_2p (top_k, two-phase) only with --variants: at this commit the
-                 library's default top-k selection fails inside the two-phase vmap under
-                 shard_map for chunks of >= 65,536 elements (add --top-k-method exact)
+Variants (all `cj.comp_ams`, lr 1e-3), one per compressor of `cj.compressors.REGISTRY` (its
+first example; `--compressors` / `--all-examples` choose), named by the setting's label:
+  identity          the baseline: one psum of the float32 gradients (= AMSGrad on the mean)
+  LABEL             e.g. top_k_0.01: the compressor with the gather wire (cj.wire.gather())
+  LABEL/two_phase   the same with cj.wire.two_phase() (each device decodes O(d) instead of
+                    O(n·d)); only for compressors whose payloads are not summable
 
 CAVEAT: on a 2-core CPU the 8 "devices" are XLA:CPU threads sharing the same 2 cores, so the 8
 workers' forward/backward run largely one after another and the "collectives" are memory copies.
@@ -31,8 +29,9 @@ and (unless --no-resnet) on ResNet-18 with 32x32x3 inputs.
 
 Run from the repository root:
 
-    python benchmarks/step_time.py            # ~2 min at load 5, ~7 min at load 15 (2 cores)
-    python benchmarks/step_time.py --quick    # smoke run (~40 s)
+    python benchmarks/step_time.py            # every registered compressor
+    python benchmarks/step_time.py --compressors top_k block_sign --wires gather
+    python benchmarks/step_time.py --quick    # smoke run: identity, top_k, block_sign
 
 Writes benchmarks/results/step_time.json (or --out).
 """
@@ -40,19 +39,14 @@ Writes benchmarks/results/step_time.json (or --out).
 from __future__ import annotations
 
 import argparse
-import os
-import sys
+
+import _common
 
 N_WORKERS = 8
-os.environ["XLA_FLAGS"] = (
-  os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={N_WORKERS}"
-).strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+_common.force_devices(N_WORKERS)
 
-import datetime  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
@@ -63,31 +57,33 @@ import optax  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import compams_jax as cj  # noqa: E402
 from compams_jax.experiments.models import count_params, create_model  # noqa: E402
 
-C = cj.compressors
 LR = 1e-3
 AXIS = "data"
 
-TOP_K_KW: dict = {}  # set from --top-k-method
-
-COMPRESSORS = {
-  "dense": (C.identity, "gather"),
-  "top_k": (lambda: C.top_k(0.01, **TOP_K_KW), "gather"),
-  "block_sign": (C.block_sign, "gather"),
-  "top_k_2p": (lambda: C.top_k(0.01, **TOP_K_KW), "two_phase"),
-  "block_sign_2p": (C.block_sign, "two_phase"),
-}
+METHOD_KW: dict = {}  # set from --top-k-method
+BASELINE = "identity"  # the dense step every ratio divides by
+QUICK_COMPRESSORS = ["identity", "top_k", "block_sign"]
 INPUTS = {"mnist_cnn": (28, 28, 1), "resnet18": (32, 32, 3)}
 
 
-def make_tx(name, axis_name, n):
-  make, topology = COMPRESSORS[name]
-  if topology == "two_phase":
-    return cj.comp_ams(LR, make(), axis_name=axis_name, topology="two_phase", num_workers=n)
-  return cj.comp_ams(LR, make(), axis_name=axis_name)
+def variants(specs, wires):
+  """name -> (Spec, wire name): LABEL for the gather wire, LABEL/two_phase (non-summable only)."""
+  out = {}
+  for spec in specs:
+    if "gather" in wires or spec.label == BASELINE:
+      out[spec.label] = (spec, "gather")
+    if "two_phase" in wires and not spec.build().summable:
+      out[f"{spec.label}/two_phase"] = (spec, "two_phase")
+  return out
+
+
+def make_tx(variant, axis_name):
+  spec, wire = variant
+  w = cj.wire.two_phase() if wire == "two_phase" else cj.wire.gather()
+  return cj.comp_ams(LR, spec.build(**METHOD_KW), axis_name=axis_name, wire=w)
 
 
 def _data(rng, shape, num_classes=10):
@@ -185,7 +181,7 @@ def interleaved(runners, repeats, steps, warmup):
   return times, compile_s
 
 
-def summarize(times, base="dense"):
+def summarize(times, base=BASELINE):
   med = {k: statistics.median(v) for k, v in times.items()}
   out = {
     k: {"median_s": med[k], "min_s": min(v), "max_s": max(v), "all_s": v} for k, v in times.items()
@@ -213,8 +209,8 @@ def parallel_benchmark(args, rng):
   put = lambda a, s: jax.device_put(a, NamedSharding(mesh, s))
   x, y = put(x, P(AXIS)), put(y, P(AXIS))
   runners, hlo = {}, {}
-  for name in args.variants:
-    tx = make_tx(name, AXIS, N_WORKERS)
+  for name, variant in args.variants.items():
+    tx = make_tx(variant, AXIS)
     step, opt_state = build_parallel_step(model, params, tx, mesh)
     p = jax.tree.map(lambda a: put(a, P()), params)
     runners[name] = Runner(step, p, opt_state, x, y)
@@ -233,15 +229,15 @@ def parallel_benchmark(args, rng):
   return res, count_params(params)
 
 
-def single_worker_benchmark(model_name, names, batch, repeats, steps, warmup, rng):
+def single_worker_benchmark(model_name, single, batch, repeats, steps, warmup, rng):
   model = create_model(model_name, 10)
   params = init_params(model, INPUTS[model_name])
   dev = jax.devices()[0]
   x, y = _data(rng, (batch,) + INPUTS[model_name])
   x, y = jax.device_put(x, dev), jax.device_put(y, dev)
   runners = {}
-  for name in names:
-    step, opt_state = build_single_step(model, params, make_tx(name, None, 1))
+  for name, variant in single.items():
+    step, opt_state = build_single_step(model, params, make_tx(variant, None))
     runners[name] = Runner(step, jax.device_put(params, dev), jax.device_put(opt_state, dev), x, y)
   print(
     f"# one worker, {model_name} {INPUTS[model_name]}, batch {batch}, no collectives: "
@@ -256,41 +252,24 @@ def single_worker_benchmark(model_name, names, batch, repeats, steps, warmup, rn
     "num_params": count_params(params),
     "batch": batch,
     "variants": res,
-    "compute_s": res["dense"]["median_s"],
+    "compute_s": res[BASELINE]["median_s"],
     "codec_overhead_s": {
-      k: max(0.0, v["median_s"] - res["dense"]["median_s"]) for k, v in res.items() if k != "dense"
+      k: max(0.0, v["median_s"] - res[BASELINE]["median_s"])
+      for k, v in res.items()
+      if k != BASELINE
     },
   }
 
 
-def git_state():
-  """Commit and dirty library files of the checkout the numbers were measured on."""
-  import subprocess
-
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  try:
-    head = subprocess.run(
-      ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-    ).stdout.strip()
-    dirty = subprocess.run(
-      ["git", "status", "--short", "compams_jax"],
-      cwd=root,
-      capture_output=True,
-      text=True,
-      check=True,
-    ).stdout.split("\n")
-    return {"commit": head, "dirty_library_files": [d for d in dirty if d.strip()]}
-  except (OSError, subprocess.CalledProcessError):
-    return None
-
-
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  _common.add_compressor_args(ap)
   ap.add_argument(
-    "--variants",
+    "--wires",
     nargs="+",
-    default=["dense", "top_k", "block_sign", "block_sign_2p"],
-    choices=list(COMPRESSORS),
+    default=["gather", "two_phase"],
+    choices=["gather", "two_phase"],
+    help="wire strategies timed for each compressor (two_phase: non-summable ones only)",
   )
   ap.add_argument("--batch", type=int, default=32, help="local batch per worker")
   ap.add_argument("--repeats", type=int, default=7)
@@ -301,44 +280,34 @@ def main(argv=None):
   ap.add_argument(
     "--no-resnet", action="store_true", help="skip the single-worker ResNet-18 compute measurement"
   )
-  ap.add_argument("--quick", action="store_true", help="smoke run: 3 repeats x 2 steps, no ResNet")
+  ap.add_argument(
+    "--quick",
+    action="store_true",
+    help="smoke run: 3 repeats x 2 steps, no ResNet, compressors " + " ".join(QUICK_COMPRESSORS),
+  )
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument(
     "--top-k-method",
     default=None,
-    help="passed as top_k(..., method=...) if given (default: the library's)",
+    help="passed as method=... to every factory that takes one (default: the library's)",
   )
-  ap.add_argument(
-    "--out",
-    default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "step_time.json"),
-  )
+  ap.add_argument("--out", default=str(_common.RESULTS / "step_time.json"))
   args = ap.parse_args(argv)
   if args.quick:
     args.repeats, args.steps, args.warmup, args.single_repeats, args.no_resnet = 3, 2, 2, 3, True
+    args.compressors = args.compressors or QUICK_COMPRESSORS
   if args.top_k_method:
-    TOP_K_KW["method"] = args.top_k_method
-  if "dense" not in args.variants:
-    args.variants = ["dense"] + args.variants
+    METHOD_KW["method"] = args.top_k_method
+  specs = _common.compressor_specs(args.compressors, all_examples=args.all_examples)
+  if BASELINE not in [s.label for s in specs]:
+    specs = _common.compressor_specs([BASELINE]) + specs
+  args.variants = variants(specs, args.wires)
   start = time.perf_counter()
   rng = np.random.default_rng(args.seed)
-  try:
-    load = os.getloadavg()
-  except OSError:
-    load = None
   result = {
-    "benchmark": "step_time",
-    "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    "jax_version": jax.__version__,
-    "optax_version": optax.__version__,
-    "python": platform.python_version(),
-    "platform": platform.platform(),
-    "cpu_count": os.cpu_count(),
-    "backend": jax.default_backend(),
-    "device_count": jax.device_count(),
-    "loadavg_at_start": load,
-    "top_k": repr(C.top_k(0.01, **TOP_K_KW)),
-    "git": git_state(),
+    **_common.run_info("step_time"),
+    "method_kwargs": METHOD_KW,
+    "compressors": [s.jsonable() for s in specs],
     "setup": {
       "model": "mnist_cnn",
       "input": list(INPUTS["mnist_cnn"]),
@@ -358,21 +327,21 @@ def main(argv=None):
   par, num_params = parallel_benchmark(args, rng)
   result["parallel_8_workers"] = par
   result["num_params"] = num_params
-  single_names = [v for v in args.variants if not v.endswith("_2p")]
+  single = {k: v for k, v in args.variants.items() if v[1] == "gather"}  # no collective anyway
+  single_names = list(single)
   result["single_worker"] = {
     "mnist_cnn": single_worker_benchmark(
-      "mnist_cnn", single_names, args.batch, args.single_repeats, args.steps, args.warmup, rng
+      "mnist_cnn", single, args.batch, args.single_repeats, args.steps, args.warmup, rng
     )
   }
   if not args.no_resnet:
     result["single_worker"]["resnet18"] = single_worker_benchmark(
-      "resnet18", single_names, args.batch, args.resnet_repeats, 1, 1, rng
+      "resnet18", single, args.batch, args.resnet_repeats, 1, 1, rng
     )
-  try:
-    result["loadavg_at_end"] = os.getloadavg()
-  except OSError:
-    pass
-  targets = {"top_k": 1.25, "block_sign": 1.15}
+  result["loadavg_at_end"] = _common.loadavg()
+  # Targets of the issue that introduced this benchmark (first examples of top_k, block_sign).
+  top_k, block_sign = (_common.compressor_specs([n])[0].label for n in ("top_k", "block_sign"))
+  targets = {top_k: 1.25, block_sign: 1.15}
   result["targets"] = {
     k: {
       "target_ratio_le": t,
@@ -384,9 +353,7 @@ def main(argv=None):
     if k in par
   }
   result["runtime_seconds"] = round(time.perf_counter() - start, 1)
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=1)
+  _common.write_json(args.out, result)
 
   print(
     "\n| variant (8 workers, CNN, batch 32/worker) | median step | ratio of medians vs dense "

@@ -20,25 +20,34 @@ and also measured from HLO — XLA:CPU widens a bf16 all-reduce to f32, so its H
 bytes/parameter; on GPU/TPU it would be 2. Every row is also checked against the static
 accounting `cj.wire_bytes(tx, params, num_workers=n)`.
 
+Variants: "psum_f32" and "psum_bf16" (raw dense all-reduces), then for every compressor of
+`cj.compressors.REGISTRY` (its first example; `--compressors` / `--all-examples` choose) a
+"LABEL/gather" row, and a "LABEL/two_phase" row where its payloads are not summable (summable
+ones already travel by one psum, flat in n), and "powersgd_r4". LABEL is the setting's
+shell-friendly name, e.g. "top_k_0.01", "block_sign", "cast_bfloat16".
+
 Run from the repository root:
 
-    python benchmarks/wire_bytes.py                   # both models, n = 2 4 8 16: ~9 CPU-minutes
-                                                      # (26 min wall on 2 shared, busy cores)
-    python benchmarks/wire_bytes.py --models mnist_cnn  # CNN only (~3 CPU-minutes)
-    python benchmarks/wire_bytes.py --quick           # CNN, n = 4 and 16, 7 variants (~35 s)
-    python benchmarks/wire_bytes.py --variants "top_k_1%/gather" --merge   # re-measure a subset
+    python benchmarks/wire_bytes.py                   # both models, n = 2 4 8 16
+    python benchmarks/wire_bytes.py --models mnist_cnn  # CNN only
+    python benchmarks/wire_bytes.py --quick           # CNN, n = 4 and 16, dense/top_k/block_sign
+    python benchmarks/wire_bytes.py --compressors terngrad --merge   # add one compressor's rows
+    python benchmarks/wire_bytes.py --variants "top_k_0.01/gather" --merge   # re-measure a row
 
 Writes benchmarks/results/wire_bytes.json (or --out) after every model, prints markdown tables.
 A variant whose step fails to compile is recorded with its error (and shown as FAILED) and the
-run goes on; `--top-k-method exact` passes `method="exact"` to every `top_k` (bytes do not
-depend on the selection method).
+run goes on; `--top-k-method exact` passes `method="exact"` to every factory that takes a
+`method` (bytes do not depend on the selection method).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
+
+import _common
+
+QUICK_COMPRESSORS = ["identity", "top_k", "block_sign"]
 
 
 def _parse_args(argv=None):
@@ -53,58 +62,42 @@ def _parse_args(argv=None):
     default=[2, 4, 8, 16],
     help="numbers of simulated devices (the process forces max(ns) CPU devices)",
   )
+  _common.add_compressor_args(ap)
   ap.add_argument(
     "--variants",
     nargs="+",
     default=None,
-    help="subset of variant names to run (default: all; see VARIANTS)",
+    help="subset of variant names to run (default: all of the chosen compressors)",
   )
   ap.add_argument(
     "--quick",
     action="store_true",
-    help="smoke run: mnist_cnn, n = 4 16, variants dense/top_k/block_sign",
+    help="smoke run: mnist_cnn, n = 4 16, compressors " + " ".join(QUICK_COMPRESSORS),
   )
   ap.add_argument(
     "--top-k-method",
     default=None,
-    help="passed as top_k(..., method=...) if given (bytes do not depend on it)",
+    help="passed as method=... to every factory that takes one (bytes do not depend on it)",
   )
   ap.add_argument(
     "--merge",
     action="store_true",
     help="keep the rows of an existing --out file that this run does not re-measure",
   )
-  ap.add_argument(
-    "--out",
-    default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "wire_bytes.json"),
-  )
+  ap.add_argument("--out", default=str(_common.RESULTS / "wire_bytes.json"))
   args = ap.parse_args(argv)
   if args.quick:
     args.models, args.ns = ["mnist_cnn"], [4, 16]
-    args.variants = [
-      "psum_f32",
-      "psum_bf16",
-      "identity/gather",
-      "top_k_1%/gather",
-      "block_sign/gather",
-      "block_sign/two_phase",
-      "top_k_1%/two_phase",
-    ]
+    args.compressors = args.compressors or QUICK_COMPRESSORS
   return args
 
 
 ARGS = _parse_args() if __name__ == "__main__" else None
-_MAX_N = max(ARGS.ns) if ARGS is not None else 16
-os.environ["XLA_FLAGS"] = (
-  os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_MAX_N}"
-).strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+_common.force_devices(max(ARGS.ns) if ARGS is not None else 16)
 
 import collections  # noqa: E402
-import datetime  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
@@ -113,48 +106,36 @@ import optax  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import compams_jax as cj  # noqa: E402
 from compams_jax.experiments.models import count_params, create_model  # noqa: E402
 
 C = cj.compressors
 LR = 1e-3
-TOP_K_KW = {"method": ARGS.top_k_method} if ARGS is not None and ARGS.top_k_method else {}
+METHOD_KW = {"method": ARGS.top_k_method} if ARGS is not None and ARGS.top_k_method else {}
+SPECS = _common.compressor_specs(
+  ARGS.compressors if ARGS is not None else None,
+  all_examples=ARGS is not None and ARGS.all_examples,
+)
+# The rows check_targets reads: the first example of top_k and of block_sign.
+TOP_K, BLOCK_SIGN = (_common.compressor_specs([n])[0].label for n in ("top_k", "block_sign"))
 
-# name -> (kind, builder(n) -> GradientTransformation | dtype). "psum" rows are raw collectives.
-VARIANTS = {
-  "psum_f32": ("psum", jnp.float32),
-  "psum_bf16": ("psum", jnp.bfloat16),
-  "identity/gather": ("tx", lambda n: cj.comp_ams(LR, C.identity(), axis_name="data")),
-  "cast_bf16/gather": ("tx", lambda n: cj.comp_ams(LR, C.cast(jnp.bfloat16), axis_name="data")),
-  "top_k_1%/gather": ("tx", lambda n: cj.comp_ams(LR, C.top_k(0.01, **TOP_K_KW), axis_name="data")),
-  "random_k_1%/gather": ("tx", lambda n: cj.comp_ams(LR, C.random_k(0.01), axis_name="data")),
-  "block_sign/gather": ("tx", lambda n: cj.comp_ams(LR, C.block_sign(), axis_name="data")),
-  "scaled_sign/gather": ("tx", lambda n: cj.comp_ams(LR, C.scaled_sign(), axis_name="data")),
-  "qsgd_4/gather": ("tx", lambda n: cj.comp_ams(LR, C.qsgd(4), axis_name="data")),
-  "top_k_1%/two_phase": (
-    "tx",
-    lambda n: cj.comp_ams(
-      LR, C.top_k(0.01, **TOP_K_KW), axis_name="data", topology="two_phase", num_workers=n
-    ),
-  ),
-  "block_sign/two_phase": (
-    "tx",
-    lambda n: cj.comp_ams(
-      LR, C.block_sign(), axis_name="data", topology="two_phase", num_workers=n
-    ),
-  ),
-  "scaled_sign/two_phase": (
-    "tx",
-    lambda n: cj.comp_ams(
-      LR, C.scaled_sign(), axis_name="data", topology="two_phase", num_workers=n
-    ),
-  ),
-  "qsgd_4/two_phase": (
-    "tx",
-    lambda n: cj.comp_ams(LR, C.qsgd(4), axis_name="data", topology="two_phase", num_workers=n),
-  ),
-  "powersgd_r4": (
+
+def _comp_ams(spec, wire):
+  return lambda n: cj.comp_ams(LR, spec.build(**METHOD_KW), axis_name="data", wire=wire)
+
+
+def build_variants(specs):
+  """name -> (kind, builder(n) -> GradientTransformation | dtype, spec). "psum" rows are raw
+  collectives."""
+  variants = {
+    "psum_f32": ("psum", jnp.float32, None),
+    "psum_bf16": ("psum", jnp.bfloat16, None),
+  }
+  for spec in specs:
+    variants[f"{spec.label}/gather"] = ("tx", _comp_ams(spec, cj.wire.gather()), spec)
+    if not spec.build().summable:
+      variants[f"{spec.label}/two_phase"] = ("tx", _comp_ams(spec, cj.wire.two_phase()), spec)
+  variants["powersgd_r4"] = (
     "tx",
     lambda n: optax.chain(
       cj.powersgd(4, axis_name="data"),
@@ -163,8 +144,12 @@ VARIANTS = {
       ),
       optax.scale_by_learning_rate(LR),
     ),
-  ),
-}
+    None,
+  )
+  return variants
+
+
+VARIANTS = build_variants(SPECS)
 
 MODEL_INPUTS = {"mnist_cnn": (1, 28, 28, 1), "resnet18": (1, 32, 32, 3)}
 
@@ -206,8 +191,17 @@ def psum_bytes(params, n, dtype):
   return cj.collective_bytes(jax.jit(allreduce), grads)
 
 
+def _compressor_fields(spec):
+  """The row's compressor: registry name and arguments (None for psum/PowerSGD rows)."""
+  if spec is None:
+    return {"compressor": None, "compressor_kwargs": None}
+  extra = METHOD_KW if "method" in C.REGISTRY[spec.name].parameters else {}
+  fields = _common.Spec(spec.name, {**spec.kwargs, **extra}).jsonable()
+  return {"compressor": fields["name"], "compressor_kwargs": fields["kwargs"]}
+
+
 def measure(model_name, params, n, name):
-  kind, build = VARIANTS[name]
+  kind, build, spec = VARIANTS[name]
   t0 = time.perf_counter()
   try:
     if kind == "psum":
@@ -229,7 +223,7 @@ def measure(model_name, params, n, name):
       "hlo_equals_wire_bytes": None,
       "by_op": {},
       "count_by_op": {},
-      "top_k_kwargs": TOP_K_KW if "top_k" in name else None,
+      **_compressor_fields(spec),
       "compile_seconds": round(time.perf_counter() - t0, 2),
     }
   seconds = time.perf_counter() - t0
@@ -245,7 +239,7 @@ def measure(model_name, params, n, name):
     "group_sizes": sorted({c.group_size for c in cb.collectives if c.group_size is not None}),
     "wire_bytes": wire,
     "hlo_equals_wire_bytes": None if wire is None else cb.total == wire,
-    "top_k_kwargs": TOP_K_KW if "top_k" in name else None,
+    **_compressor_fields(spec),
     "compile_seconds": round(seconds, 2),
   }
 
@@ -278,10 +272,16 @@ def _inv(x):
   return "—" if not x else f"1/{1 / x:.1f}" if x < 1 else f"{x:.2f}×"
 
 
+def _order(variant):
+  """This run's variants in their order, then rows merged from earlier runs by name."""
+  names = list(VARIANTS)
+  return (names.index(variant), "") if variant in names else (len(names), variant)
+
+
 def markdown_table(rows, model_name):
   rs = [r for r in rows if r["model"] == model_name]
   ns = sorted({r["n"] for r in rs})
-  names = [v for v in VARIANTS if any(r["variant"] == v for r in rs)]
+  names = sorted({r["variant"] for r in rs}, key=_order)
   lines = [
     f"Operand bytes per device per step (ratio to dense f32 psum; ratio of received "
     f"bytes to the f32 ring all-reduce's) — {model_name}",
@@ -320,7 +320,7 @@ def check_targets(rows):
   )
   for m in sorted({r["model"] for r in rows}):
     t = {}
-    b4, b16 = get(m, "block_sign/two_phase", 4), get(m, "block_sign/two_phase", 16)
+    b4, b16 = get(m, f"{BLOCK_SIGN}/two_phase", 4), get(m, f"{BLOCK_SIGN}/two_phase", 16)
     if b16:
       t["two_phase_block_sign_n16_operand_ratio"] = b16["ratio_operand_vs_f32"]
       t["two_phase_block_sign_n16_le_1/25"] = b16["ratio_operand_vs_f32"] <= 1 / 25
@@ -334,7 +334,7 @@ def check_targets(rows):
         b4["ratio_received_vs_f32"],
         b16["ratio_received_vs_f32"],
       ]
-    tk8 = get(m, "top_k_1%/gather", 8)
+    tk8 = get(m, f"{TOP_K}/gather", 8)
     if tk8:
       t["top_k_gather_n8_operand_ratio"] = tk8["ratio_operand_vs_f32"]
       t["top_k_gather_n8_le_1/40"] = tk8["ratio_operand_vs_f32"] <= 1 / 40
@@ -363,27 +363,6 @@ def check_targets(rows):
   return out
 
 
-def git_state():
-  """Commit and dirty library files of the checkout the numbers were measured on."""
-  import subprocess
-
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  try:
-    head = subprocess.run(
-      ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-    ).stdout.strip()
-    dirty = subprocess.run(
-      ["git", "status", "--short", "compams_jax"],
-      cwd=root,
-      capture_output=True,
-      text=True,
-      check=True,
-    ).stdout.split("\n")
-    return {"commit": head, "dirty_library_files": [d for d in dirty if d.strip()]}
-  except (OSError, subprocess.CalledProcessError):
-    return None
-
-
 def main(args):
   start = time.perf_counter()
   names = args.variants or list(VARIANTS)
@@ -393,18 +372,9 @@ def main(args):
   if jax.device_count() < max(args.ns):
     raise SystemExit(f"need {max(args.ns)} devices, have {jax.device_count()}")
   result = {
-    "benchmark": "wire_bytes",
-    "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    "jax_version": jax.__version__,
-    "optax_version": optax.__version__,
-    "python": platform.python_version(),
-    "platform": platform.platform(),
-    "cpu_count": os.cpu_count(),
-    "backend": jax.default_backend(),
-    "device_count": jax.device_count(),
-    "top_k_kwargs": TOP_K_KW,
-    "git": git_state(),
+    **_common.run_info("wire_bytes"),
+    "method_kwargs": METHOD_KW,
+    "compressors": [s.jsonable() for s in SPECS],
     "notes": (
       "operand_bytes = sum of collective operand bytes per device (cj.collective_bytes"
       "(...).total); received_bytes = standard-algorithm received bytes per device "
@@ -416,7 +386,6 @@ def main(args):
     "models": {},
     "rows": [],
   }
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   previous = []
   if args.merge and os.path.exists(args.out):
     with open(args.out) as f:
@@ -466,13 +435,12 @@ def main(args):
       for r in previous
       if r["model"] == model_name and (r["model"], r["n"], r["variant"]) not in done
     ]
-    rows = sorted(kept + rows, key=lambda r: (r["n"], list(VARIANTS).index(r["variant"])))
+    rows = sorted(kept + rows, key=lambda r: (r["n"], _order(r["variant"])))
     add_ratios(rows, num_params)
     result["rows"] = [r for r in result["rows"] if r["model"] != model_name] + rows
     result["targets"] = check_targets(result["rows"])
     result["runtime_seconds"] = round(time.perf_counter() - start, 1)
-    with open(args.out, "w") as f:
-      json.dump(result, f, indent=1)
+    _common.write_json(args.out, result)
     print()
     print(markdown_table(result["rows"], model_name))
     print(flush=True)

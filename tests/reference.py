@@ -1,7 +1,16 @@
-"""Independent plain-NumPy references of the papers' algorithms (no compams_jax code)."""
+"""Independent plain-NumPy references of the papers' algorithms (no compams_jax code).
+
+`REFERENCES` maps every registry name (`cj.compressors.REGISTRY`) to a brute-force definition
+`ref(x, key, **example_kwargs) -> C(x)` of that compressor applied to one array; a randomized
+one draws its randomness from `key` with `uniforms` (the one `jax.random` call it shares with the
+library: the same key gives the same draws). tests/test_compressors.py checks every registered
+compressor, every example, against it, and fails for a registered name without one.
+"""
 
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -22,6 +31,79 @@ def np_block_sign(x):
 
 def np_identity(x):
   return np.asarray(x)
+
+
+# ----------------------------------------------------------------- compressors by registry name
+
+
+def uniforms(key, d):
+  """The d float32 uniforms in [0, 1) a randomized compressor draws from `key`."""
+  return np.asarray(jax.random.uniform(key, (d,), jnp.float32))
+
+
+def _flat64(x):
+  return np.asarray(x, np.float64).reshape(-1)
+
+
+def np_cast(x, dtype):
+  """Round to nearest even in `dtype` (ml_dtypes / NumPy casts), back to x's dtype."""
+  x = np.asarray(x)
+  return x.astype(dtype).astype(x.dtype)
+
+
+def np_random_k(x, key, ratio):
+  """x at the k positions of the k largest of d uniforms (ties to the lower index), else 0."""
+  flat = _flat64(x)
+  k = max(1, math.ceil(ratio * flat.size - 1e-9))
+  keep = np.argsort(-uniforms(key, flat.size), kind="stable")[:k]
+  out = np.zeros_like(flat)
+  out[keep] = flat[keep]
+  return out.reshape(np.shape(x))
+
+
+def np_block_sign_exact(x, exact_zeros=False):
+  """sign(x)·‖x‖₁/d in float64; zeros are sent as +1 unless exact_zeros (then sign(0) = 0)."""
+  flat = _flat64(x)
+  scale = np.mean(np.abs(flat)) if flat.size else 0.0
+  sign = np.sign(flat) if exact_zeros else np.where(flat < 0, -1.0, 1.0)
+  return (sign * scale).reshape(np.shape(x))
+
+
+def np_qsgd(x, key, levels):
+  """QSGD (Alistarh et al. 2017): ‖x‖·sign(x_i)·⌊s|x_i|/‖x‖ + u_i⌋/s, in float64."""
+  flat = _flat64(x)
+  norm = math.sqrt(float(np.sum(flat * flat)))
+  if norm == 0:
+    return np.zeros(np.shape(x))
+  level = np.minimum(np.floor(levels * np.abs(flat) / norm + uniforms(key, flat.size)), levels)
+  return (np.sign(flat) * level * norm / levels).reshape(np.shape(x))
+
+
+def np_terngrad(x, u):
+  """TernGrad (Wen et al. 2017) with the uniforms u: s·sign(x_i)·b_i, s = max|x|.
+
+  b_i = [u_i·s < |x_i|] (probability |x_i|/s; the max entry always, zeros never), computed in
+  float32 exactly as the compressor does, so the result is bit-identical to it.
+  """
+  x = np.asarray(x)
+  flat = x.reshape(-1).astype(np.float32)
+  a = np.abs(flat)
+  s = a.max() if a.size else np.float32(0)
+  sent = (a > 0) & ((np.asarray(u, np.float32) * s < a) | (a >= s))
+  out = np.where(sent, np.where(flat < 0, -s, s), np.float32(0)).astype(np.float32)
+  return out.astype(x.dtype).reshape(x.shape)
+
+
+REFERENCES = {
+  "identity": lambda x, key: np_identity(x),
+  "cast": lambda x, key, dtype: np_cast(x, dtype),
+  "top_k": lambda x, key, ratio: np_top_k(x, ratio),
+  "random_k": np_random_k,
+  "block_sign": lambda x, key, exact_zeros=False: np_block_sign_exact(x, exact_zeros),
+  "scaled_sign": lambda x, key, exact_zeros=False: np_block_sign_exact(x, exact_zeros),
+  "qsgd": np_qsgd,
+  "terngrad": lambda x, key: np_terngrad(x, uniforms(key, np.size(x))),
+}
 
 
 def np_comp_ams(params, grads, compress, *, lr, b1=0.9, b2=0.999, eps=1e-8):

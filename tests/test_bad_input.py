@@ -8,11 +8,49 @@ import numpy as np
 import pytest
 
 import compams_jax as cj
+from tests import registry
 
 C = cj.compressors
 
 
-@pytest.mark.parametrize("factory", [C.top_k, C.random_k], ids=["top_k", "random_k"])
+def _taking(argument: str) -> list[str]:
+  """Registry names whose factory takes `argument`."""
+  return [name for name, entry in C.REGISTRY.items() if argument in entry.parameters]
+
+
+@pytest.mark.parametrize(
+  "name, kwargs, exc",
+  [
+    pytest.param(name, bad, exc, id=f"{registry.case_id(name, bad)}-{exc.__name__}")
+    for name, entry in C.REGISTRY.items()
+    for bad, exc in entry.bad
+  ],
+)
+def test_registry_bad_arguments(name, kwargs, exc):
+  with pytest.raises(exc):
+    C.get(name, **kwargs)
+  with pytest.raises(exc):
+    C.REGISTRY[name].factory(**kwargs)
+
+
+@pytest.mark.parametrize("name", list(C.REGISTRY))
+def test_registry_unknown_argument(name):
+  with pytest.raises(
+    ValueError, match=rf"compressor '{name}' takes .*got unexpected \['no_such_argument'\]"
+  ):
+    C.get(name, no_such_argument=1)
+
+
+def test_registry_unknown_name_lists_every_name():
+  with pytest.raises(ValueError, match="unknown compressor 'top-k'") as info:
+    C.get("top-k")
+  for name in C.REGISTRY:
+    assert repr(name)[1:-1] in str(info.value)
+
+
+@pytest.mark.parametrize(
+  "factory", [C.REGISTRY[n].factory for n in _taking("ratio")], ids=_taking("ratio")
+)
 @pytest.mark.parametrize(
   "ratio, exc, match",
   [
@@ -59,21 +97,12 @@ def test_cast_not_a_dtype():
     C.cast("not-a-dtype")
 
 
-@pytest.mark.parametrize(
-  "make",
-  [
-    lambda g: C.top_k(0.1, granularity=g),
-    lambda g: C.random_k(0.1, granularity=g),
-    lambda g: C.block_sign(granularity=g),
-    lambda g: C.qsgd(4, granularity=g),
-    lambda g: C.cast(granularity=g),
-    lambda g: C.identity(granularity=g),
-  ],
-)
+@pytest.mark.parametrize("name", _taking("granularity"))
 @pytest.mark.parametrize("granularity", ["layer", "Leaf", "", None])
-def test_bad_granularity(make, granularity):
-  with pytest.raises(ValueError, match=r"granularity must be one of .*'leaf'.*'model'"):
-    make(granularity)
+def test_bad_granularity(name, granularity):
+  for kwargs in C.REGISTRY[name].examples:
+    with pytest.raises(ValueError, match=r"granularity must be one of .*'leaf'.*'model'"):
+      C.REGISTRY[name].factory(**{**kwargs, "granularity": granularity})
 
 
 NOT_COMPRESSORS = [lambda x, key=None: x, "top_k", None, C.TopK]
@@ -95,9 +124,9 @@ def test_not_a_compressor(transform, bad):
   [cj.error_feedback, cj.compressed_mean, lambda c, **kw: cj.comp_ams(1e-3, c, **kw)],
   ids=["error_feedback", "compressed_mean", "comp_ams"],
 )
-@pytest.mark.parametrize("axis_name", [3, ("data",), b"data"])
+@pytest.mark.parametrize("axis_name", [3, ("data", 3), (), b"data"])
 def test_bad_axis_name(transform, axis_name):
-  with pytest.raises(TypeError, match=r"axis_name must be a str or None, got"):
+  with pytest.raises(TypeError, match=r"axis_name must be a str, a tuple of str or None, got"):
     transform(C.top_k(0.1), axis_name=axis_name)
 
 
@@ -135,19 +164,16 @@ def test_compressed_mean_update_rejects_integer_grads():
     tx.update({"w": jnp.zeros(4, jnp.int32)}, state)
 
 
-@pytest.mark.parametrize(
-  "compressor",
-  [C.top_k(0.1), C.qsgd(4), C.random_k(0.5), C.identity(), C.block_sign()],
-  ids=["top_k", "qsgd", "random_k", "identity", "block_sign"],
-)
+@pytest.mark.parametrize("name, kwargs", registry.cases())
 @pytest.mark.parametrize(
   "transform",
   [cj.error_feedback, cj.compressed_mean, lambda c, **kw: cj.comp_ams(1e-3, c, **kw)],
   ids=["error_feedback", "compressed_mean", "comp_ams"],
 )
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
-def test_unbound_axis_name(compressor, transform, jit):
-  tx = transform(compressor, axis_name="data")
+@pytest.mark.filterwarnings("ignore:.*not a contraction:UserWarning")
+def test_unbound_axis_name(name, kwargs, transform, jit):
+  tx = transform(registry.build(name, kwargs), axis_name="data")
   params = {"w": jnp.ones((10,))}
   state = tx.init(params)
   update = jax.jit(tx.update) if jit else tx.update
@@ -182,8 +208,9 @@ def test_comp_ams_update_structure_mismatch():
     tx.update({"w": jnp.zeros(4), "b": jnp.zeros(1)}, state, {"w": jnp.zeros(4)})
 
 
-@pytest.mark.parametrize("compressor", [C.qsgd(4), C.random_k(0.5)], ids=["qsgd", "random_k"])
-def test_randomized_compressor_without_key(compressor):
+@pytest.mark.parametrize("name, kwargs", registry.cases(where=lambda c: c.needs_key))
+def test_randomized_compressor_without_key(name, kwargs):
+  compressor = registry.build(name, kwargs)
   with pytest.raises(ValueError, match="needs a PRNG key"):
     compressor(jnp.ones(8))
   with pytest.raises(ValueError, match="needs a PRNG key"):

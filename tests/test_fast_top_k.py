@@ -44,7 +44,7 @@ def np_top_set(x, k: int) -> set[int]:
 
 @functools.cache
 def _selector(k: int, method: str):
-  return jax.jit(lambda x: sel.top_k_indices(x, k, method, with_branch=True))
+  return jax.jit(lambda x: sel.top_k_indices_and_branch(x, k, method))
 
 
 def select(x, k: int, method: str = "threshold"):
@@ -251,6 +251,12 @@ def test_method_choice_is_static():
   idx, branch = select(x, 10, "threshold")
   assert branch == STATIC_EXACT
   check_same_as_top_k(x, 10, idx)
+  # The library's entry point returns the indices only: the same ones, on both paths.
+  for d, method in ((1000, "threshold"), (D, "threshold"), (D, "exact")):
+    v = jnp.asarray(gaussian(d, seed=14))
+    only = jax.jit(lambda v, m=method: sel.top_k_indices(v, 10, m))(v)
+    assert isinstance(only, jax.Array) and only.shape == (10,)
+    np.testing.assert_array_equal(np.asarray(only), select(v, 10, method)[0])
   with pytest.raises(ValueError, match="method"):
     sel.top_k_indices(jnp.asarray(x), 10, "sorted")
 
@@ -263,11 +269,16 @@ def test_compressor_methods_agree_and_payload_unchanged():
   assert C.top_k(0.01) == auto and auto.method == "auto"
   shapes = [c.payload_shapes(x.shape, x.dtype) for c in (exact, fast, auto)]
   assert shapes[0] == shapes[1] == shapes[2]
-  assert shapes[0]["indices"].dtype == jnp.uint32 and shapes[0]["values"].shape == (k,)
-  assert exact.wire_bits(x.shape, x.dtype) == fast.wire_bits(x.shape, x.dtype) == k * 64
+  # Over 65,536 entries: 16-bit offsets inside blocks of 65,536, one 16-bit count per block.
+  blocks = -(-d // 65_536)
+  assert shapes[0]["indices"].dtype == jnp.uint16 and shapes[0]["values"].shape == (k,)
+  assert shapes[0]["counts"].shape == (blocks,)
+  want_bits = k * (32 + 16) + blocks * 16
+  assert exact.wire_bits(x.shape, x.dtype) == fast.wire_bits(x.shape, x.dtype) == want_bits
   p = jax.jit(fast.encode)(x)
   flat = np.asarray(x).reshape(-1)
-  idx = np.asarray(p["indices"]).astype(np.int64)
+  block_of = np.repeat(np.arange(blocks), np.asarray(p["counts"]).astype(np.int64))
+  idx = block_of * 65_536 + np.asarray(p["indices"]).astype(np.int64)
   assert set(idx.tolist()) == np_top_set(flat, k)
   np.testing.assert_array_equal(np.asarray(p["values"]), flat[idx])
   dense = [
@@ -291,7 +302,7 @@ def test_vmap_mixed_branches_and_gradient():
     gaussian(d, 16) ** 3,
   ]
   xs = jnp.asarray(np.stack(rows))
-  f = jax.jit(jax.vmap(lambda x: sel.top_k_indices(x, k, "threshold", with_branch=True)))
+  f = jax.jit(jax.vmap(lambda x: sel.top_k_indices_and_branch(x, k, "threshold")))
   idx, branch = f(xs)
   assert np.asarray(branch).tolist() == [MAIN, TIE, TIE, MAIN]
   for row, got in zip(rows, np.asarray(idx)):

@@ -17,6 +17,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import compams_jax as cj
+from tests import registry
 
 C = cj.compressors
 
@@ -28,6 +29,14 @@ def k_of(ratio: float, d: int) -> int:
 def index_bytes(d: int) -> int:
   """Bytes of the narrowest unsigned integer that indexes 0..d-1."""
   return 1 if d - 1 < 2**8 else 2 if d - 1 < 2**16 else 4
+
+
+def top_k_bytes(d: int, k: int, width: int = 4) -> int:
+  """k values and their indices: flat ones in the narrowest type up to 65,536 entries; beyond,
+  16-bit offsets inside blocks of 65,536 and one count per block (16-bit while k < 65,536)."""
+  if d <= 2**16:
+    return k * (width + index_bytes(d))
+  return k * (width + 2) + -(-d // 2**16) * (2 if k < 2**16 else 4)
 
 
 def _put(mesh, x):
@@ -141,7 +150,7 @@ def _sizes(params):
 
 @pytest.mark.parametrize("ratio", [0.01, 0.1, 1.0])
 def test_wire_bytes_top_k_first_principles(ratio):
-  want = sum(k_of(ratio, d) * (w + index_bytes(d)) for d, w in _sizes(PARAMS))
+  want = sum(top_k_bytes(d, k_of(ratio, d), w) for d, w in _sizes(PARAMS))
   assert cj.wire_bytes(C.top_k(ratio), PARAMS) == want
 
 
@@ -158,24 +167,54 @@ def test_wire_bytes_first_principles_other_compressors():
   assert cj.wire_bytes(C.qsgd(127), PARAMS) == sum(d + 4 for d, _ in sizes)
   assert cj.wire_bytes(C.qsgd(128), PARAMS) == sum(2 * d + 4 for d, _ in sizes)
   assert cj.wire_bytes(C.random_k(0.05), PARAMS) == sum(w * k_of(0.05, d) for d, w in sizes)
+  assert cj.wire_bytes(C.terngrad(), PARAMS) == sum(-(-d // 4) + 4 for d, _ in sizes)
 
 
 def test_wire_bytes_model_granularity_first_principles():
   sizes = _sizes(PARAMS)
   total = sum(d for d, _ in sizes)  # one flat float32 vector (bf16 promoted with f32)
   assert cj.wire_bytes(C.top_k(0.01, granularity="model"), PARAMS) == (
-    k_of(0.01, total) * (4 + index_bytes(total))
+    top_k_bytes(total, k_of(0.01, total))
   )
   assert cj.wire_bytes(C.scaled_sign(), PARAMS) == -(-total // 8) + 4
   assert cj.wire_bytes(C.qsgd(4, granularity="model"), PARAMS) == total + 4
   assert cj.wire_bytes(C.identity(granularity="model"), PARAMS) == 4 * total
 
 
-def test_wire_bytes_of_transforms_equal_compressor_bytes():
-  for c in (C.top_k(0.01), C.block_sign(), C.qsgd(4), C.random_k(0.1), C.identity()):
-    want = cj.wire_bytes(c, PARAMS)
-    assert cj.wire_bytes(cj.comp_ams(1e-3, c, axis_name="data"), PARAMS) == want
-    assert cj.wire_bytes(cj.compressed_mean(c), PARAMS) == want
+def _encoded_bytes(c, params):
+  """Bytes of the payload arrays `encode` returns, per leaf or for the flattened model, traced
+  abstractly (nothing compiled): what travels, counted from the arrays themselves."""
+  leaves = jax.tree.leaves(params)
+  if c.granularity == "model":
+    size = sum(int(np.prod(x.shape)) for x in leaves)
+    leaves = [jax.ShapeDtypeStruct((size,), jnp.result_type(*[x.dtype for x in leaves]))]
+  key = jax.random.key(0) if c.needs_key else None
+  total = 0
+  for x in leaves:
+    payload = jax.eval_shape(c.encode, jax.ShapeDtypeStruct(x.shape, x.dtype), key)
+    total += sum(
+      int(np.prod(p.shape)) * np.dtype(p.dtype).itemsize for p in jax.tree.leaves(payload)
+    )
+  return total
+
+
+@pytest.mark.parametrize("name, kwargs", registry.cases())
+def test_wire_bytes_equal_encoded_payload_bytes(name, kwargs):
+  for granularity in ("leaf", "model"):
+    c = registry.build(name, kwargs, granularity)
+    assert cj.wire_bytes(c, PARAMS) == _encoded_bytes(c, PARAMS), c
+
+
+@pytest.mark.parametrize("name, kwargs", registry.cases())
+@pytest.mark.filterwarnings("ignore:.*not a contraction:UserWarning")
+def test_wire_bytes_of_transforms_equal_compressor_bytes(name, kwargs):
+  c = registry.build(name, kwargs)
+  want = cj.wire_bytes(c, PARAMS)
+  assert cj.wire_bytes(cj.comp_ams(1e-3, c, axis_name="data"), PARAMS) == want
+  assert cj.wire_bytes(cj.compressed_mean(c, axis_name="data"), PARAMS) == want
+
+
+def test_wire_bytes_of_a_plain_optax_transform():
   assert cj.wire_bytes(optax.sgd(0.1), PARAMS) == 0  # no compams_jax collective at all
 
 
@@ -231,9 +270,7 @@ def test_comp_ams_hlo_bytes_identity_is_dense(mesh, n_devices):
 
 def test_comp_ams_hlo_bytes_top_k(mesh, n_devices):
   hlo, static = _hlo_bytes(mesh, n_devices, C.top_k(0.01))
-  want = sum(
-    k_of(0.01, int(np.prod(s))) * (4 + index_bytes(int(np.prod(s)))) for s in BIG_SHAPES.values()
-  )
+  want = sum(top_k_bytes(int(np.prod(s)), k_of(0.01, int(np.prod(s)))) for s in BIG_SHAPES.values())
   assert hlo.total == static == want
   assert hlo.total <= DENSE_BYTES / 40
   assert set(hlo.by_op) == {"all-gather"}  # compact payloads, not dense zero-filled tensors
@@ -256,21 +293,46 @@ def test_comp_ams_bytes_cast_bf16(mesh, n_devices, record_property):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-  "compressor",
-  [C.qsgd(4), C.random_k(0.01), C.block_sign(exact_zeros=True)],
-  ids=["qsgd", "random_k", "block_sign_exact"],
-)
-def test_comp_ams_hlo_bytes_equal_wire_bytes_more(mesh, n_devices, compressor):
-  hlo, static = _hlo_bytes(mesh, n_devices, compressor)
+@pytest.mark.parametrize("name, kwargs", registry.cases(where=lambda c: not isinstance(c, C.Cast)))
+@pytest.mark.filterwarnings("ignore:.*not a contraction:UserWarning")
+def test_comp_ams_hlo_bytes_equal_wire_bytes_more(mesh, n_devices, name, kwargs):
+  # (cast: XLA:CPU widens bf16/f16 collectives, see test_comp_ams_bytes_cast_bf16.)
+  hlo, static = _hlo_bytes(mesh, n_devices, registry.build(name, kwargs))
   assert hlo.total == static
+
+
+@pytest.mark.parametrize("name, kwargs", registry.cases(first=True))
+@pytest.mark.filterwarnings("ignore:.*not a contraction:UserWarning")
+def test_comp_ams_hlo_bytes_equal_wire_bytes_small(mesh, n_devices, name, kwargs):
+  """Every registered compressor: the compiled step sends exactly `wire_bytes` (small model)."""
+  params = {"w": jnp.zeros((40, 30)), "b": jnp.zeros((30,)), "s": jnp.zeros(())}
+  tx = cj.comp_ams(1e-3, registry.build(name, kwargs), axis_name="data")
+  fn, state = _comp_ams_step(mesh, tx, params)
+  grads = {
+    k: jax.ShapeDtypeStruct(
+      (n_devices,) + v.shape, v.dtype, sharding=jax.NamedSharding(mesh, P("data"))
+    )
+    for k, v in params.items()
+  }
+  hlo = cj.collective_bytes(fn, params, grads, state)
+  static = cj.wire_bytes(tx, params)
+  c = registry.build(name, kwargs)
+  payload = [c.payload_shapes(x.shape, x.dtype) for x in jax.tree.leaves(params)]
+  narrow = any(
+    jnp.issubdtype(p.dtype, jnp.floating) and p.dtype.itemsize == 2
+    for p in jax.tree.leaves(payload)
+  )
+  # XLA:CPU widens 16-bit float collectives to float32 (GPU/TPU do not): up to 2x in HLO.
+  assert hlo.total == static or (narrow and static < hlo.total <= 2 * static), (hlo.total, static)
 
 
 # ----------------------------------------------------------------- no recompilation
 
 
-@pytest.mark.parametrize("compressor", [C.top_k(0.1), C.qsgd(4)], ids=["top_k", "qsgd"])
-def test_jitted_step_does_not_recompile(mesh, n_devices, compressor):
+@pytest.mark.parametrize("name, kwargs", registry.cases(first=True))
+@pytest.mark.filterwarnings("ignore:.*not a contraction:UserWarning")
+def test_jitted_step_does_not_recompile(mesh, n_devices, name, kwargs):
+  compressor = registry.build(name, kwargs)
   # Replicated placement spelled the way shard_map's out_specs=P() returns it (P(None, ...)):
   # a P() input would be a different cache key on the first call only.
   params = {

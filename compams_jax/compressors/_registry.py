@@ -61,7 +61,11 @@ REGISTRY: dict[str, Entry] = {
     ({"dtype": jnp.bfloat16}, {"dtype": jnp.float16}),
     (({"dtype": jnp.int32}, TypeError), ({"dtype": "not-a-dtype"}, TypeError)),
   ),
-  "top_k": Entry(top_k, ({"ratio": 0.01}, {"ratio": 0.3}), _BAD_RATIO),
+  "top_k": Entry(
+    top_k,
+    ({"ratio": 0.01}, {"ratio": 0.3}),
+    (*_BAD_RATIO, ({"value_dtype": jnp.int32}, ValueError)),
+  ),
   "random_k": Entry(random_k, ({"ratio": 0.01}, {"ratio": 0.3}), _BAD_RATIO),
   "block_sign": Entry(block_sign, ({}, {"exact_zeros": True})),
   "scaled_sign": Entry(scaled_sign),
@@ -84,8 +88,9 @@ def get(name: str, **kwargs: Any) -> Compressor:
 
   Examples:
     >>> import compams_jax as cj
-    >>> cj.compressors.get("top_k", ratio=0.05)
-    TopK(granularity='leaf', ratio=0.05, method='auto')
+    >>> c = cj.compressors.get("top_k", ratio=0.05)
+    >>> c == cj.compressors.top_k(0.05), c.ratio
+    (True, 0.05)
   """
   if name not in REGISTRY:
     raise ValueError(f"unknown compressor {name!r}; valid names: {', '.join(sorted(REGISTRY))}.")
