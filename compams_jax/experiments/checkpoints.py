@@ -45,6 +45,11 @@ def check_meta(
       )
 
 
+def has_checkpoint(directory: pathlib.Path) -> bool:
+  """Whether `directory` (a run's checkpoints/) holds a finished checkpoint; creates nothing."""
+  return pathlib.Path(directory).is_dir() and bool(ocp.utils.checkpoint_steps(directory))
+
+
 class Checkpointer:
   """Saves and restores {params, opt_state, step, meters} with orbax (atomic per step)."""
 

@@ -6,6 +6,7 @@ import argparse
 import os
 import pathlib
 import re
+import shlex
 import sys
 from collections.abc import Sequence
 
@@ -29,32 +30,111 @@ def _simulate_devices(count: int) -> None:
   os.environ["XLA_FLAGS"] = f"{flags} {_DEVICE_FLAG}={count}".strip()
 
 
+def _status(r: dict) -> str:
+  """How a run ended: done, the loss target's step, or where it stopped (not finished)."""
+  if not r["finished"]:
+    return f"stopped at step {r['steps']}/{r['total_steps']}"
+  if r.get("steps_to_target") is not None:
+    return f"target reached at step {r['steps']}/{r['total_steps']}"
+  return "done"
+
+
+_TIME_NOTE = (
+  "loop s: wall-clock seconds of the training loop (steps, per-epoch evaluation, checkpoints); "
+  "data loading, setup and compiling the training step are not counted."
+)
+
+
 def _format_table(rows: list[dict]) -> str:
-  head = f"{'variant':<32} {'test acc':>9} {'bytes/step':>17} {'vs dense f32':>13} {'time s':>7}"
-  lines = [head, "-" * len(head)]
-  for r in rows:
+  head = (
+    f"{'variant':<32} {'test acc':>9} {'bytes/step':>17} {'vs dense f32':>13} {'loop s':>7}  status"
+  )
+  body = [
+    f"{r['variant']:<32} {r['test_accuracy']:>9.4f} {r['bytes_per_step_steady']:>17,d} "
+    f"{r['compression_ratio']:>12.1f}x {r['seconds']:>7.1f}  {_status(r)}"
+    for r in rows
+  ]
+  rule = "-" * max(len(line) for line in [head, *body])
+  return "\n".join([head, rule, *body, _TIME_NOTE])
+
+
+def _final_line(rows: list[dict]) -> str:
+  stopped = [r for r in rows if not r["finished"]]
+  if not stopped:
+    return f"all {len(rows)} run(s) finished."
+  which = ", ".join(f"{r['variant']} {_status(r)}" for r in stopped)
+  return (
+    f"{len(stopped)} of {len(rows)} run(s) NOT finished: {which}; "
+    "continue with the same command and --resume."
+  )
+
+
+def _variant_names(values: Sequence[str] | None, parser: argparse.ArgumentParser, presets):
+  """The --variant names, comma-separated and/or repeated, in order, without repeats."""
+  if values is None:
+    return None
+  names: list[str] = []
+  for value in values:
+    for name in value.split(","):
+      if name.strip() and name.strip() not in names:
+        names.append(name.strip())
+  valid = ", ".join(presets)
+  if not names:
+    parser.error(f"--variant needs a preset name; valid: {valid}.")
+  unknown = [n for n in names if n not in presets]
+  if unknown:
+    parser.error(f"unknown variant(s) {', '.join(map(repr, unknown))}; valid: {valid}.")
+  return names
+
+
+def _presets_help(presets) -> str:
+  lines = ["variants (optimizer presets; compams_jax/experiments/optim.py PRESETS):"]
+  for name, preset in presets.items():
+    kwargs = ", ".join(f"{k}={v}" for k, v in (preset.get("compressor_kwargs") or {}).items())
+    extra = "".join(
+      f", {k}={v}"
+      for k, v in preset.items()
+      if k not in ("name", "compressor", "compressor_kwargs")
+    )
     lines.append(
-      f"{r['variant']:<32} {r['test_accuracy']:>9.4f} {r['bytes_per_step_steady']:>17,d} "
-      f"{r['compression_ratio']:>12.1f}x {r['seconds']:>7.1f}"
+      f"  {name:<37} {preset['name']}, {preset.get('compressor', 'identity')}({kwargs}){extra}"
     )
   return "\n".join(lines)
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
+  from compams_jax.experiments import config as config_lib
+  from compams_jax.experiments.optim import PRESETS
+
   parser = argparse.ArgumentParser(
     prog="compams-train",
-    description="Train with simulated (CPU) or real data-parallel workers and compressed "
-    "communication. Overrides are key=value, e.g. optimizer.learning_rate=1e-3.",
+    description="Train with simulated (CPU) or real data-parallel workers and compressed\n"
+    "communication. Overrides are key=value, e.g. optimizer.learning_rate=1e-3; the keys and\n"
+    "their defaults: compams_jax/experiments/config.py base_config, then the config file.",
+    epilog=_presets_help(PRESETS),
+    formatter_class=argparse.RawDescriptionHelpFormatter,
   )
   parser.add_argument("--config", required=True, help="configs/NAME.py or configs/NAME.py:smoke")
-  parser.add_argument("--workdir", default=None, help="run directory (default runs/CONFIG_NAME)")
+  parser.add_argument(
+    "--workdir",
+    default=None,
+    help="run directory (default: runs/CONFIG_NAME, e.g. runs/digits); with several variants, "
+    "one subfolder per variant (runs/digits/amsgrad, ...)",
+  )
   parser.add_argument(
     "--variant",
     action="append",
     default=None,
-    help="optimizer preset(s) to run (default: the config's `variants`)",
+    help="optimizer preset(s) to run, comma-separated and/or repeated: --variant a,b or "
+    "--variant a --variant b (default: the config file's `variants` field, e.g. configs/digits.py: "
+    "amsgrad, comp_ams_top_k, comp_ams_block_sign); names are listed below",
   )
-  parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+  parser.add_argument(
+    "--resume",
+    action="store_true",
+    help="continue from the latest checkpoint (an error if the run directory holds none; "
+    "with several variants, those without a checkpoint start fresh)",
+  )
   parser.add_argument(
     "--elastic",
     action="store_true",
@@ -65,7 +145,8 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     "--stop-after",
     type=int,
     default=None,
-    help="stop after this many steps (checkpointed), as an interruption would",
+    help="stop after this many steps (checkpointed), as an interruption would "
+    "(default: train all epochs)",
   )
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
   parser.add_argument(
@@ -82,13 +163,21 @@ def train_main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--process-id", type=int, default=None, help="multi-process: this rank")
   parser.add_argument("overrides", nargs="*", help="key=value config overrides")
   args = parser.parse_args(argv)
-
-  from compams_jax.experiments import config as config_lib
+  variants = _variant_names(args.variant, parser, PRESETS)
 
   try:
-    configs = config_lib.resolve(args.config, args.overrides, args.variant)
+    configs = config_lib.resolve(args.config, args.overrides, variants)
   except config_lib.ConfigError as e:
     parser.error(str(e))
+  try:
+    for c in configs:
+      config_lib.validate(c)
+  except config_lib.ConfigError as e:
+    print(f"compams-train: error: {e}", file=sys.stderr)
+    return 2
+  if args.stop_after is not None and args.stop_after < 1:
+    print(f"compams-train: error: --stop-after={args.stop_after} must be >= 1.", file=sys.stderr)
+    return 2
   workers = max(int(c.num_workers) for c in configs)
   multi = args.coordinator is not None or (args.num_processes or 1) > 1
   if multi:
@@ -116,15 +205,29 @@ def train_main(argv: Sequence[str] | None = None) -> int:
   from compams_jax.experiments import checkpoints, train
 
   base = pathlib.Path(args.workdir or pathlib.Path("runs") / configs[0].name)
+  # One variant trains in `base` itself; several, each in its own subfolder.
+  workdirs = [base / c.variant if len(configs) > 1 else base for c in configs]
+  resume = [args.resume] * len(configs)
+  if args.resume:
+    resume = [checkpoints.has_checkpoint(w / "checkpoints") for w in workdirs]
+    if not any(resume):
+      print(
+        f"compams-train: error: --resume: {base} holds no checkpoint to resume (missing or "
+        "empty run directory); run without --resume to start.",
+        file=sys.stderr,
+      )
+      return 2
+    for c, w, has in zip(configs, workdirs, resume):
+      if not has:  # A multi-variant run interrupted before this variant's first checkpoint.
+        print(f"compams-train: note: {w} has no checkpoint; {c.variant} starts fresh.")
   rows = []
-  for c in configs:
-    workdir = base / c.variant if len(configs) > 1 else base
+  for c, workdir, resume_this in zip(configs, workdirs, resume):
     try:
       rows.append(
         train.train(
           c,
           workdir,
-          resume=args.resume,
+          resume=resume_this,
           stop_after=args.stop_after,
           progress=not args.no_progress,
           elastic=args.elastic,
@@ -141,7 +244,10 @@ def train_main(argv: Sequence[str] | None = None) -> int:
       return 2
   print()
   print(_format_table(rows))
-  print(f"\nrun directories under {base}; plot with: compams-plot {base}/*")
+  runs = [str(w) for w in workdirs if (w / "metrics.jsonl").exists()]
+  if runs:
+    print(f"\nplot with: compams-plot {' '.join(shlex.quote(r) for r in runs)}")
+  print(_final_line(rows))
   return 0
 
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 import ast
 import copy
 import importlib.util
+import math
+import numbers
 import pathlib
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -127,6 +130,13 @@ def apply_override(config: ml_collections.ConfigDict, key: str, value: Any) -> N
   allow_new = len(parts) >= 2 and parts[-2].endswith("kwargs")
   if leaf not in node and not allow_new:
     raise ConfigError(f"unknown config key {key!r}; valid keys: {sorted(node.keys())}.")
+  if (
+    isinstance(value, str)
+    and leaf in node
+    and isinstance(node[leaf], float)
+    and re.fullmatch(r"[+-]?(nan|inf|infinity)", value.strip(), re.IGNORECASE)
+  ):
+    value = float(value)  # Not Python literals, but floats (then refused by `validate`).
   try:
     if (
       leaf in node and isinstance(node[leaf], ml_collections.ConfigDict) and isinstance(value, dict)
@@ -145,6 +155,85 @@ def parse_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
     if not sep or not key:
       raise ConfigError(f"override {item!r} is not of the form key=value.")
     apply_override(config, key.strip(), _parse_value(text.strip()))
+
+
+_MISSING = object()
+
+
+def _lookup(config: ml_collections.ConfigDict, key: str) -> Any:
+  node: Any = config
+  for part in key.split("."):
+    if not hasattr(node, "get"):
+      return _MISSING
+    node = node.get(part, _MISSING)
+    if node is _MISSING:
+      return _MISSING
+  return node
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+  return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# (key, test, what the value must be); keys a config lacks are not checked.
+_CHECKS = (
+  ("num_workers", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+  ("local_batch", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+  ("epochs", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+  ("max_train_examples", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 = all)"),
+  ("max_test_examples", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 = all)"),
+  ("log_every", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+  ("checkpoint_every", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+  ("target_train_loss", lambda v: _is_real(v) and v >= 0, "a finite number >= 0 (0 = off)"),
+  ("target_loss_window", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+  ("optimizer.learning_rate", lambda v: _is_real(v) and v > 0, "a finite number > 0"),
+  ("optimizer.b1", lambda v: _is_real(v) and 0 <= v < 1, "in [0, 1)"),
+  ("optimizer.b2", lambda v: _is_real(v) and 0 <= v < 1, "in [0, 1)"),
+  ("optimizer.eps", lambda v: _is_real(v) and v >= 0, "a finite number >= 0"),
+  ("optimizer.momentum", lambda v: _is_real(v) and 0 <= v < 1, "in [0, 1)"),
+  ("optimizer.warmup_steps", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Refuses impossible values before anything is built (`train` and `compams-train` call it).
+
+  Checks counts (num_workers, local_batch, epochs, log_every, checkpoint_every >= 1;
+  max_train_examples / max_test_examples, optimizer.warmup_steps >= 0), the learning rate
+  (finite, > 0), optimizer.b1 / b2 / momentum in [0, 1), optimizer.eps >= 0, the loss target,
+  and the mesh section (shape of positive sizes whose product is num_workers; simulate "" or
+  "vmap").
+
+  Raises:
+    ConfigError: one message naming every impossible value.
+  """
+  problems = []
+  for key, ok, requirement in _CHECKS:
+    value = _lookup(config, key)
+    if value is not _MISSING and not ok(value):
+      problems.append(f"{key}={value!r} must be {requirement}")
+  shape = _lookup(config, "mesh.shape")
+  if shape is not _MISSING and shape:
+    workers = _lookup(config, "num_workers")
+    if (
+      not isinstance(shape, (tuple, list))
+      or len(shape) > 2
+      or not all(_is_int(k) and k >= 1 for k in shape)
+    ):
+      problems.append(f"mesh.shape={shape!r} must be () or 1 or 2 positive sizes")
+    elif _is_int(workers) and math.prod(shape) != workers:
+      problems.append(
+        f"mesh.shape={tuple(shape)!r} has {math.prod(shape)} workers but num_workers={workers}"
+      )
+  simulate = _lookup(config, "mesh.simulate")
+  if simulate is not _MISSING and (simulate or "") not in ("", "vmap"):
+    problems.append(f"mesh.simulate={simulate!r} must be '' or 'vmap'")
+  if problems:
+    raise ConfigError("invalid config: " + "; ".join(problems) + ".")
 
 
 def with_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:

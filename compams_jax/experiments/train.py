@@ -28,6 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 import compams_jax as cj
 from compams_jax.experiments import checkpoints
+from compams_jax.experiments import config as config_lib
 from compams_jax.experiments.data import epoch_permutation, load_dataset, steps_per_epoch
 from compams_jax.experiments.models import count_params, create_model
 from compams_jax.experiments.optim import build_optimizer, bytes_sent_by_step
@@ -656,7 +657,8 @@ def train(
   Args:
     config: an experiment config (see `configs/`).
     workdir: the run directory.
-    resume: continue from the latest checkpoint in `workdir` (its config must match).
+    resume: continue from the latest checkpoint in `workdir` (its config must match); a
+      `workdir` without a checkpoint is an error (`checkpoints.CheckpointError`).
     stop_after: stop (with a checkpoint) after this many total steps, as an interruption would.
     progress: show a progress bar.
     elastic: allow resuming a checkpoint made with a different `num_workers`: the error
@@ -668,7 +670,13 @@ def train(
     A `RunResult`: the summary (also written to `summary.json`), final params and optimizer
     state (global view: per-worker leaves stacked along their leading axis).
   """
+  config_lib.validate(config)  # Impossible values are refused before any setup.
   workdir = pathlib.Path(workdir)
+  if resume and not checkpoints.has_checkpoint(workdir / "checkpoints"):
+    raise checkpoints.CheckpointError(
+      f"cannot resume {workdir}: it holds no checkpoint (missing or empty run directory); "
+      "start it without --resume."
+    )
   saved_meta = checkpoints.read_meta(workdir)
   must_match = ("model", "dataset", "optimizer") + (() if elastic else ("num_workers",))
   if resume and saved_meta is not None:  # Refuse a mismatched run before any expensive setup.
