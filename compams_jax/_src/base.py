@@ -80,6 +80,9 @@ class Compressor(abc.ABC):
     (sign codes, dense casts); sparsifiers and quantizers that can round to zero do not. With a
     fixed-ρ prediction under error feedback, only such codes are stable (a skipped entry's
     residual is echoed with weight 1 + ρ).
+  * `compile_once_per_shape`: the per-array program is large (top-k's and random-k's
+    selection), so leaves of one shape run as one `lax.map` and compile once (a transformer's
+    layers); cheap elementwise codes run unrolled, which avoids stacking the leaves.
 
   Attributes:
     granularity: "leaf" (default, the paper's per-layer compression) compresses each pytree leaf
@@ -94,6 +97,7 @@ class Compressor(abc.ABC):
   summable: ClassVar[bool] = False
   randomness: ClassVar[Randomness] = "none"
   sends_every_entry: ClassVar[bool] = False
+  compile_once_per_shape: ClassVar[bool] = False
 
   def __post_init__(self):
     if self.granularity not in _GRANULARITIES:
@@ -146,6 +150,14 @@ class Compressor(abc.ABC):
     zeros = like_varying(jnp.zeros(tuple(like.shape), jnp.float32), payloads, key)
     total = jax.lax.fori_loop(0, n, add, zeros)
     return total.astype(like.dtype)
+
+  def residual(self, x: jax.Array, payload: Payload, key: jax.Array | None = None) -> jax.Array:
+    """x − decode(payload): what error feedback keeps of x after sending `payload`.
+
+    Compressors whose decoded payload is mostly zeros override it to update x in place (top-k
+    subtracts its k values) instead of materialising the decoded array.
+    """
+    return x - self.decode(payload, x, key)
 
   def payload_shapes(self, shape: tuple[int, ...], dtype: Any) -> Payload:
     """The payload's ShapeDtypeStructs for an array of this shape/dtype (no computation)."""

@@ -1,8 +1,9 @@
 """Bucketing: every leaf of a payload pytree in one buffer, so one collective carries them all.
 
 Compression stays per leaf; only transport is fused. `pack` bitcasts every payload array to
-bytes and concatenates them (for collectives that only move data: all_gather, all_to_all);
-`pack_by_dtype` concatenates arrays of one dtype (for psum, which must add values).
+bytes and concatenates them (for collectives that only move data: all_gather, all_to_all, which
+JAX emits once per array). Summable payloads need no bucket: `jax.lax.psum` of a pytree is one
+variadic all-reduce.
 """
 
 from __future__ import annotations
@@ -67,26 +68,4 @@ def unpack(buffer: jax.Array | None, like: Any, lead: tuple[int, ...] = ()) -> A
       continue
     out.append(_from_bytes(buffer[..., start : start + n], x, lead))
     start += n
-  return jax.tree.unflatten(treedef, out)
-
-
-def pack_by_dtype(tree: Any) -> dict[str, jax.Array]:
-  """The leaves of `tree` raveled and concatenated per dtype (for collectives that add)."""
-  groups: dict[str, list[jax.Array]] = {}
-  for x in jax.tree.leaves(tree):
-    groups.setdefault(np.dtype(x.dtype).name, []).append(x.reshape(-1))
-  return {k: v[0] if len(v) == 1 else jnp.concatenate(v) for k, v in groups.items()}
-
-
-def unpack_by_dtype(buffers: dict[str, jax.Array], like: Any) -> Any:
-  """Inverse of `pack_by_dtype`."""
-  leaves, treedef = jax.tree.flatten(like)
-  starts: dict[str, int] = {}
-  out = []
-  for x in leaves:
-    name = np.dtype(x.dtype).name
-    start = starts.get(name, 0)
-    size = math.prod(x.shape)
-    out.append(buffers[name][start : start + size].reshape(x.shape))
-    starts[name] = start + size
   return jax.tree.unflatten(treedef, out)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from compams_jax._src.base import Compressor
-from compams_jax._src.tree import decode_tree, encode_tree
+from compams_jax._src.tree import decode_tree, encode_tree, residual_tree
 
 
 class Compressed(NamedTuple):
@@ -41,6 +41,9 @@ class TreeCodec:
 
   def decode(self, payload: Any, like: Any, key: jax.Array | None) -> Any:
     return decode_tree(self.compressor, payload, like, key)
+
+  def residual(self, x: Any, payload: Any, key: jax.Array | None) -> Any:
+    return residual_tree(self.compressor, payload, x, key)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +77,13 @@ class RowCodec:
     if keys is None:
       return jax.vmap(lambda p: c.decode(p, row, None))(payload)
     return jax.vmap(lambda p, k: c.decode(p, row, k))(payload, keys)
+
+  def residual(self, x: jax.Array, payload: Any, key: jax.Array | None) -> jax.Array:
+    c = self.compressor
+    keys = self.row_keys(key, x.shape[0])
+    if keys is None:
+      return jax.lax.map(lambda a: c.residual(a[0], a[1], None), (x, payload))
+    return jax.lax.map(lambda a: c.residual(*a), (x, payload, keys))
 
 
 def compress_with_feedback(
@@ -111,6 +121,8 @@ def compress_with_feedback(
   coded = corrected if offset is None else jax.tree.map(lambda c, p: c - p, corrected, offset)
   payload = codec.encode(coded, key)
   receiver_key = key if codec.randomness == "shared" else None
-  decoded = codec.decode(payload, coded, receiver_key)
-  sent = decoded if offset is None else jax.tree.map(lambda p, d: p + d, offset, decoded)
+  decoded = codec.decode(payload, coded, receiver_key)  # computed only where a caller uses it
+  if offset is None:
+    return Compressed(payload, decoded, codec.residual(corrected, payload, receiver_key))
+  sent = jax.tree.map(lambda p, d: p + d, offset, decoded)
   return Compressed(payload, sent, jax.tree.map(lambda c, s: c - s, corrected, sent))

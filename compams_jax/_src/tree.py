@@ -58,14 +58,61 @@ def check_tree(tree: Any) -> None:
     check_float_leaf(leaf)
 
 
+def _signature(x: Any) -> tuple:
+  return tuple((tuple(a.shape), str(a.dtype)) for a in jax.tree.leaves(x))
+
+
+def per_leaf(fn, likes: list[Any], *columns: list[Any], group: bool = True) -> list[Any]:
+  """[fn(likes[i], *(c[i] for c in columns)) for each leaf i], compiled once per leaf shape.
+
+  With `group`, leaves of one shape and dtype (a transformer's layers) run as ONE `lax.map`
+  over their stacked arguments instead of one copy of the compressor's program per leaf:
+  compile time grows with the number of distinct shapes, not of leaves, at the price of the
+  stacked arguments in memory. Compressors declare which they want
+  (`Compressor.compile_once_per_shape`).
+  """
+  if not group:
+    return [fn(like, *(c[i] for c in columns)) for i, like in enumerate(likes)]
+  groups: dict[tuple, list[int]] = {}
+  for i, like in enumerate(likes):
+    sig = (tuple(like.shape), str(like.dtype)) + tuple(_signature(c[i]) for c in columns)
+    groups.setdefault(sig, []).append(i)
+  out: list[Any] = [None] * len(likes)
+  for idx in groups.values():
+    if len(idx) == 1:
+      i = idx[0]
+      out[i] = fn(likes[i], *(c[i] for c in columns))
+      continue
+    stacked = tuple(
+      None if c[idx[0]] is None else jax.tree.map(lambda *xs: jnp.stack(xs), *[c[i] for i in idx])
+      for c in columns
+    )
+    like = likes[idx[0]]
+    results = jax.lax.map(lambda args: fn(like, *args), stacked)
+    for j, i in enumerate(idx):
+      out[i] = jax.tree.map(lambda r, j=j: r[j], results)
+  return out
+
+
+def _leaves_and_keys(tree: Any, key: jax.Array | None):
+  leaves = jax.tree.leaves(tree)
+  return leaves, _leaf_keys(key, len(leaves))
+
+
 def encode_tree(compressor: Compressor, tree: Any, key: jax.Array | None = None) -> Payload:
   """Encodes a pytree: a list of per-leaf payloads, or one payload for the flattened model."""
-  leaves = jax.tree.leaves(tree)
+  leaves, keys = _leaves_and_keys(tree, key)
   if compressor.granularity == "model":
     if not leaves:
       return []
     return [compressor.encode(flatten_tree(tree), key)]
-  return [compressor.encode(x, k) for x, k in zip(leaves, _leaf_keys(key, len(leaves)))]
+  return per_leaf(
+    lambda like, x, k: compressor.encode(x, k),
+    leaves,
+    leaves,
+    keys,
+    group=compressor.compile_once_per_shape,
+  )
 
 
 def _decode_with(compressor, fn, payload, like_tree, key):
@@ -74,7 +121,10 @@ def _decode_with(compressor, fn, payload, like_tree, key):
     if not leaves:
       return like_tree
     return _unflatten(fn(payload[0], _flat_like(leaves), key), like_tree)
-  out = [fn(p, like, k) for p, like, k in zip(payload, leaves, _leaf_keys(key, len(leaves)))]
+  specs = [jax.ShapeDtypeStruct(tuple(x.shape), x.dtype) for x in leaves]
+  keys = _leaf_keys(key, len(leaves))
+  group = compressor.compile_once_per_shape
+  out = per_leaf(lambda like, p, k: fn(p, like, k), specs, payload, keys, group=group)
   return jax.tree.unflatten(treedef, out)
 
 
@@ -90,6 +140,23 @@ def decode_sum_tree(
 ) -> Any:
   """Σ_i decode_tree(payloads[i]) for payloads stacked along a leading worker axis."""
   return _decode_with(compressor, compressor.decode_sum, payloads, like_tree, key)
+
+
+def residual_tree(
+  compressor: Compressor, payload: Payload, tree: Any, key: jax.Array | None = None
+) -> Any:
+  """tree − decode_tree(payload): what error feedback keeps (`Compressor.residual` per leaf)."""
+  leaves, treedef = jax.tree.flatten(tree)
+  if compressor.granularity == "model":
+    if not leaves:
+      return tree
+    return _unflatten(compressor.residual(flatten_tree(tree), payload[0], key), tree)
+  keys = _leaf_keys(key, len(leaves))
+  group = compressor.compile_once_per_shape
+  out = per_leaf(
+    lambda like, x, p, k: compressor.residual(x, p, k), leaves, leaves, payload, keys, group=group
+  )
+  return jax.tree.unflatten(treedef, out)
 
 
 def tree_wire_bits(compressor: Compressor, tree: Any) -> int:

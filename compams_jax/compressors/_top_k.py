@@ -71,6 +71,7 @@ class TopK(Compressor):
   unbiased = False
   summable = False
   randomness = "none"
+  compile_once_per_shape = True
 
   def __post_init__(self):
     super().__post_init__()
@@ -127,6 +128,13 @@ class TopK(Compressor):
   def batched(self):
     return dataclasses.replace(self, method="exact")
 
+  def residual(self, x, payload, key=None):
+    """x with its k sent values subtracted in place (no dense decoded array)."""
+    del key
+    flat = x.reshape(-1)
+    idx = self._flat_indices(payload, flat.shape[0])
+    return flat.at[idx].add(-payload["values"].astype(flat.dtype)).reshape(x.shape)
+
   def decode_sum(self, payloads, like, key=None):
     """Scatter-adds every worker's values into one buffer: O(d + n·k) memory."""
     del key
@@ -165,6 +173,7 @@ class RandomK(Compressor):
   unbiased = False
   summable = True
   randomness = "shared"
+  compile_once_per_shape = True
 
   def __post_init__(self):
     super().__post_init__()

@@ -11,7 +11,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from compams_jax.sharding._specs import init, state_specs
+from compams_jax.sharding._specs import init, init_specs
 from compams_jax.wire import CollectiveBytes, collective_bytes
 
 
@@ -41,10 +41,36 @@ def step_bytes(
     >>> cj.sharding.step_bytes(tx, params, mesh=mesh, axis_name="data").total  # 1000 sign bits + f32 scale
     129
   """
+  return collective_bytes(compile_step(tx, params, mesh=mesh, axis_name=axis_name))
+
+
+def compile_step(
+  tx: optax.GradientTransformation,
+  params: Any,
+  *,
+  mesh: jax.sharding.Mesh,
+  axis_name: str | tuple[str, ...],
+) -> jax.stages.Compiled:
+  """One optimizer step (`tx.update` + `optax.apply_updates`) compiled from abstract shapes.
+
+  Every worker gets its own gradient, the parameters are replicated and the state is sharded as
+  `cj.sharding.init` lays it out. Nothing is allocated, so it serves models too large for this
+  host: read `.memory_analysis()` and the HLO (`cj.collective_bytes`) of the result.
+
+  Args:
+    tx: the optimizer.
+    params: the parameters, or their shapes (`jax.ShapeDtypeStruct`s).
+    mesh: the device mesh.
+    axis_name: the mesh axis (or axes) indexing workers.
+
+  Returns:
+    The `jax.stages.Compiled` step `(params, state, grads) -> (params, state)`, grads with a
+    leading axis of the workers.
+  """
   names = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
   n = math.prod(mesh.shape[a] for a in names)
+  specs = init_specs(tx, params, mesh=mesh, axis_name=axis_name)
   state = jax.eval_shape(lambda p: init(tx, p, mesh=mesh, axis_name=axis_name), params)
-  specs = state_specs(state, axis_name)
 
   @functools.partial(
     jax.shard_map, mesh=mesh, in_specs=(P(), specs, P(axis_name)), out_specs=(P(), specs)
@@ -56,9 +82,12 @@ def step_bytes(
   def shape(x, lead, spec):
     return jax.ShapeDtypeStruct(lead + tuple(x.shape), x.dtype, sharding=NamedSharding(mesh, spec))
 
-  return collective_bytes(
-    jax.jit(step),
-    jax.tree.map(lambda x: shape(x, (), P()), params),
-    jax.tree.map(lambda x, sp: shape(x, (), sp), state, specs),
-    jax.tree.map(lambda x: shape(x, (n,), P(axis_name)), params),
+  return (
+    jax.jit(step, donate_argnums=(0, 1))
+    .lower(
+      jax.tree.map(lambda x: shape(x, (), P()), params),
+      jax.tree.map(lambda x, sp: shape(x, (), sp), state, specs),
+      jax.tree.map(lambda x: shape(x, (n,), P(axis_name)), params),
+    )
+    .compile()
   )
