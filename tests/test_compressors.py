@@ -69,7 +69,7 @@ def payload_nbits(payload) -> int:
 
 @functools.cache
 def _jitted(c):
-  return jax.jit(lambda x, k: c(x, k))
+  return jax.jit(lambda x, k: c.compress(x, k))
 
 
 def apply(c, x, key=None):
@@ -170,7 +170,7 @@ def test_declarations_are_well_formed(name, kwargs):
       assert q2 is not None and 0.0 <= q2 < math.inf, (d, q2)
   if c.needs_key:  # a randomized code refuses to run without its key
     with pytest.raises(ValueError, match="key"):
-      c(jnp.ones(8))
+      c.compress(jnp.ones(8))
 
 
 def _away_from_zero(d, seed):
@@ -216,7 +216,7 @@ def test_randomized_expectations(name, kwargs):
   n, d = 10_000, 50
   x = _away_from_zero(d, 3).astype(np.float64)
   keys = jax.random.split(jax.random.key(11), n)
-  fn = jax.jit(jax.vmap(lambda k: c(jnp.asarray(x, jnp.float32), k)))
+  fn = jax.jit(jax.vmap(lambda k: c.compress(jnp.asarray(x, jnp.float32), k)))
   samples = np.asarray(fn(keys), np.float64)
   err = np.sum((samples - x) ** 2, axis=1)
   margin = 5 * err.std() / np.sqrt(n)
@@ -434,7 +434,7 @@ def test_random_k_expectation_biased_and_error_in_expectation(ratio, d):
   x = rand((d,), seed=11)
   c = C.random_k(ratio)
   keys = jax.random.split(jax.random.key(7), n)
-  samples = np.asarray(jax.jit(jax.vmap(lambda k: c(jnp.asarray(x), k)))(keys), np.float64)
+  samples = np.asarray(jax.jit(jax.vmap(lambda k: c.compress(jnp.asarray(x), k)))(keys), np.float64)
   k = k_of(ratio, d)
   p = k / d
   # Unscaled random-k is biased: E[C(x)] = (k/d)·x, each entry a Bernoulli(p)·x_i.
@@ -450,7 +450,7 @@ def test_random_k_expectation_biased_and_error_in_expectation(ratio, d):
 
 def test_random_k_requires_key():
   with pytest.raises(ValueError, match="key"):
-    C.random_k(0.1)(jnp.ones(10))
+    C.random_k(0.1).compress(jnp.ones(10))
 
 
 # ----------------------------------------------------------------- block-sign / scaled-sign
@@ -516,7 +516,7 @@ def _check_qsgd_levels(out, x, levels, norm):
 def test_qsgd_levels_bracket_input(levels, shape):
   x = rand(shape, seed=levels)
   c = C.qsgd(levels)
-  fn = jax.jit(lambda x, k: c(x, k))
+  fn = jax.jit(lambda x, k: c.compress(x, k))
   for i in range(3):
     out = fn(jnp.asarray(x), jax.random.key(i))
     assert out.shape == x.shape and out.dtype == jnp.float32
@@ -554,7 +554,7 @@ def test_qsgd_unbiased_and_error_in_expectation(levels, d):
   c = C.qsgd(levels)
   keys = jax.random.split(jax.random.key(3), n)
   samples = np.asarray(
-    jax.jit(jax.vmap(lambda k: c(jnp.asarray(x, jnp.float32), k)))(keys), np.float64
+    jax.jit(jax.vmap(lambda k: c.compress(jnp.asarray(x, jnp.float32), k)))(keys), np.float64
   )
   norm = np.linalg.norm(x)
   a = levels * np.abs(x) / norm
@@ -573,7 +573,7 @@ def test_qsgd_unbiased_and_error_in_expectation(levels, d):
 
 def test_qsgd_requires_key():
   with pytest.raises(ValueError, match="key"):
-    C.qsgd(4)(jnp.ones(10))
+    C.qsgd(4).compress(jnp.ones(10))
 
 
 # ----------------------------------------------------------------- terngrad
@@ -648,7 +648,7 @@ def test_terngrad_unbiased_and_error_in_expectation(d, worst):
   c = C.terngrad()
   keys = jax.random.split(jax.random.key(5), n)
   samples = np.asarray(
-    jax.jit(jax.vmap(lambda k: c(jnp.asarray(x, jnp.float32), k)))(keys), np.float64
+    jax.jit(jax.vmap(lambda k: c.compress(jnp.asarray(x, jnp.float32), k)))(keys), np.float64
   )
   x = f64(jnp.asarray(x, jnp.float32))
   a, s = np.abs(x), np.abs(x).max()
@@ -693,7 +693,7 @@ def test_terngrad_model_granularity_uses_one_scale():
 
 def test_terngrad_requires_key():
   with pytest.raises(ValueError, match="key"):
-    C.terngrad()(jnp.ones(10))
+    C.terngrad().compress(jnp.ones(10))
 
 
 # ----------------------------------------------------------------- cast / identity
@@ -757,7 +757,7 @@ def test_pointwise_deviation_bound(name, kwargs, d):
   if isinstance(c, C.Cast) and c.dtype == jnp.float16:
     xs = np.clip(np.abs(xs), 1e-4, 6e4) * np.sign(xs + 1e-30)  # float16's normal range
     xs[xs == 0] = 1e-3
-  outs = np.asarray(jax.jit(jax.vmap(c))(jnp.asarray(xs)), np.float64)
+  outs = np.asarray(jax.jit(jax.vmap(c.compress))(jnp.asarray(xs)), np.float64)
   q2 = c.q_squared(d)
   for x, out in zip(xs.astype(np.float64), outs):
     assert sq(out - x) <= q2 * sq(x) * (1 + 1e-5) + 1e-30

@@ -314,7 +314,7 @@ def test_vmap_mixed_branches_and_gradient():
     assert set(got.tolist()) == np_top_set(row, k)
   # C(x) stays differentiable in x (the selection is constant): gradient = the kept mask.
   c = C.top_k(0.01, method="threshold")
-  g = jax.jit(jax.grad(lambda x: jnp.sum(c(x) ** 2) / 2))(xs[0])
+  g = jax.jit(jax.grad(lambda x: jnp.sum(c.compress(x) ** 2) / 2))(xs[0])
   assert set(np.flatnonzero(np.asarray(g)).tolist()) == np_top_set(rows[0], k)
 
 
@@ -325,7 +325,9 @@ def test_under_shard_map(mesh, n_devices):
   xs[1] = 0.0
   c = C.top_k(0.01, method="threshold")
   fn = jax.jit(
-    jax.shard_map(lambda x: c(x[0])[None], mesh=mesh, in_specs=P("data"), out_specs=P("data"))
+    jax.shard_map(
+      lambda x: c.compress(x[0])[None], mesh=mesh, in_specs=P("data"), out_specs=P("data")
+    )
   )
   out = np.asarray(fn(jax.device_put(jnp.asarray(xs), jax.NamedSharding(mesh, P("data")))))
   for i in range(n_devices):

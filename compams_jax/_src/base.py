@@ -165,8 +165,12 @@ class Compressor(abc.ABC):
     key = jax.random.key(0) if self.needs_key else None
     return jax.eval_shape(lambda x: self.encode(x, key), like)
 
-  def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
-    """decode(encode(x)): the dense compressed array C(x)."""
+  def compress(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+    """decode(encode(x)): the dense compressed array C(x).
+
+    (A method, not `__call__`: a callable hyperparameter would be taken for a schedule by
+    `optax.inject_hyperparams`.)
+    """
     return self.decode(self.encode(x, key), x, key)
 
 

@@ -6,6 +6,7 @@ import warnings
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from compams_jax._src.base import Compressor
@@ -31,8 +32,14 @@ def check_axis_name(axis_name: Any, what: str = "axis_name") -> Any:
   return axis_name
 
 
-def check_seed(seed: Any) -> int:
-  if isinstance(seed, bool) or not isinstance(seed, int):
+def check_seed(seed: Any) -> Any:
+  """A Python int, or an integer scalar array (`optax.inject_hyperparams` passes arrays)."""
+  if isinstance(seed, bool):
+    raise TypeError(f"seed must be an int, got {seed!r}.")
+  if isinstance(seed, int):
+    return seed
+  dtype = getattr(seed, "dtype", None)
+  if dtype is None or getattr(seed, "shape", None) != () or not jnp.issubdtype(dtype, jnp.integer):
     raise TypeError(f"seed must be an int, got {seed!r}.")
   return seed
 

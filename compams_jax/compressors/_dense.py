@@ -106,7 +106,7 @@ def identity(*, granularity: Granularity = "leaf") -> Identity:
   Examples:
     >>> import jax.numpy as jnp, compams_jax as cj
     >>> c = cj.compressors.identity()
-    >>> c(jnp.array([1.0, -2.0]))
+    >>> c.compress(jnp.array([1.0, -2.0]))
     Array([ 1., -2.], dtype=float32)
   """
   return Identity(granularity=granularity)

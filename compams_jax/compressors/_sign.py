@@ -112,7 +112,7 @@ def block_sign(*, exact_zeros: bool = False, granularity: Granularity = "leaf") 
   Examples:
     >>> import jax.numpy as jnp, compams_jax as cj
     >>> c = cj.compressors.block_sign()
-    >>> c(jnp.array([1.0, -2.0, 3.0, -6.0]))
+    >>> c.compress(jnp.array([1.0, -2.0, 3.0, -6.0]))
     Array([ 3., -3.,  3., -3.], dtype=float32)
 
   References:

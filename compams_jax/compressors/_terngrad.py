@@ -113,7 +113,7 @@ def terngrad(*, granularity: Granularity = "leaf") -> TernGrad:
     >>> c = cj.compressors.terngrad()
     >>> c.wire_bits((100,), jnp.float32)
     232
-    >>> c(jnp.array([0.0, -2.0, 0.0]), jax.random.key(0))
+    >>> c.compress(jnp.array([0.0, -2.0, 0.0]), jax.random.key(0))
     Array([ 0., -2.,  0.], dtype=float32)
 
   References:

@@ -240,7 +240,7 @@ def top_k(
   Examples:
     >>> import jax.numpy as jnp, compams_jax as cj
     >>> c = cj.compressors.top_k(0.5)
-    >>> c(jnp.array([0.1, -3.0, 2.0, 0.5]))
+    >>> c.compress(jnp.array([0.1, -3.0, 2.0, 0.5]))
     Array([ 0., -3.,  2.,  0.], dtype=float32)
 
   References:
@@ -263,7 +263,7 @@ def random_k(ratio: float = 0.01, *, granularity: Granularity = "leaf") -> Rando
   Examples:
     >>> import jax, jax.numpy as jnp, compams_jax as cj
     >>> c = cj.compressors.random_k(0.25)
-    >>> int((c(jnp.arange(1.0, 9.0), jax.random.key(0)) != 0).sum())
+    >>> int((c.compress(jnp.arange(1.0, 9.0), jax.random.key(0)) != 0).sum())
     2
   """
   return RandomK(ratio=ratio, granularity=granularity)

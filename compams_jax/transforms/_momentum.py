@@ -47,7 +47,7 @@ def worker_momentum(
     Array([1.5], dtype=float32)
   """
   check_axis_name(axis_name)
-  if not 0.0 <= float(decay) < 1.0:
+  if isinstance(decay, (int, float)) and not 0.0 <= float(decay) < 1.0:
     raise ValueError(f"worker_momentum(decay=...) must be in [0, 1), got {decay!r}.")
 
   def init_fn(params):

@@ -84,7 +84,10 @@ def scale_by_onebit_adam(
   compressor = scaled_sign() if compressor is None else check_compressor(compressor)
   check_axis_name(axis_name)
   check_seed(seed)
-  if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+  if isinstance(warmup_steps, bool) or (
+    isinstance(warmup_steps, (int, float))
+    and (warmup_steps != int(warmup_steps) or warmup_steps < 0)
+  ):
     raise ValueError(f"warmup_steps must be a non-negative int, got {warmup_steps!r}.")
   dense = identity()  # The warm-up's full-precision average: one psum of the gradients.
 
