@@ -61,22 +61,36 @@ def np_random_k(x, key, ratio):
   return out.reshape(np.shape(x))
 
 
-def np_block_sign_exact(x, exact_zeros=False):
-  """sign(x)·‖x‖₁/d in float64; zeros are sent as +1 unless exact_zeros (then sign(0) = 0)."""
+def np_block_sign_exact(x, exact_zeros=False, block_size=None, norm="l1"):
+  """sign(x_B)·s_B per block B of `block_size` consecutive entries (the whole array if None),
+  s_B = ‖x_B‖₁/|B| ("l1") or ‖x_B‖₂/√|B| ("l2"), in float64; zeros are sent as +1 unless
+  exact_zeros (then sign(0) = 0)."""
   flat = _flat64(x)
-  scale = np.mean(np.abs(flat)) if flat.size else 0.0
   sign = np.sign(flat) if exact_zeros else np.where(flat < 0, -1.0, 1.0)
-  return (sign * scale).reshape(np.shape(x))
+  out = np.zeros_like(flat)
+  b = block_size or max(flat.size, 1)
+  for start in range(0, flat.size, b):
+    block = flat[start : start + b]
+    scale = np.mean(np.abs(block)) if norm == "l1" else math.sqrt(np.mean(block * block))
+    out[start : start + b] = sign[start : start + b] * scale
+  return out.reshape(np.shape(x))
 
 
-def np_qsgd(x, key, levels):
-  """QSGD (Alistarh et al. 2017): ‖x‖·sign(x_i)·⌊s|x_i|/‖x‖ + u_i⌋/s, in float64."""
+def np_qsgd(x, key, levels, bucket_size=None):
+  """QSGD (Alistarh et al. 2017): ‖x_B‖·sign(x_i)·⌊s|x_i|/‖x_B‖ + u_i⌋/s per bucket B of
+  `bucket_size` consecutive entries (the whole array if None), in float64."""
   flat = _flat64(x)
-  norm = math.sqrt(float(np.sum(flat * flat)))
-  if norm == 0:
-    return np.zeros(np.shape(x))
-  level = np.minimum(np.floor(levels * np.abs(flat) / norm + uniforms(key, flat.size)), levels)
-  return (np.sign(flat) * level * norm / levels).reshape(np.shape(x))
+  u = uniforms(key, flat.size)
+  out = np.zeros_like(flat)
+  b = bucket_size or max(flat.size, 1)
+  for start in range(0, flat.size, b):
+    block = flat[start : start + b]
+    norm = math.sqrt(float(np.sum(block * block)))
+    if norm == 0:
+      continue
+    level = np.minimum(np.floor(levels * np.abs(block) / norm + u[start : start + b]), levels)
+    out[start : start + b] = np.sign(block) * level * norm / levels
+  return out.reshape(np.shape(x))
 
 
 def np_terngrad(x, u):
@@ -99,7 +113,7 @@ REFERENCES = {
   "cast": lambda x, key, dtype: np_cast(x, dtype),
   "top_k": lambda x, key, ratio: np_top_k(x, ratio),
   "random_k": np_random_k,
-  "block_sign": lambda x, key, exact_zeros=False: np_block_sign_exact(x, exact_zeros),
+  "block_sign": lambda x, key, **kw: np_block_sign_exact(x, **kw),
   "scaled_sign": lambda x, key, exact_zeros=False: np_block_sign_exact(x, exact_zeros),
   "qsgd": np_qsgd,
   "terngrad": lambda x, key: np_terngrad(x, uniforms(key, np.size(x))),

@@ -67,9 +67,17 @@ REGISTRY: dict[str, Entry] = {
     (*_BAD_RATIO, ({"value_dtype": jnp.int32}, ValueError)),
   ),
   "random_k": Entry(random_k, ({"ratio": 0.01}, {"ratio": 0.3}), _BAD_RATIO),
-  "block_sign": Entry(block_sign, ({}, {"exact_zeros": True})),
+  "block_sign": Entry(
+    block_sign,
+    ({}, {"exact_zeros": True}, {"block_size": 256}, {"norm": "l2"}),
+    (({"block_size": 0}, ValueError), ({"norm": "l3"}, ValueError)),
+  ),
   "scaled_sign": Entry(scaled_sign),
-  "qsgd": Entry(qsgd, ({"levels": 4}, {"levels": 300}), (({"levels": 0}, ValueError),)),
+  "qsgd": Entry(
+    qsgd,
+    ({"levels": 4}, {"levels": 300}, {"levels": 127, "bucket_size": 512}),
+    (({"levels": 0}, ValueError), ({"levels": 4, "bucket_size": 0}, ValueError)),
+  ),
   "terngrad": Entry(terngrad),
 }
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import optax
 
 from compams_jax.compressors import Compressor
-from compams_jax.predictors import Predictor
-from compams_jax.transforms import error_feedback, predictive_compression
+from compams_jax.predictors import Predictor, fixed
+from compams_jax.transforms import compressed_mean, error_feedback, predictive_compression
 from compams_jax.wire import Wire
+
+FEEDBACKS = ("ef", "ef21", "none")
 
 
 def comp_ams(
@@ -22,6 +24,7 @@ def comp_ams(
   eps: float = 1e-8,
   seed: int = 0,
   predictor: Predictor | None = None,
+  feedback: str = "ef",
 ) -> optax.GradientTransformation:
   """COMP-AMS (Li, Karimi & Li, ICLR 2022), exactly as the paper states it.
 
@@ -51,6 +54,10 @@ def comp_ams(
       It helps when consecutive gradients are correlated (large batches, small learning rates,
       smooth losses); on noise-dominated gradients the least-squares ρ falls to ≈ 0 and it
       costs only two scalars per leaf. A fixed ρ on uncorrelated gradients makes things worse.
+    feedback: what each worker keeps of what compression dropped: "ef" (default, the paper's
+      error feedback: e ← g + e − C(g + e)), "ef21" (EF21, Richtárik et al. 2021: send
+      C(g − ĝ) and keep the estimate ĝ ← ĝ + C(g − ĝ) that every receiver shares, i.e.
+      predictive coding with ρ = 1 and no residual) or "none" (plain compressed averaging).
     dense_axis_name: a fast axis averaged densely before compression (hierarchical meshes:
       compressed bytes only on the slow `axis_name`; see `cj.error_feedback`).
     wire: the wire strategy: `cj.wire.gather()` (default, the paper's algorithm) or
@@ -70,10 +77,24 @@ def comp_ams(
     Array([ 1.      , -2.      ,  2.968377, -3.968377], dtype=float32)
 
   References:
-    Li, Karimi, Li, "On Distributed Adaptive Optimization with Gradient Compression", ICLR 2022.
+    Li, Karimi, Li, "On Distributed Adaptive Optimization with Gradient Compression", ICLR 2022;
+    Richtárik, Sokolov, Fatkhullin, "EF21: A New, Simpler, Theoretically Better, and Practically
+    Faster Error Feedback", NeurIPS 2021.
   """
   where = dict(axis_name=axis_name, dense_axis_name=dense_axis_name, wire=wire, seed=seed)
-  if predictor is None:
+  if feedback not in FEEDBACKS:
+    raise ValueError(f"feedback must be one of {FEEDBACKS}, got {feedback!r}.")
+  if predictor is not None and feedback != "ef":
+    raise ValueError("comp_ams(predictor=...) goes with feedback='ef' (the residual it keeps).")
+  if feedback == "ef21":
+    # EF21: the worker sends C(g − ĝ) and keeps the estimate ĝ ← ĝ + C(g − ĝ) that receivers
+    # share: predictive coding with ρ = 1 and no residual.
+    communicate = predictive_compression(
+      compressor, predictor=fixed(1.0), error_feedback=False, **where
+    )
+  elif feedback == "none":
+    communicate = compressed_mean(compressor, **where)
+  elif predictor is None:
     communicate = error_feedback(compressor, **where)
   else:
     communicate = predictive_compression(
