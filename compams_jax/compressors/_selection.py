@@ -30,9 +30,9 @@ pay for the fallback it does not use.
 The output ORDER differs from `lax.top_k` (the fast path returns ascending indices; the
 fallback returns `lax.top_k`'s descending-magnitude order); the set is the same.
 
-Costs (CPU, d = 11.2M float32, k = 1%; benchmarks/compressor_throughput.py): about one
-elementwise pass at run time, against ~8-14 for `lax.top_k`; about 2 s of XLA compile time per
-leaf that takes this path (0.1 s for `lax.top_k`), paid once per jitted program.
+Costs: a few elementwise passes at run time, against a partial sort for `lax.top_k`, and a
+larger program to compile (compressors compile it once per leaf shape); docs/benchmarks.md
+measures both (benchmarks/compressor_throughput.py, benchmarks/scale.py).
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def _cumsum(v: jax.Array, bound: int) -> jax.Array:
 
   `bound` is a static upper bound of the entries (and their total must stay below 2**31).
   XLA:CPU lowers `jnp.cumsum` to a reduce-window and `lax.associative_scan` to a deep chain
-  of slices; both compile slowly (~1–2 s each at these sizes) and run slower than this: blocks
+  of slices; both compile slowly at these sizes and run slower than this: blocks
   of 128 summed by a float32 matmul with a triangular matrix (exact while a block's sum stays
   below 2**24; larger entries are split into byte planes summed separately), then the block
   totals recursively; at most 128 entries are summed with integer compares.

@@ -128,7 +128,7 @@ class BlockSign(Compressor):
     """Σ_i scale_i·sign_i, adding one worker's unpacked signs at a time: O(d) memory for any n.
 
     Each payload is unpacked whole (8⌈d/8⌉ entries) and cut to d once at the end: cutting each
-    unpacked payload first is ~100× slower on XLA:CPU when d is not a multiple of 8.
+    unpacked payload first is far slower on XLA:CPU when d is not a multiple of 8.
     """
     del key
     d = int(np.prod(like.shape, dtype=np.int64))
