@@ -58,6 +58,7 @@ class DataParallelStep:
     axis_sizes: the number of workers along each of those axes.
     has_aux: whether `loss_fn` returns `(loss, aux)`.
     param_specs: partition specs of the parameters over non-worker mesh axes, or None.
+    donate: whether the step donates its params and state buffers (reuses their memory).
   """
 
   loss_fn: Callable[..., Any]
@@ -68,6 +69,11 @@ class DataParallelStep:
   axis_sizes: tuple[int, ...]
   has_aux: bool = False
   param_specs: Any = None
+  donate: bool = True
+
+  @property
+  def _donated(self) -> tuple[int, ...]:
+    return (0, 1) if self.donate else ()
 
   @property
   def num_workers(self) -> int:
@@ -187,7 +193,7 @@ class DataParallelStep:
         functools.partial(self._local, varying=False),
         axis_name=self._pmap_axis(),
         in_axes=(0, 0, 0, None),
-        donate_argnums=(0, 1),
+        donate_argnums=self._donated,
         devices=jax.local_devices()[: self.num_workers],
       )
     local = self._nest(functools.partial(self._local, varying=False), (None, 0, 0, None))
@@ -198,7 +204,7 @@ class DataParallelStep:
       params = jax.tree.map(lambda x: self._merge(x)[0], params)
       return params, self._merge(opt_state), self._merge(metrics)
 
-    return jax.jit(simulated, donate_argnums=(0, 1))
+    return jax.jit(simulated, donate_argnums=self._donated)
 
   def _jit_for(self, params: Any, batch: Any, key: Any) -> Callable[..., Any]:
     """The jitted shard_map step for this params/batch structure (built once, cached)."""
@@ -216,7 +222,7 @@ class DataParallelStep:
         in_specs=(pspecs, sspecs, bspecs, P()),
         out_specs=(pspecs, sspecs, P(self.axis_name)),
       )
-      cache[signature] = jax.jit(mapped, donate_argnums=(0, 1))
+      cache[signature] = jax.jit(mapped, donate_argnums=self._donated)
     return cache[signature]
 
   def _shard_map_step(self) -> Callable[..., Any]:
@@ -283,6 +289,7 @@ def data_parallel_step(
   num_workers: int | tuple[int, ...] | None = None,
   has_aux: bool = False,
   param_specs: Any = None,
+  donate: bool = True,
 ) -> DataParallelStep:
   """Builds the data-parallel training step for `tx` and `loss_fn`.
 
@@ -303,6 +310,8 @@ def data_parallel_step(
       workers, e.g. accuracy).
     param_specs: PartitionSpecs of the parameters over non-worker mesh axes, or None
       (replicated).
+    donate: donate the params and state passed to each step (their buffers are reused: keep
+      no reference to them), the default; False keeps them valid.
 
   Returns:
     A `DataParallelStep`: `params, opt_state = step.init(params)`, then
@@ -362,4 +371,5 @@ def data_parallel_step(
     axis_sizes=sizes,
     has_aux=has_aux,
     param_specs=param_specs,
+    donate=donate,
   )

@@ -1,12 +1,8 @@
-"""Shared test harness: a jitted shard_map training step over the 1-D "data" mesh."""
+"""Shared test harness: runs optimizers through `cj.data_parallel_step` on given per-worker
+gradients, on the 1-D "data" mesh or under pmap."""
 
-import functools
-
-import jax
+import jax.numpy as jnp
 import numpy as np
-import optax
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 import compams_jax as cj
 
@@ -23,27 +19,34 @@ def problem(shapes, n, steps, seed=0):
   return params, grads
 
 
+def _linear_loss(p, g):
+  """Σ_k ⟨p_k, g_k⟩: its gradient is exactly this worker's gradient g (a batch of one row)."""
+  return sum(jnp.vdot(p[k], g[k][0]) for k in p)
+
+
+class _Stepper:
+  """step(p, s, per_worker_grads) -> (p, s) over `cj.data_parallel_step`."""
+
+  def __init__(self, dp):
+    self.dp = dp
+
+  def __call__(self, p, s, g):
+    p, s, _ = self.dp(p, s, g)
+    return p, s
+
+  @property
+  def jitted(self):
+    """The jitted shard_map step (for compile-cache checks)."""
+    (fn,) = self.dp.__dict__["_jits"].values()
+    return fn
+
+
 def shard_map_step(tx, params, mesh):
-  """(replicated params, initial state, step(p, s, per_worker_grads) -> (p, s)).
-
-  `step.jitted` is the jitted shard_map function (for compile-cache checks).
-  """
-  state = cj.sharding.init(tx, params, mesh=mesh, axis_name="data")
-  specs = cj.sharding.state_specs(state, "data")
-
-  @jax.jit
-  @functools.partial(
-    jax.shard_map, mesh=mesh, in_specs=(P(), specs, P("data")), out_specs=(P(), specs)
-  )
-  def step(p, s, g):
-    updates, s = tx.update(jax.tree.map(lambda x: x[0], g), s, p)
-    return optax.apply_updates(p, updates), s
-
-  def stepper(p, s, g):
-    return step(p, s, jax.device_put(g, NamedSharding(mesh, P("data"))))
-
-  stepper.jitted = step
-  return jax.device_put(params, NamedSharding(mesh, P())), state, stepper
+  """(replicated params, initial state, step(p, s, per_worker_grads) -> (p, s)), the step built
+  by `cj.data_parallel_step` with a loss whose gradient is the given per-worker gradient."""
+  dp = cj.data_parallel_step(_linear_loss, tx, mesh=mesh, axis_name="data", donate=False)
+  p, state = dp.init(params)
+  return p, state, _Stepper(dp)
 
 
 def run(tx, params, grads, mesh, steps):
@@ -58,46 +61,25 @@ def run(tx, params, grads, mesh, steps):
 
 def run_pmap(tx, params, grads, n, steps):
   """The same run under `jax.pmap`: returns (params, state), each with a leading device axis."""
-  p = jax.tree.map(lambda x: np.broadcast_to(x, (n,) + x.shape), params)
-  state = jax.pmap(tx.init, axis_name="data")(p)
-
-  def step(p, s, g):
-    updates, s = tx.update(g, s, p)
-    return optax.apply_updates(p, updates), s
-
-  step = jax.pmap(step, axis_name="data")
+  dp = cj.data_parallel_step(_linear_loss, tx, mode="pmap", num_workers=n, donate=False)
+  p, state = dp.init(params)
   for t in range(steps):
-    p, state = step(p, state, {k: v[t] for k, v in grads.items()})
+    p, state, _ = dp(p, state, {k: v[t] for k, v in grads.items()})
   return p, state
 
 
 def least_squares_error(tx, mesh, steps=400, seed=3):
-  """Trains w on per-worker least squares (64 rows x 20 features each) under shard_map.
-
-  Returns ‖w − w_true‖ / ‖w_true‖ after `steps` steps of `tx` (gradients taken w.r.t. a
-  device-varying copy of the replicated parameters).
-  """
+  """Trains w on per-worker least squares (64 rows x 20 features each) with
+  `cj.data_parallel_step`; returns ‖w − w_true‖ / ‖w_true‖ after `steps` steps of `tx`."""
   n = mesh.devices.size
   rng = np.random.default_rng(seed)
   a = rng.normal(size=(n, 64, 20)).astype(np.float32)
   w_true = rng.normal(size=(20,)).astype(np.float32)
   b = a @ w_true + 0.01 * rng.normal(size=(n, 64)).astype(np.float32)
-  params = {"w": np.zeros(20, np.float32)}
-  state = cj.sharding.init(tx, params, mesh=mesh, axis_name="data")
-  specs = cj.sharding.state_specs(state, "data")
-
-  @jax.jit
-  @functools.partial(
-    jax.shard_map, mesh=mesh, in_specs=(P(), specs, P("data"), P("data")), out_specs=(P(), specs)
-  )
-  def step(p, s, a, b):
-    loss = lambda p: ((a[0] @ p["w"] - b[0]) ** 2).mean()
-    g = jax.grad(loss)(jax.tree.map(lambda x: jax.lax.pcast(x, "data", to="varying"), p))
-    u, s = tx.update(g, s, p)
-    return optax.apply_updates(p, u), s
-
-  put = lambda x: jax.device_put(x, NamedSharding(mesh, P("data")))
-  p = jax.device_put(params, NamedSharding(mesh, P()))
+  loss = lambda p, batch: ((batch["a"] @ p["w"] - batch["b"]) ** 2).mean()
+  dp = cj.data_parallel_step(loss, tx, mesh=mesh, axis_name="data")
+  p, state = dp.init({"w": np.zeros(20, np.float32)})
+  batch = {"a": a.reshape(n * 64, 20), "b": b.reshape(n * 64)}
   for _ in range(steps):
-    p, state = step(p, state, put(a), put(b))
+    p, state, _ = dp(p, state, batch)
   return float(np.linalg.norm(np.asarray(p["w"]) - w_true) / np.linalg.norm(w_true))
