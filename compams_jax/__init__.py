@@ -19,6 +19,7 @@ from compams_jax.optimizers import comp_ams, compressed_momentum_sgd, onebit_ada
 from compams_jax.step import DataParallelStep, data_parallel_step
 from compams_jax.transforms import (
   CompressedMeanState,
+  DenseWarmupState,
   ErrorFeedbackState,
   OneBitAdamState,
   PowerSGDState,
@@ -27,6 +28,7 @@ from compams_jax.transforms import (
   WorkerAdamState,
   WorkerMomentumState,
   compressed_mean,
+  dense_warmup,
   error_feedback,
   powersgd,
   predictive_compression,
@@ -43,6 +45,7 @@ __all__ = [
   "CollectiveBytes",
   "CompressedMeanState",
   "DataParallelStep",
+  "DenseWarmupState",
   "Compressor",
   "ErrorFeedbackState",
   "OneBitAdamState",
@@ -58,6 +61,7 @@ __all__ = [
   "compressed_momentum_sgd",
   "compressors",
   "data_parallel_step",
+  "dense_warmup",
   "error_feedback",
   "onebit_adam",
   "powersgd",

@@ -6,7 +6,12 @@ import optax
 
 from compams_jax.compressors import Compressor
 from compams_jax.predictors import Predictor, fixed
-from compams_jax.transforms import compressed_mean, error_feedback, predictive_compression
+from compams_jax.transforms import (
+  compressed_mean,
+  dense_warmup,
+  error_feedback,
+  predictive_compression,
+)
 from compams_jax.wire import Wire
 
 FEEDBACKS = ("ef", "ef21", "none")
@@ -25,6 +30,7 @@ def comp_ams(
   seed: int = 0,
   predictor: Predictor | None = None,
   feedback: str = "ef",
+  dense_warmup_steps: int = 0,
 ) -> optax.GradientTransformation:
   """COMP-AMS (Li, Karimi & Li, ICLR 2022), exactly as the paper states it.
 
@@ -58,6 +64,8 @@ def comp_ams(
       error feedback: e ← g + e − C(g + e)), "ef21" (EF21, Richtárik et al. 2021: send
       C(g − ĝ) and keep the estimate ĝ ← ĝ + C(g − ĝ) that every receiver shares, i.e.
       predictive coding with ρ = 1 and no residual) or "none" (plain compressed averaging).
+    dense_warmup_steps: send the dense gradient for this many first steps
+      (`cj.dense_warmup`), then compress.
     dense_axis_name: a fast axis averaged densely before compression (hierarchical meshes:
       compressed bytes only on the slow `axis_name`; see `cj.error_feedback`).
     wire: the wire strategy: `cj.wire.gather()` (default, the paper's algorithm) or
@@ -99,6 +107,10 @@ def comp_ams(
   else:
     communicate = predictive_compression(
       compressor, predictor=predictor, error_feedback=True, **where
+    )
+  if dense_warmup_steps:
+    communicate = dense_warmup(
+      communicate, dense_warmup_steps, axis_name=axis_name, dense_axis_name=dense_axis_name
     )
   return optax.chain(
     communicate,

@@ -11,10 +11,12 @@ from compams_jax.transforms._nonfinite import SkipNonFiniteState, skip_nonfinite
 from compams_jax.transforms._onebit_adam import OneBitAdamState, scale_by_onebit_adam
 from compams_jax.transforms._powersgd import PowerSGDState, powersgd
 from compams_jax.transforms._predictive import PredictiveState, predictive_compression
+from compams_jax.transforms._warmup import DenseWarmupState, dense_warmup
 from compams_jax.transforms._worker_adam import WorkerAdamState, worker_adam
 
 __all__ = [
   "CompressedMeanState",
+  "DenseWarmupState",
   "ErrorFeedbackState",
   "OneBitAdamState",
   "PowerSGDState",
@@ -23,6 +25,7 @@ __all__ = [
   "WorkerAdamState",
   "WorkerMomentumState",
   "compressed_mean",
+  "dense_warmup",
   "error_feedback",
   "powersgd",
   "predictive_compression",
