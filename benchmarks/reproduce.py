@@ -103,6 +103,22 @@ STUDIES = {
       ("max_train_examples=16384", "epochs=3"),
       tune_on="momentum_sgd",
     ),
+    # Closing the early gap at equal bits (beyond the paper), at the short horizon.
+    Study(
+      "mnist5k_early_gap",
+      "MNIST (5k real digits), LeNet-5: closing the early gap",
+      "configs/mnist5k_lenet.py",
+      (
+        *ADAPTIVE[:3],
+        "comp_ams_top_k:optimizer.feedback=ef21",
+        "comp_ams_block_sign:optimizer.feedback=ef21",
+        "comp_ams_top_k:optimizer.dense_warmup_steps=14",
+        "comp_ams_block_sign:optimizer.dense_warmup_steps=14",
+        "comp_ams_block_sign_256",
+        "comp_ams_top_k_bf16",
+      ),
+      (1e-3, 3e-3),
+    ),
     # Longer training at the tuned rates (seed 0): does compression's gap close?
     Study(
       "mnist5k_long",

@@ -18,6 +18,14 @@ PRESETS: dict[str, dict[str, Any]] = {
   "amsgrad": dict(name="amsgrad", compressor="identity", compressor_kwargs={}),
   "comp_ams_top_k": dict(name="comp_ams", compressor="top_k", compressor_kwargs={"ratio": 0.01}),
   "comp_ams_block_sign": dict(name="comp_ams", compressor="block_sign", compressor_kwargs={}),
+  "comp_ams_block_sign_256": dict(
+    name="comp_ams", compressor="block_sign", compressor_kwargs={"block_size": 256}
+  ),
+  "comp_ams_top_k_bf16": dict(
+    name="comp_ams",
+    compressor="top_k",
+    compressor_kwargs={"ratio": 0.01, "value_dtype": "bfloat16"},
+  ),
   "comp_ams_random_k": dict(
     name="comp_ams", compressor="random_k", compressor_kwargs={"ratio": 0.01}
   ),
@@ -134,6 +142,8 @@ def build_optimizer(
       eps=opt.get("eps", 1e-8),
       seed=seed,
       predictor=_predictor(opt),
+      feedback=str(opt.get("feedback", "ef")),
+      dense_warmup_steps=int(opt.get("dense_warmup_steps", 0)),
     )
   predictor = _predictor(opt)
   return cj.compressed_momentum_sgd(
