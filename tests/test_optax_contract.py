@@ -1,6 +1,7 @@
 """Every optimizer honours the optax contract: extra arguments, no recompilation, map_params,
 inject_hyperparams, dtypes, convergence, MultiSteps, masked, state fields by name."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -97,7 +98,7 @@ def test_map_params(name):
   tx = OPTIMIZERS[name]()
   state = tx.init(_params())
   mapped = optax.tree.map_params(tx, lambda x: x + 1.0, state)
-  assert jax.tree.structure(mapped) == jax.tree.structure(state)
+  chex.assert_trees_all_equal_shapes_and_dtypes(mapped, state)
 
 
 @pytest.mark.parametrize("name", FACTORIES)

@@ -2,6 +2,7 @@
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -60,8 +61,7 @@ def _tolerance(compressor):
 
 def _assert_same(a, b, tol):
   (pa, la), (pb, lb) = a, b
-  for k in SHAPES:
-    np.testing.assert_allclose(pa[k], pb[k], **tol, err_msg=k)
+  chex.assert_trees_all_close(pa, pb, **tol)
   np.testing.assert_allclose(la, lb, **tol)
 
 
