@@ -9,13 +9,14 @@ is the more robust number when the machine is shared (the cores' load drifts dur
 Candidates (d = 11,173,962, the CIFAR-10 ResNet-18 parameter count; k = `--ratio` of d):
   elementwise          x * 2 + 1 (the reference pass: reads and writes d floats)
   abs                  jnp.abs(x)
-  lax_top_k            jax.lax.top_k(|x|, k) (the partial sort the old top_k encode ran)
+  lax_top_k            jax.lax.top_k(|x|, k) (the partial sort of the exact selection)
   LABEL.encode         `encode` of every compressor of `cj.compressors.REGISTRY` at its first
                        example (`--compressors` / `--all-examples` choose), with `ratio`
                        replaced by `--ratio` where the factory takes one; e.g.
-                       top_k_0.01.encode (method="auto" = estimated threshold: AFTER),
+                       top_k_0.01.encode (the default method="auto": estimated threshold),
                        block_sign.encode, qsgd_4.encode, terngrad.encode
-  top_k_exact.encode   top_k(ratio, method="exact").encode (values + uint32 indices): BEFORE
+  top_k_exact.encode   top_k(ratio, method="exact").encode (selection by jax.lax.top_k; the
+                       same payload; two-phase chunks use this path, `Compressor.batched()`)
   top_k_0.001.encode, top_k_0.1.encode   top_k at 0.1% and 10% (candidate buffers of ~1.2k-2k)
   block_sign_words     proposal: block_sign's payload, bits packed 32 to a uint32 word, then
                        split into bytes with shifts (checked byte-for-byte against block_sign)
@@ -26,7 +27,9 @@ Candidates (d = 11,173,962, the CIFAR-10 ResNet-18 parameter count; k = `--ratio
 Candidates whose first call takes over 2 s are timed min(3, repeats) times only, each time
 right after a fresh elementwise run for the paired ratio.
 
-Targets (from the issue): top-k encode ≤ 4x the elementwise pass, sign packing ≤ 2x.
+Targets (from the issue): the fast top-k encode (top_k_0.01.encode, the library default
+method="auto") ≤ 2x the elementwise pass, the sign encode (block_sign.encode) ≤ 1x; judged on
+the median of paired ratios.
 
 Run from the repository root:
 
@@ -55,7 +58,7 @@ from compams_jax.compressors import _selection
 
 C = cj.compressors
 RESNET18_PARAMS = 11_173_962
-TARGET_RATIOS = {"top_k": 4.0, "block_sign": 2.0}  # of the issue: encode vs elementwise pass
+TARGET_RATIOS = {"top_k": 2.0, "block_sign": 1.0}  # of the issue: encode vs elementwise pass
 
 
 def sign_words_encode(x):
@@ -127,13 +130,13 @@ def check(fns, x, ratio):
   k = cj.compressors.num_kept(ratio, d)
   fast = fns[f"{_common.Spec('top_k', {'ratio': ratio}).label}.encode"](x)
   exact = fns["top_k_exact.encode"](x)
-  same_set = bool(
-    np.array_equal(np.sort(np.asarray(fast["indices"])), np.sort(np.asarray(exact["indices"])))
-  )
+  # Payload indices may be block-local (leaves over 65,536 entries): compare decoded arrays.
+  dec_fast = np.asarray(jax.jit(lambda p: C.top_k(ratio).decode(p, x))(fast))
+  dec_exact = np.asarray(jax.jit(lambda p: C.top_k(ratio, method="exact").decode(p, x))(exact))
+  kept = dec_fast != 0  # x is Gaussian: no kept entry is 0
+  same_set = bool(np.array_equal(kept, dec_exact != 0))
   same_values = bool(
-    np.array_equal(
-      np.asarray(x)[np.asarray(fast["indices"]).astype(np.int64)], np.asarray(fast["values"])
-    )
+    np.count_nonzero(kept) == k and np.array_equal(dec_fast[kept], np.asarray(x)[kept])
   )
   _, branch = jax.jit(lambda v: _selection.top_k_indices_and_branch(v, k, "threshold"))(x)
   sign = fns["block_sign.encode"](x)
@@ -151,9 +154,9 @@ def check(fns, x, ratio):
     and np.array_equal(rk, np.asarray(x)[rk_idx])
   )
   return {
-    "top_k_same_index_set_as_exact": same_set,
+    "top_k_same_kept_set_as_exact": same_set,
     "random_k_threshold_k_distinct_positions": rk_ok,
-    "top_k_values_match_indices": same_values,
+    "top_k_decoded_equals_x_on_k_kept_entries": same_values,
     "top_k_branch": {0: "threshold", 1: "tie", 2: "fallback lax.top_k"}[int(branch)],
     "block_sign_words_payload_identical": same_sign,
     "plan": plan._asdict() if (plan := _selection.plan(d, k)) is not None else None,
@@ -207,7 +210,6 @@ def run(d: int, ratio: float, repeats: int, specs) -> dict:
   for name, target in (
     (f"{_common.Spec('top_k', {'ratio': ratio}).label}.encode", TARGET_RATIOS["top_k"]),
     ("block_sign.encode", TARGET_RATIOS["block_sign"]),
-    ("block_sign_words", TARGET_RATIOS["block_sign"]),
   ):
     ratio_ = results[name]["median_paired_ratio"]
     targets[name] = {"target_ratio": target, "measured_ratio": ratio_, "met": ratio_ <= target}

@@ -23,10 +23,10 @@ operand is one chunk payload P/n (scaled as S_ref·n_ref/n), so its received byt
 (n−1)/n·P + (n−1)·P/n = 2(n−1)/n·P. (Per-chunk headers and narrower indices of smaller chunks
 are ignored beyond n_ref: an approximation of well under 1%.)
 
-By default every collective INSTRUCTION of the compiled HLO pays its own α term (XLA:CPU
-emits one all-gather per payload array of every layer: e.g. 124 for top-k on ResNet-18).
-`--bucketed` instead charges one α per collective kind and phase (as if payloads were
-concatenated into one buffer before the collective, as bucketing/combiner passes do).
+By default every collective INSTRUCTION of the compiled HLO pays its own α term (the wire
+strategies bucket every leaf's payload: one all-gather, one psum, or one all-to-all + one
+all-gather per step). `--bucketed` instead charges one α per collective kind and phase, which
+only differs for programs with several collectives of one kind.
 
 The methods are the rows of wire_bytes.json (which takes its compressors from
 `cj.compressors.REGISTRY`): every measured variant, dense f32 (psum_f32) first, plus dense bf16;

@@ -348,7 +348,7 @@ def check_targets(rows):
     t["all_hlo_equal_wire_bytes_except_cast_bf16_on_cpu"] = all(
       r["hlo_equals_wire_bytes"]
       or (
-        r["variant"].startswith("cast_bf16")
+        r["variant"].startswith(("cast_bf16", "cast_bfloat16"))
         and jax.default_backend() == "cpu"
         and r["operand_bytes"] == 2 * r["wire_bytes"]
       )
@@ -381,7 +381,7 @@ def main(args):
       "(ring all-reduce 2(n-1)/n S, all-gather (n-1) S, all-to-all (n-1)/n S). "
       "ratio_*_vs_f32 divides by the measured psum_f32 row of the same model and n; "
       "ratio_*_vs_bf16 by the analytic 2 bytes/param (XLA:CPU widens bf16 all-reduce "
-      "to f32, see the psum_bf16 and cast_bf16 rows)."
+      "to f32, see the psum_bf16 and cast_bfloat16 rows)."
     ),
     "models": {},
     "rows": [],
