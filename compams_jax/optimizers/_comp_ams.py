@@ -108,7 +108,7 @@ def comp_ams(
     communicate = predictive_compression(
       compressor, predictor=predictor, error_feedback=True, **where
     )
-  if dense_warmup_steps:
+  if not (isinstance(dense_warmup_steps, int) and dense_warmup_steps == 0):  # may be traced
     communicate = dense_warmup(
       communicate, dense_warmup_steps, axis_name=axis_name, dense_axis_name=dense_axis_name
     )

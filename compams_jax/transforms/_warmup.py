@@ -63,7 +63,9 @@ def dense_warmup(
   """
   check_axis_name(axis_name)
   check_axis_name(dense_axis_name, "dense_axis_name")
-  if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+  if isinstance(steps, bool) or (
+    isinstance(steps, (int, float)) and (steps < 0 or steps != int(steps))
+  ):
     raise ValueError(f"dense_warmup steps must be a non-negative int, got {steps!r}.")
   dense = identity()
 
