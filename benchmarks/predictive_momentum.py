@@ -175,36 +175,15 @@ def train_run(setup, tx, *, epochs, local_batch, seed, record=False):
   mesh, ds, model, n = setup.mesh, setup.dataset, setup.model, N_WORKERS
   init_key = jax.random.key(seed)
   params = model.init({"params": init_key}, jnp.asarray(ds.x_train[:1]), train=False)["params"]
-  params = jax.device_put(params, NamedSharding(mesh, P()))
-  opt_state = cj.sharding.init(tx, params, mesh=mesh, axis_name=AXIS)
-  specs = cj.sharding.state_specs(opt_state, AXIS)
   dropout_key = jax.random.fold_in(init_key, 1)
 
-  @jax.jit
-  @functools.partial(
-    jax.shard_map,
-    mesh=mesh,
-    in_specs=(P(), specs, P(AXIS), P(AXIS), P()),
-    out_specs=(P(), specs, P(AXIS), P(AXIS)),
-  )
-  def step(params, opt_state, x, y, t):
-    x, y = x[0], y[0]
-    rng = jax.random.fold_in(jax.random.fold_in(dropout_key, t), jax.lax.axis_index(AXIS))
+  def loss_fn(p, batch, rng):
+    logits = model.apply({"params": p}, batch["x"], train=True, rngs={"dropout": rng})
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
 
-    def loss_fn(p):
-      logits = model.apply({"params": p}, x, train=True, rngs={"dropout": rng})
-      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-    # Gradient w.r.t. a device-varying copy (else shard_map sums it over workers).
-    varying = jax.tree.map(lambda p: jax.lax.pcast(p, AXIS, to="varying"), params)
-    loss, grads = jax.value_and_grad(loss_fn)(varying)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    if record:  # the worker's momentum after this step (state of cj.worker_momentum)
-      m = jax.tree.leaves(opt_state[0].momentum.value)
-      flat = jnp.concatenate([leaf.reshape(1, -1) for leaf in m], axis=1)
-    else:
-      flat = loss[None, None] * 0.0
-    return optax.apply_updates(params, updates), opt_state, loss[None], flat
+  # The trainer's step: per-worker gradients and dropout keys fold_in(fold_in(key, t), worker).
+  step = cj.data_parallel_step(loss_fn, tx, mesh=mesh, axis_name=AXIS)
+  params, opt_state = step.init(params)
 
   @jax.jit
   def evaluate(params, x, y):
@@ -213,18 +192,19 @@ def train_run(setup, tx, *, epochs, local_batch, seed, record=False):
     return loss, jnp.mean(jnp.argmax(logits, -1) == y)
 
   per_epoch = steps_per_epoch(len(ds.y_train), n, local_batch)
-  put = lambda a: jax.device_put(a, NamedSharding(mesh, P(AXIS)))
   t0, t, moms, losses = time.time(), 0, [], []
   for epoch in range(epochs):
     perm = epoch_permutation(len(ds.y_train), seed, epoch)
     for k in range(per_epoch):
-      idx = perm[k * n * local_batch : (k + 1) * n * local_batch].reshape(n, local_batch)
-      params, opt_state, loss, flat = step(
-        params, opt_state, put(ds.x_train[idx]), put(ds.y_train[idx]), jnp.asarray(t, jnp.int32)
+      idx = perm[k * n * local_batch : (k + 1) * n * local_batch]
+      batch = {"x": ds.x_train[idx], "y": ds.y_train[idx]}
+      params, opt_state, metrics = step(
+        params, opt_state, batch, jax.random.fold_in(dropout_key, t)
       )
-      losses.append(loss)
-      if record:
-        moms.append(np.asarray(flat))
+      losses.append(metrics["loss"])
+      if record:  # every worker's momentum after this step (state of cj.worker_momentum)
+        m = [np.asarray(leaf) for leaf in jax.tree.leaves(opt_state[0].momentum.value)]
+        moms.append(np.concatenate([leaf.reshape(n, -1) for leaf in m], axis=1))
       t += 1
   train_losses = [float(np.mean(np.asarray(l))) for l in losses]
   test_loss, test_acc = evaluate(
