@@ -161,13 +161,16 @@ def bytes_sent_by_step(opt: Mapping[str, Any], params: Any, hlo_bytes: int):
   """Bytes one worker has sent after `step` steps, as a function of the step.
 
   Constant-per-step optimizers send `hlo_bytes` (measured from the compiled step) every step.
-  1-bit Adam's compiled step holds both phases (a `lax.cond`), so its HLO counts both; it
-  really sends the dense gradient during warm-up and the compressed momentum afterwards, each
-  counted from its payload shapes.
+  1-bit Adam's and a dense-warm-up COMP-AMS's compiled steps hold both phases (a `lax.cond`),
+  so their HLO counts both; they really send the dense gradient during the warm-up and the
+  compressed payload afterwards, each counted from its payload shapes.
   """
-  if opt.get("name") != "onebit_adam":
+  if opt.get("name") == "onebit_adam":
+    warmup = int(opt.get("warmup_steps", 100))
+  elif opt.get("name") == "comp_ams" and int(opt.get("dense_warmup_steps", 0) or 0) > 0:
+    warmup = int(opt["dense_warmup_steps"])
+  else:
     return lambda step: step * hlo_bytes, hlo_bytes
-  warmup = int(opt.get("warmup_steps", 100))
   dense = cj.wire_bytes(cj.compressors.identity(), params)
   compressed = cj.wire_bytes(
     cj.compressors.get(
