@@ -14,6 +14,8 @@ LABELS = {
   "amsgrad": "AMSGrad (full precision)",
   "comp_ams_top_k": "COMP-AMS top-k 1%",
   "comp_ams_block_sign": "COMP-AMS block-sign",
+  "comp_ams_block_sign_256": "COMP-AMS block-sign, 256-entry blocks",
+  "comp_ams_top_k_bf16": "COMP-AMS top-k 1%, bfloat16 values",
   "onebit_adam": "1-bit Adam",
   "qadam": "QAdam (qsgd, 127 levels)",
   "momentum_sgd": "momentum SGD (full precision)",
@@ -25,6 +27,7 @@ STUDY_ORDER = (
   "fashion_mnist_long",
   "mnist5k",
   "mnist5k_long",
+  "mnist5k_early_gap",
   "rotten_tomatoes",
   "fashion_mnist_momentum",
 )
