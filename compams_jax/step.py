@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from compams_jax import sharding
+from compams_jax._src.workers import is_per_worker
 
 Mode = Literal["shard_map", "pmap", "vmap"]
 
@@ -124,8 +125,8 @@ class DataParallelStep:
       )
       return params, state
     n = self.num_workers
-    stacked = jax.tree.map(lambda x: jnp.broadcast_to(jnp.asarray(x), (n,) + np.shape(x)), params)
     if self.mode == "pmap":
+      stacked = jax.tree.map(lambda x: jnp.broadcast_to(jnp.asarray(x), (n,) + np.shape(x)), params)
       init = jax.pmap(self.tx.init, axis_name=self._pmap_axis(), devices=jax.local_devices()[:n])
       state = init(stacked)
       place = jax.pmap(lambda x: x, devices=jax.local_devices()[:n])
@@ -265,8 +266,6 @@ class DataParallelStep:
 
   def _check_state(self, opt_state: Any) -> None:
     """Per-worker state from `tx.init` (one worker) would be silently wrong on n workers."""
-    from compams_jax._src.workers import is_per_worker
-
     for node in jax.tree.leaves(opt_state, is_leaf=is_per_worker):
       if not is_per_worker(node):
         continue
