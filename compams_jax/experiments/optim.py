@@ -31,7 +31,15 @@ PRESETS: dict[str, dict[str, Any]] = {
   ),
   "comp_ams_qsgd": dict(name="comp_ams", compressor="qsgd", compressor_kwargs={"levels": 4}),
   "onebit_adam": dict(name="onebit_adam", compressor="scaled_sign", compressor_kwargs={}),
+  # DeepSpeed's 1-bit Adam compressor: one scale per tensor, ‖x‖₂/√d.
+  "onebit_adam_l2": dict(
+    name="onebit_adam", compressor="block_sign", compressor_kwargs={"norm": "l2"}
+  ),
   "qadam": dict(name="qadam", compressor="qsgd", compressor_kwargs={"levels": 127}),
+  # QSGD as Alistarh et al. run it: one norm per bucket of 512 entries.
+  "qadam_bucketed": dict(
+    name="qadam", compressor="qsgd", compressor_kwargs={"levels": 127, "bucket_size": 512}
+  ),
   "momentum_sgd": dict(
     name="momentum_sgd", compressor="identity", compressor_kwargs={}, predictor="none"
   ),
