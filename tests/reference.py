@@ -9,9 +9,9 @@ compressor, every example, against it, and fails for a registered name without o
 
 import math
 
-import jax
-import jax.numpy as jnp
 import numpy as np
+
+from compams_jax._src.keys import uniforms as uniforms_of
 
 
 def np_top_k(x, ratio):
@@ -37,8 +37,9 @@ def np_identity(x):
 
 
 def uniforms(key, d):
-  """The d float32 uniforms in [0, 1) a randomized compressor draws from `key`."""
-  return np.asarray(jax.random.uniform(key, (d,), jnp.float32))
+  """The d float32 uniforms in [0, 1) a randomized compressor draws from `key` (an input of
+  the algorithms, taken from the library's one source of them)."""
+  return np.asarray(uniforms_of(key, (d,)))
 
 
 def _flat64(x):

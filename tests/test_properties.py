@@ -332,7 +332,15 @@ def check_block(c, x, out, flat, leaf_dtypes):
   if c.deviation == "pointwise" and _bound_applies(c, x, flat, leaf_dtypes):
     q2 = c.q_squared(d)
     dev, norm2 = sq(out - x), sq(x)
-    assert dev <= q2 * norm2 * (1 + _bound_rtol(c)), (c, flat, leaf_dtypes, dev, q2 * norm2)
+    slack = 0.0
+    if isinstance(c, C.BlockSign) and c.norm == "l2":
+      # The l2 scale s is not the deviation-optimal one (that is the l1 mean), so its rounding
+      # to the leaf dtype, s(1 + δ) with |δ| ≤ u, changes the deviation to first order:
+      # by 2δ·s·(d·s − ‖x‖₁) + d·s²·δ² ≤ (2u + u²)‖x‖².
+      u = max(float(finfo(t).eps) / 2 for t in leaf_dtypes)
+      slack = (2 * u + u * u) * norm2
+    bound = q2 * norm2 * (1 + _bound_rtol(c)) + slack
+    assert dev <= bound, (c, flat, leaf_dtypes, dev, q2 * norm2)
   if isinstance(c, C.Cast) and _bound_applies(c, x, flat, leaf_dtypes):
     np.testing.assert_array_equal(out, _cast_decoded(c, x, flat, leaf_dtypes)[0])
   if isinstance(c, (C.TopK, C.RandomK)):  # sparsifiers: every entry is x_i or 0, ≤ k kept

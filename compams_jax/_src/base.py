@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from compams_jax._src import bucket
 from compams_jax._src.axis import like_varying
 
 Payload = Any  # a pytree of fixed-shape arrays: what travels on the wire.
@@ -134,21 +135,21 @@ class Compressor(abc.ABC):
     return 0.0 if self.deviation == "none" else None
 
   def decode_sum(self, payloads: Payload, like: Any, key: jax.Array | None = None) -> jax.Array:
-    """Σ_i decode(payloads[i]) over a leading worker axis (the payloads of all workers).
+    """Σ_i decode(payloads[i]) over the payloads of all workers.
 
-    The default decodes every payload and adds them up, one worker after another (n is static);
-    compressors override it with something cheaper (top-k scatters all values into one buffer).
-    Transient memory stays O(size) whatever n is: never decode all n payloads into one
-    (n, size) array (docs/benchmarks.md measures both).
+    `payloads` is stacked along a leading worker axis, or `Rows` (a gathered buffer read one
+    worker at a time). The default decodes every payload and adds them up, one worker after
+    another; compressors override it with something cheaper (top-k scatters all values into
+    one buffer). Transient memory stays O(size) whatever n is: never decode all n payloads
+    into one (n, size) array, nor copy all n out of a gathered buffer (docs/benchmarks.md).
     """
-    n = jax.tree.leaves(payloads)[0].shape[0]
+    rows = bucket.rows(payloads)
 
     def add(i, total):
-      one = self.decode(jax.tree.map(lambda a: a[i], payloads), like, key)
-      return total + one.astype(jnp.float32)
+      return total + self.decode(rows[i], like, key).astype(jnp.float32)
 
-    zeros = like_varying(jnp.zeros(tuple(like.shape), jnp.float32), payloads, key)
-    total = jax.lax.fori_loop(0, n, add, zeros)
+    zeros = like_varying(jnp.zeros(tuple(like.shape), jnp.float32), rows.probe, key)
+    total = jax.lax.fori_loop(0, rows.n, add, zeros)
     return total.astype(like.dtype)
 
   def residual(self, x: jax.Array, payload: Payload, key: jax.Array | None = None) -> jax.Array:

@@ -8,7 +8,9 @@ variadic all-reduce.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -69,3 +71,74 @@ def unpack(buffer: jax.Array | None, like: Any, lead: tuple[int, ...] = ()) -> A
     out.append(_from_bytes(buffer[..., start : start + n], x, lead))
     start += n
   return jax.tree.unflatten(treedef, out)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rows:
+  """The payloads of n workers, read one worker at a time.
+
+  `rows[i]` is worker i's payload (a traced index is fine). Reading the rows of a gathered
+  byte buffer this way slices one payload out of the buffer per read, so a loop over workers
+  never copies all n payloads out of it; `stacked()` gives every row at once (leading axis n)
+  for decoders that vectorise over workers and whose payloads are small (top-k).
+
+  Attributes:
+    n: number of workers.
+    get: i -> worker i's payload.
+    stack: () -> all payloads stacked along a leading axis.
+    probe: arrays the rows are read from (their varying mesh axes are the rows').
+  """
+
+  n: int
+  get: Callable[[Any], Any]
+  stack: Callable[[], Any]
+  probe: Any
+
+  def __getitem__(self, i):
+    return self.get(i)
+
+  def stacked(self) -> Any:
+    return self.stack()
+
+
+def rows(payloads: Any) -> Rows:
+  """`payloads` (stacked along a leading worker axis, or already `Rows`) as `Rows`."""
+  if isinstance(payloads, Rows):
+    return payloads
+  n = jax.tree.leaves(payloads)[0].shape[0]
+  return Rows(n, lambda i: jax.tree.map(lambda a: a[i], payloads), lambda: payloads, payloads)
+
+
+def unpack_rows(buffer: jax.Array | None, like: list[Any], n: int) -> list[Rows]:
+  """Per-entry `Rows` of a gathered (n, nbytes) buffer of `pack(payload)`, payload a list.
+
+  `like` is one worker's payload: a list of per-leaf payload pytrees, packed in that order.
+  """
+  out, start = [], 0
+  for entry in like:
+    leaves, treedef = jax.tree.flatten(entry)
+    spans = []
+    for x in leaves:
+      spans.append((start, _nbytes(x)))
+      start += _nbytes(x)
+
+    def one(i, leaves=leaves, treedef=treedef, spans=spans):
+      parts = [
+        jnp.zeros(tuple(x.shape), x.dtype)
+        if nb == 0
+        else _from_bytes(jax.lax.dynamic_slice_in_dim(buffer, i, 1, 0)[0, s : s + nb], x, ())
+        for x, (s, nb) in zip(leaves, spans)
+      ]
+      return jax.tree.unflatten(treedef, parts)
+
+    def stack(leaves=leaves, treedef=treedef, spans=spans):
+      parts = [
+        jnp.zeros((n, *x.shape), x.dtype)
+        if nb == 0
+        else _from_bytes(buffer[:, s : s + nb], x, (n,))
+        for x, (s, nb) in zip(leaves, spans)
+      ]
+      return jax.tree.unflatten(treedef, parts)
+
+    out.append(Rows(n, one, stack, buffer))
+  return out

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
+import jax.numpy as jnp
 
 from compams_jax._src.axis import AxisName, worker_index
 from compams_jax._src.base import Compressor
@@ -35,3 +38,28 @@ def step_key(
 def decode_key(compressor: Compressor, key: jax.Array | None) -> jax.Array | None:
   """The key a receiver may use to decode: only a shared one (a private key stays local)."""
   return key if compressor.randomness == "shared" else None
+
+
+UNIFORM_CHUNK = 1 << 20  # entries drawn per threefry call
+
+
+def uniforms(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Float32 uniforms in [0, 1) of `shape` drawn from `key`: the randomness of every
+  randomized compressor.
+
+  Up to 2^20 entries this is `jax.random.uniform(key, shape)`. Larger arrays are drawn in
+  chunks of 2^20 entries, chunk j from `fold_in(key, j)`, one after another (`lax.map`):
+  threefry materialises several uint32 temporaries the size of its output, which for a
+  GPT-2 embedding is 6× the leaf at once; chunked, they are a few MB. Threefry, not XLA's
+  RngBitGenerator: RBG's batching rule does not draw per key under `jax.vmap`, which would
+  break the simulated workers' private (and shared) randomness.
+  """
+  size = math.prod(shape)
+  if size <= UNIFORM_CHUNK:
+    return jax.random.uniform(key, shape, jnp.float32)
+  chunks = -(-size // UNIFORM_CHUNK)
+  drawn = jax.lax.map(
+    lambda j: jax.random.uniform(jax.random.fold_in(key, j), (UNIFORM_CHUNK,), jnp.float32),
+    jnp.arange(chunks, dtype=jnp.uint32),
+  )
+  return drawn.reshape(-1)[:size].reshape(shape)

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from compams_jax._src import bucket
 from compams_jax._src.base import Compressor, Payload, check_float_leaf
 
 
@@ -138,7 +139,14 @@ def decode_tree(
 def decode_sum_tree(
   compressor: Compressor, payloads: Payload, like_tree: Any, key: jax.Array | None = None
 ) -> Any:
-  """Σ_i decode_tree(payloads[i]) for payloads stacked along a leading worker axis."""
+  """Σ_i decode_tree(payloads[i]) over the workers' payloads.
+
+  `payloads` is `encode_tree`'s list with every leaf stacked along a leading worker axis, or a
+  list of `bucket.Rows` (a gathered buffer, read one worker at a time by `decode_sum`).
+  Leaves grouped into one `lax.map` (`compile_once_per_shape`) take their rows stacked.
+  """
+  if compressor.compile_once_per_shape and compressor.granularity == "leaf":
+    payloads = [p.stacked() if isinstance(p, bucket.Rows) else p for p in payloads]
   return _decode_with(compressor, compressor.decode_sum, payloads, like_tree, key)
 
 

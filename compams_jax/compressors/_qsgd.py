@@ -5,11 +5,11 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from compams_jax._src.base import Compressor, Granularity
+from compams_jax._src.keys import uniforms
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -73,7 +73,7 @@ class QSGD(Compressor):
     unit = (flat * pre) / safe_peak
     unit_norm = jnp.sqrt(jnp.sum(unit * unit))
     norm = peak * unit_norm
-    u = jax.random.uniform(key, flat.shape, jnp.float32)
+    u = uniforms(key, flat.shape)
     ratio = jnp.abs(unit) / jnp.where(unit_norm > 0, unit_norm, 1.0)
     level = jnp.floor(ratio * self.levels + u)
     level = jnp.minimum(level, self.levels) * jnp.sign(flat)
@@ -90,7 +90,7 @@ class QSGD(Compressor):
     unit = (grid * pre) / jnp.where(peak > 0, peak * pre, 1.0)
     unit_norm = jnp.sqrt(jnp.sum(unit * unit, axis=1, keepdims=True))
     norm = (peak * unit_norm)[:, 0]
-    u = jnp.pad(jax.random.uniform(key, (d,), jnp.float32), (0, rows * b - d)).reshape(rows, b)
+    u = jnp.pad(uniforms(key, (d,)), (0, rows * b - d)).reshape(rows, b)
     ratio = jnp.abs(unit) / jnp.where(unit_norm > 0, unit_norm, 1.0)
     level = jnp.minimum(jnp.floor(ratio * self.levels + u), self.levels) * jnp.sign(grid)
     return {"levels": level.reshape(-1)[:d].astype(self.level_dtype), "norm": norm}

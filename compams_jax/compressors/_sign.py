@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from compams_jax._src import bucket
 from compams_jax._src.axis import like_varying
 from compams_jax._src.base import Compressor, Granularity
 
@@ -132,20 +133,19 @@ class BlockSign(Compressor):
     """
     del key
     d = int(np.prod(like.shape, dtype=np.int64))
-    n = payloads["negative"].shape[0]
-    padded = payloads["negative"].shape[-1] * 8
+    rows = bucket.rows(payloads)
+    padded = 8 * ((d + 7) // 8)
 
     def add(i, total):
-      signs = 1.0 - 2.0 * jnp.unpackbits(payloads["negative"][i], bitorder="little").astype(
-        jnp.float32
-      )
+      p = rows[i]
+      signs = 1.0 - 2.0 * jnp.unpackbits(p["negative"], bitorder="little").astype(jnp.float32)
       if self.exact_zeros:
-        signs = signs * jnp.unpackbits(payloads["nonzero"][i], bitorder="little")
-      scale = self._expand(payloads["scale"][i].astype(jnp.float32), padded, d)
+        signs = signs * jnp.unpackbits(p["nonzero"], bitorder="little")
+      scale = self._expand(p["scale"].astype(jnp.float32), padded, d)
       return total + scale * signs
 
-    zeros = like_varying(jnp.zeros((padded,), jnp.float32), payloads)
-    total = jax.lax.fori_loop(0, n, add, zeros)
+    zeros = like_varying(jnp.zeros((padded,), jnp.float32), rows.probe)
+    total = jax.lax.fori_loop(0, rows.n, add, zeros)
     return total[:d].astype(like.dtype).reshape(like.shape)
 
   def wire_bits(self, shape, dtype):

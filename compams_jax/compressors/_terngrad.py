@@ -9,8 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from compams_jax._src import bucket
 from compams_jax._src.axis import like_varying
 from compams_jax._src.base import Compressor, Granularity
+from compams_jax._src.keys import uniforms
 
 _PER_BYTE = 4  # 2-bit codes per uint8
 _SHIFTS = np.arange(0, 8, 2, dtype=np.uint8)  # code j of a byte sits at bits 2j, 2j + 1
@@ -56,7 +58,7 @@ class TernGrad(Compressor):
     d = flat.shape[0]
     a = jnp.abs(flat)
     scale = jnp.max(a) if d else jnp.float32(0)
-    u = jax.random.uniform(key, (d,), jnp.float32)
+    u = uniforms(key, (d,))
     # u·s < |x| has probability |x|/s; a product, not |x|/s (XLA:CPU divides as a·(1/b)), so a
     # NumPy reference with the same uniforms reproduces it bit for bit. The max entry is always
     # sent; zeros (also a zero block) never are.
@@ -79,15 +81,14 @@ class TernGrad(Compressor):
     """
     del key
     d = _size(like.shape)
-    n = payloads["scale"].shape[0]
+    rows = bucket.rows(payloads)
 
     def add(i, total):
-      return total + payloads["scale"][i].astype(jnp.float32) * _unpack(payloads["levels"][i])
+      p = rows[i]
+      return total + p["scale"].astype(jnp.float32) * _unpack(p["levels"])
 
-    zeros = like_varying(
-      jnp.zeros((payloads["levels"].shape[-1] * _PER_BYTE,), jnp.float32), payloads
-    )
-    total = jax.lax.fori_loop(0, n, add, zeros)
+    zeros = like_varying(jnp.zeros((_PER_BYTE * -(-d // _PER_BYTE),), jnp.float32), rows.probe)
+    total = jax.lax.fori_loop(0, rows.n, add, zeros)
     return total[:d].astype(like.dtype).reshape(like.shape)
 
   def wire_bits(self, shape, dtype):

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from compams_jax._src import bucket
 from compams_jax._src.base import (
   Compressor,
   Granularity,
@@ -16,6 +17,7 @@ from compams_jax._src.base import (
   index_dtype,
   num_kept,
 )
+from compams_jax._src.keys import uniforms
 from compams_jax.compressors._selection import METHODS, Method, top_k_indices
 
 
@@ -139,6 +141,7 @@ class TopK(Compressor):
     """Scatter-adds every worker's values into one buffer: O(d + n·k) memory."""
     del key
     d = _size(like.shape)
+    payloads = bucket.rows(payloads).stacked()  # n·k entries: small
     idx = jax.vmap(lambda p: self._flat_indices(p, d))(payloads).reshape(-1)
     vals = payloads["values"].astype(jnp.float32).reshape(-1)
     out = jnp.zeros((d,), jnp.float32).at[idx].add(vals)
@@ -188,7 +191,7 @@ class RandomK(Compressor):
     # The k largest of d i.i.d. uniforms are a uniformly random k-subset; selecting them with
     # the threshold selector costs a few elementwise passes, where jax.random.choice(...,
     # replace=False) draws a full permutation (measured ~230x an elementwise pass at d = 11M).
-    return top_k_indices(jax.random.uniform(key, (d,), jnp.float32), k, self.method)
+    return top_k_indices(uniforms(key, (d,)), k, self.method)
 
   def batched(self):
     return dataclasses.replace(self, method="exact")
@@ -203,8 +206,15 @@ class RandomK(Compressor):
     out = jnp.zeros((d,), like.dtype).at[idx].set(payload["values"].astype(like.dtype))
     return out.reshape(like.shape)
 
+  def residual(self, x, payload, key=None):
+    """x with its k sent entries zeroed in place (no dense decoded array)."""
+    flat = x.reshape(-1)
+    idx = self._indices(key, flat.shape[0])
+    sent = payload["values"].astype(flat.dtype)
+    return flat.at[idx].add(-sent).reshape(x.shape)
+
   def decode_sum(self, payloads, like, key=None):
-    summed = jnp.sum(payloads["values"].astype(jnp.float32), axis=0)
+    summed = jnp.sum(bucket.rows(payloads).stacked()["values"].astype(jnp.float32), axis=0)
     return self.decode({"values": summed}, like, key)
 
   def wire_bits(self, shape, dtype):

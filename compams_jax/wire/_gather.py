@@ -57,8 +57,9 @@ def gather_average(
   else:
     buffer = bucket.pack(payload)
     gathered = None if buffer is None else all_gather_invariant(buffer, axis_name)
-    payloads = bucket.unpack(gathered, payload, lead=(n,))
-    total = decode_sum_tree(compressor, payloads, like, key)
+    # Every leaf's decode_sum reads its payloads out of the gathered buffer one worker at a
+    # time: no copy of all n payloads besides the buffer itself.
+    total = decode_sum_tree(compressor, bucket.unpack_rows(gathered, payload, n), like, key)
   return jax.tree.map(lambda t: (t / n).astype(t.dtype), total)
 
 
