@@ -133,14 +133,21 @@ class Setup:
     return jax.tree.unflatten(self.treedef, out)
 
 
-def make_setup():
+def make_setup(dataset_name="digits", max_train_examples=None):
+  """The mesh, data and model of a recording run (default: MnistCNN on scikit-learn digits)."""
   if jax.device_count() < N_WORKERS:
     raise RuntimeError(
       f"need {N_WORKERS} devices, jax sees {jax.device_count()} (XLA_FLAGS "
       "must be set before jax is imported)."
     )
   mesh = jax.make_mesh((N_WORKERS,), (AXIS,), devices=jax.devices()[:N_WORKERS])
-  dataset = load_dataset("digits")
+  dataset = load_dataset(dataset_name)
+  if max_train_examples is not None:
+    dataset = dataclasses.replace(
+      dataset,
+      x_train=dataset.x_train[:max_train_examples],
+      y_train=dataset.y_train[:max_train_examples],
+    )
   model = create_model("mnist_cnn", dataset.num_classes)
   params = model.init({"params": jax.random.key(0)}, jnp.asarray(dataset.x_train[:1]), train=False)[
     "params"
@@ -166,11 +173,12 @@ def make_compressor(spec):
 # ------------------------------------------------------------------------------------------------
 
 
-def train_run(setup, tx, *, epochs, local_batch, seed, record=False):
-  """Momentum-SGD training of MnistCNN on digits with `tx`; optionally records the momentum.
+def train_run(setup, tx, *, epochs, local_batch, seed, record=False, coords=None):
+  """Momentum-SGD training of the setup's model with `tx`; optionally records the momentum.
 
   Returns dict(test_accuracy, test_loss, final_train_loss, steps, seconds[, momentum]).
-  momentum: (T, n, D) float32 numpy, worker i's momentum after step t (flattened leaves).
+  momentum: (T, n, D) float32 numpy, worker i's momentum after step t (flattened leaves), or
+  only the flat coordinates `coords` of it (T, n, len(coords)).
   """
   mesh, ds, model, n = setup.mesh, setup.dataset, setup.model, N_WORKERS
   init_key = jax.random.key(seed)
@@ -204,7 +212,8 @@ def train_run(setup, tx, *, epochs, local_batch, seed, record=False):
       losses.append(metrics["loss"])
       if record:  # every worker's momentum after this step (state of cj.worker_momentum)
         m = [np.asarray(leaf) for leaf in jax.tree.leaves(opt_state[0].momentum.value)]
-        moms.append(np.concatenate([leaf.reshape(n, -1) for leaf in m], axis=1))
+        flat = np.concatenate([leaf.reshape(n, -1) for leaf in m], axis=1)
+        moms.append(flat if coords is None else flat[:, coords])
       t += 1
   train_losses = [float(np.mean(np.asarray(l))) for l in losses]
   test_loss, test_acc = evaluate(

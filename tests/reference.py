@@ -127,7 +127,7 @@ def np_comp_ams(params, grads, compress, *, lr, b1=0.9, b2=0.999, eps=1e-8):
   Args:
     params: dict of float32 arrays θ₀.
     grads: dict of arrays shaped (T, n, *leaf_shape): worker i's gradient at step t.
-    compress: per-array compressor C.
+    compress: per-array compressor C, or a list of T of them (step t uses compress[t]).
   Returns:
     (params after T steps, residuals dict of (n, *shape), (m, v, vhat) dicts).
   """
@@ -142,7 +142,7 @@ def np_comp_ams(params, grads, compress, *, lr, b1=0.9, b2=0.999, eps=1e-8):
       sent = np.zeros((n,) + theta[k].shape, np.float32)
       for i in range(n):
         corrected = grads[k][t, i].astype(np.float32) + err[k][i]
-        sent[i] = compress(corrected)
+        sent[i] = compress[t](corrected) if isinstance(compress, list) else compress(corrected)
         err[k][i] = corrected - sent[i]
       gbar = sent.mean(axis=0, dtype=np.float64).astype(np.float32)
       m[k] = b1 * m[k] + (1 - b1) * gbar

@@ -115,3 +115,33 @@ def test_dense_warmup_matches_numpy_reference(name, n_devices, mesh):
   for k in SHAPES:
     np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-5, err_msg=k)
     np.testing.assert_allclose(np.asarray(residual[k]), want_err[k], rtol=1e-4, atol=1e-5)
+
+
+def test_annealed_top_k_matches_numpy_reference(n_devices, mesh):
+  """compressor_stages: top-k 50% for 3 steps, 25% for 4, then 10%, one shared residual."""
+  params, grads = harness.problem(SHAPES, n_devices, STEPS, seed=5)
+  c = cj.compressors
+  tx = cj.comp_ams(
+    LR, c.top_k(0.1), axis_name="data", compressor_stages=[(3, c.top_k(0.5)), (4, c.top_k(0.25))]
+  )
+  got, states = harness.run(tx, params, grads, mesh, STEPS)
+  ratios = [0.5] * 3 + [0.25] * 4 + [0.1] * (STEPS - 7)
+  compress = [functools.partial(reference.np_top_k, ratio=r) for r in ratios]
+  want, want_err, _ = reference.np_comp_ams(params, grads, compress, lr=LR)
+  residual = states[-1][0].inner_state.residual.value
+  for k in SHAPES:
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-5, err_msg=k)
+    np.testing.assert_allclose(np.asarray(residual[k]), want_err[k], rtol=1e-4, atol=1e-5)
+
+
+def test_staged_refuses_bad_stages():
+  c = cj.compressors
+  with pytest.raises(ValueError, match="one boundary fewer"):
+    cj.staged([cj.error_feedback(c.top_k(0.5))], [3])
+  with pytest.raises(ValueError, match="increasing"):
+    cj.staged([cj.error_feedback(c.top_k(0.5)), cj.error_feedback(c.top_k(0.1))], [0])
+  with pytest.raises(ValueError, match="positive"):
+    cj.comp_ams(1e-3, c.top_k(0.1), compressor_stages=[(0, c.top_k(0.5))])
+  tx = cj.staged([cj.error_feedback(c.top_k(0.5)), cj.compressed_mean(c.top_k(0.1))], [2])
+  with pytest.raises(ValueError, match="state differs"):
+    tx.init({"w": np.zeros(8, np.float32)})

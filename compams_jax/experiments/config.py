@@ -26,7 +26,10 @@ def base_config(*, name: str, dataset: str, model: str, **fields: Any) -> ml_col
   `target_loss_window` steps is at most `target_train_loss`; 0 = train all epochs),
   optimizer.{name, learning_rate, compressor, compressor_kwargs, b1, b2, eps, momentum,
   predictor, error_feedback, seed, wire ("gather" or "two_phase"), feedback ("ef", "ef21" or
-  "none": COMP-AMS's feedback), dense_warmup_steps (COMP-AMS: dense steps first)}, mesh.{shape (() = 1-D
+  "none": COMP-AMS's feedback), dense_warmup_steps (COMP-AMS: dense steps first),
+  anneal_from / anneal_steps / anneal_stages (COMP-AMS: the compressor's ratio falls
+  geometrically from anneal_from to its own in anneal_stages stages over the first anneal_steps
+  steps; 0 = off)}, mesh.{shape (() = 1-D
   "data" of num_workers; (slices, chips) = hierarchical ("dcn", "ici")), dense_axis (the fast
   axis averaged densely first, "ici"), simulate ("vmap": every worker on one device)}, variants (optimizer presets run side by side), lr_grid
   (the learning rates a sweep tries).
@@ -63,6 +66,9 @@ def base_config(*, name: str, dataset: str, model: str, **fields: Any) -> ml_col
       "wire": "gather",
       "feedback": "ef",
       "dense_warmup_steps": 0,
+      "anneal_from": 0.0,
+      "anneal_steps": 0,
+      "anneal_stages": 4,
     }
   )
   c.variants = ("amsgrad", "comp_ams_top_k", "comp_ams_block_sign", "onebit_adam", "qadam")
@@ -200,6 +206,9 @@ _CHECKS = (
   ("optimizer.momentum", lambda v: _is_real(v) and 0 <= v < 1, "in [0, 1)"),
   ("optimizer.warmup_steps", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
   ("optimizer.dense_warmup_steps", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+  ("optimizer.anneal_from", lambda v: _is_real(v) and 0 <= v <= 1, "in [0, 1] (0 = off)"),
+  ("optimizer.anneal_steps", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+  ("optimizer.anneal_stages", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
   ("optimizer.feedback", lambda v: v in ("ef", "ef21", "none"), "'ef', 'ef21' or 'none'"),
   ("optimizer.wire", lambda v: v in ("gather", "two_phase"), "'gather' or 'two_phase'"),
 )

@@ -26,6 +26,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     compressor="top_k",
     compressor_kwargs={"ratio": 0.01, "value_dtype": "bfloat16"},
   ),
+  # The top-k ratio annealed from 10% to 1% (set optimizer.anneal_steps, e.g. one epoch).
+  "comp_ams_top_k_annealed": dict(
+    name="comp_ams", compressor="top_k", compressor_kwargs={"ratio": 0.01}, anneal_from=0.1
+  ),
   "comp_ams_random_k": dict(
     name="comp_ams", compressor="random_k", compressor_kwargs={"ratio": 0.01}
   ),
@@ -152,6 +156,7 @@ def build_optimizer(
       predictor=_predictor(opt),
       feedback=str(opt.get("feedback", "ef")),
       dense_warmup_steps=int(opt.get("dense_warmup_steps", 0)),
+      compressor_stages=_annealed_stages(opt),
     )
   predictor = _predictor(opt)
   return cj.compressed_momentum_sgd(
@@ -165,25 +170,61 @@ def build_optimizer(
   )
 
 
+def _annealed_stages(opt: Mapping[str, Any]) -> list[tuple[int, Any]]:
+  """`anneal_from` r0 and `anneal_steps` N: the ratio falls geometrically from r0 to the
+  compressor's ratio in `anneal_stages` (default 4) equal stages over the first N steps."""
+  r0, steps = opt.get("anneal_from"), int(opt.get("anneal_steps", 0) or 0)
+  if not r0 or steps <= 0:
+    return []
+  kwargs = dict(opt.get("compressor_kwargs", {}) or {})
+  if "ratio" not in kwargs:
+    raise ValueError("optimizer.anneal_from needs a compressor with a ratio (top_k, random_k).")
+  stages = max(1, min(int(opt.get("anneal_stages", 4)), steps))
+  r1, name = float(kwargs["ratio"]), opt.get("compressor", "identity")
+  bounds = [round(steps * (i + 1) / stages) for i in range(stages)]
+  lengths = [b - a for a, b in zip([0, *bounds], bounds)]
+  return [
+    (
+      n,
+      cj.compressors.get(name, **{**kwargs, "ratio": float(r0) * (r1 / float(r0)) ** (i / stages)}),
+    )
+    for i, n in enumerate(lengths)
+  ]
+
+
 def bytes_sent_by_step(opt: Mapping[str, Any], params: Any, hlo_bytes: int):
   """Bytes one worker has sent after `step` steps, as a function of the step.
 
   Constant-per-step optimizers send `hlo_bytes` (measured from the compiled step) every step.
-  1-bit Adam's and a dense-warm-up COMP-AMS's compiled steps hold both phases (a `lax.cond`),
-  so their HLO counts both; they really send the dense gradient during the warm-up and the
-  compressed payload afterwards, each counted from its payload shapes.
+  1-bit Adam's, a dense-warm-up COMP-AMS's and an annealed COMP-AMS's compiled steps hold
+  every phase (a `lax.cond` / `lax.switch`), so their HLO counts all; they really send the
+  dense gradient during a warm-up, each stage's payload during its steps and the compressed
+  payload afterwards, each counted from its payload shapes.
   """
+  phases: list[tuple[int, int]] = []  # (steps, bytes per step) before the steady phase
   if opt.get("name") == "onebit_adam":
-    warmup = int(opt.get("warmup_steps", 100))
-  elif opt.get("name") == "comp_ams" and int(opt.get("dense_warmup_steps", 0) or 0) > 0:
-    warmup = int(opt["dense_warmup_steps"])
-  else:
+    phases.append(
+      (int(opt.get("warmup_steps", 100)), cj.wire_bytes(cj.compressors.identity(), params))
+    )
+  elif opt.get("name") == "comp_ams":
+    if int(opt.get("dense_warmup_steps", 0) or 0) > 0:
+      dense = cj.wire_bytes(cj.compressors.identity(), params)
+      phases.append((int(opt["dense_warmup_steps"]), dense))
+    phases += [(n, cj.wire_bytes(c, params)) for n, c in _annealed_stages(opt)]
+  if not phases:
     return lambda step: step * hlo_bytes, hlo_bytes
-  dense = cj.wire_bytes(cj.compressors.identity(), params)
-  compressed = cj.wire_bytes(
+  steady = cj.wire_bytes(
     cj.compressors.get(
       opt.get("compressor", "scaled_sign"), **dict(opt.get("compressor_kwargs", {}) or {})
     ),
     params,
   )
-  return (lambda step: min(step, warmup) * dense + max(step - warmup, 0) * compressed), compressed
+
+  def sent(step: int) -> int:
+    total, left = 0, step
+    for n, per_step in phases:
+      total += min(left, n) * per_step
+      left -= min(left, n)
+    return total + left * steady
+
+  return sent, steady

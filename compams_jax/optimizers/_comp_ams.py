@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
+
 import optax
 
 from compams_jax.compressors import Compressor
@@ -11,6 +14,7 @@ from compams_jax.transforms import (
   dense_warmup,
   error_feedback,
   predictive_compression,
+  staged,
 )
 from compams_jax.wire import Wire
 
@@ -31,6 +35,7 @@ def comp_ams(
   predictor: Predictor | None = None,
   feedback: str = "ef",
   dense_warmup_steps: int = 0,
+  compressor_stages: Sequence[tuple[int, Compressor]] = (),
 ) -> optax.GradientTransformation:
   """COMP-AMS (Li, Karimi & Li, ICLR 2022), exactly as the paper states it.
 
@@ -66,6 +71,9 @@ def comp_ams(
       predictive coding with ρ = 1 and no residual) or "none" (plain compressed averaging).
     dense_warmup_steps: send the dense gradient for this many first steps
       (`cj.dense_warmup`), then compress.
+    compressor_stages: (steps, compressor) pairs used first to last before `compressor`
+      (after any dense warm-up), with the same feedback and one shared residual
+      (`cj.staged`); e.g. a top-k ratio annealed from 10% down to `compressor`'s 1%.
     dense_axis_name: a fast axis averaged densely before compression (hierarchical meshes:
       compressed bytes only on the slow `axis_name`; see `cj.error_feedback`).
     wire: the wire strategy: `cj.wire.gather()` (default, the paper's algorithm) or
@@ -94,19 +102,26 @@ def comp_ams(
     raise ValueError(f"feedback must be one of {FEEDBACKS}, got {feedback!r}.")
   if predictor is not None and feedback != "ef":
     raise ValueError("comp_ams(predictor=...) goes with feedback='ef' (the residual it keeps).")
-  if feedback == "ef21":
-    # EF21: the worker sends C(g − ĝ) and keeps the estimate ĝ ← ĝ + C(g − ĝ) that receivers
-    # share: predictive coding with ρ = 1 and no residual.
-    communicate = predictive_compression(
-      compressor, predictor=fixed(1.0), error_feedback=False, **where
-    )
-  elif feedback == "none":
-    communicate = compressed_mean(compressor, **where)
-  elif predictor is None:
-    communicate = error_feedback(compressor, **where)
-  else:
-    communicate = predictive_compression(
-      compressor, predictor=predictor, error_feedback=True, **where
+
+  def communicate_with(c):
+    if feedback == "ef21":
+      # EF21: the worker sends C(g − ĝ) and keeps the estimate ĝ ← ĝ + C(g − ĝ) that
+      # receivers share: predictive coding with ρ = 1 and no residual.
+      return predictive_compression(c, predictor=fixed(1.0), error_feedback=False, **where)
+    if feedback == "none":
+      return compressed_mean(c, **where)
+    if predictor is None:
+      return error_feedback(c, **where)
+    return predictive_compression(c, predictor=predictor, error_feedback=True, **where)
+
+  communicate = communicate_with(compressor)
+  if compressor_stages:
+    steps = [int(n) for n, _ in compressor_stages]
+    if any(n <= 0 for n in steps):
+      raise ValueError(f"compressor_stages steps must be positive, got {steps}.")
+    communicate = staged(
+      [communicate_with(c) for _, c in compressor_stages] + [communicate],
+      list(itertools.accumulate(steps)),
     )
   if not (isinstance(dense_warmup_steps, int) and dense_warmup_steps == 0):  # may be traced
     communicate = dense_warmup(

@@ -11,7 +11,7 @@ from compams_jax.transforms._nonfinite import SkipNonFiniteState, skip_nonfinite
 from compams_jax.transforms._onebit_adam import OneBitAdamState, scale_by_onebit_adam
 from compams_jax.transforms._powersgd import PowerSGDState, powersgd
 from compams_jax.transforms._predictive import PredictiveState, predictive_compression
-from compams_jax.transforms._warmup import DenseWarmupState, dense_warmup
+from compams_jax.transforms._warmup import DenseWarmupState, StagedState, dense_warmup, staged
 from compams_jax.transforms._worker_adam import WorkerAdamState, worker_adam
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
   "PowerSGDState",
   "PredictiveState",
   "SkipNonFiniteState",
+  "StagedState",
   "WorkerAdamState",
   "WorkerMomentumState",
   "compressed_mean",
@@ -31,6 +32,7 @@ __all__ = [
   "predictive_compression",
   "scale_by_onebit_adam",
   "skip_nonfinite",
+  "staged",
   "worker_adam",
   "worker_momentum",
 ]

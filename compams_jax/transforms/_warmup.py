@@ -1,7 +1,8 @@
-"""A dense warm-up before compressed communication."""
+"""A dense warm-up before compressed communication, and stages of compressed communication."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -85,5 +86,80 @@ def dense_warmup(
       state.count < steps, warm, compressed, updates, state.inner_state
     )
     return out, DenseWarmupState(count=optax.safe_increment(state.count), inner_state=inner_state)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+class StagedState(NamedTuple):
+  """State of `staged`.
+
+  Attributes:
+    count: steps taken (replicated).
+    inner_state: the state every stage's transformation shares.
+  """
+
+  count: jax.Array
+  inner_state: Any
+
+
+def staged(
+  transforms: Sequence[optax.GradientTransformation], boundaries: Sequence[int]
+) -> optax.GradientTransformation:
+  """`transforms[i]` for the steps in [boundaries[i-1], boundaries[i]), the last one after.
+
+  The stages share ONE state (e.g. the error-feedback residual carries over from one
+  compressor to the next), so every transformation must have the same state structure:
+  typically the same transform with compressors of one kind and different rates, such as a
+  top-k ratio annealed from 10% to 1%. The stage is a `lax.switch` on the replicated step
+  count, so all workers enter the same collectives; the compiled step holds every stage.
+
+  Args:
+    transforms: the stages' transformations, first to last.
+    boundaries: the step at which each stage but the last ends (increasing, one fewer than
+      `transforms`).
+
+  Returns:
+    An `optax.GradientTransformation` whose state is a `StagedState`.
+
+  Raises:
+    ValueError: if the boundaries do not fit the transforms or the states differ.
+
+  Examples:
+    >>> import jax.numpy as jnp, compams_jax as cj
+    >>> c = cj.compressors
+    >>> tx = cj.staged([cj.error_feedback(c.top_k(0.5)), cj.error_feedback(c.top_k(0.25))], [1])
+    >>> g = {"w": jnp.array([1.0, 2.0, 3.0, 4.0])}
+    >>> s = tx.init(g)
+    >>> u, s = tx.update(g, s)   # top-k 50%
+    >>> u["w"]
+    Array([0., 0., 3., 4.], dtype=float32)
+    >>> tx.update(g, s)[0]["w"]  # top-k 25% of g + residual = [2, 4, 3, 4] (ties: lower index)
+    Array([0., 4., 0., 0.], dtype=float32)
+  """
+  transforms, boundaries = list(transforms), [int(b) for b in boundaries]
+  if not transforms or len(boundaries) != len(transforms) - 1:
+    raise ValueError(
+      f"staged needs one boundary fewer than transforms, got {len(transforms)} transforms and "
+      f"{len(boundaries)} boundaries."
+    )
+  if any(b <= a for a, b in zip([0, *boundaries], boundaries)):
+    raise ValueError(f"staged boundaries must be positive and increasing, got {boundaries}.")
+
+  def signature(tree):
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, [(tuple(x.shape), jnp.dtype(x.dtype)) for x in leaves]
+
+  def init_fn(params):
+    state = transforms[-1].init(params)
+    for i, t in enumerate(transforms[:-1]):
+      if signature(jax.eval_shape(t.init, params)) != signature(state):
+        raise ValueError(f"staged: stage {i}'s state differs from the last stage's.")
+    return StagedState(count=jnp.zeros([], jnp.int32), inner_state=state)
+
+  def update_fn(updates, state, params=None):
+    stage = sum((state.count >= b).astype(jnp.int32) for b in boundaries) if boundaries else 0
+    branches = [(lambda u, s, t=t: t.update(u, s, params)) for t in transforms]
+    out, inner_state = jax.lax.switch(stage, branches, updates, state.inner_state)
+    return out, StagedState(count=optax.safe_increment(state.count), inner_state=inner_state)
 
   return optax.GradientTransformation(init_fn, update_fn)
