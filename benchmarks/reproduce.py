@@ -262,8 +262,8 @@ SPEEDUPS = {
       name="speedup_lenet",
       config="configs/fashion_mnist_lenet.py",
       variants=("amsgrad", "comp_ams_top_k", "comp_ams_block_sign"),
-      target_loss=0.45,
-      overrides=("epochs=8", "max_test_examples=2000"),
+      target_loss=0.33,
+      overrides=("epochs=12", "max_test_examples=2000"),
     ),
   ]
 }
