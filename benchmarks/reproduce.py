@@ -74,7 +74,7 @@ class Study:
 
 
 # The learning-rate ladder grids are drawn from: 1e-5, 3e-5, 1e-4, ..., 3e-1.
-LADDER = tuple(m * 10.0**e for e in range(-5, 0) for m in (1.0, 3.0))
+LADDER = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
 
 
 def _ladder_index(lr: float) -> int:

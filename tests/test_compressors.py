@@ -1006,3 +1006,24 @@ def test_random_k_shared_key_mean_equals_each_workers_c(mesh):
         np.testing.assert_array_equal(out[kept], x[kept])
     positions = [frozenset(np.flatnonzero(o)) for o in outs]
     assert positions[0] != positions[1]
+
+
+def test_uniforms_of_large_arrays_are_drawn_chunk_by_chunk():
+  """Brute-force definition: chunk j of 2^20 entries is uniform(fold_in(key, j)); under vmap
+  every key draws its own (shared randomness stays shared, private stays private)."""
+  from compams_jax._src import keys
+
+  n = keys.UNIFORM_CHUNK
+  key = jax.random.key(7)
+  u = np.asarray(keys.uniforms(key, (2 * n + 5,)))
+  for j, (lo, hi) in enumerate([(0, n), (n, 2 * n), (2 * n, 2 * n + 5)]):
+    want = np.asarray(jax.random.uniform(jax.random.fold_in(key, j), (n,), jnp.float32))
+    np.testing.assert_array_equal(u[lo:hi], want[: hi - lo])
+  assert u.min() >= 0.0 and u.max() < 1.0
+  small = np.asarray(keys.uniforms(key, (3, 5)))
+  np.testing.assert_array_equal(small, np.asarray(jax.random.uniform(key, (3, 5), jnp.float32)))
+  ks = jax.random.split(key, 2)
+  batched = np.asarray(jax.vmap(lambda k: keys.uniforms(k, (n + 3,)))(ks))
+  for i in range(2):
+    np.testing.assert_array_equal(batched[i], np.asarray(keys.uniforms(ks[i], (n + 3,))))
+  assert not np.array_equal(batched[0], batched[1])

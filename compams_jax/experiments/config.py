@@ -244,6 +244,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
       problems.append(
         f"mesh.shape={tuple(shape)!r} has {math.prod(shape)} workers but num_workers={workers}"
       )
+  anneal_from = _lookup(config, "optimizer.anneal_from")
+  if anneal_from is not _MISSING and _is_real(anneal_from) and anneal_from > 0:
+    kwargs = _lookup(config, "optimizer.compressor_kwargs")
+    ratio = dict(kwargs or {}).get("ratio") if kwargs is not _MISSING else None
+    if _lookup(config, "optimizer.name") != "comp_ams":
+      problems.append("optimizer.anneal_from applies to comp_ams only")
+    if _lookup(config, "optimizer.anneal_steps") in (_MISSING, 0):
+      problems.append("optimizer.anneal_from needs optimizer.anneal_steps > 0 (e.g. one epoch)")
+    if ratio is None:
+      problems.append("optimizer.anneal_from needs a compressor with a ratio (top_k, random_k)")
+    elif not anneal_from > ratio:
+      problems.append(
+        f"optimizer.anneal_from={anneal_from!r} must exceed the compressor's ratio {ratio!r}"
+      )
   simulate = _lookup(config, "mesh.simulate")
   if simulate is not _MISSING and (simulate or "") not in ("", "vmap"):
     problems.append(f"mesh.simulate={simulate!r} must be '' or 'vmap'")

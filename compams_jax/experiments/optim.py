@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import optax
@@ -192,33 +192,56 @@ def _annealed_stages(opt: Mapping[str, Any]) -> list[tuple[int, Any]]:
   ]
 
 
-def bytes_sent_by_step(opt: Mapping[str, Any], params: Any, hlo_bytes: int):
+def bytes_sent_by_step(
+  opt: Mapping[str, Any],
+  params: Any,
+  hlo_bytes: int,
+  *,
+  measure: Callable[[Mapping[str, Any]], int] | None = None,
+):
   """Bytes one worker has sent after `step` steps, as a function of the step.
 
   Constant-per-step optimizers send `hlo_bytes` (measured from the compiled step) every step.
   1-bit Adam's, a dense-warm-up COMP-AMS's and an annealed COMP-AMS's compiled steps hold
   every phase (a `lax.cond` / `lax.switch`), so their HLO counts all; they really send the
   dense gradient during a warm-up, each stage's payload during its steps and the compressed
-  payload afterwards, each counted from its payload shapes.
+  payload afterwards. Each phase is measured on its own: `measure(section)` gives the bytes
+  per step of the optimizer an `optimizer` section describes, on the run's layout (wire,
+  hierarchical mesh); by default the compressor's payload over `params` (the gather wire).
+
+  Returns:
+    (sent_after(step), bytes per step of the steady phase).
   """
+  if measure is None:
+
+    def measure(section):
+      name = "identity" if section.get("name") == "amsgrad" else section.get("compressor")
+      kwargs = {} if name == "identity" else dict(section.get("compressor_kwargs", {}) or {})
+      return cj.wire_bytes(cj.compressors.get(name or "identity", **kwargs), params)
+
   phases: list[tuple[int, int]] = []  # (steps, bytes per step) before the steady phase
+  plain = {**opt, "dense_warmup_steps": 0, "anneal_from": 0.0, "anneal_steps": 0}
   if opt.get("name") == "onebit_adam":
-    phases.append(
-      (int(opt.get("warmup_steps", 100)), cj.wire_bytes(cj.compressors.identity(), params))
+    # Its compressed phase sends the compressor's payload over the whole model (gather).
+    dense = cj.wire_bytes(cj.compressors.identity(), params)
+    phases.append((int(opt.get("warmup_steps", 100)), dense))
+    steady = cj.wire_bytes(
+      cj.compressors.get(
+        opt.get("compressor", "scaled_sign"), **dict(opt.get("compressor_kwargs", {}) or {})
+      ),
+      params,
     )
-  elif opt.get("name") == "comp_ams":
+  elif opt.get("name") == "comp_ams" and (
+    int(opt.get("dense_warmup_steps", 0) or 0) > 0 or _annealed_stages(opt)
+  ):
     if int(opt.get("dense_warmup_steps", 0) or 0) > 0:
-      dense = cj.wire_bytes(cj.compressors.identity(), params)
-      phases.append((int(opt["dense_warmup_steps"]), dense))
-    phases += [(n, cj.wire_bytes(c, params)) for n, c in _annealed_stages(opt)]
-  if not phases:
+      phases.append((int(opt["dense_warmup_steps"]), measure({**plain, "name": "amsgrad"})))
+    for n, c in _annealed_stages(opt):
+      kwargs = {**dict(opt.get("compressor_kwargs", {}) or {}), "ratio": c.ratio}
+      phases.append((n, measure({**plain, "compressor_kwargs": kwargs})))
+    steady = measure(plain)
+  else:
     return lambda step: step * hlo_bytes, hlo_bytes
-  steady = cj.wire_bytes(
-    cj.compressors.get(
-      opt.get("compressor", "scaled_sign"), **dict(opt.get("compressor_kwargs", {}) or {})
-    ),
-    params,
-  )
 
   def sent(step: int) -> int:
     total, left = 0, step

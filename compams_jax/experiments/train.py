@@ -339,7 +339,19 @@ def _communication(config, tx, step, state: TrainState, batch0, layout: Layout):
     dense_workers=sizes.get(layout.dense_axis_name, 1),
   )
   per_step = hlo.total if (layout.dense_axis_name is None and not layout.simulated) else static
-  sent_after, steady = bytes_sent_by_step(config.optimizer, state.params, per_step)
+
+  def measure(section):  # one phase's optimizer on this run's layout
+    phase_tx = build_optimizer(
+      section, axis_name=layout.axis_name, dense_axis_name=layout.dense_axis_name
+    )
+    return cj.wire_bytes(
+      phase_tx,
+      state.params,
+      num_workers=sizes[layout.axis_name],
+      dense_workers=sizes.get(layout.dense_axis_name, 1),
+    )
+
+  sent_after, steady = bytes_sent_by_step(config.optimizer, state.params, per_step, measure=measure)
   dense = 4 * count_params(state.params)
   return sent_after, {
     "bytes_per_step_hlo": hlo.total,

@@ -72,16 +72,38 @@ def test_tables_show_mean_std_bits_and_ratio(tmp_path):
   (results / "fashion_mnist.json").write_text(json.dumps(_study(dense, topk)))
   out = reproduce_report.write_report(results, tmp_path / "docs")
   text = out.read_text()
-  row = next(l for l in text.splitlines() if l.startswith("| COMP-AMS top-k 1%"))
+  row = next(l for l in text.splitlines() if l.startswith("| COMP-AMS top-k 1% |"))
   cells = [c.strip() for c in row.strip("|").split("|")]
   # mean ± sample std, computed independently.
   assert cells[2] == f"{np.mean(topk):.4f} ± {np.std(topk, ddof=1):.4f}"
   assert cells[3] == "3/3"
   assert cells[4] == f"{80 * 8:,}"
   assert cells[5] == "50.0×"
-  grid_row = [l for l in text.splitlines() if l.startswith("| COMP-AMS top-k 1%")][1]
+  grid_row = [l for l in text.splitlines() if l.startswith("| COMP-AMS top-k 1% |")][1]
   assert "0.8500" in grid_row and "—" in grid_row  # the diverged rate shows as a dash
   assert (tmp_path / "docs" / "results" / "fashion_mnist.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize(
+  "topk, complete, verdict",
+  [
+    ([0.905, 0.92, 0.91], True, "held"),  # gap −0.33 points
+    ([0.89, 0.91, 0.905], True, "within noise"),  # gap −0.83, spread ~1.3
+    ([0.80, 0.81, 0.805], True, "not held"),  # gap −10.5
+    ([0.905, 0.92, 0.91], False, "not decided yet"),
+  ],
+)
+def test_parity_verdicts(tmp_path, topk, complete, verdict):
+  results = tmp_path / "results"
+  results.mkdir()
+  dense = [0.905, 0.925, 0.915]
+  study = {**_study(dense, topk), "study": "mnist5k_parity", "complete": complete}
+  (results / "mnist5k_parity.json").write_text(json.dumps(study))
+  text = reproduce_report.write_report(results, tmp_path / "docs").read_text()
+  row = next(
+    l for l in text.splitlines() if l.startswith("| COMP-AMS top-k 1% reaches") and "Synthetic" in l
+  )
+  assert row.split("|")[-2].strip().startswith(verdict), row
 
 
 def test_report_without_results_is_a_clear_error(tmp_path):
