@@ -61,7 +61,7 @@ class Study:
   # If set, only this variant is tuned and every variant uses its best rate (equal-lr comparison).
   tune_on: str | None = None
   # If set, no tuning: each variant uses the rate chosen for it by this (earlier) study, or
-  # for the variant `lr_as` maps it to (e.g. an option of a preset takes the preset's rate).
+  # its preset's (the name before ":"), or that of the variant `lr_as` maps it to.
   lr_from: str | None = None
   lr_as: tuple[tuple[str, str], ...] = ()
   # If set, each variant is tuned on its own 3-point grid of the 1-3 ladder (…, 3e-4, 1e-3,
@@ -204,10 +204,6 @@ STUDIES = {
       ("max_train_examples=16384", "epochs=3"),
       lr_from="fashion_mnist",
       lr_as=(
-        ("comp_ams_top_k:optimizer.feedback=ef21", "comp_ams_top_k"),
-        ("comp_ams_block_sign:optimizer.feedback=ef21", "comp_ams_block_sign"),
-        ("comp_ams_top_k:optimizer.dense_warmup_steps=10", "comp_ams_top_k"),
-        ("comp_ams_block_sign:optimizer.dense_warmup_steps=10", "comp_ams_block_sign"),
         ("comp_ams_block_sign_256", "comp_ams_block_sign"),
         ("comp_ams_top_k_annealed:optimizer.anneal_steps=32", "comp_ams_top_k"),
       ),
@@ -444,8 +440,10 @@ def run_study(
     if not source.exists():
       raise FileNotFoundError(f"{study.name} uses the rates of {study.lr_from}: run that first.")
     chosen = json.loads(source.read_text())["variants"]
+    # A "preset:overrides" variant takes its preset's rate unless `lr_as` says otherwise.
     as_ = dict(study.lr_as)
-    tuned = {v: (chosen[as_.get(v, v)]["lr"], {}) for v in study.variants}
+    source = {v: as_.get(v, v if v in chosen else v.partition(":")[0]) for v in study.variants}
+    tuned = {v: (chosen[source[v]]["lr"], {}) for v in study.variants}
   elif study.tune_on:
     tuned[study.tune_on] = best_lr(study.tune_on)
   result = {
