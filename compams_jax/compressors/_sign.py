@@ -82,13 +82,15 @@ class BlockSign(Compressor):
   def _scales(self, flat):
     """One scale per block: a scalar for one block, else a (blocks,) vector."""
     d = flat.shape[0]
+    if d == 0:  # an empty leaf: one block of scale 0
+      return jnp.float32(0) if self.block_size is None else jnp.zeros((1,), jnp.float32)
     if self.block_size is None and self.norm == "l1":
-      return _mean_abs(flat) if d else jnp.float32(0)
+      return _mean_abs(flat)
     b = self._block(d)
-    blocks = -(-d // b) if d else 1
+    blocks = -(-d // b)
     rows = jnp.pad(jnp.abs(flat.astype(jnp.float32)), (0, blocks * b - d)).reshape(blocks, b)
     counts = np.full((blocks,), b, np.float32)
-    counts[-1] = d - (blocks - 1) * b if d else 1
+    counts[-1] = d - (blocks - 1) * b
     if self.norm == "l1":
       scales = jnp.sum(rows, axis=1) / counts
     else:  # ‖x‖₂/√|B| = peak·‖x/peak‖₂/√|B|: no overflow or underflow of the squares.
