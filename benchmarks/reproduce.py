@@ -156,6 +156,7 @@ STUDIES = {
       (),
       ("epochs=20", "optimizer.warmup_steps=40"),
       lr_around="rotten_tomatoes",
+      extend_edges=True,
     ),
     # The baselines as their authors run them: bucketed QSGD (QAdam), DeepSpeed's per-tensor
     # ‖x‖₂/√d scale (1-bit Adam), at the short horizons where the defaults were measured.
@@ -166,6 +167,15 @@ STUDIES = {
       ("qadam_bucketed", "onebit_adam_l2"),
       (3e-4, 1e-3, 3e-3),
       ("max_train_examples=16384", "epochs=3", "optimizer.warmup_steps=32"),
+      extend_edges=True,
+    ),
+    Study(
+      "baselines_rotten_tomatoes",
+      "Rotten Tomatoes (IMDB stand-in), LSTM: baselines as their authors run them",
+      "configs/rotten_tomatoes_lstm.py",
+      ("onebit_adam_l2",),
+      (3e-4, 1e-3, 3e-3),
+      ("epochs=5", "optimizer.warmup_steps=40"),
       extend_edges=True,
     ),
     Study(

@@ -38,6 +38,7 @@ STUDY_ORDER = (
   "rotten_tomatoes",
   "baselines_fashion_mnist",
   "baselines_mnist5k",
+  "baselines_rotten_tomatoes",
   "fashion_mnist_momentum",
 )
 # Studies at the horizons where the paper claims parity with full precision.
@@ -425,7 +426,7 @@ def _paper_claims_section(data: dict[str, dict], rd: dict | None) -> list[str]:
       f"{sp['target_loss']} | {'; '.join(cells)} (linear: {top}×) "
       f"| {'held (at least half of linear)' if held else 'not held'} |"
     )
-  for study_name in ("baselines_fashion_mnist", "baselines_mnist5k"):
+  for study_name in ("baselines_fashion_mnist", "baselines_mnist5k", "baselines_rotten_tomatoes"):
     st, short = data.get(study_name), data.get(study_name.removeprefix("baselines_"))
     if not st or not short:
       continue
