@@ -454,6 +454,21 @@ def _fmt_ms(s):
   return f"{ms:,.0f}" if ms >= 100 else f"{ms:.3g}"
 
 
+def _cells(projection, slices, model):
+  """(system, slices, {method: projection row}) for every system and slice count."""
+  for sysname in SYSTEMS:
+    for n in slices:
+      yield (
+        sysname,
+        n,
+        {
+          p["method"]: p
+          for p in projection
+          if p["model"] == model and p["system"] == sysname and p["slices"] == n
+        },
+      )
+
+
 def markdown(projection, methods, slices, model):
   names = [m for m in methods if m != DENSE]
   lines = [
@@ -463,22 +478,16 @@ def markdown(projection, methods, slices, model):
     "| system | slices | dense f32 ms (dcn ms) | " + " | ".join(names) + " |",
     "|---|---|---|" + "---|" * len(names),
   ]
-  for sysname in SYSTEMS:
-    for n in slices:
-      cell = {
-        p["method"]: p
-        for p in projection
-        if p["model"] == model and p["system"] == sysname and p["slices"] == n
-      }
-      d = cell[DENSE]
-      row = [SYSTEMS[sysname]["label"], str(n), f"{_fmt_ms(d['step_s'])} ({_fmt_ms(d['dcn_s'])})"]
-      for name in names:
-        p = cell[name]
-        if methods[name]["codec"] is None:
-          row.append(f"{p['speedup']:.2f}")
-        else:
-          row.append(f"{p['speedup']:.2f} / {p['speedup_free_codec']:.2f}")
-      lines.append("| " + " | ".join(row) + " |")
+  for sysname, n, cell in _cells(projection, slices, model):
+    d = cell[DENSE]
+    row = [SYSTEMS[sysname]["label"], str(n), f"{_fmt_ms(d['step_s'])} ({_fmt_ms(d['dcn_s'])})"]
+    for name in names:
+      p = cell[name]
+      if methods[name]["codec"] is None:
+        row.append(f"{p['speedup']:.2f}")
+      else:
+        row.append(f"{p['speedup']:.2f} / {p['speedup_free_codec']:.2f}")
+    lines.append("| " + " | ".join(row) + " |")
   return "\n".join(lines)
 
 
@@ -491,18 +500,12 @@ def markdown_codec(projection, methods, slices, model):
     "| system | slices | " + " | ".join(names) + " |",
     "|---|---|" + "---|" * len(names),
   ]
-  for sysname in SYSTEMS:
-    for n in slices:
-      cell = {
-        p["method"]: p
-        for p in projection
-        if p["model"] == model and p["system"] == sysname and p["slices"] == n
-      }
-      row = [SYSTEMS[sysname]["label"], str(n)]
-      for name in names:
-        p = cell[name]
-        row.append(f"{p['break_even_codec_s'] * 1e3:.3g} / {p['codec_cpu_s'] * 1e3:.3g}")
-      lines.append("| " + " | ".join(row) + " |")
+  for sysname, n, cell in _cells(projection, slices, model):
+    row = [SYSTEMS[sysname]["label"], str(n)]
+    for name in names:
+      p = cell[name]
+      row.append(f"{p['break_even_codec_s'] * 1e3:.3g} / {p['codec_cpu_s'] * 1e3:.3g}")
+    lines.append("| " + " | ".join(row) + " |")
   return "\n".join(lines)
 
 

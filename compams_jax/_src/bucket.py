@@ -126,7 +126,7 @@ def unpack_rows(buffer: jax.Array | None, like: list[Any], n: int) -> list[Rows]
       parts = [
         jnp.zeros(tuple(x.shape), x.dtype)
         if nb == 0
-        else _from_bytes(jax.lax.dynamic_slice_in_dim(buffer, i, 1, 0)[0, s : s + nb], x, ())
+        else _from_bytes(jax.lax.dynamic_slice(buffer, (i, s), (1, nb))[0], x, ())
         for x, (s, nb) in zip(leaves, spans)
       ]
       return jax.tree.unflatten(treedef, parts)
