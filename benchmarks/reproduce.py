@@ -9,7 +9,9 @@ Two steps, each one command:
 `XLA_FLAGS` itself). Each study tunes the learning rate on seed 0 over a small grid, then trains
 seeds 1 and 2 at the best rate. Run directories go under `--runs` (default `runs/reproduce`);
 a finished run is never retrained, an interrupted one resumes from its checkpoint, so `run` can be
-stopped and restarted at will. After each study its results are written to
+stopped and restarted at will. Two invocations may share a queue (e.g. one pinned to each core
+with `taskset`): a run one of them is training is skipped by the other; a last
+`run --export-only` then writes the JSON with every run. After each study its results are written to
 `benchmarks/results/reproduction/STUDY.json` (a few KB: curves, bytes from HLO, timings).
 `--study` picks studies; `--quick` runs a tiny version of each (1 seed, 1 rate, few steps) into a
 temporary directory, to check the pipeline.
@@ -34,6 +36,7 @@ os.environ["XLA_FLAGS"] = " ".join(
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
+import fcntl  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import pathlib  # noqa: E402
@@ -196,6 +199,20 @@ STUDIES = {
       ("epochs=20",),
       extend_edges=True,
     ),
+    # The paper's CNN on the full training set at 10 epochs (1,170 steps, about 20 min a run on
+    # one core here): one seed per optimizer, the grid around the 96-step rates.
+    Study(
+      "fashion_mnist_cnn_parity",
+      "Fashion-MNIST (60k), CNN, 10 epochs",
+      "configs/fashion_mnist_cnn.py",
+      ADAPTIVE[:3],
+      (),
+      ("epochs=10",),
+      seeds=(0,),
+      lr_around="fashion_mnist",
+      extend_edges=True,
+      max_extensions=1,
+    ),
     # Closing the early gap on the paper's CNN at 96 steps, each option at the rate the short
     # study tuned for its compressor (equal-rate comparison with the plain variants there).
     Study(
@@ -316,7 +333,9 @@ def _train_one(
 ) -> dict:
   """Trains one run (or loads it if finished; resumes it if interrupted) and returns a record.
 
-  With `export_only`, an unfinished run is reported missing instead of trained.
+  With `export_only`, an unfinished run is reported missing instead of trained. Several
+  invocations may share a queue (one per core): a run another invocation is training is reported
+  missing here and left to it (the lock is released when its holder exits, however it exits).
   """
   from compams_jax.experiments import config as config_lib
   from compams_jax.experiments import train
@@ -332,17 +351,30 @@ def _train_one(
   elif export_only:
     return {"variant": variant, "missing": "not trained (--export-only)", "test_accuracy": None}
   else:
-    (config,) = config_lib.resolve(str(ROOT / spec), overrides, [variant])
-    checkpoints = workdir / "checkpoints"
-    resume = checkpoints.is_dir() and any(checkpoints.iterdir())
-    if not resume and workdir.exists():  # stopped before its first checkpoint: start over
-      shutil.rmtree(workdir)
-    try:
-      summary = train.train(config, workdir, resume=resume, progress=False).summary
-    except FloatingPointError as e:  # A too-large learning rate is a grid outcome, not a crash.
-      record = {"variant": variant, "diverged": str(e), "test_accuracy": None}
-      failed.write_text(json.dumps(record))
-      return record
+    workdir.parent.mkdir(parents=True, exist_ok=True)
+    with open(workdir.parent / f"{workdir.name}.lock", "w") as lock:
+      try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        return {
+          "variant": variant,
+          "missing": "trained by another invocation",
+          "test_accuracy": None,
+        }
+      if done.exists() and json.loads(done.read_text()).get("finished"):  # finished meanwhile
+        summary = json.loads(done.read_text())
+      else:
+        (config,) = config_lib.resolve(str(ROOT / spec), overrides, [variant])
+        checkpoints = workdir / "checkpoints"
+        resume = checkpoints.is_dir() and any(checkpoints.iterdir())
+        if not resume and workdir.exists():  # stopped before its first checkpoint: start over
+          shutil.rmtree(workdir)
+        try:
+          summary = train.train(config, workdir, resume=resume, progress=False).summary
+        except FloatingPointError as e:  # A too-large learning rate is a grid outcome.
+          record = {"variant": variant, "diverged": str(e), "test_accuracy": None}
+          failed.write_text(json.dumps(record))
+          return record
   lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines() if l]
   return {
     **summary,
@@ -424,6 +456,10 @@ def run_study(
     i = _ladder_index(centres[variant])
     return [LADDER[j] for j in (i - 1, i, i + 1) if 0 <= j < len(LADDER)]
 
+  def lr_missing(variant, accs):
+    """Whether a grid point is not trained yet (so the grid's edge is not known)."""
+    return any("missing" in records.get((variant, lr, study.seeds[0]), {}) for lr in accs)
+
   def best_lr(variant):
     grid = grid_of(variant)
     accs = {}
@@ -433,7 +469,7 @@ def run_study(
           accs[lr] = job(variant, lr, study.seeds[0]).get("test_accuracy")
       finite = {lr: a for lr, a in accs.items() if a is not None}
       best = max(finite, key=finite.get) if finite else None
-      if not study.extend_edges or best is None:
+      if not study.extend_edges or best is None or lr_missing(variant, accs):
         break
       i = _ladder_index(best)
       if best == min(accs) and i > 0:
@@ -513,8 +549,13 @@ def run_study(
       result.setdefault("dataset", cfg["dataset"]["name"])
       result.setdefault("model", cfg["model"]["name"])
 
-  # First every variant's rate (seed 0), then the other seeds, writing the JSON after each
-  # variant of each pass: an interrupted queue leaves every finished run on disk and in JSON.
+  # First every variant's grid centre, then the rest of its grid (seed 0), then the other seeds,
+  # writing the JSON after each variant of each pass: an interrupted queue leaves every finished
+  # run on disk and in JSON, and the runs that matter most are done first.
+  if study.lr_around and not study.tune_on:
+    for variant in study.variants:
+      if centres.get(variant) is not None:
+        job(variant, centres[variant], study.seeds[0])
   for variant in study.variants:
     if (study.tune_on or variant) not in tuned:
       tuned[variant] = best_lr(variant)

@@ -106,6 +106,23 @@ def test_parity_verdicts(tmp_path, topk, complete, verdict):
   assert row.split("|")[-2].strip().startswith(verdict), row
 
 
+@pytest.mark.parametrize(
+  "topk, verdict", [([0.912], "held (1 seed)"), ([0.9], "not held (1 seed)")]
+)
+def test_one_seed_parity_verdict_says_so(tmp_path, topk, verdict):
+  """With one seed there is no spread: the verdict is the gap alone and says it is one seed."""
+  results = tmp_path / "results"
+  results.mkdir()
+  study = {**_study([0.915], topk), "study": "fashion_mnist_cnn_parity", "seeds": [0]}
+  (results / "fashion_mnist_cnn_parity.json").write_text(json.dumps(study))
+  text = reproduce_report.write_report(results, tmp_path / "docs").read_text()
+  row = next(
+    l for l in text.splitlines() if l.startswith("| COMP-AMS top-k 1% reaches") and "Synthetic" in l
+  )
+  assert row.split("|")[-2].strip() == verdict, row
+  assert "(1 seed)" in row  # the gap says it too
+
+
 def test_report_without_results_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match="run `reproduce.py run` first"):
     reproduce_report.write_report(tmp_path, tmp_path / "docs")
