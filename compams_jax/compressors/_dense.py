@@ -30,6 +30,11 @@ class Identity(Compressor):
     del key
     return payload["values"].astype(like.dtype).reshape(like.shape)
 
+  def residual(self, x, payload, key=None):
+    """Nothing is left behind: zeros, without computing x − x (a leaf-sized temporary)."""
+    del payload, key
+    return jnp.zeros_like(x)
+
   def wire_bits(self, shape, dtype):
     return int(np.prod(shape, dtype=np.int64)) * jnp.dtype(dtype).itemsize * 8
 
