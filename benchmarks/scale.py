@@ -8,6 +8,7 @@ its compile time, each as a ratio to the dense step compiled in the same run. No
 allocated: GPT-2 small (124M parameters in 148 leaves) does not have to fit in this host.
 
     python benchmarks/scale.py [--workers 16] [--compressors top_k block_sign] [--out PATH]
+    python benchmarks/scale.py --table     # docs/benchmarks.md's table, from the JSON
 
 Writes benchmarks/results/scale.json.
 """
@@ -65,12 +66,47 @@ def measure(tx, params, mesh):
   }
 
 
+def table(result) -> str:
+  """The markdown table of docs/benchmarks.md, with each target's verdict, from the JSON."""
+  param_bytes, dense = result["param_bytes"], result["dense"]
+  ops = lambda r: ", ".join(r["by_op"])
+  lines = [
+    "| compressor | wire | temp / params | collectives (HLO) | collective bytes / dense "
+    "| compile | compile / dense | temp ≤ 2× | ≤ 4 collectives | compile ≤ 3× |",
+    "|---|---|---|---|---|---|---|---|---|---|",
+    f'| dense (identity, `feedback="none"`) | psum | {dense["temp_bytes"] / param_bytes:.2f} '
+    f"| {dense['collectives']} ({ops(dense)}) | 1 | {dense['compile_seconds']:.1f} s | 1 | | | |",
+  ]
+  yes_no = lambda ok: "yes" if ok else "**no**"
+  for r in result["rows"]:
+    summed = r["wire"] == "gather" and "all-reduce" in r["by_op"]
+    over = r["temp_bytes"] - 2 * param_bytes
+    temp_ok = yes_no(over <= 0) + (f" ({over:,} B over)" if 0 < over < param_bytes // 1000 else "")
+    lines.append(
+      f"| {r['label']} | {r['wire']}{' (psum)' if summed else ''} | {r['temp_over_params']:.2f} "
+      f"| {r['collectives']} ({ops(r)}) | {r['bytes_over_dense']:.4f} "
+      f"| {r['compile_seconds']:.1f} s | {r['compile_over_dense']:.2f} | {temp_ok} "
+      f"| {yes_no(r['collectives'] <= 4) if r['wire'] == 'gather' else '—'} "
+      f"| {yes_no(r['compile_over_dense'] <= 3)} |"
+    )
+  return "\n".join(lines)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workers", type=int, default=16)
   _common.add_compressor_args(parser, "the first example of every registered compressor")
   parser.add_argument("--out", default=str(_common.RESULTS / "scale.json"))
+  parser.add_argument(
+    "--table", action="store_true", help="print the markdown table of --out; compile nothing"
+  )
   args = parser.parse_args()
+  if args.table:
+    import json
+    import pathlib
+
+    print(table(json.loads(pathlib.Path(args.out).read_text())))
+    return
   _common.force_devices(args.workers)
 
   import jax
