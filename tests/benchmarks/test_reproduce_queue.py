@@ -2,6 +2,7 @@
 
 import fcntl
 import importlib
+import json
 import os
 import pathlib
 import sys
@@ -44,3 +45,52 @@ def test_a_finished_run_is_read_not_locked_or_retrained(tmp_path, reproduce):
     fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
     record = reproduce._train_one("configs/does_not_matter.py", "amsgrad", [], workdir)
   assert record["test_accuracy"] == 0.5 and record["evals"] == [{"kind": "eval", "epoch": 1}]
+
+
+def _fake_training(calls, accuracy, missing=()):
+  """A `_train_one` that records its calls and returns `accuracy[lr]` (or a missing run)."""
+
+  def train_one(spec, variant, overrides, workdir, export_only=False):
+    lr = float(next(o for o in overrides if o.startswith("optimizer.learning_rate=")).split("=")[1])
+    calls.append((variant, lr))
+    if lr in missing:
+      return {"variant": variant, "missing": "trained by another invocation", "test_accuracy": None}
+    return {
+      "test_accuracy": accuracy[lr],
+      "test_loss": 0.1,
+      "steps": 1,
+      "seconds": 1.0,
+      "evals": [],
+      "config": {"local_batch": 1, "epochs": 1, "dataset": {"name": "d"}, "model": {"name": "m"}},
+    }
+
+  return train_one
+
+
+def _study(reproduce, tmp_path, centre):
+  (tmp_path / "short.json").write_text(json.dumps({"variants": {v: {"lr": centre} for v in "ab"}}))
+  return reproduce.Study(
+    "s", "S", "c.py", ("a", "b"), (), seeds=(0,), lr_around="short", extend_edges=True
+  )
+
+
+def test_grid_centres_come_first_and_an_edge_best_is_extended(tmp_path, reproduce, monkeypatch):
+  calls = []
+  accuracy = {1e-4: 0.5, 3e-4: 0.6, 1e-3: 0.7, 3e-3: 0.8, 1e-2: 0.75}  # best past the grid's edge
+  monkeypatch.setattr(reproduce, "_train_one", _fake_training(calls, accuracy))
+  monkeypatch.setattr(reproduce, "_host", lambda: {})
+  result = reproduce.run_study(_study(reproduce, tmp_path, 3e-4), tmp_path / "runs", tmp_path)
+  assert calls[:2] == [("a", 3e-4), ("b", 3e-4)]  # every variant's centre before any other rate
+  assert [lr for v, lr in calls if v == "a"] == [3e-4, 1e-4, 1e-3, 3e-3, 1e-2]
+  assert result["variants"]["a"]["lr"] == 3e-3 and result["complete"]
+
+
+def test_a_grid_with_a_run_left_to_another_invocation_is_not_extended(
+  tmp_path, reproduce, monkeypatch
+):
+  calls = []
+  accuracy = {1e-4: 0.5, 3e-4: 0.6, 1e-3: 0.7, 3e-3: 0.8}
+  monkeypatch.setattr(reproduce, "_train_one", _fake_training(calls, accuracy, missing={1e-4}))
+  monkeypatch.setattr(reproduce, "_host", lambda: {})
+  reproduce.run_study(_study(reproduce, tmp_path, 3e-4), tmp_path / "runs", tmp_path)
+  assert [lr for v, lr in calls if v == "a"] == [3e-4, 1e-4, 1e-3]  # its edge is not known yet
