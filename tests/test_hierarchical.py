@@ -344,8 +344,9 @@ _SCRIPT = textwrap.dedent(
   import functools, sys
   import numpy as np
   nproc, pid, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+  gloo = sys.argv[5] == "gloo"  # else XLA:CPU's in-process collectives (one process only)
   import jax
-  if nproc > 1:
+  if gloo:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=nproc, process_id=pid)
   import jax.numpy as jnp
@@ -406,7 +407,7 @@ _SCRIPT = textwrap.dedent(
       for k, v in p.items():
         res[f"{kind}/params/{k}"] = np.asarray(v.addressable_data(0))
   np.savez(f"{out}/process_{pid}.npz", **res)
-  if nproc > 1:
+  if gloo:
     jax.distributed.shutdown()
   """
 )
@@ -418,7 +419,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _launch(script, nproc, out, port=0):
+def _launch(script, nproc, out, port=0, collectives="gloo"):
   out.mkdir()
   env = dict(os.environ)
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // nproc}"
@@ -428,7 +429,7 @@ def _launch(script, nproc, out, port=0):
   env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
   return [
     subprocess.Popen(
-      [sys.executable, str(script), str(nproc), str(i), str(port), str(out)],
+      [sys.executable, str(script), str(nproc), str(i), str(port), str(out), collectives],
       env=env,
       stdout=subprocess.PIPE,
       stderr=subprocess.PIPE,
@@ -460,47 +461,45 @@ def _load(out):
 
 
 @pytest.fixture(scope="module")
-def one_and_two_processes(tmp_path_factory):
-  """(results of 1 process × 8 devices, results of 2 processes × 4 devices), each a subprocess."""
+def process_runs(tmp_path_factory):
+  """Results of 2 processes × 4 devices (gloo across and within processes), of 1 process × 8
+  devices with the same gloo collectives, and of 1 process × 8 with XLA:CPU's in-process ones."""
   tmp = tmp_path_factory.mktemp("hierarchical_processes")
   script = tmp / "hier_run.py"
   script.write_text(_SCRIPT)
-  _wait(_launch(script, 1, tmp / "one"))
   _wait(_launch(script, 2, tmp / "two", port=_free_port()))
-  a, b = _load(tmp / "one"), _load(tmp / "two")
-  assert sorted(a) == sorted(b)
-  for kind in ("dyadic", "general"):
-    assert sum(k.startswith(f"{kind}/residual/") for k in a) == 3 * 8
-    assert sum(k.startswith(f"{kind}/params/") for k in a) == 3
-  return a, b
+  _wait(_launch(script, 1, tmp / "one", port=_free_port()))
+  _wait(_launch(script, 1, tmp / "in_process", collectives="in_process"))
+  runs = {name: _load(tmp / name) for name in ("two", "one", "in_process")}
+  for data in runs.values():
+    assert sorted(data) == sorted(runs["two"])
+    for kind in ("dyadic", "general"):
+      assert sum(k.startswith(f"{kind}/residual/") for k in data) == 3 * 8
+      assert sum(k.startswith(f"{kind}/params/") for k in data) == 3
+  return runs
 
 
-def test_two_processes_match_one_process_bit_for_bit(one_and_two_processes):
-  """With gradients whose sums over ici are exact in any order, a 2-process run (one process per
-  slice, gloo across processes) is bit-identical to a 1-process run."""
-  a, b = one_and_two_processes
-  keys = [k for k in a if k.startswith("dyadic/")]
-  for k in keys:
-    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+def test_two_processes_match_one_process_bit_for_bit(process_runs):
+  """One slice per process (gloo across processes) is bit-identical to one process holding both
+  slices, with the same collectives implementation (gloo on CPU, as NCCL on GPUs serves both
+  layouts): every residual row and the parameters, for general float gradients."""
+  two, one = process_runs["two"], process_runs["one"]
+  for k in two:
+    np.testing.assert_array_equal(two[k], one[k], err_msg=k)
   # The run moved the parameters and left non-zero residuals.
   conv0 = np.random.default_rng(0).normal(size=(3, 3, 2, 5)).astype(np.float32)
-  assert np.abs(a["dyadic/params/conv"] - conv0).max() > 0.05
-  assert np.abs(a["dyadic/residual/conv/7"]).max() > 0
+  for kind in ("dyadic", "general"):
+    assert np.abs(two[f"{kind}/params/conv"] - conv0).max() > 0.05
+    assert np.abs(two[f"{kind}/residual/conv/7"]).max() > 0
 
 
-def test_two_processes_match_one_process_general_gradients(one_and_two_processes):
-  """General gradients: equal to float32 rounding; bit-identity is expected to fail.
-
-  The reduce-scatter MEAN over ici sums floats: XLA:CPU's in-process collectives sum the four
-  chunks left to right ((g0 + g1) + g2) + g3, while with gloo (multi-process) the same
-  within-process reduce-scatter sums pairwise (g0 + g1) + (g2 + g3), so results differ in the
-  last bit. Bit-identity across process layouts would need an order-fixed reduction (e.g. an
-  all_to_all of the chunks and a local sum in ici order).
-  """
-  a, b = one_and_two_processes
-  keys = [k for k in a if k.startswith("general/")]
-  for k in keys:
-    np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
-  differ = [k for k in keys if not np.array_equal(a[k], b[k])]
-  if differ:
-    pytest.xfail(f"not bit-identical (float reduce-scatter order differs): {differ[:4]}")
+def test_in_process_collectives_differ_from_gloo_only_in_summation_order(process_runs):
+  """XLA:CPU's in-process reduce-scatter sums the four ici chunks left to right, gloo's
+  pairwise: bit-identical where every sum is exact in float32 (dyadic gradients), equal to
+  float32 rounding otherwise."""
+  two, in_process = process_runs["two"], process_runs["in_process"]
+  for k in two:
+    if k.startswith("dyadic/"):
+      np.testing.assert_array_equal(two[k], in_process[k], err_msg=k)
+    else:
+      np.testing.assert_allclose(two[k], in_process[k], rtol=1e-5, atol=1e-6, err_msg=k)
