@@ -564,7 +564,8 @@ def run_study(
   for variant in study.variants:
     record(variant, study.seeds)
     write(False)
-  write(True)
+  # Complete once no run of it is missing (e.g. left to another invocation sharing the queue).
+  write(not any("missing" in r for r in records.values()))
   return result
 
 

@@ -195,6 +195,11 @@ def _study_section(study: dict, fig_rel: str) -> list[str]:
     or next((v["dense_f32_bytes"] for v in variants.values() if v.get("dense_f32_bytes")), 0)
   )
   seeds = len(study["seeds"])
+  then = (
+    f"; seeds {study['seeds'][1:]} then use the best rate."
+    if seeds > 1
+    else "; one seed per optimizer: the best rate's tuning run is the reported run."
+  )
   out = [f"### {study['title']}", ""]
   if not _complete(study):
     done = sum(len(_ok_runs(v)) for v in study["variants"].values())
@@ -219,11 +224,11 @@ def _study_section(study: dict, fig_rel: str) -> list[str]:
       else f"Learning rate tuned per optimizer on seed 0 over a 3-point grid around the rate "
       f"the `{study['lr_around']}` study chose for it (1-3 ladder)"
       + (", extended while the best was at an edge" if study.get("extend_edges") else "")
-      + f"; seeds {study['seeds'][1:]} then use the best rate."
+      + then
       if study.get("lr_around")
       else f"Learning rate tuned per optimizer on seed 0 over {study['lr_grid']}"
       + (", extended while the best was at an edge" if study.get("extend_edges") else "")
-      + f"; seeds {study['seeds'][1:]} then use the best rate."
+      + then
     )
   )
   out.append("")

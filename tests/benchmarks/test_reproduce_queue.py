@@ -92,5 +92,6 @@ def test_a_grid_with_a_run_left_to_another_invocation_is_not_extended(
   accuracy = {1e-4: 0.5, 3e-4: 0.6, 1e-3: 0.7, 3e-3: 0.8}
   monkeypatch.setattr(reproduce, "_train_one", _fake_training(calls, accuracy, missing={1e-4}))
   monkeypatch.setattr(reproduce, "_host", lambda: {})
-  reproduce.run_study(_study(reproduce, tmp_path, 3e-4), tmp_path / "runs", tmp_path)
+  result = reproduce.run_study(_study(reproduce, tmp_path, 3e-4), tmp_path / "runs", tmp_path)
   assert [lr for v, lr in calls if v == "a"] == [3e-4, 1e-4, 1e-3]  # its edge is not known yet
+  assert not result["complete"]  # no verdict until the other invocation's run is in
