@@ -344,10 +344,14 @@ def _train_one(
   overrides = [*overrides, *(o for o in extra.split(",") if o)]
   done = workdir / "summary.json"
   failed = workdir / "diverged.json"
+
+  def finished():
+    return json.loads(done.read_text()) if done.exists() else {}
+
   if failed.exists():
     return json.loads(failed.read_text())
-  if done.exists() and json.loads(done.read_text()).get("finished"):
-    summary = json.loads(done.read_text())
+  if finished().get("finished"):
+    summary = finished()
   elif export_only:
     return {"variant": variant, "missing": "not trained (--export-only)", "test_accuracy": None}
   else:
@@ -361,9 +365,10 @@ def _train_one(
           "missing": "trained by another invocation",
           "test_accuracy": None,
         }
-      if done.exists() and json.loads(done.read_text()).get("finished"):  # finished meanwhile
-        summary = json.loads(done.read_text())
-      else:
+      if failed.exists():  # another invocation may have finished it meanwhile
+        return json.loads(failed.read_text())
+      summary = finished()
+      if not summary.get("finished"):
         (config,) = config_lib.resolve(str(ROOT / spec), overrides, [variant])
         checkpoints = workdir / "checkpoints"
         resume = checkpoints.is_dir() and any(checkpoints.iterdir())

@@ -16,6 +16,8 @@ Writes benchmarks/results/scale.json.
 from __future__ import annotations
 
 import argparse
+import json
+import pathlib
 import time
 
 import _common
@@ -102,9 +104,6 @@ def main():
   )
   args = parser.parse_args()
   if args.table:
-    import json
-    import pathlib
-
     print(table(json.loads(pathlib.Path(args.out).read_text())))
     return
   _common.force_devices(args.workers)
