@@ -15,6 +15,7 @@ Examples:
 from compams_jax import compressors, predictors, sharding, transforms, wire
 from compams_jax._src.workers import PerWorker
 from compams_jax.compressors import Compressor
+from compams_jax.devices import simulate_cpu_devices
 from compams_jax.optimizers import comp_ams, compressed_momentum_sgd, onebit_adam, qadam
 from compams_jax.step import DataParallelStep, data_parallel_step
 from compams_jax.transforms import (
@@ -73,6 +74,7 @@ __all__ = [
   "qadam",
   "scale_by_onebit_adam",
   "sharding",
+  "simulate_cpu_devices",
   "skip_nonfinite",
   "staged",
   "transforms",
