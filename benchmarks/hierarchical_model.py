@@ -77,8 +77,9 @@ import numpy as np  # noqa: E402
 
 import compams_jax as cj  # noqa: E402
 from compams_jax._src import bucket  # noqa: E402
-from compams_jax._src.feedback import RowCodec, TreeCodec, compress_with_feedback  # noqa: E402
-from compams_jax._src.tree import decode_sum_tree, flatten_tree, unflatten_tree  # noqa: E402
+from compams_jax._src.feedback import TreeCodec, compress_with_feedback  # noqa: E402
+from compams_jax._src.tree import decode_sum_tree  # noqa: E402
+from compams_jax.transforms import _two_phase as two_phase  # noqa: E402
 
 SYSTEMS = {
   "tpu_v5p": {
@@ -277,41 +278,36 @@ def codec_gather(comp, chunks, ns, repeats):
 
 def codec_two_phase(comp, chunks, ns, repeats):
   """Seconds per chip of `cj.wire.two_phase`'s compute on the chunk, per n (collectives
-  replaced by copies): row-wise error feedback + encode, decode_sum of n received sub-chunk
-  payloads, server error feedback + encode, decode of n gathered sub-chunk payloads."""
+  replaced by copies): row-wise error feedback + encode, the server step on n received
+  sub-chunk payloads, decode of n gathered sub-chunk payloads. Each phase is the library's
+  own code (`compams_jax.transforms._two_phase`)."""
   if comp.needs_key:
     raise SystemExit(f"codec timing supports key-free compressors only, not {comp!r}")
   comp = comp.batched()
-  rows = RowCodec(comp)
   value, residual = _random_tree(chunks, 1), _random_tree(chunks, 2)
   size = sum(x.size for x in jax.tree.leaves(chunks))
   out = {}
   for n in ns:
-    c = cj.wire.chunk_size(size, n)
-    like = jax.ShapeDtypeStruct((c,), jnp.float32)
-    row_payload = jax.eval_shape(lambda x: comp.encode(x, None), like)
+    c = two_phase.chunk_size(size, n)
+    chunk = jax.ShapeDtypeStruct((c,), jnp.float32)
+    row_payload = jax.eval_shape(lambda x: comp.encode(x, None), chunk)
+    codec = two_phase.ChunkCodec(comp, n)
 
     @jax.jit
-    def phase1(v, r, n=n, c=c):
-      corrected = jax.tree.map(lambda a, b: a + b, v, r)
-      flat = flatten_tree(corrected)
-      res = compress_with_feedback(rows, jnp.pad(flat, (0, n * c - size)).reshape(n, c), None, None)
-      return bucket.pack(res.payload, lead=1), unflatten_tree(
-        res.residual.reshape(-1)[:size], corrected
-      )
+    def phase1(v, r, codec=codec):
+      res = compress_with_feedback(codec, v, r, None)
+      return bucket.pack(res.payload, lead=1), res.residual
 
     @jax.jit
-    def phase2(received, s, n=n, like=like, row_payload=row_payload):
+    def phase2(received, s, n=n, chunk=chunk, row_payload=row_payload):
       got = bucket.unpack(received, row_payload, lead=(n,))
-      avg = (comp.decode_sum(got, like, None) / n).astype(like.dtype)
-      server = compress_with_feedback(comp, avg, s, None)
-      return bucket.pack(server.payload), server.residual
+      payload, s = two_phase.reduce_chunk(comp, got, chunk, s, key=None, me=0, n=n)
+      return bucket.pack(payload), s
 
     @jax.jit
-    def finish(gathered, n=n, like=like, row_payload=row_payload):
+    def finish(gathered, n=n, chunk=chunk, row_payload=row_payload):
       got = bucket.unpack(gathered, row_payload, lead=(n,))
-      decoded = jax.vmap(lambda p: comp.decode(p, like, None))(got)
-      return unflatten_tree(decoded.reshape(-1)[:size], chunks)
+      return two_phase.decode_chunks(comp, got, chunk, chunks, key=None, n=n)
 
     sent, _ = phase1(value, residual)  # (n, bytes): this worker's n rows stand for the n received
     server_res = jnp.asarray(np.random.default_rng(3).standard_normal(c).astype(np.float32))

@@ -95,7 +95,7 @@ def main(argv=None):
   epochs = -(-args.steps // per_epoch)
   coords = np.sort(np.random.default_rng(0).choice(setup.dim, args.coords, replace=False))
   tx = cj.compressed_momentum_sgd(
-    args.lr, cj.compressors.identity(), momentum=BETA, error_feedback=False, axis_name=AXIS
+    args.lr, cj.compressors.identity(), momentum=BETA, feedback="none", axis_name=AXIS
   )
   t0 = time.time()
   rec = train_run(

@@ -131,7 +131,7 @@ def _distortion(outs, xs):
 
 def _predictive(compressor, predictor, ef, axis_name="data"):
   return cj.predictive_compression(
-    compressor, predictor=predictor, error_feedback=ef, axis_name=axis_name
+    compressor, predictor=predictor, feedback="ef" if ef else "none", axis_name=axis_name
   )
 
 
@@ -463,7 +463,7 @@ RANDOMIZED_CASES = [
 _BUG_EF_FIXED = pytest.mark.xfail(
   strict=True,
   reason=(
-    "KNOWN LIMITATION (documented in cj.predictive_compression, which warns): predictive_compression(error_feedback=True) with fixed rho = 0.9 is unstable: the "
+    "KNOWN LIMITATION (documented in cj.predictive_compression, which warns): predictive_compression(feedback='ef') with fixed rho = 0.9 is unstable: the "
     "sender's compression error is fed back twice (the closed-loop prediction rho*x_hat already "
     "carries -rho*e, the residual adds +e), so e_t = (I-C)[(x_t - rho x_{t-1}) + (1+rho) e_{t-1}"
     " - rho e_{t-2}] and an unsent coordinate grows by up to 1/(1-rho) per echo; the residual "
@@ -613,7 +613,7 @@ SGD_COMPRESSORS = {
     if pr != "fixed" or c in ("top_k(0.1)", "block_sign")
   ],
 )
-@pytest.mark.filterwarnings("ignore:predictive_compression with error_feedback")
+@pytest.mark.filterwarnings("ignore:predictive_compression with feedback")
 def test_compressed_momentum_sgd_converges(cname, ef, predictive, mesh):
   n = mesh.devices.size
   x, y, _, w_opt = _lsq_problem(n)
@@ -623,7 +623,7 @@ def test_compressed_momentum_sgd_converges(cname, ef, predictive, mesh):
     SGD_COMPRESSORS[cname](),
     momentum=BETA,
     predictive=pred,
-    error_feedback=ef,
+    feedback="ef" if ef else "none",
     axis_name="data",
   )
   w = _train_lsq(tx, mesh)

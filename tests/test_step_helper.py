@@ -82,11 +82,11 @@ def test_vmap_and_pmap_match_shard_map_for_every_compressor(name, kwargs, wire, 
 OPTIMIZERS = {
   "compressed_momentum_sgd": lambda c: cj.compressed_momentum_sgd(0.05, c, axis_name="data"),
   "momentum_sgd_plain": lambda c: cj.compressed_momentum_sgd(
-    0.05, c, predictive=False, error_feedback=False, axis_name="data"
+    0.05, c, predictive=False, feedback="none", axis_name="data"
   ),
   "predictive_fixed": lambda c: optax.chain(
     cj.predictive_compression(
-      c, predictor=cj.predictors.fixed(0.5), error_feedback=False, axis_name="data"
+      c, predictor=cj.predictors.fixed(0.5), feedback="none", axis_name="data"
     ),
     optax.sgd(0.05),
   ),

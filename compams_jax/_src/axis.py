@@ -23,7 +23,7 @@ class UnboundAxisError(ValueError):
       reduced densely first).
   """
 
-  def __init__(self, axis_name: str, role: str):
+  def __init__(self, axis_name: str, role: str, detail: str = ""):
     self.axis_name = axis_name
     self.role = role
     flag = "axis_name" if role == "workers" else "dense_axis_name"
@@ -32,6 +32,7 @@ class UnboundAxisError(ValueError):
       f"jax.shard_map over a mesh with an axis named {axis_name!r}, inside "
       f"jax.pmap(..., axis_name={axis_name!r}) or jax.vmap(..., axis_name={axis_name!r}); "
       f"initialise per-worker state with cj.sharding.init; use {flag}=None for a single worker."
+      + (f" {detail}" if detail else "")
     )
 
 

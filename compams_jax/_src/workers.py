@@ -22,6 +22,9 @@ class PerWorker:
   The marker also declares what the state allows, so that code reading a state never needs a
   table of state types (static fields, not leaves):
 
+  Inside an update built with `local_update`, a transform sees `value` parameter-shaped (this
+  worker's arrays, `local=True`); the worker axis is dropped and restored in that one place.
+
   Attributes:
     value: the per-worker arrays (a pytree), each with the leading worker axis.
     what: a short description, named in error messages.
@@ -37,6 +40,7 @@ class PerWorker:
   what: str = dataclasses.field(default="per-worker state", metadata={"static": True})
   sum_invariant: bool = dataclasses.field(default=False, metadata={"static": True})
   params_like: bool = dataclasses.field(default=True, metadata={"static": True})
+  local: bool = dataclasses.field(default=False, metadata={"static": True})
 
   def replace(self, value: Any) -> PerWorker:
     """The same marker around other arrays."""
@@ -50,15 +54,56 @@ def per_worker_zeros(tree: Any, dtype: Any = None, **marker: Any) -> PerWorker:
   )
 
 
-def local(state: PerWorker) -> Any:
-  """This worker's arrays of a `PerWorker` (the leading axis of size 1 dropped)."""
-  return jax.tree.map(lambda x: x[0], state.value)
-
-
-def to_per_worker(tree: Any, like: PerWorker) -> PerWorker:
-  """Wraps this worker's arrays in `like`'s marker, adding the leading worker axis of size 1."""
-  return like.replace(jax.tree.map(lambda x: x[None], tree))
-
-
 def is_per_worker(x: Any) -> bool:
   return isinstance(x, PerWorker)
+
+
+def _strip(node: Any) -> Any:
+  if not is_per_worker(node) or node.local:
+    return node
+  value = jax.tree.map(lambda x: x[0], node.value)
+  return dataclasses.replace(node, value=value, local=True)
+
+
+def _restore(node: Any) -> Any:
+  if not is_per_worker(node) or not node.local:
+    return node
+  value = jax.tree.map(lambda x: x[None], node.value)
+  return dataclasses.replace(node, value=value, local=False)
+
+
+def local_update(update_fn):
+  """`update_fn` seeing every `PerWorker` of its state parameter-shaped (this worker's arrays).
+
+  The one place where the leading worker axis of size 1 (the local view inside the mapped
+  function) is dropped before a transform's update and restored after it.
+  """
+
+  def wrapped(updates, state, params=None):
+    local = jax.tree.map(_strip, state, is_leaf=is_per_worker)
+    out, new_state = update_fn(updates, local, params)
+    return out, jax.tree.map(_restore, new_state, is_leaf=is_per_worker)
+
+  return wrapped
+
+
+def worker_state(state: Any, i: int) -> Any:
+  """Worker i's view of a state: every `PerWorker` value without the leading worker axis.
+
+  On the global state (`cj.sharding.init`, `cj.data_parallel_step`) row i belongs to worker i;
+  on `tx.init(params)` there is one worker, i = 0.
+
+  Examples:
+    >>> import jax.numpy as jnp, compams_jax as cj
+    >>> tx = cj.error_feedback(cj.compressors.top_k(0.5))
+    >>> state = tx.init({"w": jnp.zeros(4)})
+    >>> cj.sharding.worker_state(state, 0).residual.value["w"].shape
+    (4,)
+  """
+  return jax.tree.map(
+    lambda node: (
+      node.replace(jax.tree.map(lambda x: x[i], node.value)) if is_per_worker(node) else node
+    ),
+    state,
+    is_leaf=is_per_worker,
+  )

@@ -118,7 +118,7 @@ def build_optimizer(
       dense_axis_name=dense_axis_name,
       b1=opt.get("b1", 0.9),
       b2=opt.get("b2", 0.999),
-      eps=opt.get("eps", 1e-8),
+      eps_root=opt.get("eps", 1e-8),
     )
   compressor = cj.compressors.get(
     opt.get("compressor", "identity"), **dict(opt.get("compressor_kwargs", {}) or {})
@@ -151,7 +151,7 @@ def build_optimizer(
       **where,
       b1=opt.get("b1", 0.9),
       b2=opt.get("b2", 0.999),
-      eps=opt.get("eps", 1e-8),
+      eps_root=opt.get("eps", 1e-8),
       seed=seed,
       predictor=_predictor(opt),
       feedback=str(opt.get("feedback", "ef")),
@@ -164,7 +164,7 @@ def build_optimizer(
     compressor,
     momentum=float(opt.get("momentum", 0.9)),
     predictive=predictor if predictor is not None else False,
-    error_feedback=bool(opt.get("error_feedback", True)),
+    feedback="ef" if bool(opt.get("error_feedback", True)) else "none",
     **where,
     seed=seed,
   )

@@ -5,7 +5,9 @@ from __future__ import annotations
 import optax
 
 from compams_jax.compressors import Compressor, qsgd
-from compams_jax.transforms import error_feedback, scale_by_onebit_adam, worker_adam
+from compams_jax.optimizers._communicate import communicate
+from compams_jax.transforms import scale_by_onebit_adam, worker_adam
+from compams_jax.wire import Wire
 
 
 def onebit_adam(
@@ -17,6 +19,8 @@ def onebit_adam(
   b2: float = 0.999,
   eps: float = 1e-8,
   axis_name: str | None = None,
+  dense_axis_name: str | None = None,
+  wire: Wire | None = None,
   seed: int = 0,
 ) -> optax.GradientTransformation:
   """1-bit Adam (Tang et al., 2021): full-precision warm-up, then frozen variance and 1-bit momentum.
@@ -33,6 +37,8 @@ def onebit_adam(
     b2: β2, the second-moment decay.
     eps: ε, added outside the square root.
     axis_name: the mapped axis indexing workers, or None for one worker.
+    dense_axis_name: a fast axis averaged densely first (hierarchical meshes).
+    wire: the wire strategy of the compressed phase (default `cj.wire.gather()`).
     seed: seeds randomized compressors.
 
   Returns:
@@ -62,6 +68,8 @@ def onebit_adam(
       b2=b2,
       eps=eps,
       axis_name=axis_name,
+      dense_axis_name=dense_axis_name,
+      wire=wire,
       seed=seed,
     ),
     optax.scale_by_learning_rate(learning_rate),
@@ -76,6 +84,9 @@ def qadam(
   b2: float = 0.999,
   eps: float = 1e-8,
   axis_name: str | None = None,
+  dense_axis_name: str | None = None,
+  wire: Wire | None = None,
+  feedback: str = "ef",
   seed: int = 0,
 ) -> optax.GradientTransformation:
   """QAdam (Chen et al., 2021): workers run Adam locally and send the compressed update.
@@ -83,7 +94,9 @@ def qadam(
   Worker i keeps its own moments m_i, v_i from its own gradients, forms δ_i = m_i/(sqrt(v_i)+ε),
   compresses δ_i + e_i with error feedback, and all workers step with the average:
   θ ← θ − η (1/n) Σ_i C(δ_i + e_i). It is `optax.chain(cj.worker_adam(b1=b1, b2=b2, eps=eps, axis_name=axis_name),
-  cj.error_feedback(compressor), optax.scale_by_learning_rate(η))`.
+  cj.error_feedback(compressor, axis_name=axis_name), optax.scale_by_learning_rate(η))`.
+  With `dense_axis_name`, every device runs its own local Adam and the local updates are
+  averaged densely over the fast axis before compression.
 
   Args:
     learning_rate: η, a float or a schedule.
@@ -92,6 +105,9 @@ def qadam(
     b2: β2, the second-moment decay.
     eps: ε, added outside the square root.
     axis_name: the mapped axis indexing workers, or None for one worker.
+    dense_axis_name: a fast axis averaged densely before compression (hierarchical meshes).
+    wire: the wire strategy (default `cj.wire.gather()`).
+    feedback: "ef" (default, the paper's error feedback), "ef21" or "none" (see `cj.comp_ams`).
     seed: seeds randomized compressors.
 
   Returns:
@@ -106,7 +122,14 @@ def qadam(
   """
   compressor = qsgd(127) if compressor is None else compressor
   return optax.chain(
-    worker_adam(b1=b1, b2=b2, eps=eps),
-    error_feedback(compressor, axis_name=axis_name, seed=seed),
+    worker_adam(b1=b1, b2=b2, eps=eps, axis_name=axis_name),
+    communicate(
+      compressor,
+      feedback=feedback,
+      axis_name=axis_name,
+      dense_axis_name=dense_axis_name,
+      wire=wire,
+      seed=seed,
+    ),
     optax.scale_by_learning_rate(learning_rate),
   )

@@ -8,17 +8,10 @@ from collections.abc import Sequence
 import optax
 
 from compams_jax.compressors import Compressor
-from compams_jax.predictors import Predictor, fixed
-from compams_jax.transforms import (
-  compressed_mean,
-  dense_warmup,
-  error_feedback,
-  predictive_compression,
-  staged,
-)
+from compams_jax.optimizers._communicate import check_feedback, communicate
+from compams_jax.predictors import Predictor
+from compams_jax.transforms import dense_warmup, staged
 from compams_jax.wire import Wire
-
-FEEDBACKS = ("ef", "ef21", "none")
 
 
 def comp_ams(
@@ -30,7 +23,7 @@ def comp_ams(
   wire: Wire | None = None,
   b1: float = 0.9,
   b2: float = 0.999,
-  eps: float = 1e-8,
+  eps_root: float = 1e-8,
   seed: int = 0,
   predictor: Predictor | None = None,
   feedback: str = "ef",
@@ -46,7 +39,7 @@ def comp_ams(
       θ ← θ − η m / sqrt(v̂ + ε)          # ε inside the root, no bias correction
 
   It is `optax.chain(error_feedback(compressor, axis_name=...), optax.scale_by_amsgrad(b1, b2,
-  eps=0, eps_root=eps, bias_correction_mu=False, bias_correction_nu=False),
+  eps=0, eps_root=eps_root, bias_correction_mu=False, bias_correction_nu=False),
   optax.scale_by_learning_rate(learning_rate))`.
 
   Args:
@@ -57,11 +50,11 @@ def comp_ams(
       `jax.vmap` axis_name), or None for one worker.
     b1: β1, the first-moment decay.
     b2: β2, the second-moment decay.
-    eps: ε, added to v̂ inside the square root.
+    eps_root: ε, added to v̂ inside the square root (the paper's ε; optax's `eps_root`).
     seed: seeds the PRNG keys of randomized compressors.
     predictor: if given (e.g. `cj.predictors.least_squares()`), workers compress the innovation
       of their error-corrected gradient against this prediction
-      (`cj.predictive_compression(..., error_feedback=True)`) instead of the gradient itself.
+      (`cj.predictive_compression(..., feedback="ef")`) instead of the gradient itself.
       It helps when consecutive gradients are correlated (large batches, small learning rates,
       smooth losses); on noise-dominated gradients the least-squares ρ falls to ≈ 0 and it
       costs only two scalars per leaf. A fixed ρ on uncorrelated gradients makes things worse.
@@ -98,39 +91,28 @@ def comp_ams(
     Faster Error Feedback", NeurIPS 2021.
   """
   where = dict(axis_name=axis_name, dense_axis_name=dense_axis_name, wire=wire, seed=seed)
-  if feedback not in FEEDBACKS:
-    raise ValueError(f"feedback must be one of {FEEDBACKS}, got {feedback!r}.")
-  if predictor is not None and feedback != "ef":
-    raise ValueError("comp_ams(predictor=...) goes with feedback='ef' (the residual it keeps).")
+  check_feedback(feedback, predictor)
 
   def communicate_with(c):
-    if feedback == "ef21":
-      # EF21: the worker sends C(g − ĝ) and keeps the estimate ĝ ← ĝ + C(g − ĝ) that
-      # receivers share: predictive coding with ρ = 1 and no residual.
-      return predictive_compression(c, predictor=fixed(1.0), error_feedback=False, **where)
-    if feedback == "none":
-      return compressed_mean(c, **where)
-    if predictor is None:
-      return error_feedback(c, **where)
-    return predictive_compression(c, predictor=predictor, error_feedback=True, **where)
+    return communicate(c, feedback=feedback, predictor=predictor, **where)
 
-  communicate = communicate_with(compressor)
+  averaging = communicate_with(compressor)
   if compressor_stages:
     steps = [int(n) for n, _ in compressor_stages]
     if any(n <= 0 for n in steps):
       raise ValueError(f"compressor_stages steps must be positive, got {steps}.")
-    communicate = staged(
-      [communicate_with(c) for _, c in compressor_stages] + [communicate],
+    averaging = staged(
+      [communicate_with(c) for _, c in compressor_stages] + [averaging],
       list(itertools.accumulate(steps)),
     )
   if not (isinstance(dense_warmup_steps, int) and dense_warmup_steps == 0):  # may be traced
-    communicate = dense_warmup(
-      communicate, dense_warmup_steps, axis_name=axis_name, dense_axis_name=dense_axis_name
+    averaging = dense_warmup(
+      averaging, dense_warmup_steps, axis_name=axis_name, dense_axis_name=dense_axis_name
     )
   return optax.chain(
-    communicate,
+    averaging,
     optax.scale_by_amsgrad(
-      b1=b1, b2=b2, eps=0.0, eps_root=eps, bias_correction_mu=False, bias_correction_nu=False
+      b1=b1, b2=b2, eps=0.0, eps_root=eps_root, bias_correction_mu=False, bias_correction_nu=False
     ),
     optax.scale_by_learning_rate(learning_rate),
   )

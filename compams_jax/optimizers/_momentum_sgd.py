@@ -5,9 +5,9 @@ from __future__ import annotations
 import optax
 
 from compams_jax.compressors import Compressor
+from compams_jax.optimizers._communicate import communicate
 from compams_jax.predictors import Predictor, least_squares
-from compams_jax.transforms import compressed_mean, predictive_compression, worker_momentum
-from compams_jax.transforms import error_feedback as error_feedback_transform
+from compams_jax.transforms import worker_momentum
 from compams_jax.wire import Wire
 
 
@@ -17,7 +17,7 @@ def compressed_momentum_sgd(
   *,
   momentum: float = 0.9,
   predictive: bool | Predictor = True,
-  error_feedback: bool = True,
+  feedback: str = "ef",
   axis_name: str | None = None,
   dense_axis_name: str | None = None,
   wire: Wire | None = None,
@@ -40,7 +40,8 @@ def compressed_momentum_sgd(
     momentum: β.
     predictive: True for predictive coding with the least-squares predictor, a `cj.predictors`
       predictor, or False to compress the momentum itself.
-    error_feedback: keep worker-side residuals.
+    feedback: "ef" (default) keeps worker-side residuals (error feedback), "none" keeps none,
+      "ef21" sends C(m − m̂) against the shared estimate m̂ (needs `predictive=False`).
     axis_name: the mapped axis indexing workers, or None for one worker.
     dense_axis_name: a fast axis averaged densely before compression (see `cj.error_feedback`).
     wire: the wire strategy (default `cj.wire.gather()`; predictive coding needs it).
@@ -74,16 +75,8 @@ def compressed_momentum_sgd(
   else:
     raise TypeError(f"predictive must be a bool or a cj.predictors predictor, got {predictive!r}.")
   where = dict(axis_name=axis_name, dense_axis_name=dense_axis_name, wire=wire, seed=seed)
-  if predictor is not None:
-    communicate = predictive_compression(
-      compressor, predictor=predictor, error_feedback=error_feedback, **where
-    )
-  elif error_feedback:
-    communicate = error_feedback_transform(compressor, **where)
-  else:
-    communicate = compressed_mean(compressor, **where)
   return optax.chain(
     worker_momentum(momentum, axis_name=axis_name),
-    communicate,
+    communicate(compressor, feedback=feedback, predictor=predictor, **where),
     optax.scale_by_learning_rate(learning_rate),
   )

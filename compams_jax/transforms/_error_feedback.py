@@ -10,6 +10,7 @@ import optax
 
 from compams_jax._src.axis import AxisName
 from compams_jax._src.base import Compressor
+from compams_jax._src.feedback import compress_with_feedback
 from compams_jax._src.keys import step_key
 from compams_jax._src.tree import check_tree
 from compams_jax._src.validate import (
@@ -20,7 +21,8 @@ from compams_jax._src.validate import (
   check_updates,
   warn_if_not_contractive,
 )
-from compams_jax._src.workers import PerWorker, local, per_worker_zeros, to_per_worker
+from compams_jax._src.workers import PerWorker, local_update, per_worker_zeros
+from compams_jax.transforms import _average
 from compams_jax.wire import Wire, check_wire, chunks_like, gather, gather_chunks, scatter_mean
 
 
@@ -110,7 +112,7 @@ def error_feedback(
     >>> updates, state = tx.update({"w": jnp.array([0.1, -0.4, 0.3, 0.2])}, state, params)
     >>> updates["w"]
     Array([-0.  ,  0.04, -0.03, -0.  ], dtype=float32)
-    >>> state[0].residual.value["w"][0]
+    >>> cj.sharding.worker_state(state, 0)[0].residual.value["w"]   # worker 0's residual
     Array([0.1, 0. , 0. , 0.2], dtype=float32)
 
   References:
@@ -131,22 +133,27 @@ def error_feedback(
     return ErrorFeedbackState(
       residual=residual,
       count=jnp.zeros([], jnp.int32),
-      wire_state=wire.init(compressor, value, axis_name),
+      wire_state=_average.init(wire, value, axis_name),
     )
 
+  @local_update
   def update_fn(updates, state, params=None):
     del params
-    check_per_worker(updates, state.residual.value, (axis_name, dense_axis_name), "error_feedback")
-    residual = local(state.residual)
-    value = scatter_mean(updates, dense_axis_name)
+    residual = state.residual.value
+    check_per_worker(updates, residual, (axis_name, dense_axis_name), "error_feedback")
+    value = scatter_mean(updates, dense_axis_name)  # hierarchical: this device's chunk
     check_updates(value, residual, "error_feedback")
+    if not jax.tree.leaves(value):
+      return updates, state._replace(count=optax.safe_increment(state.count))
     key = step_key(compressor, seed, state.count, axis_name, dense_axis_name)
-    mean, new_residual, wire_state = wire.step(
-      compressor, value, residual, state.wire_state, key=key, axis_name=axis_name
+    codec = _average.codec(wire, compressor, axis_name)
+    # Send C(g + e) and keep e ← g + e − C(g + e), then average what the workers sent.
+    out = compress_with_feedback(codec, value, residual, key)
+    mean, wire_state = _average.mean(
+      wire, codec, out, value, state.wire_state, key=key, axis_name=axis_name, corrected=residual
     )
-    mean = gather_chunks(mean, updates, dense_axis_name)
-    return mean, ErrorFeedbackState(
-      residual=to_per_worker(new_residual, state.residual),
+    return gather_chunks(mean, updates, dense_axis_name), ErrorFeedbackState(
+      residual=state.residual.replace(out.residual),
       count=optax.safe_increment(state.count),
       wire_state=wire_state,
     )
@@ -191,17 +198,22 @@ def compressed_mean(
     check_tree(params)
     value = chunks_like(params, dense_axis_name)
     return CompressedMeanState(
-      count=jnp.zeros([], jnp.int32), wire_state=wire.init(compressor, value, axis_name)
+      count=jnp.zeros([], jnp.int32), wire_state=_average.init(wire, value, axis_name)
     )
 
+  @local_update
   def update_fn(updates, state, params=None):
     del params
     check_tree(updates)
     check_per_worker(updates, None, (axis_name, dense_axis_name), "compressed_mean")
     value = scatter_mean(updates, dense_axis_name)
+    if not jax.tree.leaves(value):
+      return updates, state._replace(count=optax.safe_increment(state.count))
     key = step_key(compressor, seed, state.count, axis_name, dense_axis_name)
-    mean, _, wire_state = wire.step(
-      compressor, value, None, state.wire_state, key=key, axis_name=axis_name
+    codec = _average.codec(wire, compressor, axis_name)
+    out = compress_with_feedback(codec, value, None, key)  # send C(g), keep nothing
+    mean, wire_state = _average.mean(
+      wire, codec, out, value, state.wire_state, key=key, axis_name=axis_name
     )
     mean = gather_chunks(mean, updates, dense_axis_name)
     return mean, CompressedMeanState(count=optax.safe_increment(state.count), wire_state=wire_state)

@@ -9,7 +9,7 @@ import optax
 
 from compams_jax._src.tree import check_tree
 from compams_jax._src.validate import check_axis_name, check_per_worker, check_updates
-from compams_jax._src.workers import PerWorker, local, per_worker_zeros, to_per_worker
+from compams_jax._src.workers import PerWorker, local_update, per_worker_zeros
 
 
 class WorkerMomentumState(NamedTuple):
@@ -54,13 +54,14 @@ def worker_momentum(
     check_tree(params)
     return WorkerMomentumState(momentum=per_worker_zeros(params, what="per-worker momentum"))
 
+  @local_update
   def update_fn(updates, state, params=None):
     del params
-    previous = local(state.momentum)
+    previous = state.momentum.value
     check_updates(updates, previous, "worker_momentum")
     check_per_worker(updates, state.momentum.value, (axis_name,), "worker_momentum")
     m = jax.tree.map(lambda g, m: (decay * m + g).astype(m.dtype), updates, previous)
     out = jax.tree.map(lambda g, m: g + decay * m, updates, m) if nesterov else m
-    return out, WorkerMomentumState(momentum=to_per_worker(m, state.momentum))
+    return out, WorkerMomentumState(momentum=state.momentum.replace(m))
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from compams_jax._src.base import Compressor
-from compams_jax._src.feedback import TreeCodec, compress_with_feedback
+from compams_jax._src.feedback import compress_with_feedback
 from compams_jax._src.keys import step_key
 from compams_jax._src.tree import check_tree, encode_tree
 from compams_jax._src.validate import (
@@ -19,9 +19,19 @@ from compams_jax._src.validate import (
   check_seed,
   check_updates,
 )
-from compams_jax._src.workers import PerWorker, local, per_worker_zeros, to_per_worker
+from compams_jax._src.workers import PerWorker, local_update, per_worker_zeros
 from compams_jax.compressors import identity, scaled_sign
-from compams_jax.wire import gather_average
+from compams_jax.transforms import _average
+from compams_jax.wire import (
+  Wire,
+  check_wire,
+  chunks_like,
+  gather,
+  gather_average,
+  gather_chunks,
+  own_chunks,
+  scatter_mean,
+)
 
 
 class OneBitAdamState(NamedTuple):
@@ -31,13 +41,16 @@ class OneBitAdamState(NamedTuple):
     count: steps taken (replicated).
     mu: the averaged first moment m (replicated).
     nu: the second moment v, frozen after warm-up (replicated).
-    residual: each worker's error-feedback residual of its momentum (per worker).
+    residual: each worker's error-feedback residual of its momentum (per worker; on a
+      hierarchical mesh, of the device's chunk).
+    wire_state: the averaging's own state (the two-phase server residuals), or None.
   """
 
   count: jax.Array
   mu: Any
   nu: Any
   residual: PerWorker
+  wire_state: PerWorker | None = None
 
 
 def scale_by_onebit_adam(
@@ -48,6 +61,8 @@ def scale_by_onebit_adam(
   b2: float = 0.999,
   eps: float = 1e-8,
   axis_name: str | None = None,
+  dense_axis_name: str | None = None,
+  wire: Wire | None = None,
   seed: int = 0,
 ) -> optax.GradientTransformation:
   """1-bit Adam's direction m / (sqrt(v) + ε), with the momentum averaged compressed.
@@ -72,6 +87,10 @@ def scale_by_onebit_adam(
     b2: β2, the second-moment decay.
     eps: ε, added outside the square root.
     axis_name: the mapped axis indexing workers, or None for one worker.
+    dense_axis_name: a fast axis averaged densely first (hierarchical meshes, see
+      `cj.error_feedback`): each device compresses the momentum of the chunk it owns.
+    wire: the wire strategy of the compressed phase (default `cj.wire.gather()`;
+      `cj.wire.two_phase()` is 1-bit Adam's own compressed all-reduce).
     seed: seeds randomized compressors.
 
   Returns:
@@ -83,41 +102,75 @@ def scale_by_onebit_adam(
   """
   compressor = scaled_sign() if compressor is None else check_compressor(compressor)
   check_axis_name(axis_name)
+  check_axis_name(dense_axis_name, "dense_axis_name")
   check_seed(seed)
+  wire = gather() if wire is None else check_wire(wire)
   if isinstance(warmup_steps, bool) or (
     isinstance(warmup_steps, (int, float))
     and (warmup_steps != int(warmup_steps) or warmup_steps < 0)
   ):
     raise ValueError(f"warmup_steps must be a non-negative int, got {warmup_steps!r}.")
   dense = identity()  # The warm-up's full-precision average: one psum of the gradients.
+  marker = dict(sum_invariant=True) if dense_axis_name is None else dict(params_like=False)
 
   def init_fn(params):
     check_tree(params)
     zeros = jax.tree.map(jnp.zeros_like, params)
-    residual = per_worker_zeros(params, what="1-bit Adam momentum residuals", sum_invariant=True)
-    return OneBitAdamState(count=jnp.zeros([], jnp.int32), mu=zeros, nu=zeros, residual=residual)
+    value = chunks_like(params, dense_axis_name)
+    residual = per_worker_zeros(value, what="1-bit Adam momentum residuals", **marker)
+    return OneBitAdamState(
+      count=jnp.zeros([], jnp.int32),
+      mu=zeros,
+      nu=zeros,
+      residual=residual,
+      wire_state=_average.init(wire, value, axis_name),
+    )
 
   def warmup(updates, state):
-    gbar = gather_average(dense, encode_tree(dense, updates), updates, axis_name=axis_name)
+    value = scatter_mean(updates, dense_axis_name)
+    gbar = gather_average(dense, encode_tree(dense, value), value, axis_name=axis_name)
+    gbar = gather_chunks(gbar, updates, dense_axis_name)
     mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, gbar)
     nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, state.nu, gbar)
-    return mu, nu, state.residual
+    return mu, nu, state.residual, state.wire_state
 
   def compressed(updates, state):
-    key = step_key(compressor, seed, state.count, axis_name)
-    momentum = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, updates)
-    out = compress_with_feedback(TreeCodec(compressor), momentum, local(state.residual), key)
-    mu = gather_average(compressor, out.payload, updates, axis_name=axis_name, key=key)
-    return mu, state.nu, to_per_worker(out.residual, state.residual)
+    key = step_key(compressor, seed, state.count, axis_name, dense_axis_name)
+    value = scatter_mean(updates, dense_axis_name)
+    mu = own_chunks(state.mu, dense_axis_name)
+    momentum = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, mu, value)
+    codec = _average.codec(wire, compressor, axis_name)
+    # Send C(m_i + e_i), keep e_i ← m_i + e_i − C(m_i + e_i); every worker takes the average.
+    out = compress_with_feedback(codec, momentum, state.residual.value, key)
+    mu, wire_state = _average.mean(
+      wire,
+      codec,
+      out,
+      value,
+      state.wire_state,
+      key=key,
+      axis_name=axis_name,
+      corrected=state.residual.value,
+    )
+    mu = gather_chunks(mu, updates, dense_axis_name)
+    return mu, state.nu, state.residual.replace(out.residual), wire_state
 
+  @local_update
   def update_fn(updates, state, params=None):
     del params
     check_updates(updates, state.mu, "scale_by_onebit_adam")
-    check_per_worker(updates, state.residual.value, (axis_name,), "scale_by_onebit_adam")
-    mu, nu, residual = jax.lax.cond(state.count < warmup_steps, warmup, compressed, updates, state)
+    where = (axis_name, dense_axis_name)
+    check_per_worker(updates, state.residual.value, where, "scale_by_onebit_adam")
+    mu, nu, residual, wire_state = jax.lax.cond(
+      state.count < warmup_steps, warmup, compressed, updates, state
+    )
     out = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu, nu)
     return out, OneBitAdamState(
-      count=optax.safe_increment(state.count), mu=mu, nu=nu, residual=residual
+      count=optax.safe_increment(state.count),
+      mu=mu,
+      nu=nu,
+      residual=residual,
+      wire_state=wire_state,
     )
 
   return optax.GradientTransformation(init_fn, update_fn)

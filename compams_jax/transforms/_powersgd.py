@@ -16,7 +16,7 @@ from compams_jax._src.validate import (
   check_seed,
   check_updates,
 )
-from compams_jax._src.workers import PerWorker, local, per_worker_zeros, to_per_worker
+from compams_jax._src.workers import PerWorker, local_update, per_worker_zeros
 from compams_jax.wire import num_workers as num_workers_of
 from compams_jax.wire import sum_over_workers
 
@@ -115,9 +115,10 @@ def powersgd(
     residual = per_worker_zeros(params, what="PowerSGD residuals", sum_invariant=True)
     return PowerSGDState(residual=residual, q=jax.tree.unflatten(treedef, qs))
 
+  @local_update
   def update_fn(updates, state, params=None):
     del params
-    residual = local(state.residual)
+    residual = state.residual.value
     check_updates(updates, residual, "powersgd")
     check_per_worker(updates, state.residual.value, (axis_name,), "powersgd")
     n = num_workers_of(axis_name)
@@ -154,7 +155,7 @@ def powersgd(
         new_res.append(jnp.zeros_like(c))
         new_q.append(q_old)
     return jax.tree.unflatten(treedef, out), PowerSGDState(
-      residual=to_per_worker(jax.tree.unflatten(treedef, new_res), state.residual),
+      residual=state.residual.replace(jax.tree.unflatten(treedef, new_res)),
       q=jax.tree.unflatten(treedef, new_q),
     )
 

@@ -21,7 +21,7 @@ from compams_jax._src.validate import (
   check_updates,
   warn_if_not_contractive,
 )
-from compams_jax._src.workers import PerWorker, local, per_worker_zeros, to_per_worker
+from compams_jax._src.workers import PerWorker, local_update, per_worker_zeros
 from compams_jax.predictors import Fixed, Predictor, fixed
 from compams_jax.wire import (
   Wire,
@@ -54,7 +54,7 @@ def predictive_compression(
   compressor: Compressor,
   *,
   predictor: Predictor | None = None,
-  error_feedback: bool = True,
+  feedback: str = "ef",
   axis_name: str | None = None,
   dense_axis_name: str | None = None,
   wire: Wire | None = None,
@@ -98,7 +98,8 @@ def predictive_compression(
   Args:
     compressor: compresses the innovation.
     predictor: `cj.predictors.fixed(rho)` (default ρ = 0.9) or `cj.predictors.least_squares()`.
-    error_feedback: keep a worker-side residual of what compression dropped.
+    feedback: "ef" (default) keeps a worker-side residual of what compression dropped (error
+      feedback); "none" keeps none (closed-loop prediction alone).
     axis_name: the mapped axis indexing workers, or None for one worker.
     dense_axis_name: a fast axis reduced densely first (see `cj.error_feedback`): every device
       codes the innovation of the chunk it owns; the receiver average stays whole.
@@ -111,7 +112,7 @@ def predictive_compression(
   Examples:
     >>> import jax.numpy as jnp, compams_jax as cj
     >>> tx = cj.predictive_compression(cj.compressors.top_k(0.5),
-    ...                                predictor=cj.predictors.fixed(1.0), error_feedback=False)
+    ...                                predictor=cj.predictors.fixed(1.0), feedback="none")
     >>> x = {"w": jnp.array([4.0, 3.0, 2.0, 1.0])}
     >>> state = tx.init(x)
     >>> out, state = tx.update(x, state)    # step 1: predicts 0, sends [4, 3, 0, 0]
@@ -127,6 +128,9 @@ def predictive_compression(
   check_axis_name(axis_name)
   check_axis_name(dense_axis_name, "dense_axis_name")
   check_seed(seed)
+  if feedback not in ("ef", "none"):
+    raise ValueError(f"predictive_compression feedback must be 'ef' or 'none', got {feedback!r}.")
+  error_feedback = feedback == "ef"
   wire = gather() if wire is None else check_wire(wire)
   if not wire.exact_mean:
     raise ValueError(
@@ -154,9 +158,9 @@ def predictive_compression(
     and not compressor.sends_every_entry
   ):
     warnings.warn(
-      f"predictive_compression with error_feedback=True and a fixed rho={predictor.rho} is "
+      f"predictive_compression with feedback='ef' and a fixed rho={predictor.rho} is "
       f"unstable for {type(compressor).__name__} (the residual is fed back with weight "
-      "1 + rho); use cj.predictors.least_squares() or error_feedback=False.",
+      "1 + rho); use cj.predictors.least_squares() or feedback='none'.",
       UserWarning,
       stacklevel=2,
     )
@@ -175,16 +179,17 @@ def predictive_compression(
       count=jnp.zeros([], jnp.int32),
     )
 
+  @local_update
   def update_fn(updates, state, params=None):
     del params
     where = (axis_name, dense_axis_name)
     check_per_worker(updates, state.reconstruction.value, where, "predictive_compression")
-    previous = local(state.reconstruction)
+    previous = state.reconstruction.value
     value = scatter_mean(updates, dense_axis_name)
     check_updates(value, previous, "predictive_compression")
     target = value
     if error_feedback:
-      target = jax.tree.map(lambda x, e: x + e, value, local(state.residual))
+      target = jax.tree.map(lambda x, e: x + e, value, state.residual.value)
     rho = predictor.coefficients(target, previous, every_device)
     scale = lambda r, h: (r * h).astype(h.dtype)
     prediction = jax.tree.map(scale, rho, previous)
@@ -193,7 +198,7 @@ def predictive_compression(
     # reconstructs prediction + C(·) and owes target − reconstruction.
     out = compress_with_feedback(TreeCodec(compressor), target, None, key, offset=prediction)
     reconstruction = out.sent
-    residual = to_per_worker(out.residual, state.residual) if error_feedback else None
+    residual = state.residual.replace(out.residual) if error_feedback else None
     if num_workers(axis_name) == 1:
       # The receiver is the sender: take its reconstruction rather than recompute it (XLA may
       # contract ρ·x̄ + c into a fused multiply-add on one side only, 1 ulp apart).
@@ -204,7 +209,7 @@ def predictive_compression(
       mean_sent = gather_chunks(mean_sent, updates, dense_axis_name)
       new_average = jax.tree.map(lambda r, a, c: scale(r, a) + c, rho, state.average, mean_sent)
     return new_average, PredictiveState(
-      reconstruction=to_per_worker(reconstruction, state.reconstruction),
+      reconstruction=state.reconstruction.replace(reconstruction),
       residual=residual,
       average=new_average,
       count=optax.safe_increment(state.count),

@@ -10,7 +10,7 @@ import optax
 
 from compams_jax._src.tree import check_tree
 from compams_jax._src.validate import check_axis_name, check_per_worker, check_updates
-from compams_jax._src.workers import PerWorker, local, per_worker_zeros, to_per_worker
+from compams_jax._src.workers import PerWorker, local_update, per_worker_zeros
 
 
 class WorkerAdamState(NamedTuple):
@@ -58,14 +58,15 @@ def worker_adam(
       nu=per_worker_zeros(params, what="per-worker Adam moments"),
     )
 
+  @local_update
   def update_fn(updates, state, params=None):
     del params
-    mu, nu = local(state.mu), local(state.nu)
+    mu, nu = state.mu.value, state.nu.value
     check_updates(updates, mu, "worker_adam")
     check_per_worker(updates, state.mu.value, (axis_name,), "worker_adam")
     mu = jax.tree.map(lambda g, m: b1 * m + (1 - b1) * g, updates, mu)
     nu = jax.tree.map(lambda g, v: b2 * v + (1 - b2) * g * g, updates, nu)
     out = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu, nu)
-    return out, WorkerAdamState(mu=to_per_worker(mu, state.mu), nu=to_per_worker(nu, state.nu))
+    return out, WorkerAdamState(mu=state.mu.replace(mu), nu=state.nu.replace(nu))
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -10,10 +10,10 @@ from compams_jax._src.axis import UnboundAxisError, num_workers, worker_index
 from compams_jax.wire._accounting import wire_bytes
 from compams_jax.wire._collectives import all_workers, sum_over_workers
 from compams_jax.wire._gather import Gather, gather, gather_average
-from compams_jax.wire._hierarchical import chunks_like, gather_chunks, scatter_mean
+from compams_jax.wire._hierarchical import chunks_like, gather_chunks, own_chunks, scatter_mean
 from compams_jax.wire._hlo import Collective, CollectiveBytes, collective_bytes, parse_collectives
 from compams_jax.wire._strategy import Wire, check_wire
-from compams_jax.wire._two_phase import TwoPhase, chunk_size, two_phase
+from compams_jax.wire._two_phase import TwoPhase, two_phase
 
 __all__ = [
   "Collective",
@@ -24,13 +24,13 @@ __all__ = [
   "Wire",
   "all_workers",
   "check_wire",
-  "chunk_size",
   "chunks_like",
   "collective_bytes",
   "gather",
   "gather_average",
   "gather_chunks",
   "num_workers",
+  "own_chunks",
   "parse_collectives",
   "scatter_mean",
   "sum_over_workers",

@@ -10,9 +10,8 @@ import jax
 from compams_jax._src import bucket
 from compams_jax._src.axis import AxisName, all_gather_invariant, num_workers
 from compams_jax._src.base import Compressor
-from compams_jax._src.feedback import TreeCodec, compress_with_feedback
 from compams_jax._src.keys import decode_key
-from compams_jax._src.tree import decode_sum_tree, decode_tree, tree_wire_bits
+from compams_jax._src.tree import decode_sum_tree, decode_tree
 from compams_jax.wire._strategy import Wire
 
 
@@ -28,9 +27,10 @@ def gather_average(
   """(1/n) Σ_i decode(payload_i) over the workers of `axis_name`, as a pytree like `like`.
 
   Summable payloads (identity, cast, shared-seed random-k) travel by one `psum` of all leaves
-  (a single variadic all-reduce); all others by ONE `all_gather` of every leaf's payload bitcast to bytes and
-  concatenated, after which every worker adds the n decoded payloads one worker at a time
-  (`decode_sum`: O(size) memory whatever n is). The result is identical on every worker.
+  (a single variadic all-reduce); all others by ONE `all_gather` of every leaf's payload
+  bitcast to bytes and concatenated, after which every worker adds the n decoded payloads one
+  worker at a time (`decode_sum`: O(size) memory whatever n is). The result is identical on
+  every worker.
 
   Args:
     compressor: the compressor that produced `payload`.
@@ -68,30 +68,13 @@ class Gather(Wire):
   """Every worker's payload reaches every worker; each decodes and averages all n.
 
   Collectives per step: one `all_gather` of all leaves' payloads (bytes), or, for summable
-  compressors, one variadic `psum` of every leaf's payload. Bytes
-  handed over per worker: one payload of the whole model (`wire_bits`); received: n of them.
+  compressors, one variadic `psum` of every leaf's payload. Bytes handed over per worker: one
+  payload of the whole model (`wire_bits`); received: n of them.
   """
 
-  def init(self, compressor, like, axis_name):
-    del compressor, like, axis_name
-    return None
-
-  def step(self, compressor, value, residual, state, *, key, axis_name):
-    out = compress_with_feedback(TreeCodec(compressor), value, residual, key)
-    own = jax.tree.map(lambda s, v: s.astype(v.dtype), out.sent, value)
-    mean = gather_average(compressor, out.payload, value, axis_name=axis_name, key=key, own=own)
-    return mean, out.residual, state
-
   def average(self, compressor, payload, like, *, axis_name, key=None, own=None):
+    """(1/n) Σ_i decode(payload_i): see `gather_average`."""
     return gather_average(compressor, payload, like, axis_name=axis_name, key=key, own=own)
-
-  def bytes(self, compressor, like, num_workers):
-    del num_workers
-    return -(-tree_wire_bits(compressor, like) // 8)
-
-  def collectives(self, compressor):
-    del compressor
-    return 1
 
 
 def gather() -> Gather:

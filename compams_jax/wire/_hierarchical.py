@@ -83,3 +83,22 @@ def gather_chunks(chunks: Any, like: Any, dense_axis_name: AxisName | None) -> A
       out[i] = every[:, start : start + c].reshape(-1)[:d].reshape(likes[i].shape)
       start += c
   return jax.tree.unflatten(treedef, out)
+
+
+def own_chunks(tree: Any, dense_axis_name: AxisName | None) -> Any:
+  """This device's chunks of a tree that every device of the dense axis holds (no collective).
+
+  The same layout as `scatter_mean`: each leaf flattened, zero-padded to a multiple of k and
+  split into k contiguous chunks, the device at position j of the dense axis taking chunk j.
+  """
+  if dense_axis_name is None:
+    return tree
+  k = axis_size(dense_axis_name, "dense")
+  j = jax.lax.axis_index(dense_axis_name)
+
+  def mine(x):
+    c = chunk_len(x.shape, k)
+    flat = jnp.pad(x.reshape(-1), (0, k * c - math.prod(x.shape)))
+    return jax.lax.dynamic_slice(flat, (j * c,), (c,))
+
+  return jax.tree.map(mine, tree)

@@ -1,0 +1,62 @@
+"""How a communicating transform averages what its workers compressed, per wire strategy.
+
+A transform compresses in the layout its strategy needs (`codec`), runs its own algorithm on
+the payload (error feedback, predictive coding), then averages (`mean`): through the wire's
+`average` for strategies with `exact_mean`, or by two-phase averaging (`_two_phase`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from compams_jax._src.axis import AxisName
+from compams_jax._src.base import Compressor
+from compams_jax._src.feedback import Compressed, TreeCodec
+from compams_jax._src.tree import flat_spec
+from compams_jax._src.workers import PerWorker
+from compams_jax.transforms import _two_phase
+from compams_jax.wire import Wire
+
+
+def codec(wire: Wire, compressor: Compressor, axis_name: AxisName | None) -> Any:
+  """The layout the workers compress in: per leaf (`TreeCodec`), or two-phase's n chunks."""
+  if wire.exact_mean:
+    return TreeCodec(compressor)
+  # Chunks are decoded under vmap: the compressor's vmap-safe path.
+  return _two_phase.ChunkCodec(compressor.batched(), wire.workers(axis_name))
+
+
+def init(wire: Wire, like: Any, axis_name: AxisName | None) -> PerWorker | None:
+  """State the averaging keeps of its own (two-phase's server residuals), or None."""
+  if wire.exact_mean:
+    return None
+  return _two_phase.init(like, wire.workers(axis_name, at_init=True))
+
+
+def mean(
+  wire: Wire,
+  codec: Any,
+  out: Compressed,
+  like: Any,
+  state: PerWorker | None,
+  *,
+  key: jax.Array | None,
+  axis_name: AxisName | None,
+  corrected: Any = None,
+) -> tuple[Any, PerWorker | None]:
+  """(average over the workers of what `out` sent, new averaging state), a pytree like `like`.
+
+  `corrected` gives the dtypes the payload was encoded from (the residual's), if not `like`'s.
+  """
+  if wire.exact_mean:
+    own = jax.tree.map(lambda s, v: s.astype(v.dtype), out.sent, like)
+    average = wire.average(
+      codec.compressor, out.payload, like, axis_name=axis_name, key=key, own=own
+    )
+    return average, state
+  flat_dtype = flat_spec(like if corrected is None else corrected).dtype
+  return _two_phase.average(
+    wire, codec, out.payload, like, flat_dtype, state, key=key, axis_name=axis_name
+  )
