@@ -1,6 +1,6 @@
 """Plain-NumPy references of hierarchical COMP-AMS on a ("dcn", "ici") mesh (no compams_jax code).
 
-Semantics (DESIGN.md, "Hierarchical semantics (exact)"), with S = |dcn| slices of K = |ici|
+Semantics (docs/design.md, "Hierarchical semantics (exact)"), with S = |dcn| slices of K = |ici|
 devices each; device (s, j) is worker row s·K + j:
 
   * each leaf is flattened row-major, zero-padded to K·c (c = ⌈d / K⌉) and cut into K contiguous

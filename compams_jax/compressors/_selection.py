@@ -1,7 +1,7 @@
 """Fast exact top-k selection by magnitude: an estimated threshold, a compaction, a refinement.
 
-`jax.lax.top_k` on CPU is a partial sort over the whole array: on an 11M-element vector it
-costs an order of magnitude more than an elementwise pass. `top_k_indices` returns the SAME
+`jax.lax.top_k` on CPU is a partial sort over the whole array, far slower than an elementwise
+pass on a large vector (docs/benchmarks.md, section 3). `top_k_indices` returns the SAME
 index set (ties broken towards the lower index, as `lax.top_k`) with a fixed output shape, in
 a few streaming passes:
 

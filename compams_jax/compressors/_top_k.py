@@ -57,8 +57,8 @@ class TopK(Compressor):
     ratio: fraction of entries kept, in (0, 1].
     value_dtype: dtype of the sent values (None: the array's dtype).
     method: how the k entries are found; all methods select the same set. "exact" runs
-      `jax.lax.top_k` (a partial sort: an order of magnitude above an elementwise pass on a large
-      CPU array).
+      `jax.lax.top_k` (a partial sort over the whole array; docs/benchmarks.md, section 3,
+      measures it against an elementwise pass).
       "threshold" estimates the k-th largest magnitude from a sample, compacts the entries
       above it into a fixed buffer and refines exactly there, falling back to `lax.top_k` when
       the estimate misses (see `compams_jax.compressors._selection`). "auto" (default) uses
@@ -242,7 +242,8 @@ def top_k(
     granularity: "leaf" (per layer, the paper's choice) or "model" (one global top-k).
     method: "auto" (default), "exact" or "threshold": how the entries are found (the same set
       either way; see `TopK`). "auto" takes the estimated-threshold path on leaves of 65,536
-      elements and more, which costs about one elementwise pass instead of a partial sort.
+      elements and more: a few streaming passes instead of a partial sort (docs/benchmarks.md,
+      section 3, measures both).
 
   Returns:
     A `TopK` compressor.
