@@ -100,10 +100,17 @@ def worker_state(state: Any, i: int) -> Any:
     >>> cj.sharding.worker_state(state, 0).residual.value["w"].shape
     (4,)
   """
-  return jax.tree.map(
-    lambda node: (
-      node.replace(jax.tree.map(lambda x: x[i], node.value)) if is_per_worker(node) else node
-    ),
-    state,
-    is_leaf=is_per_worker,
-  )
+
+  def row(x):
+    sharding = getattr(x, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding) and sharding.spec and sharding.spec[0]:
+      # The worker axis is sharded over the mesh: replicate it first (explicit axes refuse
+      # an index into a sharded dimension).
+      spec = jax.sharding.PartitionSpec(None, *sharding.spec[1:])
+      x = jax.device_put(x, jax.sharding.NamedSharding(sharding.mesh, spec))
+    return x[i]
+
+  def view(node):
+    return node.replace(jax.tree.map(row, node.value)) if is_per_worker(node) else node
+
+  return jax.tree.map(view, state, is_leaf=is_per_worker)
