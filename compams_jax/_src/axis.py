@@ -75,16 +75,6 @@ def varying_axes(x: Any) -> frozenset:
   return frozenset(vma)
 
 
-def like_varying(x: Any, *likes: Any) -> Any:
-  """`x` typed as varying along every axis that any leaf of `likes` varies along.
-
-  A loop carry that starts as a constant must be typed like what the loop body adds to it.
-  """
-  want = frozenset().union(*(varying_axes(leaf) for leaf in jax.tree.leaves(likes)))
-  missing = tuple(sorted(want - varying_axes(x)))
-  return jax.lax.pcast(x, missing, to="varying") if missing else x
-
-
 def _manual(axis_name: AxisName) -> bool:
   """Whether the axes are manual axes of an enclosing shard_map (or pmap), not vmap's."""
   manual = getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ())

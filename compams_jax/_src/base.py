@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from compams_jax._src import bucket
-from compams_jax._src.axis import like_varying
 
 Payload = Any  # a pytree of fixed-shape arrays: what travels on the wire.
 Deviation = Literal["none", "pointwise", "expected", "unbounded"]
@@ -143,13 +142,7 @@ class Compressor(abc.ABC):
     one buffer). Transient memory stays O(size) whatever n is: never decode all n payloads
     into one (n, size) array, nor copy all n out of a gathered buffer (docs/benchmarks.md).
     """
-    rows = bucket.rows(payloads)
-
-    def add(i, total):
-      return total + self.decode(rows[i], like, key).astype(jnp.float32)
-
-    zeros = like_varying(jnp.zeros(tuple(like.shape), jnp.float32), rows.probe, key)
-    total = jax.lax.fori_loop(0, rows.n, add, zeros)
+    total = bucket.rows(payloads).sum(lambda p: self.decode(p, like, key).astype(jnp.float32))
     return total.astype(like.dtype)
 
   def residual(self, x: jax.Array, payload: Payload, key: jax.Array | None = None) -> jax.Array:

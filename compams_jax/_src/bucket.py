@@ -86,13 +86,11 @@ class Rows:
     n: number of workers.
     get: i -> worker i's payload.
     stack: () -> all payloads stacked along a leading axis.
-    probe: arrays the rows are read from (their varying mesh axes are the rows').
   """
 
   n: int
   get: Callable[[Any], Any]
   stack: Callable[[], Any]
-  probe: Any
 
   def __getitem__(self, i):
     return self.get(i)
@@ -100,13 +98,24 @@ class Rows:
   def stacked(self) -> Any:
     return self.stack()
 
+  def sum(self, fn: Callable[[Any], Any]) -> Any:
+    """Σ_i fn(self[i]) over the rows, one row at a time: O(one result) memory whatever n is.
+
+    The loop starts from row 0's term, so the total carries whatever types the rows give it
+    (inside shard_map: varying along the axes the rows vary along).
+    """
+    first = fn(self[0])
+    if self.n == 1:
+      return first
+    return jax.lax.fori_loop(1, self.n, lambda i, total: total + fn(self[i]), first)
+
 
 def rows(payloads: Any) -> Rows:
   """`payloads` (stacked along a leading worker axis, or already `Rows`) as `Rows`."""
   if isinstance(payloads, Rows):
     return payloads
   n = jax.tree.leaves(payloads)[0].shape[0]
-  return Rows(n, lambda i: jax.tree.map(lambda a: a[i], payloads), lambda: payloads, payloads)
+  return Rows(n, lambda i: jax.tree.map(lambda a: a[i], payloads), lambda: payloads)
 
 
 def unpack_rows(buffer: jax.Array | None, like: list[Any], n: int) -> list[Rows]:
@@ -140,5 +149,5 @@ def unpack_rows(buffer: jax.Array | None, like: list[Any], n: int) -> list[Rows]
       ]
       return jax.tree.unflatten(treedef, parts)
 
-    out.append(Rows(n, one, stack, buffer))
+    out.append(Rows(n, one, stack))
   return out

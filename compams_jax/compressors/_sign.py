@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from compams_jax._src import bucket
-from compams_jax._src.axis import like_varying
 from compams_jax._src.base import Compressor, Granularity
 
 
@@ -138,16 +137,14 @@ class BlockSign(Compressor):
     rows = bucket.rows(payloads)
     padded = 8 * ((d + 7) // 8)
 
-    def add(i, total):
-      p = rows[i]
+    def term(p):
       signs = 1.0 - 2.0 * jnp.unpackbits(p["negative"], bitorder="little").astype(jnp.float32)
       if self.exact_zeros:
         signs = signs * jnp.unpackbits(p["nonzero"], bitorder="little")
       scale = self._expand(p["scale"].astype(jnp.float32), padded, d)
-      return total + scale * signs
+      return scale * signs
 
-    zeros = like_varying(jnp.zeros((padded,), jnp.float32), rows.probe)
-    total = jax.lax.fori_loop(0, rows.n, add, zeros)
+    total = rows.sum(term)
     return total[:d].astype(like.dtype).reshape(like.shape)
 
   def wire_bits(self, shape, dtype):

@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from compams_jax._src import bucket
-from compams_jax._src.axis import like_varying
 from compams_jax._src.base import Compressor, Granularity
 from compams_jax._src.keys import uniforms
 
@@ -83,12 +82,7 @@ class TernGrad(Compressor):
     d = _size(like.shape)
     rows = bucket.rows(payloads)
 
-    def add(i, total):
-      p = rows[i]
-      return total + p["scale"].astype(jnp.float32) * _unpack(p["levels"])
-
-    zeros = like_varying(jnp.zeros((_PER_BYTE * -(-d // _PER_BYTE),), jnp.float32), rows.probe)
-    total = jax.lax.fori_loop(0, rows.n, add, zeros)
+    total = rows.sum(lambda p: p["scale"].astype(jnp.float32) * _unpack(p["levels"]))
     return total[:d].astype(like.dtype).reshape(like.shape)
 
   def wire_bits(self, shape, dtype):
