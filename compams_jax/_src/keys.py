@@ -49,8 +49,8 @@ def uniforms(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 
   Up to 2^20 entries this is `jax.random.uniform(key, shape)`. Larger arrays are drawn in
   chunks of 2^20 entries, chunk j from `fold_in(key, j)`, one after another (`lax.map`):
-  threefry materialises several uint32 temporaries the size of its output, which for a
-  GPT-2 embedding is 6× the leaf at once; chunked, they are a few MB. Threefry, not XLA's
+  threefry materialises several uint32 temporaries the size of its output (docs/benchmarks.md,
+  section 1); chunked, they stay a few MB. Threefry, not XLA's
   RngBitGenerator: RBG's batching rule does not draw per key under `jax.vmap`, which would
   break the simulated workers' private (and shared) randomness.
   """

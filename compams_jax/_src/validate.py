@@ -74,7 +74,7 @@ def warn_if_not_contractive(compressor: Compressor, params: Any, what: str) -> N
     warnings.warn(
       f"{what}: {type(compressor).__name__} declares q² = {worst:.3g} ≥ 1 on the largest leaf, "
       "so it is not a contraction there and error feedback / fixed-rho prediction can "
-      "diverge (measured for qsgd with few levels). Use more levels or a smaller granularity.",
+      "diverge (docs/predictive.md). Use more levels or a smaller granularity.",
       UserWarning,
       stacklevel=3,
     )

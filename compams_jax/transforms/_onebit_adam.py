@@ -77,8 +77,8 @@ def scale_by_onebit_adam(
 
   Caution: a coordinate whose gradient stayed zero through the warm-up (e.g. a weight into a
   ReLU unit that was dead throughout it) keeps v = 0, yet the 1-bit code sends its zero momentum
-  as ±scale, so it steps by η·scale/ε. With ε = 1e-8 that diverged on LeNet-5/MNIST right after
-  the warm-up (docs/results.md); a larger ε (1e-4) trained.
+  as ±scale, so it steps by η·scale/ε: with a tiny ε that can diverge right after the warm-up,
+  and a larger ε trains (docs/results.md, the 1-bit Adam rows).
 
   Args:
     compressor: the momentum compressor (default `cj.compressors.scaled_sign()`).

@@ -76,15 +76,14 @@ def predictive_compression(
   admissible, with or without error feedback (Adikari & Draper), provided they contract:
   E‖C(x) − x‖² ≤ q²‖x‖² with q < 1. Per-leaf qsgd with few levels does not on large leaves
   (q² = min(d/s², √d/s), e.g. 90 for s = 2 on a 32,768-entry kernel): with error feedback or a
-  fixed ρ it diverges (measured, docs/predictive.md); `init` warns when q² ≥ 1.
+  fixed ρ it diverges (docs/predictive.md); `init` warns when q² ≥ 1.
 
   Caution — error feedback with a FIXED ρ > 0 is unstable for sparse and randomized
   compressors. The prediction ρ x̂_{t−1} already lacks the last error (x̂_{t−1} = x_{t−1} +
   e_{t−2} − e_{t−1}), and the residual adds it again, so the innovation carries
   (1 + ρ) e_{t−1} − ρ e_{t−2}; a coordinate that top-k/random-k skips grows by up to 1/(1 − ρ)
-  per echo. Measured (8 workers, momentum of noisy gradients, β = ρ = 0.9): top-k 5% distortion
-  1.8e7 vs 1.5 for plain error feedback; momentum SGD on least squares diverges for top-k,
-  random-k and qsgd (block-sign, which sends every coordinate, stays stable). The least-squares
+  per echo; codes that send every coordinate (block-sign) stay stable (docs/predictive.md,
+  "What the fixed-ρ + error-feedback instability looks like"). The least-squares
   predictor is stable with error feedback (it lowers ρ when the echo would grow), and fixed ρ
   is fine without error feedback. Constructing the unstable combination warns.
 

@@ -1,7 +1,7 @@
 """The two-phase strategy's transport: an all_to_all of chunk payloads, an all_gather of chunks.
 
-Gathering every worker's payload costs each device n payloads; past a few dozen workers that
-loses to a dense ring all-reduce. Two-phase averaging (`compams_jax.transforms`) splits the
+Gathering every worker's payload costs each device n payloads, which grows with n while a
+dense ring all-reduce does not (docs/benchmarks.md models where they cross). Two-phase averaging (`compams_jax.transforms`) splits the
 vector into n chunks: device j receives only the n payloads of ITS chunk (`exchange`),
 averages and recompresses them, and all devices gather the n recompressed chunks (`gather`).
 Per device, the bytes handed to XLA are one full payload plus one chunk payload, whatever n is.
