@@ -108,11 +108,14 @@ def init(
     mesh: the device mesh.
     axis_name: the mesh axis indexing workers, or a tuple of axes (a hierarchical mesh: every
       device of ("dcn", "ici") keeps its own per-worker state).
-    param_specs: the parameters' PartitionSpecs over other mesh axes (e.g. "model"), or None
-      for parameters replicated on the whole mesh.
+    param_specs: the parameters' PartitionSpecs over other mesh axes (e.g. "fsdp"), or None to
+      read them from the arrays' own shardings (parameters placed with `jax.device_put(params,
+      shardings)`; arrays without a mesh sharding count as replicated).
 
   Returns:
-    The optimizer state, sharded as `state_specs(state, axis_name)` says.
+    The optimizer state, sharded as `state_specs(state, axis_name)` says: per-worker state
+    behind a leading worker axis and, on sharded parameters, sharded like them (each device's
+    residual is the shape of its shard of the parameter).
 
   Examples:
     >>> import jax, jax.numpy as jnp, compams_jax as cj
@@ -122,12 +125,24 @@ def init(
     >>> state[0].residual.value["w"].shape == (jax.device_count(), 4)
     True
   """
-  specs = init_specs(tx, params, mesh=mesh, axis_name=axis_name, param_specs=param_specs)
   if param_specs is None:
-    param_specs = jax.tree.map(lambda _: P(), params)
+    param_specs = own_specs(params, mesh)
+  specs = init_specs(tx, params, mesh=mesh, axis_name=axis_name, param_specs=param_specs)
   return jax.jit(
     jax.shard_map(tx.init, mesh=mesh, in_specs=(param_specs,), out_specs=specs, check_vma=False)
   )(params)
+
+
+def own_specs(params: Any, mesh: Any) -> Any:
+  """Each leaf's PartitionSpec from its own sharding on `mesh` (P() when it has none)."""
+
+  def spec(x):
+    sharding = getattr(x, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh.shape == mesh.shape:
+      return sharding.spec
+    return P()
+
+  return jax.tree.map(spec, params)
 
 
 def init_specs(

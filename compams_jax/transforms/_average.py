@@ -14,6 +14,7 @@ import jax
 from compams_jax._src.axis import AxisName
 from compams_jax._src.base import Compressor
 from compams_jax._src.feedback import Compressed, TreeCodec
+from compams_jax._src.shards import sharded_axes
 from compams_jax._src.tree import flat_spec
 from compams_jax._src.workers import PerWorker
 from compams_jax.transforms import _two_phase
@@ -26,6 +27,29 @@ def codec(wire: Wire, compressor: Compressor, axis_name: AxisName | None) -> Any
     return TreeCodec(compressor)
   # Chunks are decoded under vmap: the compressor's vmap-safe path.
   return _two_phase.ChunkCodec(compressor.batched(), wire.workers(axis_name))
+
+
+def follows_sharding(
+  wire: Wire, value: Any, what: str, dense_axis_name: AxisName | None = None
+) -> bool:
+  """Whether `value`'s leaves are sharded over mesh axes besides the worker axis (explicit
+  mode), so compression runs on each device's own shard; refuses layouts it cannot follow."""
+  axes = sharded_axes(value)
+  if not axes:
+    return False
+  if dense_axis_name is not None:
+    raise ValueError(
+      f"{what}: dense_axis_name={dense_axis_name!r} reduces whole leaves densely over a fast "
+      f"axis, but the gradients are sharded over {axes}: with parameters sharded inside a "
+      "slice, use axis_name alone (compression follows the parameter sharding)."
+    )
+  if not wire.exact_mean:
+    raise ValueError(
+      f"{what}: cj.wire.two_phase() flattens the whole model into one vector, which a "
+      f"sharded model (leaves sharded over {axes}) does not hold on any device; use "
+      "cj.wire.gather() with sharded parameters."
+    )
+  return True
 
 
 def init(wire: Wire, like: Any, axis_name: AxisName | None) -> PerWorker | None:

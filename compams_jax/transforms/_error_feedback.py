@@ -12,6 +12,7 @@ from compams_jax._src.axis import AxisName
 from compams_jax._src.base import Compressor
 from compams_jax._src.feedback import compress_with_feedback
 from compams_jax._src.keys import step_key
+from compams_jax._src.shards import on_shards
 from compams_jax._src.tree import check_tree
 from compams_jax._src.validate import (
   check_axis_name,
@@ -147,13 +148,29 @@ def error_feedback(
       return updates, state._replace(count=optax.safe_increment(state.count))
     key = step_key(compressor, seed, state.count, axis_name, dense_axis_name)
     codec = _average.codec(wire, compressor, axis_name)
-    # Send C(g + e) and keep e ← g + e − C(g + e), then average what the workers sent.
-    out = compress_with_feedback(codec, value, residual, key)
-    mean, wire_state = _average.mean(
-      wire, codec, out, value, state.wire_state, key=key, axis_name=axis_name, corrected=residual
-    )
+
+    def exchange(value, residual, key, wire_state=None):
+      # Send C(g + e) and keep e ← g + e − C(g + e), then average what the workers sent.
+      out = compress_with_feedback(codec, value, residual, key)
+      mean, wire_state = _average.mean(
+        wire, codec, out, value, wire_state, key=key, axis_name=axis_name, corrected=residual
+      )
+      return mean, out.residual, wire_state
+
+    if _average.follows_sharding(wire, value, "error_feedback", dense_axis_name):
+      mean, new_residual = on_shards(
+        lambda v, r, k: exchange(v, r, k)[:2],
+        value,
+        residual,
+        key,
+        worker_axes=(axis_name,),
+        what="error_feedback",
+      )
+      wire_state = state.wire_state
+    else:
+      mean, new_residual, wire_state = exchange(value, residual, key, state.wire_state)
     return gather_chunks(mean, updates, dense_axis_name), ErrorFeedbackState(
-      residual=state.residual.replace(out.residual),
+      residual=state.residual.replace(new_residual),
       count=optax.safe_increment(state.count),
       wire_state=wire_state,
     )
@@ -211,10 +228,23 @@ def compressed_mean(
       return updates, state._replace(count=optax.safe_increment(state.count))
     key = step_key(compressor, seed, state.count, axis_name, dense_axis_name)
     codec = _average.codec(wire, compressor, axis_name)
-    out = compress_with_feedback(codec, value, None, key)  # send C(g), keep nothing
-    mean, wire_state = _average.mean(
-      wire, codec, out, value, state.wire_state, key=key, axis_name=axis_name
-    )
+
+    def exchange(value, key, wire_state=None):
+      out = compress_with_feedback(codec, value, None, key)  # send C(g), keep nothing
+      return _average.mean(wire, codec, out, value, wire_state, key=key, axis_name=axis_name)
+
+    if _average.follows_sharding(wire, value, "compressed_mean", dense_axis_name):
+      mean, _ = on_shards(
+        lambda v, r, k: (exchange(v, k)[0], None),
+        value,
+        None,
+        key,
+        worker_axes=(axis_name,),
+        what="compressed_mean",
+      )
+      wire_state = state.wire_state
+    else:
+      mean, wire_state = exchange(value, key, state.wire_state)
     mean = gather_chunks(mean, updates, dense_axis_name)
     return mean, CompressedMeanState(count=optax.safe_increment(state.count), wire_state=wire_state)
 

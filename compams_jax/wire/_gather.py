@@ -8,7 +8,7 @@ from typing import Any
 import jax
 
 from compams_jax._src import bucket
-from compams_jax._src.axis import AxisName, all_gather_invariant, num_workers
+from compams_jax._src.axis import AxisName, all_gather_invariant, num_workers, varying_axes
 from compams_jax._src.base import Compressor
 from compams_jax._src.keys import decode_key
 from compams_jax._src.tree import decode_sum_tree, decode_tree
@@ -55,11 +55,22 @@ def gather_average(
     # the leaves into a bucket first.
     total = decode_tree(compressor, jax.lax.psum(payload, axis_name), like, key)
   else:
-    buffer = bucket.pack(payload)
-    gathered = None if buffer is None else all_gather_invariant(buffer, axis_name)
-    # Every leaf's decode_sum reads its payloads out of the gathered buffer one worker at a
-    # time: no copy of all n payloads besides the buffer itself.
-    total = decode_sum_tree(compressor, bucket.unpack_rows(gathered, payload, n), like, key)
+    # One bucket per set of mesh axes the payloads vary along (one bucket unless leaves are
+    # sharded differently over other mesh axes): a gathered buffer then varies exactly as its
+    # leaves do. Every leaf's decode_sum reads its payloads out of its gathered buffer one
+    # worker at a time: no copy of all n payloads besides the buffer itself.
+    groups: dict[frozenset, list[int]] = {}
+    for i, entry in enumerate(payload):
+      axes = frozenset().union(*(varying_axes(x) for x in jax.tree.leaves(entry)))
+      groups.setdefault(axes, []).append(i)
+    rows: list[Any] = [None] * len(payload)
+    for idx in groups.values():
+      part = [payload[i] for i in idx]
+      buffer = bucket.pack(part)
+      gathered = None if buffer is None else all_gather_invariant(buffer, axis_name)
+      for i, r in zip(idx, bucket.unpack_rows(gathered, part, n)):
+        rows[i] = r
+    total = decode_sum_tree(compressor, rows, like, key)
   return jax.tree.map(lambda t: (t / n).astype(t.dtype), total)
 
 

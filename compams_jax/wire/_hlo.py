@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import re
 from collections.abc import Callable
 from typing import Any
@@ -59,6 +60,7 @@ _DEF_RE = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
 _COMMENT_RE = re.compile(r"/\*.*?\*/")
 _GROUPS_EXPLICIT_RE = re.compile(r"replica_groups=\{\{([0-9,]*)\}")
 _GROUPS_IOTA_RE = re.compile(r"replica_groups=\[(\d+),(\d+)\]")
+_GROUPS_MESH_RE = re.compile(r"replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}")
 
 
 def shape_bytes(type_str: str) -> int:
@@ -117,6 +119,12 @@ def _group_size(line: str) -> int | None:
   m = _GROUPS_IOTA_RE.search(line)
   if m:
     return int(m.group(2))
+  m = _GROUPS_MESH_RE.search(line)
+  if m:
+    # replica_groups=mesh['axis_0'=4,'axis_1'=1,...], device_ids=(...) {'axis_0', ...}: the
+    # groups span the named axes of that mesh.
+    sizes = {name: int(size) for name, size in re.findall(r"'(\w+)'=(\d+)", m.group(1))}
+    return math.prod(sizes[name] for name in re.findall(r"'(\w+)'", m.group(2)))
   return None
 
 

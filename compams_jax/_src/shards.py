@@ -1,0 +1,106 @@
+"""Compression follows the parameter sharding: run a per-leaf step on each device's own shard.
+
+On a mesh whose worker axis is manual (a partial-manual `jax.shard_map(..., axis_names={"dcn"})`)
+and whose other axes shard the parameters (FSDP, tensor parallelism) in jax's explicit mode,
+every gradient leaf's type carries its sharding (`jax.typeof(g).sharding.spec`). `on_shards`
+then nests a `jax.shard_map` manual over those other axes, so the step sees each device's
+addressable shard of every leaf: the shard is the compressor's block, and no device holds a
+full gradient leaf. Leaves replicated over those axes are processed whole, identically on each
+of their devices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from jax.sharding import PartitionSpec as P
+
+from compams_jax._src.axis import AxisName
+
+
+def _names(axis: Any) -> tuple[str, ...]:
+  if axis is None:
+    return ()
+  return (axis,) if isinstance(axis, str) else tuple(axis)
+
+
+def leaf_spec(x: Any) -> P:
+  """The leaf's partition spec over non-manual mesh axes (explicit mode), P() if it has none."""
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  spec = getattr(sharding, "spec", None)
+  if spec is None:
+    return P()
+  entries = tuple(spec) + (None,) * (x.ndim - len(tuple(spec)))
+  return P(*entries)
+
+
+def sharded_axes(tree: Any) -> tuple[str, ...]:
+  """The mesh axes that shard any leaf of `tree` (in the order they appear)."""
+  out: list[str] = []
+  for leaf in jax.tree.leaves(tree):
+    for entry in leaf_spec(leaf):
+      for name in _names(entry):
+        if name not in out:
+          out.append(name)
+  return tuple(out)
+
+
+def on_shards(
+  fn: Callable[..., tuple[Any, Any]],
+  value: Any,
+  residual: Any,
+  key: jax.Array | None,
+  *,
+  worker_axes: tuple[AxisName | None, ...],
+  what: str,
+) -> tuple[Any, Any]:
+  """fn(value, residual, key) -> (mean, new_residual), run on each device's shard of the leaves.
+
+  `mean` and `new_residual` are structured like `value` and sharded as it is; `residual` is
+  structured like `value` (or None). Without sharded leaves, fn runs as is.
+  """
+  axes = sharded_axes(value)
+  if not axes:
+    return fn(value, residual, key)
+  workers = {n for a in worker_axes for n in _names(a)}
+  if workers & set(axes):
+    raise ValueError(
+      f"{what}: a gradient leaf is sharded over the worker axis {sorted(workers & set(axes))} "
+      "itself; shard parameters only over the other mesh axes (e.g. P('fsdp', None) on a "
+      "('dcn', 'fsdp') mesh) and keep them replicated over the worker axis."
+    )
+  specs = jax.tree.map(leaf_spec, value)
+  if residual is not None:
+    for leaf, r in zip(jax.tree.leaves(value), jax.tree.leaves(residual)):
+      if tuple(r.shape) != tuple(leaf.shape):
+        raise ValueError(
+          f"{what}: per-worker state of shape {tuple(r.shape)} does not follow the "
+          f"parameter sharding of a leaf of shape {tuple(leaf.shape)}; initialise it with "
+          "cj.sharding.init(tx, params, mesh=mesh, axis_name=...) on the sharded params."
+        )
+  # Only the arrays travel through the nested map (None residual or key stay outside).
+  args = [(value, specs)]
+  if residual is not None:
+    args.append((residual, specs))
+  if key is not None:
+    args.append((key, P()))
+
+  def body(*arrays):
+    it = iter(arrays)
+    v = next(it)
+    r = next(it) if residual is not None else None
+    k = next(it) if key is not None else None
+    mean, new_residual = fn(v, r, k)
+    return (mean,) if new_residual is None else (mean, new_residual)
+
+  out_specs = (specs,) if residual is None else (specs, specs)
+  mapped = jax.shard_map(
+    body,
+    in_specs=tuple(s for _, s in args),
+    out_specs=out_specs,
+    axis_names=set(axes),
+  )
+  outs = mapped(*(a for a, _ in args))
+  return (outs[0], None) if residual is None else (outs[0], outs[1])

@@ -1,0 +1,259 @@
+"""Compression follows the parameter sharding: a ("dcn", "fsdp"[, "tp"]) mesh in jax's explicit
+mode, parameters sharded inside each slice, COMP-AMS across slices under a partial-manual
+`jax.shard_map(..., axis_names={"dcn"})`. Checked against a NumPy loop that compresses each
+device's shard of each leaf on its own, and against the compiled step's collectives."""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import compams_jax as cj
+from tests import reference
+
+STEPS, LR = 6, 0.05
+LAYOUTS = {
+  # mesh shape, axis names, {leaf: (shape, spec)}
+  "2x4": (
+    (2, 4),
+    ("dcn", "fsdp"),
+    {
+      "rows": ((16, 6), P("fsdp", None)),
+      "cols": ((6, 16), P(None, "fsdp")),
+      "bias": ((5,), P()),
+    },
+  ),
+  "2x2x2": (
+    (2, 2, 2),
+    ("dcn", "fsdp", "tp"),
+    {
+      "both": ((8, 6), P("fsdp", "tp")),
+      "rows": ((4, 6), P("fsdp", None)),
+      "tp": ((6, 4), P(None, "tp")),
+      "bias": ((3,), P()),
+    },
+  ),
+}
+COMPRESSORS = {
+  "top_k": (lambda: cj.compressors.top_k(0.1), functools.partial(reference.np_top_k, ratio=0.1)),
+  "block_sign": (cj.compressors.block_sign, reference.np_block_sign),
+}
+
+
+def _norm(spec):
+  """A PartitionSpec without trailing Nones (P(None,) and P() name the same layout)."""
+  entries = list(spec)
+  while entries and entries[-1] is None:
+    entries.pop()
+  return P(*entries)
+
+
+def _shardwise(compress, spec, sizes):
+  """C applied to every device's shard of a leaf on its own (the shard is the block)."""
+
+  def apply(x, dim=0):
+    if dim == x.ndim:
+      return compress(x)
+    entry = spec[dim] if dim < len(spec) else None
+    names = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+    parts = math.prod(sizes[n] for n in names)
+    pieces = np.split(x, parts, axis=dim)
+    return np.concatenate([apply(p, dim + 1) for p in pieces], axis=dim)
+
+  return apply
+
+
+def _setup(layout, seed=0):
+  shape, names, leaves = LAYOUTS[layout]
+  mesh = jax.make_mesh(shape, names)
+  rng = np.random.default_rng(seed)
+  slices = shape[0]
+  params = {k: rng.normal(size=s).astype(np.float32) for k, (s, _) in leaves.items()}
+  grads = {
+    k: (rng.normal(size=(1, slices) + s) + rng.normal(size=(STEPS, slices) + s)).astype(np.float32)
+    for k, (s, _) in leaves.items()
+  }
+  shardings = {k: NamedSharding(mesh, spec) for k, (_, spec) in leaves.items()}
+  return mesh, params, grads, shardings, {k: spec for k, (_, spec) in leaves.items()}
+
+
+def _step(tx, mesh, specs):
+  def replica(params, opt_state, g):
+    # Explicit FSDP: a weight is gathered to be used; the transpose reduce-scatters its gradient.
+    loss = lambda p: sum(jnp.vdot(jax.sharding.reshard(p[k], P()), g[k][0]) for k in p)
+    grads = jax.grad(loss)(jax.lax.pcast(params, "dcn", to="varying"))
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  return jax.jit(
+    jax.shard_map(
+      replica,
+      mesh=mesh,
+      in_specs=(P(), specs, P("dcn")),
+      out_specs=(P(), specs),
+      axis_names={"dcn"},
+    )
+  )
+
+
+def _train(tx, mesh, params, grads, shardings):
+  params = jax.device_put(params, shardings)
+  opt_state = cj.sharding.init(tx, params, mesh=mesh, axis_name="dcn")  # reads the shardings
+  step = _step(tx, mesh, cj.sharding.state_specs(opt_state, "dcn"))
+  per_slice = NamedSharding(mesh, P("dcn"))
+  for t in range(STEPS):
+    g = {k: jax.device_put(v[t], per_slice) for k, v in grads.items()}
+    params, opt_state = step(params, opt_state, g)
+  return params, opt_state, step, g
+
+
+@pytest.mark.parametrize("cname", sorted(COMPRESSORS))
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_comp_ams_compresses_each_devices_shard(layout, cname):
+  mesh, params, grads, shardings, specs = _setup(layout)
+  make, np_compress = COMPRESSORS[cname]
+  tx = cj.comp_ams(LR, make(), axis_name="dcn")
+  got, state, _, _ = _train(tx, mesh, params, grads, shardings)
+  sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
+  for k in params:
+    compress = _shardwise(np_compress, specs[k], sizes)
+    want, err, _ = reference.np_comp_ams({k: params[k]}, {k: grads[k]}, compress, lr=LR)
+    assert _norm(got[k].sharding.spec) == _norm(shardings[k].spec), (
+      k
+    )  # the update keeps the sharding
+    np.testing.assert_allclose(np.asarray(got[k]), want[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    residual = state[0].residual.value[k]
+    assert residual.shape == (mesh.devices.shape[0],) + params[k].shape
+    np.testing.assert_allclose(np.asarray(residual), err[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_state_is_sharded_like_the_parameters():
+  mesh, params, _, shardings, specs = _setup("2x4")
+  tx = cj.comp_ams(LR, cj.compressors.top_k(0.1), axis_name="dcn")
+  state = cj.sharding.init(tx, jax.device_put(params, shardings), mesh=mesh, axis_name="dcn")
+  for k, spec in specs.items():
+    residual = state[0].residual.value[k]
+    assert _norm(residual.sharding.spec) == _norm(P("dcn", *spec)), k
+    # Each device holds the residual of its own shard only.
+    shard = residual.addressable_shards[0].data.shape
+    assert math.prod(shard) == math.prod(params[k].shape) // (4 if any(spec) else 1), k
+    assert _norm(state[1].mu[k].sharding.spec) == _norm(spec), k
+
+
+def _by_span(compiled, slices):
+  """(collectives whose groups span slices, bytes of all-gathers inside a slice, the
+  all-gathers issued by the compression itself: the nested map over the shard axes)."""
+  found = cj.collective_bytes(compiled).collectives
+  assert all(c.group_size is not None for c in found), found
+  lines = [l for l in compiled.as_text().splitlines() if " all-gather(" in l]
+  in_compression = [l for l in lines if "shard_map/shard_map/" in l]
+  across = [c for c in found if c.group_size == slices]
+  inside = sum(
+    c.operand_bytes for c in found if c.opcode == "all-gather" and c.group_size != slices
+  )
+  return across, inside, in_compression
+
+
+def test_only_compressed_bytes_cross_slices_and_no_gradient_is_gathered():
+  mesh, params, grads, shardings, specs = _setup("2x4")
+  compressor = cj.compressors.top_k(0.1)
+  tx = cj.comp_ams(LR, compressor, axis_name="dcn")
+  p, state, step, g = _train(tx, mesh, params, grads, shardings)
+  across, inside, in_compression = _by_span(step.lower(p, state, g).compile(), slices=2)
+  # Across slices: the packed payloads of this device's own shards, one all-gather for the
+  # sharded leaves and one for the replicated leaf (a bucket per varying type).
+  shards = {
+    "rows": jax.ShapeDtypeStruct((4, 6), np.float32),
+    "cols": jax.ShapeDtypeStruct((6, 4), np.float32),
+    "bias": jax.ShapeDtypeStruct((5,), np.float32),
+  }
+  assert [c.opcode for c in across] == ["all-gather"] * 2, across
+  assert sum(c.operand_bytes for c in across) == cj.wire_bytes(compressor, shards)
+  # The compression gathers nothing but those payloads: no gradient is gathered to compress it.
+  assert len(in_compression) == 2 and all("u8[" in l for l in in_compression), in_compression
+
+  # The same step with plain optax: the dense mean over slices, then AMSGrad.
+  def dense_mean():
+    return optax.GradientTransformation(
+      lambda p: optax.EmptyState(), lambda u, s, p=None: (jax.lax.pmean(u, "dcn"), s)
+    )
+
+  plain = optax.chain(
+    dense_mean(),
+    optax.scale_by_amsgrad(eps=0.0, eps_root=1e-8, bias_correction_mu=False),
+    optax.scale_by_learning_rate(LR),
+  )
+  pp = jax.device_put(params, shardings)
+  ps = cj.sharding.init(plain, pp, mesh=mesh, axis_name="dcn")
+  plain_step = _step(plain, mesh, cj.sharding.state_specs(ps, "dcn"))
+  _, plain_inside, _ = _by_span(plain_step.lower(pp, ps, g).compile(), slices=2)
+  # In explicit mode the partial-manual shard_map boundary all-gathers every operand sharded
+  # over "fsdp" and slices it back (params and AMSGrad state in both steps): beyond plain
+  # optax's, the only gathers are the residual's, in and out (docs/guide.md).
+  residual = sum(params[k].nbytes for k in ("rows", "cols"))
+  assert inside <= plain_inside + 2 * residual, (inside, plain_inside)
+
+
+def test_bad_layouts_are_refused():
+  mesh = jax.make_mesh((2, 4), ("dcn", "fsdp"))
+  params = {"w": jnp.zeros((8, 4))}
+  two_phase = cj.comp_ams(LR, cj.compressors.top_k(0.1), axis_name="dcn", wire=cj.wire.two_phase())
+  hier = cj.comp_ams(LR, cj.compressors.top_k(0.1), axis_name="dcn", dense_axis_name="fsdp")
+  sharded = jax.device_put(params, NamedSharding(mesh, P("fsdp", None)))
+  g = jax.device_put({"w": jnp.ones((2, 8, 4))}, NamedSharding(mesh, P("dcn")))
+  for tx, match in [(two_phase, "two_phase"), (hier, "dense_axis_name")]:
+    state = cj.sharding.init(tx, params, mesh=mesh, axis_name="dcn")
+    step = _step(tx, mesh, cj.sharding.state_specs(state, "dcn"))
+    with pytest.raises(ValueError, match=match):
+      step(sharded, state, g)
+
+
+def test_full_manual_spelling_keeps_everything_sharded():
+  """shard_map manual over every axis, the FSDP collectives written out: the same update, and
+  inside a slice no all-gather at all (only the model's reduce-scatters)."""
+  mesh, params, grads, shardings, specs = _setup("2x4")
+  tx = cj.comp_ams(LR, cj.compressors.top_k(0.1), axis_name="dcn")
+  p = jax.device_put(params, shardings)
+  state = cj.sharding.init(tx, p, mesh=mesh, axis_name="dcn")
+  state_specs = cj.sharding.state_specs(state, "dcn", params=p, param_specs=specs)
+
+  def gather(w, spec):  # FSDP: every shard of the weight, to use it
+    for dim, name in enumerate(spec):
+      if name is not None:
+        w = jax.lax.all_gather(w, name, axis=dim, tiled=True)
+    return w
+
+  def replica(p, s, g):
+    loss = lambda p: sum(jnp.vdot(gather(p[k], specs[k]), g[k][0]) for k in p)
+    grads = jax.grad(loss)(jax.lax.pcast(p, "dcn", to="varying"))
+    updates, s = tx.update(grads, s, p)
+    return optax.apply_updates(p, updates), s
+
+  step = jax.jit(
+    jax.shard_map(
+      replica,
+      mesh=mesh,
+      in_specs=(specs, state_specs, P("dcn")),
+      out_specs=(specs, state_specs),
+    )
+  )
+  per_slice = NamedSharding(mesh, P("dcn"))
+  for t in range(STEPS):
+    g = {k: jax.device_put(v[t], per_slice) for k, v in grads.items()}
+    p, state = step(p, state, g)
+  sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
+  for k in params:
+    compress = _shardwise(functools.partial(reference.np_top_k, ratio=0.1), specs[k], sizes)
+    want, _, _ = reference.np_comp_ams({k: params[k]}, {k: grads[k]}, compress, lr=LR)
+    # The gradient arrives through the transpose of the tiled all-gather (a reduce-scatter of
+    # the slice's replicated copies), rounded in another order than the reference's.
+    np.testing.assert_allclose(np.asarray(p[k]), want[k], rtol=2e-4, atol=1e-5, err_msg=k)
+  found = cj.collective_bytes(step.lower(p, state, g).compile()).collectives
+  gathers = [c for c in found if c.opcode == "all-gather"]
+  assert gathers and all(c.group_size == 2 for c in gathers), found  # payloads across slices
