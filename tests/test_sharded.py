@@ -207,7 +207,8 @@ def test_bad_layouts_are_refused():
   hier = cj.comp_ams(LR, cj.compressors.top_k(0.1), axis_name="dcn", dense_axis_name="fsdp")
   sharded = jax.device_put(params, NamedSharding(mesh, P("fsdp", None)))
   g = jax.device_put({"w": jnp.ones((2, 8, 4))}, NamedSharding(mesh, P("dcn")))
-  for tx, match in [(two_phase, "two_phase"), (hier, "dense_axis_name")]:
+  whole = cj.onebit_adam(LR, warmup_steps=0, axis_name="dcn")  # scaled sign of the model
+  for tx, match in [(two_phase, "two_phase"), (hier, "dense_axis_name"), (whole, "'model'")]:
     state = cj.sharding.init(tx, params, mesh=mesh, axis_name="dcn")
     step = _step(tx, mesh, cj.sharding.state_specs(state, "dcn"))
     with pytest.raises(ValueError, match=match):
@@ -257,3 +258,44 @@ def test_full_manual_spelling_keeps_everything_sharded():
   found = cj.collective_bytes(step.lower(p, state, g).compile()).collectives
   gathers = [c for c in found if c.opcode == "all-gather"]
   assert gathers and all(c.group_size == 2 for c in gathers), found  # payloads across slices
+
+
+@pytest.mark.parametrize(
+  "make",
+  [
+    lambda: cj.onebit_adam(LR, cj.compressors.block_sign(), warmup_steps=2, axis_name="dcn"),
+    lambda: cj.qadam(LR, cj.compressors.top_k(0.1), axis_name="dcn"),
+    lambda: cj.compressed_momentum_sgd(
+      LR, cj.compressors.top_k(0.1), predictive=False, axis_name="dcn"
+    ),
+  ],
+  ids=["onebit_adam", "qadam", "momentum_sgd"],
+)
+def test_baselines_follow_the_sharding_too(make):
+  """Each equals the same optimizer on replicated parameters whose compressor sees the shards:
+  here, the unsharded run of a model whose leaves ARE the shards (a 16x6 row-sharded leaf is
+  four 4x6 leaves), compared leaf by leaf."""
+  mesh, params, grads, shardings, specs = _setup("2x4")
+  got, _, _, _ = _train(make(), mesh, params, grads, shardings)
+
+  def split(tree):  # every sharded leaf cut into its four device shards
+    out = {}
+    for k, x in tree.items():
+      axis = {"rows": 0, "cols": 1}.get(k)
+      if axis is None:
+        out[k] = x
+        continue
+      for j, part in enumerate(np.split(x, 4, axis=axis + (x.ndim - params[k].ndim))):
+        out[f"{k}{j}"] = part
+    return out
+
+  flat_mesh = jax.make_mesh((2, 4), ("dcn", "fsdp"))
+  flat_params = split(params)
+  flat_grads = split(grads)
+  replicated = {k: NamedSharding(flat_mesh, P()) for k in flat_params}
+  want, _, _, _ = _train(make(), flat_mesh, flat_params, flat_grads, replicated)
+  for k in ("rows", "cols"):
+    axis = {"rows": 0, "cols": 1}[k]
+    joined = np.concatenate([np.asarray(want[f"{k}{j}"]) for j in range(4)], axis=axis)
+    np.testing.assert_allclose(np.asarray(got[k]), joined, rtol=1e-5, atol=1e-6, err_msg=k)
+  np.testing.assert_allclose(np.asarray(got["bias"]), np.asarray(want["bias"]), rtol=1e-5)

@@ -30,7 +30,11 @@ def codec(wire: Wire, compressor: Compressor, axis_name: AxisName | None) -> Any
 
 
 def follows_sharding(
-  wire: Wire, value: Any, what: str, dense_axis_name: AxisName | None = None
+  wire: Wire,
+  compressor: Compressor,
+  value: Any,
+  what: str,
+  dense_axis_name: AxisName | None = None,
 ) -> bool:
   """Whether `value`'s leaves are sharded over mesh axes besides the worker axis (explicit
   mode), so compression runs on each device's own shard; refuses layouts it cannot follow."""
@@ -42,6 +46,13 @@ def follows_sharding(
       f"{what}: dense_axis_name={dense_axis_name!r} reduces whole leaves densely over a fast "
       f"axis, but the gradients are sharded over {axes}: with parameters sharded inside a "
       "slice, use axis_name alone (compression follows the parameter sharding)."
+    )
+  if compressor.granularity == "model":
+    raise ValueError(
+      f"{what}: {type(compressor).__name__} with granularity='model' compresses the model as "
+      f"one block, but the gradients are sharded over {axes} and no device holds the model; "
+      "use a per-leaf code such as cj.compressors.block_sign() (each device's shard of each "
+      "leaf is then a block)."
     )
   if not wire.exact_mean:
     raise ValueError(

@@ -157,7 +157,7 @@ def error_feedback(
       )
       return mean, out.residual, wire_state
 
-    if _average.follows_sharding(wire, value, "error_feedback", dense_axis_name):
+    if _average.follows_sharding(wire, compressor, value, "error_feedback", dense_axis_name):
       mean, new_residual = on_shards(
         lambda v, r, k: exchange(v, r, k)[:2],
         value,
@@ -233,7 +233,7 @@ def compressed_mean(
       out = compress_with_feedback(codec, value, None, key)  # send C(g), keep nothing
       return _average.mean(wire, codec, out, value, wire_state, key=key, axis_name=axis_name)
 
-    if _average.follows_sharding(wire, value, "compressed_mean", dense_axis_name):
+    if _average.follows_sharding(wire, compressor, value, "compressed_mean", dense_axis_name):
       mean, _ = on_shards(
         lambda v, r, k: (exchange(v, k)[0], None),
         value,

@@ -11,6 +11,7 @@ import optax
 from compams_jax._src.base import Compressor
 from compams_jax._src.feedback import compress_with_feedback
 from compams_jax._src.keys import step_key
+from compams_jax._src.shards import on_shards
 from compams_jax._src.tree import check_tree, encode_tree
 from compams_jax._src.validate import (
   check_axis_name,
@@ -140,20 +141,34 @@ def scale_by_onebit_adam(
     mu = own_chunks(state.mu, dense_axis_name)
     momentum = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, mu, value)
     codec = _average.codec(wire, compressor, axis_name)
-    # Send C(m_i + e_i), keep e_i ← m_i + e_i − C(m_i + e_i); every worker takes the average.
-    out = compress_with_feedback(codec, momentum, state.residual.value, key)
-    mu, wire_state = _average.mean(
-      wire,
-      codec,
-      out,
-      value,
-      state.wire_state,
-      key=key,
-      axis_name=axis_name,
-      corrected=state.residual.value,
+
+    def exchange(momentum, residual, key, wire_state=None):
+      # Send C(m_i + e_i), keep e_i ← m_i + e_i − C(m_i + e_i); every worker takes the average.
+      out = compress_with_feedback(codec, momentum, residual, key)
+      mu, wire_state = _average.mean(
+        wire, codec, out, momentum, wire_state, key=key, axis_name=axis_name, corrected=residual
+      )
+      return mu, out.residual, wire_state
+
+    residual = state.residual.value
+    if _average.follows_sharding(
+      wire, compressor, momentum, "scale_by_onebit_adam", dense_axis_name
+    ):
+      mu, residual = on_shards(
+        lambda m, r, k: exchange(m, r, k)[:2],
+        momentum,
+        residual,
+        key,
+        worker_axes=(axis_name,),
+        what="scale_by_onebit_adam",
+      )
+      wire_state = state.wire_state
+    else:
+      mu, residual, wire_state = exchange(momentum, residual, key, state.wire_state)
+    mu = jax.tree.map(
+      lambda m, v: m.astype(v.dtype), gather_chunks(mu, updates, dense_axis_name), updates
     )
-    mu = gather_chunks(mu, updates, dense_axis_name)
-    return mu, state.nu, state.residual.replace(out.residual), wire_state
+    return mu, state.nu, state.residual.replace(residual), wire_state
 
   @local_update
   def update_fn(updates, state, params=None):

@@ -12,6 +12,7 @@ import optax
 from compams_jax._src.base import Compressor
 from compams_jax._src.feedback import TreeCodec, compress_with_feedback
 from compams_jax._src.keys import step_key
+from compams_jax._src.shards import sharded_axes
 from compams_jax._src.tree import check_tree
 from compams_jax._src.validate import (
   check_axis_name,
@@ -186,6 +187,13 @@ def predictive_compression(
     previous = state.reconstruction.value
     value = scatter_mean(updates, dense_axis_name)
     check_updates(value, previous, "predictive_compression")
+    if sharded_axes(value):
+      raise ValueError(
+        "predictive_compression does not follow a parameter sharding: its gradients are "
+        f"sharded over {sharded_axes(value)} (a mesh axis besides the worker axis). Use "
+        "cj.error_feedback / cj.comp_ams without a predictor on sharded models, or replicate "
+        "the parameters within each worker."
+      )
     target = value
     if error_feedback:
       target = jax.tree.map(lambda x, e: x + e, value, state.residual.value)
