@@ -31,19 +31,20 @@ class TreeCodec:
   """A compressor applied to a pytree as its granularity says (per leaf, or the whole model)."""
 
   compressor: Compressor
+  stacked: tuple[bool, ...] | None = None  # per leaf: axis 0 stacks layers, each its own block
 
   @property
   def randomness(self) -> str:
     return self.compressor.randomness
 
   def encode(self, tree: Any, key: jax.Array | None) -> Any:
-    return encode_tree(self.compressor, tree, key)
+    return encode_tree(self.compressor, tree, key, self.stacked)
 
   def decode(self, payload: Any, like: Any, key: jax.Array | None) -> Any:
-    return decode_tree(self.compressor, payload, like, key)
+    return decode_tree(self.compressor, payload, like, key, self.stacked)
 
   def residual(self, x: Any, payload: Any, key: jax.Array | None) -> Any:
-    return residual_tree(self.compressor, payload, x, key)
+    return residual_tree(self.compressor, payload, x, key, self.stacked)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -63,46 +63,126 @@ def _signature(x: Any) -> tuple:
   return tuple((tuple(a.shape), str(a.dtype)) for a in jax.tree.leaves(x))
 
 
-def per_leaf(fn, likes: list[Any], *columns: list[Any], group: bool = True) -> list[Any]:
+def layered(fn):
+  """fn(like, *columns) applied to every layer of a leaf stacked along axis 0 (one vmap).
+
+  Columns that are None stay None; every other column carries the layer axis first.
+  """
+
+  def apply(like, *columns):
+    layer = jax.ShapeDtypeStruct(tuple(like.shape[1:]), like.dtype)
+    axes = tuple(None if c is None else 0 for c in columns)
+    return jax.vmap(lambda *a: fn(layer, *a), in_axes=axes)(*columns)
+
+  return apply
+
+
+def layer_keys(key: jax.Array | None, layers: int) -> jax.Array | None:
+  """Layer l of a stacked leaf draws from fold_in(the leaf's key, l)."""
+  if key is None:
+    return None
+  return jax.vmap(lambda l: jax.random.fold_in(key, l))(jnp.arange(layers))
+
+
+def per_leaf(
+  fn,
+  likes: list[Any],
+  *columns: list[Any],
+  group: bool = True,
+  stacked: Any = None,
+  layer_fn: Any = None,
+) -> list[Any]:
   """[fn(likes[i], *(c[i] for c in columns)) for each leaf i], compiled once per leaf shape.
 
   With `group`, leaves of one shape and dtype (a transformer's layers) run as ONE `lax.map`
   over their stacked arguments instead of one copy of the compressor's program per leaf:
   compile time grows with the number of distinct shapes, not of leaves, at the price of the
   stacked arguments in memory. Compressors declare which they want
-  (`Compressor.compile_once_per_shape`).
+  (`Compressor.compile_once_per_shape`). Leaves flagged in `stacked` (layers stacked along
+  axis 0, e.g. by `nnx.scan`) run on their own, every layer through one vmap (`layered`) of
+  `layer_fn` (default `fn`: the compressor's vmap-safe variant, `Compressor.batched()`).
   """
-  if not group:
-    return [fn(like, *(c[i] for c in columns)) for i, like in enumerate(likes)]
-  groups: dict[tuple, list[int]] = {}
+  out: list[Any] = [None] * len(likes)
+  plain = []
   for i, like in enumerate(likes):
+    if stacked is not None and stacked[i]:
+      out[i] = layered(layer_fn or fn)(like, *(c[i] for c in columns))
+    else:
+      plain.append(i)
+  if not group:
+    for i in plain:
+      out[i] = fn(likes[i], *(c[i] for c in columns))
+    return out
+  groups: dict[tuple, list[int]] = {}
+  for i in plain:
+    like = likes[i]
     sig = (tuple(like.shape), str(like.dtype)) + tuple(_signature(c[i]) for c in columns)
     groups.setdefault(sig, []).append(i)
-  out: list[Any] = [None] * len(likes)
   for idx in groups.values():
     if len(idx) == 1:
       i = idx[0]
       out[i] = fn(likes[i], *(c[i] for c in columns))
       continue
-    stacked = tuple(
+    stacked_args = tuple(
       None if c[idx[0]] is None else jax.tree.map(lambda *xs: jnp.stack(xs), *[c[i] for i in idx])
       for c in columns
     )
     like = likes[idx[0]]
-    results = jax.lax.map(lambda args: fn(like, *args), stacked)
+    results = jax.lax.map(lambda args: fn(like, *args), stacked_args)
     for j, i in enumerate(idx):
       out[i] = jax.tree.map(lambda r, j=j: r[j], results)
   return out
 
 
-def _leaves_and_keys(tree: Any, key: jax.Array | None):
+def _keys_for(key: jax.Array | None, leaves: list[Any], stacked: Any) -> list[Any]:
+  """Per-leaf keys; a stacked leaf gets one key per layer."""
+  keys = _leaf_keys(key, len(leaves))
+  if stacked is None:
+    return keys
+  return [
+    layer_keys(k, x.shape[0]) if s and k is not None else k
+    for k, x, s in zip(keys, leaves, stacked)
+  ]
+
+
+def stacked_flags(spec: Any, tree: Any) -> tuple[bool, ...] | None:
+  """One flag per leaf of `tree` from a spec: None, or a pytree prefix of `tree` of bools
+  (True: the leaves below stack layers along axis 0)."""
+  if spec is None:
+    return None
+  try:
+    flags = jax.tree.leaves(
+      jax.tree.map(lambda s, sub: jax.tree.map(lambda _: bool(s), sub), spec, tree)
+    )
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+      f"stacked= must be a pytree prefix of the parameters with one bool per leaf (or subtree), "
+      f"e.g. {{'layers': True, 'embed': False}}: {e}"
+    ) from None
+  for flag, leaf in zip(flags, jax.tree.leaves(tree)):
+    if flag and leaf.ndim < 1:
+      raise ValueError(f"stacked=: a leaf of shape {tuple(leaf.shape)} has no layer axis.")
+  return tuple(flags)
+
+
+def _check_stacked(compressor: Compressor, stacked: Any) -> None:
+  if stacked is not None and any(stacked) and compressor.granularity == "model":
+    raise ValueError(
+      "stacked layers are compressed one layer at a time, but the compressor's granularity "
+      "is 'model' (one block for the whole model); use a per-leaf compressor."
+    )
+
+
+def encode_tree(
+  compressor: Compressor, tree: Any, key: jax.Array | None = None, stacked: Any = None
+) -> Payload:
+  """Encodes a pytree: a list of per-leaf payloads, or one payload for the flattened model.
+
+  `stacked` (one flag per leaf, or None) marks leaves whose axis 0 stacks layers: each layer
+  is then a block of its own (one top-k budget, one sign scale per layer).
+  """
+  _check_stacked(compressor, stacked)
   leaves = jax.tree.leaves(tree)
-  return leaves, _leaf_keys(key, len(leaves))
-
-
-def encode_tree(compressor: Compressor, tree: Any, key: jax.Array | None = None) -> Payload:
-  """Encodes a pytree: a list of per-leaf payloads, or one payload for the flattened model."""
-  leaves, keys = _leaves_and_keys(tree, key)
   if compressor.granularity == "model":
     if not leaves:
       return []
@@ -111,47 +191,99 @@ def encode_tree(compressor: Compressor, tree: Any, key: jax.Array | None = None)
     lambda like, x, k: compressor.encode(x, k),
     leaves,
     leaves,
-    keys,
+    _keys_for(key, leaves, stacked),
     group=compressor.compile_once_per_shape,
+    stacked=stacked,
+    layer_fn=lambda like, x, k: compressor.batched().encode(x, k),
   )
 
 
-def _decode_with(compressor, fn, payload, like_tree, key):
+def _decode_with(compressor, fn, payload, like_tree, key, stacked=None, layer_fn=None):
   leaves, treedef = jax.tree.flatten(like_tree)
   if compressor.granularity == "model":
     if not leaves:
       return like_tree
     return _unflatten(fn(payload[0], _flat_like(leaves), key), like_tree)
   specs = [jax.ShapeDtypeStruct(tuple(x.shape), x.dtype) for x in leaves]
-  keys = _leaf_keys(key, len(leaves))
+  keys = _keys_for(key, leaves, stacked)
   group = compressor.compile_once_per_shape
-  out = per_leaf(lambda like, p, k: fn(p, like, k), specs, payload, keys, group=group)
+  out = per_leaf(
+    lambda like, p, k: fn(p, like, k),
+    specs,
+    payload,
+    keys,
+    group=group,
+    stacked=stacked,
+    layer_fn=None if layer_fn is None else (lambda like, p, k: layer_fn(p, like, k)),
+  )
   return jax.tree.unflatten(treedef, out)
 
 
 def decode_tree(
-  compressor: Compressor, payload: Payload, like_tree: Any, key: jax.Array | None = None
+  compressor: Compressor,
+  payload: Payload,
+  like_tree: Any,
+  key: jax.Array | None = None,
+  stacked: Any = None,
 ) -> Any:
   """Inverse of `encode_tree`: a dense pytree shaped and typed like `like_tree`."""
-  return _decode_with(compressor, compressor.decode, payload, like_tree, key)
+  return _decode_with(
+    compressor, compressor.decode, payload, like_tree, key, stacked, compressor.batched().decode
+  )
 
 
 def decode_sum_tree(
-  compressor: Compressor, payloads: Payload, like_tree: Any, key: jax.Array | None = None
+  compressor: Compressor,
+  payloads: Payload,
+  like_tree: Any,
+  key: jax.Array | None = None,
+  stacked: Any = None,
 ) -> Any:
   """Σ_i decode_tree(payloads[i]) over the workers' payloads.
 
   `payloads` is `encode_tree`'s list with every leaf stacked along a leading worker axis, or a
   list of `bucket.Rows` (a gathered buffer, read one worker at a time by `decode_sum`).
-  Leaves grouped into one `lax.map` (`compile_once_per_shape`) take their rows stacked.
+  Leaves grouped into one `lax.map` (`compile_once_per_shape`) take their rows stacked. A
+  stacked-layer leaf adds each worker's layers, decoded by one vmap, one worker at a time.
   """
-  if compressor.compile_once_per_shape and compressor.granularity == "leaf":
-    payloads = [p.stacked() if isinstance(p, bucket.Rows) else p for p in payloads]
-  return _decode_with(compressor, compressor.decode_sum, payloads, like_tree, key)
+  if stacked is None or not any(stacked) or compressor.granularity == "model":
+    if compressor.compile_once_per_shape and compressor.granularity == "leaf":
+      payloads = [p.stacked() if isinstance(p, bucket.Rows) else p for p in payloads]
+    return _decode_with(compressor, compressor.decode_sum, payloads, like_tree, key)
+  leaves, treedef = jax.tree.flatten(like_tree)
+  keys = _keys_for(key, leaves, stacked)
+  out: list[Any] = [None] * len(leaves)
+  plain = [i for i, s in enumerate(stacked) if not s]
+  for i, s in enumerate(stacked):
+    if not s:
+      continue
+    spec = jax.ShapeDtypeStruct(tuple(leaves[i].shape), leaves[i].dtype)
+    batched = compressor.batched()
+    one = layered(lambda like, p, k: batched.decode(p, like, k).astype(jnp.float32))
+    total = bucket.rows(payloads[i]).sum(lambda p, spec=spec, k=keys[i]: one(spec, p, k))
+    out[i] = total.astype(spec.dtype)
+  specs = [jax.ShapeDtypeStruct(tuple(leaves[i].shape), leaves[i].dtype) for i in plain]
+  pays = [payloads[i] for i in plain]
+  if compressor.compile_once_per_shape:
+    pays = [p.stacked() if isinstance(p, bucket.Rows) else p for p in pays]
+  sums = per_leaf(
+    lambda like, p, k: compressor.decode_sum(p, like, k),
+    specs,
+    pays,
+    [keys[i] for i in plain],
+    group=compressor.compile_once_per_shape,
+  )
+  for i, v in zip(plain, sums):
+    out[i] = v
+  return jax.tree.unflatten(treedef, out)
 
 
 def residual_tree(
-  compressor: Compressor, payload: Payload, tree: Any, key: jax.Array | None = None
+  compressor: Compressor,
+  payload: Payload,
+  tree: Any,
+  key: jax.Array | None = None,
+  stacked: Any = None,
 ) -> Any:
   """tree − decode_tree(payload): what error feedback keeps (`Compressor.residual` per leaf)."""
   leaves, treedef = jax.tree.flatten(tree)
@@ -159,15 +291,20 @@ def residual_tree(
     if not leaves:
       return tree
     return _unflatten(compressor.residual(flatten_tree(tree), payload[0], key), tree)
-  keys = _leaf_keys(key, len(leaves))
-  group = compressor.compile_once_per_shape
   out = per_leaf(
-    lambda like, x, p, k: compressor.residual(x, p, k), leaves, leaves, payload, keys, group=group
+    lambda like, x, p, k: compressor.residual(x, p, k),
+    leaves,
+    leaves,
+    payload,
+    _keys_for(key, leaves, stacked),
+    group=compressor.compile_once_per_shape,
+    stacked=stacked,
+    layer_fn=lambda like, x, p, k: compressor.batched().residual(x, p, k),
   )
   return jax.tree.unflatten(treedef, out)
 
 
-def tree_wire_bits(compressor: Compressor, tree: Any) -> int:
+def tree_wire_bits(compressor: Compressor, tree: Any, stacked: Any = None) -> int:
   """Exact bits one worker's payload of this pytree puts on the wire (from shapes only)."""
   leaves = jax.tree.leaves(tree)
   if compressor.granularity == "model":
@@ -175,7 +312,13 @@ def tree_wire_bits(compressor: Compressor, tree: Any) -> int:
       return 0
     flat = _flat_like(leaves)
     return compressor.wire_bits(flat.shape, flat.dtype)
-  return sum(compressor.wire_bits(tuple(x.shape), x.dtype) for x in leaves)
+  flags = stacked if stacked is not None else [0] * len(leaves)
+  return sum(
+    x.shape[0] * compressor.wire_bits(tuple(x.shape[1:]), x.dtype)
+    if s
+    else compressor.wire_bits(tuple(x.shape), x.dtype)
+    for x, s in zip(leaves, flags)
+  )
 
 
 def compress_tree(compressor: Compressor, tree: Any, key: jax.Array | None = None) -> Any:

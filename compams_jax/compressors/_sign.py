@@ -13,6 +13,7 @@ from compams_jax._src import bucket
 from compams_jax._src.base import Compressor, Granularity
 
 
+@jax.custom_batching.custom_vmap
 def _mean_abs(flat):
   """mean|x| in float32 in one pass: Σ|x|·(1/d). Only when Σ|x| overflows (it never exceeds
   max|x| once divided) does a second pass add Σ(|x|·(1/d)) instead, under a `lax.cond` that the
@@ -25,6 +26,18 @@ def _mean_abs(flat):
     lambda: total * inv,
     lambda: jnp.sum(jnp.abs(flat.astype(jnp.float32)) * inv),
   )
+
+
+@_mean_abs.def_vmap
+def _mean_abs_batched(axis_size, in_batched, flat):
+  """Under vmap (stacked layers) a batched cond fails inside shard_map: both sums, selected."""
+  del axis_size
+  if not in_batched[0]:
+    return _mean_abs(flat), False
+  a = jnp.abs(flat.astype(jnp.float32))
+  inv = jnp.float32(1.0 / a.shape[-1])
+  total = jnp.sum(a, axis=-1)
+  return jnp.where(jnp.isfinite(total), total * inv, jnp.sum(a * inv, axis=-1)), True
 
 
 NORMS = ("l1", "l2")

@@ -34,6 +34,13 @@ def communicate(
   it, with ("ef") or without ("none") a residual.
   """
   check_feedback(feedback, predictor)
+  if where.get("stacked") is not None and (feedback == "ef21" or predictor is not None):
+    raise ValueError(
+      "stacked= is supported with feedback='ef' or 'none' and no predictor (predictive "
+      "coding compresses whole leaves)."
+    )
+  if where.get("stacked") is None:
+    where.pop("stacked", None)
   if feedback == "ef21":
     return predictive_compression(compressor, predictor=fixed(1.0), feedback="none", **where)
   if predictor is not None:

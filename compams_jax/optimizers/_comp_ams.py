@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from typing import Any
 
 import optax
 
@@ -29,6 +30,7 @@ def comp_ams(
   feedback: str = "ef",
   dense_warmup_steps: int = 0,
   compressor_stages: Sequence[tuple[int, Compressor]] = (),
+  stacked: Any = None,
 ) -> optax.GradientTransformation:
   """COMP-AMS (Li, Karimi & Li, ICLR 2022), exactly as the paper states it.
 
@@ -69,6 +71,9 @@ def comp_ams(
       (`cj.staged`); e.g. a top-k ratio annealed from 10% down to `compressor`'s 1%.
     dense_axis_name: a fast axis averaged densely before compression (hierarchical meshes:
       compressed bytes only on the slow `axis_name`; see `cj.error_feedback`).
+    stacked: which leaves stack layers along axis 0 (scanned layers): a pytree prefix of the
+      parameters of bools; each layer is then compressed as its own block, as the paper's
+      per-layer compression intends (see `cj.error_feedback`).
     wire: the wire strategy: `cj.wire.gather()` (default, the paper's algorithm) or
       `cj.wire.two_phase()` (a compressed all-reduce whose bytes per device do not grow with n).
 
@@ -90,7 +95,9 @@ def comp_ams(
     Richtárik, Sokolov, Fatkhullin, "EF21: A New, Simpler, Theoretically Better, and Practically
     Faster Error Feedback", NeurIPS 2021.
   """
-  where = dict(axis_name=axis_name, dense_axis_name=dense_axis_name, wire=wire, seed=seed)
+  where = dict(
+    axis_name=axis_name, dense_axis_name=dense_axis_name, wire=wire, seed=seed, stacked=stacked
+  )
   check_feedback(feedback, predictor)
 
   def communicate_with(c):

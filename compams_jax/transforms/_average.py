@@ -21,10 +21,18 @@ from compams_jax.transforms import _two_phase
 from compams_jax.wire import Wire
 
 
-def codec(wire: Wire, compressor: Compressor, axis_name: AxisName | None) -> Any:
-  """The layout the workers compress in: per leaf (`TreeCodec`), or two-phase's n chunks."""
+def codec(
+  wire: Wire, compressor: Compressor, axis_name: AxisName | None, stacked: Any = None
+) -> Any:
+  """The layout the workers compress in: per leaf (`TreeCodec`, stacked layers each a block),
+  or two-phase's n chunks."""
   if wire.exact_mean:
-    return TreeCodec(compressor)
+    return TreeCodec(compressor, stacked)
+  if stacked is not None and any(stacked):
+    raise ValueError(
+      "stacked layers are compressed per layer, but cj.wire.two_phase() flattens the model "
+      "into chunks; use cj.wire.gather() with stacked=."
+    )
   # Chunks are decoded under vmap: the compressor's vmap-safe path.
   return _two_phase.ChunkCodec(compressor.batched(), wire.workers(axis_name))
 
@@ -88,7 +96,13 @@ def mean(
   if wire.exact_mean:
     own = jax.tree.map(lambda s, v: s.astype(v.dtype), out.sent, like)
     average = wire.average(
-      codec.compressor, out.payload, like, axis_name=axis_name, key=key, own=own
+      codec.compressor,
+      out.payload,
+      like,
+      axis_name=axis_name,
+      key=key,
+      own=own,
+      stacked=codec.stacked,
     )
     return average, state
   flat_dtype = flat_spec(like if corrected is None else corrected).dtype

@@ -13,7 +13,7 @@ from compams_jax._src.base import Compressor
 from compams_jax._src.feedback import compress_with_feedback
 from compams_jax._src.keys import step_key
 from compams_jax._src.shards import on_shards
-from compams_jax._src.tree import check_tree
+from compams_jax._src.tree import check_tree, stacked_flags
 from compams_jax._src.validate import (
   check_axis_name,
   check_compressor,
@@ -63,6 +63,16 @@ def _residual_marker(dense_axis_name: AxisName | None) -> dict[str, Any]:
   )
 
 
+def _stacked_layers(stacked: Any, dense_axis_name: AxisName | None):
+  """value -> per-leaf stacked flags (None without a spec)."""
+  if stacked is not None and dense_axis_name is not None:
+    raise ValueError(
+      "stacked= compresses each layer on its own, but dense_axis_name splits every leaf into "
+      "flat chunks; use one or the other."
+    )
+  return lambda value: stacked_flags(stacked, value)
+
+
 def error_feedback(
   compressor: Compressor,
   *,
@@ -71,6 +81,7 @@ def error_feedback(
   wire: Wire | None = None,
   seed: int = 0,
   residual_dtype: Any = None,
+  stacked: Any = None,
 ) -> optax.GradientTransformation:
   """Compresses each worker's gradient with error feedback and averages over workers.
 
@@ -100,7 +111,12 @@ def error_feedback(
     wire: the wire strategy (default `cj.wire.gather()`).
     seed: seeds the PRNG keys of randomized compressors (derived per step, and per worker for
       private randomness).
-    residual_dtype: dtype of the residuals (default: the parameters' dtype).
+    residual_dtype: dtype of the residuals (default: the parameters' dtype), e.g. float32
+      for bfloat16 parameters.
+    stacked: which leaves stack layers along axis 0 (`nnx.scan`, linen `scan`, scanned
+      layers): a pytree prefix of the parameters of bools, e.g. `{"blocks": True, "embed":
+      False}`. Each layer of a stacked leaf is then its own block (one top-k budget, one sign
+      scale per layer), through one vmap over the layers. None: no leaf is stacked.
 
   Returns:
     An `optax.GradientTransformation` whose state is an `ErrorFeedbackState`.
@@ -125,6 +141,7 @@ def error_feedback(
   check_axis_name(dense_axis_name, "dense_axis_name")
   check_seed(seed)
   wire = gather() if wire is None else check_wire(wire)
+  layers = _stacked_layers(stacked, dense_axis_name)
 
   def init_fn(params):
     check_tree(params)
@@ -147,7 +164,7 @@ def error_feedback(
     if not jax.tree.leaves(value):
       return updates, state._replace(count=optax.safe_increment(state.count))
     key = step_key(compressor, seed, state.count, axis_name, dense_axis_name)
-    codec = _average.codec(wire, compressor, axis_name)
+    codec = _average.codec(wire, compressor, axis_name, layers(value))
 
     def exchange(value, residual, key, wire_state=None):
       # Send C(g + e) and keep e ← g + e − C(g + e), then average what the workers sent.
@@ -185,6 +202,7 @@ def compressed_mean(
   dense_axis_name: str | None = None,
   wire: Wire | None = None,
   seed: int = 0,
+  stacked: Any = None,
 ) -> optax.GradientTransformation:
   """Averages C(g_i) over workers, without error feedback.
 
@@ -194,6 +212,7 @@ def compressed_mean(
     dense_axis_name: a fast axis reduced densely before compression (see `error_feedback`).
     wire: the wire strategy (default `cj.wire.gather()`).
     seed: seeds the PRNG keys of randomized compressors.
+    stacked: which leaves stack layers along axis 0 (see `error_feedback`).
 
   Returns:
     An `optax.GradientTransformation` whose state is a `CompressedMeanState`.
@@ -210,6 +229,7 @@ def compressed_mean(
   check_axis_name(dense_axis_name, "dense_axis_name")
   check_seed(seed)
   wire = gather() if wire is None else check_wire(wire)
+  layers = _stacked_layers(stacked, dense_axis_name)
 
   def init_fn(params):
     check_tree(params)
@@ -227,7 +247,7 @@ def compressed_mean(
     if not jax.tree.leaves(value):
       return updates, state._replace(count=optax.safe_increment(state.count))
     key = step_key(compressor, seed, state.count, axis_name, dense_axis_name)
-    codec = _average.codec(wire, compressor, axis_name)
+    codec = _average.codec(wire, compressor, axis_name, layers(value))
 
     def exchange(value, key, wire_state=None):
       out = compress_with_feedback(codec, value, None, key)  # send C(g), keep nothing

@@ -23,6 +23,7 @@ def gather_average(
   axis_name: AxisName | None,
   key: jax.Array | None = None,
   own: Any = None,
+  stacked: Any = None,
 ) -> Any:
   """(1/n) Σ_i decode(payload_i) over the workers of `axis_name`, as a pytree like `like`.
 
@@ -40,20 +41,21 @@ def gather_average(
     key: the encoding key; used to decode only if the compressor's randomness is shared.
     own: this worker's own decoded payload, if the caller has it; with one worker it is the
       result (bit-identical to the caller's).
+    stacked: per-leaf flags of leaves whose axis 0 stacks layers (each layer its own block).
 
   Returns:
     The average of the decoded payloads, a pytree like `like`.
   """
   key = decode_key(compressor, key)
   if axis_name is None:
-    return decode_tree(compressor, payload, like, key) if own is None else own
+    return decode_tree(compressor, payload, like, key, stacked) if own is None else own
   n = num_workers(axis_name)
   if not jax.tree.leaves(like):
     return like
   if compressor.summable:
     # One psum of the whole payload pytree lowers to ONE variadic all-reduce, with no copy of
     # the leaves into a bucket first.
-    total = decode_tree(compressor, jax.lax.psum(payload, axis_name), like, key)
+    total = decode_tree(compressor, jax.lax.psum(payload, axis_name), like, key, stacked)
   else:
     # One bucket per set of mesh axes the payloads vary along (one bucket unless leaves are
     # sharded differently over other mesh axes): a gathered buffer then varies exactly as its
@@ -70,7 +72,7 @@ def gather_average(
       gathered = None if buffer is None else all_gather_invariant(buffer, axis_name)
       for i, r in zip(idx, bucket.unpack_rows(gathered, part, n)):
         rows[i] = r
-    total = decode_sum_tree(compressor, rows, like, key)
+    total = decode_sum_tree(compressor, rows, like, key, stacked)
   return jax.tree.map(lambda t: (t / n).astype(t.dtype), total)
 
 
@@ -83,9 +85,11 @@ class Gather(Wire):
   payload of the whole model (`wire_bits`); received: n of them.
   """
 
-  def average(self, compressor, payload, like, *, axis_name, key=None, own=None):
+  def average(self, compressor, payload, like, *, axis_name, key=None, own=None, stacked=None):
     """(1/n) Σ_i decode(payload_i): see `gather_average`."""
-    return gather_average(compressor, payload, like, axis_name=axis_name, key=key, own=own)
+    return gather_average(
+      compressor, payload, like, axis_name=axis_name, key=key, own=own, stacked=stacked
+    )
 
 
 def gather() -> Gather:
