@@ -39,8 +39,13 @@ def communicate(
       "stacked= is supported with feedback='ef' or 'none' and no predictor (predictive "
       "coding compresses whole leaves)."
     )
-  if where.get("stacked") is None:
-    where.pop("stacked", None)
+  if where.get("residual_dtype") is not None and feedback != "ef":
+    raise ValueError("residual_dtype= sets the error-feedback residual: it needs feedback='ef'.")
+  if where.get("residual_dtype") is not None and predictor is not None:
+    raise ValueError("residual_dtype= is not supported with a predictor.")
+  for name in ("stacked", "residual_dtype"):
+    if where.get(name) is None:
+      where.pop(name, None)
   if feedback == "ef21":
     return predictive_compression(compressor, predictor=fixed(1.0), feedback="none", **where)
   if predictor is not None:

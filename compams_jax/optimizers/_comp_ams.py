@@ -31,6 +31,7 @@ def comp_ams(
   dense_warmup_steps: int = 0,
   compressor_stages: Sequence[tuple[int, Compressor]] = (),
   stacked: Any = None,
+  residual_dtype: Any = None,
 ) -> optax.GradientTransformation:
   """COMP-AMS (Li, Karimi & Li, ICLR 2022), exactly as the paper states it.
 
@@ -74,6 +75,9 @@ def comp_ams(
     stacked: which leaves stack layers along axis 0 (scanned layers): a pytree prefix of the
       parameters of bools; each layer is then compressed as its own block, as the paper's
       per-layer compression intends (see `cj.error_feedback`).
+    residual_dtype: dtype of the error-feedback residuals (default: the parameters'), e.g.
+      `jnp.float32` for bfloat16 parameters and gradients: what compression drops then
+      accumulates in float32, while the wire keeps the compressor's value dtype.
     wire: the wire strategy: `cj.wire.gather()` (default, the paper's algorithm) or
       `cj.wire.two_phase()` (a compressed all-reduce whose bytes per device do not grow with n).
 
@@ -96,7 +100,12 @@ def comp_ams(
     Faster Error Feedback", NeurIPS 2021.
   """
   where = dict(
-    axis_name=axis_name, dense_axis_name=dense_axis_name, wire=wire, seed=seed, stacked=stacked
+    axis_name=axis_name,
+    dense_axis_name=dense_axis_name,
+    wire=wire,
+    seed=seed,
+    stacked=stacked,
+    residual_dtype=residual_dtype,
   )
   check_feedback(feedback, predictor)
 
