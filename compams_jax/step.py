@@ -181,8 +181,23 @@ class DataParallelStep:
     metrics = {"loss": loss} if aux is None else {"loss": loss, "aux": aux}
     return params, opt_state, metrics
 
+  def _shard_axes(self) -> tuple[str, ...]:
+    """Mesh axes besides the workers' that shard the parameters (`param_specs`)."""
+    used: list[str] = []
+    for spec in jax.tree.leaves(self.param_specs, is_leaf=lambda x: isinstance(x, P)):
+      for entry in spec:
+        for name in _names(entry):
+          if name not in self.axis_name and name not in used:
+            used.append(name)
+    return tuple(used)
+
   def _local_sharded(self, params, opt_state, batch, key):
     params, opt_state, metrics = self._local(params, opt_state, batch, key, varying=True)
+    shard_axes = self._shard_axes()
+    if shard_axes:
+      # Each device of a sharded model reports its share: the worker's metric is their mean
+      # (a scalar all-reduce inside the worker, never over the worker axis).
+      metrics = jax.lax.pmean(metrics, shard_axes)
     return params, opt_state, jax.tree.map(lambda m: jnp.asarray(m)[None], metrics)
 
   @functools.cached_property
