@@ -137,8 +137,13 @@ def own_specs(params: Any, mesh: Any) -> Any:
   """Each leaf's PartitionSpec from its own sharding on `mesh` (P() when it has none)."""
 
   def spec(x):
-    sharding = getattr(x, "sharding", None)
-    if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh.shape == mesh.shape:
+    if isinstance(x, jax.core.Tracer):  # e.g. under jax.eval_shape: the type's sharding
+      sharding = getattr(jax.typeof(x), "sharding", None)
+    else:
+      sharding = getattr(x, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding) and dict(sharding.mesh.shape) == dict(
+      mesh.shape
+    ):
       return sharding.spec
     return P()
 
