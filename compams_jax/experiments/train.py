@@ -27,11 +27,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import compams_jax as cj
-from compams_jax.experiments import checkpoints
+from compams_jax.experiments import checkpoints, optim
 from compams_jax.experiments import config as config_lib
 from compams_jax.experiments.data import epoch_permutation, load_dataset, steps_per_epoch
 from compams_jax.experiments.models import count_params, create_model
-from compams_jax.experiments.optim import build_optimizer, bytes_sent_by_step
 
 AXIS = "data"
 
@@ -113,8 +112,8 @@ def make_layout(config) -> Layout:
   if len(devices) < n:
     raise RuntimeError(
       f"the run needs {n} devices (one per worker) but jax sees {len(devices)}. "
-      "On CPU, simulate them by setting XLA_FLAGS=--xla_force_host_platform_device_count="
-      f"{n} before jax starts (compams-train does this for you), or set mesh.simulate=vmap."
+      f"On CPU, simulate them with cj.simulate_cpu_devices({n}) right after `import jax` "
+      "(compams-train does this for you), or set mesh.simulate=vmap."
     )
   # Row-major over jax.devices(): with several processes, each process's devices form a row
   # (one slice per process along "dcn").
@@ -241,7 +240,7 @@ def create_train_state(config, dataset, layout: Layout, key: jax.Array):
     config.model.name, dataset.num_classes, **dict(config.model.get("kwargs", {}) or {})
   )
   params = model.init({"params": key}, jnp.asarray(dataset.x_train[:1]), train=False)["params"]
-  tx = build_optimizer(
+  tx = optim.build_optimizer(
     config.optimizer, axis_name=layout.axis_name, dense_axis_name=layout.dense_axis_name
   )
 
@@ -323,37 +322,47 @@ def make_batches(dataset, layout: Layout, seed: int, local_batch: int, per_epoch
 
 def _communication(config, tx, step, state: TrainState, batch0, layout: Layout):
   """What the optimizer sends: `sent_after(step)`, the bytes one worker has sent after `step`
-  steps, and the summary's byte fields, read from the compiled step's HLO and from payloads.
+  steps, and the summary's byte fields, read from the compiled step's HLO and from the traced
+  transforms (`cj.wire_bytes`).
 
-  On a hierarchical mesh the HLO also holds the dense collectives of the fast axis; the bytes
-  "sent" are those of the slow (worker) axis. Simulated workers have no collectives at all:
-  their bytes are read from the traced optimizer (`cj.wire_bytes`).
+  An optimizer that sends the same every step sends the HLO's bytes (on a 1-D device mesh) or
+  `cj.wire_bytes` of its transform. One whose compiled step holds several phases (a warm-up,
+  annealed stages) sends each phase's bytes during its steps: `optim.phases` gives a transform
+  per phase, and together they must account for every byte of the optimizer's transform. On a
+  hierarchical mesh the HLO also holds the dense collectives of the fast axis; the bytes "sent"
+  are those of the slow (worker) axis. Simulated workers have no collectives at all: their bytes
+  are read from the traced transforms.
   """
   key0 = jax.random.key(0)
   hlo = cj.collective_bytes(step.lower(state.params, state.opt_state, batch0, key0).compile())
   sizes = dict(zip(layout.axes, layout.sizes))
-  static = cj.wire_bytes(
-    tx,
-    state.params,
-    num_workers=sizes[layout.axis_name],
-    dense_workers=sizes.get(layout.dense_axis_name, 1),
-  )
-  per_step = hlo.total if (layout.dense_axis_name is None and not layout.simulated) else static
 
-  def measure(section):  # one phase's optimizer on this run's layout
-    phase_tx = build_optimizer(
-      section, axis_name=layout.axis_name, dense_axis_name=layout.dense_axis_name
-    )
+  def measure(transform):  # bytes per step of a transform on this run's layout
     return cj.wire_bytes(
-      phase_tx,
+      transform,
       state.params,
       num_workers=sizes[layout.axis_name],
       dense_workers=sizes.get(layout.dense_axis_name, 1),
     )
 
-  sent_after, steady = bytes_sent_by_step(config.optimizer, state.params, per_step, measure=measure)
+  static = measure(tx)
+  before, steady_tx = optim.phases(
+    config.optimizer, axis_name=layout.axis_name, dense_axis_name=layout.dense_axis_name
+  )
+  if before:
+    per_phase = [(n, measure(t)) for n, t in before]
+    steady = measure(steady_tx)
+    if sum(b for _, b in per_phase) + steady != static:
+      raise RuntimeError(
+        f"the phases of {config.optimizer.name} send {[b for _, b in per_phase]} then {steady} "
+        f"bytes per step, which does not account for the {static} bytes of its transform; "
+        "compams_jax/experiments/optim.py's phases no longer match the library's optimizer."
+      )
+  else:
+    per_phase = []
+    steady = hlo.total if (layout.dense_axis_name is None and not layout.simulated) else static
   dense = 4 * count_params(state.params)
-  return sent_after, {
+  return optim.bytes_sent_by_step(per_phase, steady), {
     "bytes_per_step_hlo": hlo.total,
     "bytes_per_step_static": static,
     "dense_f32_bytes": dense,
