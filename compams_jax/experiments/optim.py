@@ -22,15 +22,20 @@ PRESETS = config_lib.PRESETS  # The named optimizer sections (defined with the c
 PREDICTORS = ("none", "fixed", "least_squares")
 WIRES = {"gather": cj.wire.gather, "two_phase": cj.wire.two_phase}
 
-# The library's keyword renames landing on main: new keyword -> (the keyword it replaces, the
-# new keyword's value in the old one's terms). The experiments call the factories with the new
-# keywords; `library_call` translates them for a factory that still has the old keyword. Where
-# a factory has the new keyword (main after the renames) nothing is translated, and this table
-# can go.
+# The library's API change landing on main: renamed keywords and new ones. The experiments call
+# the factories with the new keywords; `library_call` translates a renamed keyword for a factory
+# that still has the old one. Where a factory has the new keywords (main after the change)
+# nothing is translated, and these two tables can go.
+# New keyword -> (the keyword it replaces, the new keyword's value in the old one's terms):
 _RENAMED: dict[str, tuple[str, Callable[[Any], Any]]] = {
   "eps_root": ("eps", lambda value: value),  # cj.comp_ams(eps=) became eps_root=
   # cj.compressed_momentum_sgd / cj.predictive_compression(error_feedback: bool) became feedback=
   "feedback": ("error_feedback", {"ef": True, "none": False}.__getitem__),
+}
+# Factory -> the keywords it gains (an older library refuses them when they are set):
+_ADDED: dict[str, tuple[str, ...]] = {
+  "onebit_adam": ("dense_axis_name", "wire"),
+  "qadam": ("dense_axis_name", "wire", "feedback"),
 }
 
 
@@ -54,7 +59,11 @@ def library_call(factory: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         ) from None
   unknown = sorted(set(kwargs) - set(params))
   if unknown:
-    raise ValueError(f"{name} takes no {', '.join(unknown)} in this version of the library.")
+    coming = [k for k in unknown if k in _ADDED.get(name, ())]
+    raise ValueError(
+      f"{name} takes no {', '.join(unknown)} in this version of the library"
+      + (f" ({', '.join(coming)}: with the API change landing on main)." if coming else ".")
+    )
   return factory(*args, **kwargs)
 
 

@@ -1,8 +1,9 @@
 """The data-parallel training loop: n workers on a `jax.shard_map` mesh axis "data".
 
-`train` orchestrates: `create_train_state` (model, parameters and optimizer state on the mesh),
-`cj.data_parallel_step` and `make_eval_step` (the jitted data-parallel steps), `evaluate`, and `_fit`
-(the loop: metrics, progress, checkpoints and the windowed loss-target stop).
+`train` orchestrates: `make_setup` (`create_train_state`: model, parameters and optimizer state
+on the mesh; `cj.data_parallel_step` and `make_eval_step`: the jitted data-parallel steps;
+`evaluate`; the bytes sent), and `_fit` over `steps` (the loop; `_fit` adds metrics, progress,
+checkpoints and the windowed loss-target stop).
 """
 
 from __future__ import annotations
@@ -372,7 +373,7 @@ def _communication(config, tx, step, state: TrainState, batch0, layout: Layout):
   }
 
 
-class _Setup(NamedTuple):
+class Setup(NamedTuple):
   """Everything `train` builds from the config before it touches the run directory."""
 
   layout: Layout
@@ -384,21 +385,32 @@ class _Setup(NamedTuple):
   dropout_key: jax.Array
   per_epoch: int
   total_steps: int
-  sent_after: Callable  # step -> bytes one worker has sent
-  comm: dict[str, Any]  # The summary's byte fields.
+  sent_after: Callable | None  # step -> bytes one worker has sent
+  comm: dict[str, Any] | None  # The summary's byte fields.
 
 
-def _setup(config: ml_collections.ConfigDict) -> _Setup:
-  """Layout, data, initial state, jitted steps and byte accounting (no run directory yet)."""
+def make_setup(
+  config: ml_collections.ConfigDict, *, dataset: Any = None, measure_bytes: bool = True
+) -> Setup:
+  """Layout, data, initial state, jitted steps and byte accounting (no run directory yet).
+
+  Args:
+    config: an experiment config.
+    dataset: the data to train on instead of the config's dataset (as `load_dataset` returns).
+    measure_bytes: read the bytes sent from the compiled step (`sent_after`, `comm`; None if
+      not: it compiles the step once more).
+  """
   layout = make_layout(config)
-  dataset = _load_data(config)
+  dataset = _load_data(config) if dataset is None else dataset
   init_key = jax.random.key(int(config.seed))
   model, tx, step, state = create_train_state(config, dataset, layout, init_key)
   eval_step = make_eval_step(model, layout)
   per_epoch = _epoch_length(config, dataset)
   batch = make_batches(dataset, layout, int(config.seed), int(config.local_batch), per_epoch)
-  sent_after, comm = _communication(config, tx, step, state, batch(0), layout)
-  return _Setup(
+  sent_after, comm = (
+    _communication(config, tx, step, state, batch(0), layout) if measure_bytes else (None, None)
+  )
+  return Setup(
     layout=layout,
     dataset=dataset,
     state=state,
@@ -413,7 +425,7 @@ def _setup(config: ml_collections.ConfigDict) -> _Setup:
   )
 
 
-def restore_train_state(ckpt, step: int, like: TrainState, saved_workers: int, setup: _Setup):
+def restore_train_state(ckpt, step: int, like: TrainState, saved_workers: int, setup: Setup):
   """The `TrainState` checkpointed at `step`, laid out like `like`.
 
   A checkpoint of another worker count (elastic resume) is restored replicated and resized by
@@ -452,7 +464,7 @@ def restore_train_state(ckpt, step: int, like: TrainState, saved_workers: int, s
   return TrainState(restored["params"], opt_state, int(restored["step"]), Meters(**meters))
 
 
-def _resume_or_start(ckpt, setup: _Setup, config, workdir, resume, saved_meta, must_match, lead):
+def _resume_or_start(ckpt, setup: Setup, config, workdir, resume, saved_meta, must_match, lead):
   """The state to train from: the initial one, or with `resume` the latest checkpoint's.
   Process 0 (`lead`) empties metrics.jsonl (or cuts it back to the resumed step) and writes
   run_meta.json and config.json."""
@@ -553,7 +565,7 @@ def _write_line(log, **record) -> None:
   log.write(json.dumps(record) + "\n")
 
 
-def _train_one_step(setup: _Setup, state: TrainState, step: int):
+def _train_one_step(setup: Setup, state: TrainState, step: int):
   """`state` advanced by the step's batch (its meters added to in place), with the step's mean
   training loss and accuracy."""
   key = jax.random.fold_in(setup.dropout_key, step)  # each worker folds in its index
@@ -562,10 +574,17 @@ def _train_one_step(setup: _Setup, state: TrainState, step: int):
   )
   loss = float(np.mean(to_host(metrics["loss"])))
   acc = float(np.mean(to_host(metrics["aux"])))
-  if not math.isfinite(loss):
-    raise FloatingPointError(f"training loss became {loss} at step {step}.")
   state.meters.add(loss, acc)
   return dataclasses.replace(state, params=params, opt_state=opt_state, step=step + 1), loss, acc
+
+
+def steps(setup: Setup, state: TrainState, end: int):
+  """The training loop: yields `(state, loss, accuracy)` after each step from `state.step` to
+  `end` (the step's mean training loss and accuracy over the workers; the state's epoch meters
+  are added to). `train` stops at a non-finite loss; the loop itself does not."""
+  for step in range(state.step, end):
+    state, loss, acc = _train_one_step(setup, state, step)
+    yield state, loss, acc
 
 
 def _end_epoch(state: TrainState, epoch: int, test, sent: int, log, progress) -> TrainState:
@@ -586,16 +605,18 @@ def _end_epoch(state: TrainState, epoch: int, test, sent: int, log, progress) ->
   return dataclasses.replace(state, meters=Meters())
 
 
-def _fit(setup: _Setup, state: TrainState, end: int, config, ckpt, log, progress, stop):
+def _fit(setup: Setup, state: TrainState, end: int, config, ckpt, log, progress, stop):
   """Trains from `state.step` to `end` (sooner if `stop` is reached), writing metric lines to
   `log` and checkpoints to `ckpt`. Returns the final state, the step it ended at and the last
   epoch's (test loss, test accuracy) (NaN if no epoch ended)."""
   log_every, ckpt_every = int(config.log_every), int(config.checkpoint_every)
   per_epoch = setup.per_epoch
   test = (float("nan"), float("nan"))
-  for step in range(state.step, end):
-    state, loss, acc = _train_one_step(setup, state, step)
+  start = state
+  for state, loss, acc in steps(setup, start, end):
     done = state.step
+    if not math.isfinite(loss):
+      raise FloatingPointError(f"training loss became {loss} at step {done - 1}.")
     if stop.update(loss, done):
       end = done
     sent = setup.sent_after(done) * 8
@@ -621,7 +642,7 @@ def _fit(setup: _Setup, state: TrainState, end: int, config, ckpt, log, progress
   return state, end, test
 
 
-def _summary(config, setup: _Setup, state: TrainState, steps: int, test, stop, t0: float):
+def _summary(config, setup: Setup, state: TrainState, steps: int, test, stop, t0: float):
   """The run summary (summary.json, and the CLI's table)."""
   return {
     "variant": config.get("variant", "run"),
@@ -702,7 +723,7 @@ def train(
   must_match = ("model", "dataset", "optimizer") + (() if elastic else ("num_workers",))
   if resume and saved_meta is not None:  # Refuse a mismatched run before any expensive setup.
     checkpoints.check_meta(saved_meta, _meta(config), workdir, keys=must_match)
-  setup = _setup(config)
+  setup = make_setup(config)
   lead = jax.process_index() == 0  # Across processes, process 0 writes the run's files.
   workdir.mkdir(parents=True, exist_ok=True)
   ckpt = checkpoints.Checkpointer(workdir / "checkpoints")
