@@ -188,8 +188,8 @@ UNCOMPRESSED = momentum_sgd(_common.Spec("identity", {}), False, False)
 
 
 def train_run(setup, optimizer, *, lr, epochs, local_batch, seed, record=False, coords=None):
-  """Trains the setup's model with the experiments' trainer (`train.make_setup`, `train.steps`)
-  and the `optimizer` config section; optionally records the momentum.
+  """Trains the setup's model with the experiments' trainer (`train.make_setup`, its
+  `train.train_step`) and the `optimizer` config section; optionally records the momentum.
 
   Returns dict(test_accuracy, test_loss, final_train_loss, diverged, steps, seconds[, momentum]).
   momentum: (T, n, D) float32 numpy, worker i's momentum after step t (flattened leaves), or
@@ -212,7 +212,8 @@ def train_run(setup, optimizer, *, lr, epochs, local_batch, seed, record=False, 
   n = N_WORKERS
   t0, moms, losses = time.time(), [], []
   state = run.state
-  for state, loss, _ in train.steps(run, run.state, run.total_steps):
+  for step in range(run.total_steps):
+    state, loss, _ = train.train_step(run, state, step)
     losses.append(loss)
     if record:  # every worker's momentum after this step (state of cj.worker_momentum)
       m = [np.asarray(leaf) for leaf in jax.tree.leaves(state.opt_state[0].momentum.value)]

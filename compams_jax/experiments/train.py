@@ -2,7 +2,7 @@
 
 `train` orchestrates: `make_setup` (`create_train_state`: model, parameters and optimizer state
 on the mesh; `cj.data_parallel_step` and `make_eval_step`: the jitted data-parallel steps;
-`evaluate`; the bytes sent), and `_fit` over `steps` (the loop; `_fit` adds metrics, progress,
+`evaluate`; the bytes sent), and `_fit` (the loop over `train_step`: metrics, progress,
 checkpoints and the windowed loss-target stop).
 """
 
@@ -565,9 +565,10 @@ def _write_line(log, **record) -> None:
   log.write(json.dumps(record) + "\n")
 
 
-def _train_one_step(setup: Setup, state: TrainState, step: int):
-  """`state` advanced by the step's batch (its meters added to in place), with the step's mean
-  training loss and accuracy."""
+def train_step(setup: Setup, state: TrainState, step: int):
+  """One step of the training loop: `state` advanced by step `step`'s batch and dropout key (its
+  meters added to in place), with the step's mean training loss and accuracy over the workers.
+  `train` stops at a non-finite loss; the step itself does not."""
   key = jax.random.fold_in(setup.dropout_key, step)  # each worker folds in its index
   params, opt_state, metrics = setup.train_step(
     state.params, state.opt_state, setup.batch(step), key
@@ -576,15 +577,6 @@ def _train_one_step(setup: Setup, state: TrainState, step: int):
   acc = float(np.mean(to_host(metrics["aux"])))
   state.meters.add(loss, acc)
   return dataclasses.replace(state, params=params, opt_state=opt_state, step=step + 1), loss, acc
-
-
-def steps(setup: Setup, state: TrainState, end: int):
-  """The training loop: yields `(state, loss, accuracy)` after each step from `state.step` to
-  `end` (the step's mean training loss and accuracy over the workers; the state's epoch meters
-  are added to). `train` stops at a non-finite loss; the loop itself does not."""
-  for step in range(state.step, end):
-    state, loss, acc = _train_one_step(setup, state, step)
-    yield state, loss, acc
 
 
 def _end_epoch(state: TrainState, epoch: int, test, sent: int, log, progress) -> TrainState:
@@ -612,11 +604,11 @@ def _fit(setup: Setup, state: TrainState, end: int, config, ckpt, log, progress,
   log_every, ckpt_every = int(config.log_every), int(config.checkpoint_every)
   per_epoch = setup.per_epoch
   test = (float("nan"), float("nan"))
-  start = state
-  for state, loss, acc in steps(setup, start, end):
-    done = state.step
+  for step in range(state.step, end):
+    state, loss, acc = train_step(setup, state, step)
     if not math.isfinite(loss):
-      raise FloatingPointError(f"training loss became {loss} at step {done - 1}.")
+      raise FloatingPointError(f"training loss became {loss} at step {step}.")
+    done = state.step
     if stop.update(loss, done):
       end = done
     sent = setup.sent_after(done) * 8
