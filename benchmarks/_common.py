@@ -186,6 +186,7 @@ def run_info(benchmark: str) -> dict[str, Any]:
     "cpu_count": os.cpu_count(),
     "backend": jax.default_backend(),
     "device_count": jax.device_count(),
+    "num_cpu_devices": jax.config.jax_num_cpu_devices,  # set by force_devices (-1: not set)
     "xla_flags": os.environ.get("XLA_FLAGS", ""),
     "loadavg_at_start": loadavg(),
     "git": git_state(),
