@@ -1,8 +1,8 @@
 """What every benchmark sets up the same way: simulated devices, the import path, the compressors
 to run (from `cj.compressors.REGISTRY`), run metadata and JSON output.
 
-Import it before jax, and call `force_devices(n)` before anything imports jax: XLA reads the
-device count once, when its CPU backend starts. Nothing here imports jax at module level.
+Call `force_devices(n)` before any JAX operation: XLA reads the device count once, when its CPU
+backend starts. Nothing here imports jax at module level.
 """
 
 from __future__ import annotations
@@ -25,22 +25,15 @@ RESULTS = ROOT / "benchmarks" / "results"
 if str(ROOT) not in sys.path:  # run as `python benchmarks/x.py` from anywhere: use this checkout
   sys.path.insert(0, str(ROOT))
 
-_DEVICE_FLAG = "--xla_force_host_platform_device_count="
-
 
 def force_devices(n: int) -> None:
-  """n simulated CPU devices for this process (call before jax is imported).
-
-  Sets XLA_FLAGS' host device count to n (replacing any earlier count), JAX_PLATFORMS to cpu
-  unless set, and PJRT_NPROC above the device count unless set: with one XLA:CPU thread per
-  simulated device a collective can wait for a device that never gets a thread and abort.
-  """
-  if "jax" in sys.modules:
-    raise RuntimeError("force_devices() must run before jax is imported.")
-  flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(_DEVICE_FLAG)]
-  os.environ["XLA_FLAGS"] = " ".join([*flags, f"{_DEVICE_FLAG}{n}"])
+  """n simulated CPU devices for this process: `cj.simulate_cpu_devices(n)` (which also gives
+  XLA:CPU's thread pool headroom), on the CPU platform (JAX_PLATFORMS=cpu unless set). Call it
+  before any JAX operation."""
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  os.environ.setdefault("PJRT_NPROC", str(max(32, 2 * n)))
+  import compams_jax as cj  # pylint: disable=import-outside-toplevel
+
+  cj.simulate_cpu_devices(n)
 
 
 # ----------------------------------------------------------------- compressors from the registry
@@ -193,6 +186,7 @@ def run_info(benchmark: str) -> dict[str, Any]:
     "cpu_count": os.cpu_count(),
     "backend": jax.default_backend(),
     "device_count": jax.device_count(),
+    "num_cpu_devices": jax.config.jax_num_cpu_devices,  # set by force_devices (-1: not set)
     "xla_flags": os.environ.get("XLA_FLAGS", ""),
     "loadavg_at_start": loadavg(),
     "git": git_state(),

@@ -53,11 +53,9 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import compams_jax as cj  # noqa: E402
-from compams_jax.experiments.data import (  # noqa: E402
-  epoch_permutation,
-  load_dataset,
-  steps_per_epoch,
-)
+from compams_jax.experiments import config as config_lib  # noqa: E402
+from compams_jax.experiments import train  # noqa: E402
+from compams_jax.experiments.data import load_dataset  # noqa: E402
 from compams_jax.experiments.models import create_model  # noqa: E402
 
 AXIS = "data"
@@ -111,7 +109,7 @@ MANTISSA_BITS = 8
 class Setup:
   mesh: jax.sharding.Mesh
   dataset: object
-  model: object
+  dataset_name: str
   leaf_shapes: list
   leaf_names: list
   treedef: object
@@ -137,8 +135,8 @@ def make_setup(dataset_name="digits", max_train_examples=None):
   """The mesh, data and model of a recording run (default: MnistCNN on scikit-learn digits)."""
   if jax.device_count() < N_WORKERS:
     raise RuntimeError(
-      f"need {N_WORKERS} devices, jax sees {jax.device_count()} (XLA_FLAGS "
-      "must be set before jax is imported)."
+      f"need {N_WORKERS} devices, jax sees {jax.device_count()} (cj.simulate_cpu_devices "
+      "must run before any JAX operation)."
     )
   mesh = jax.make_mesh((N_WORKERS,), (AXIS,), devices=jax.devices()[:N_WORKERS])
   dataset = load_dataset(dataset_name)
@@ -156,7 +154,7 @@ def make_setup(dataset_name="digits", max_train_examples=None):
   return Setup(
     mesh=mesh,
     dataset=dataset,
-    model=model,
+    dataset_name=dataset_name,
     leaf_shapes=[tuple(v.shape) for _, v in leaves_with_path],
     leaf_names=[jax.tree_util.keystr(k) for k, _ in leaves_with_path],
     treedef=treedef,
@@ -173,78 +171,66 @@ def make_compressor(spec):
 # ------------------------------------------------------------------------------------------------
 
 
-def train_run(setup, tx, *, epochs, local_batch, seed, record=False, coords=None):
-  """Momentum-SGD training of the setup's model with `tx`; optionally records the momentum.
-
-  Returns dict(test_accuracy, test_loss, final_train_loss, steps, seconds[, momentum]).
-  momentum: (T, n, D) float32 numpy, worker i's momentum after step t (flattened leaves), or
-  only the flat coordinates `coords` of it (T, n, len(coords)).
-  """
-  mesh, ds, model, n = setup.mesh, setup.dataset, setup.model, N_WORKERS
-  init_key = jax.random.key(seed)
-  params = model.init({"params": init_key}, jnp.asarray(ds.x_train[:1]), train=False)["params"]
-  dropout_key = jax.random.fold_in(init_key, 1)
-
-  def loss_fn(p, batch, rng):
-    logits = model.apply({"params": p}, batch["x"], train=True, rngs={"dropout": rng})
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
-
-  # The trainer's step: per-worker gradients and dropout keys fold_in(fold_in(key, t), worker).
-  step = cj.data_parallel_step(loss_fn, tx, mesh=mesh, axis_name=AXIS)
-  params, opt_state = step.init(params)
-
-  @jax.jit
-  def evaluate(params, x, y):
-    logits = model.apply({"params": params}, x, train=False)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    return loss, jnp.mean(jnp.argmax(logits, -1) == y)
-
-  per_epoch = steps_per_epoch(len(ds.y_train), n, local_batch)
-  t0, t, moms, losses = time.time(), 0, [], []
-  for epoch in range(epochs):
-    perm = epoch_permutation(len(ds.y_train), seed, epoch)
-    for k in range(per_epoch):
-      idx = perm[k * n * local_batch : (k + 1) * n * local_batch]
-      batch = {"x": ds.x_train[idx], "y": ds.y_train[idx]}
-      params, opt_state, metrics = step(
-        params, opt_state, batch, jax.random.fold_in(dropout_key, t)
-      )
-      losses.append(metrics["loss"])
-      if record:  # every worker's momentum after this step (state of cj.worker_momentum)
-        m = [np.asarray(leaf) for leaf in jax.tree.leaves(opt_state[0].momentum.value)]
-        flat = np.concatenate([leaf.reshape(n, -1) for leaf in m], axis=1)
-        moms.append(flat if coords is None else flat[:, coords])
-      t += 1
-  train_losses = [float(np.mean(np.asarray(l))) for l in losses]
-  test_loss, test_acc = evaluate(
-    jax.tree.map(np.asarray, params), jnp.asarray(ds.x_test), jnp.asarray(ds.y_test)
+def momentum_sgd(spec, predictive, error_feedback):
+  """The `optimizer` config section of compressed momentum SGD (β = BETA) with the compressor
+  `spec`, `predictive` False / True (least-squares ρ) / "fixed" (ρ = β) and error feedback."""
+  return dict(
+    name="momentum_sgd",
+    momentum=BETA,
+    compressor=spec.name,
+    compressor_kwargs=dict(spec.kwargs),
+    predictor={False: "none", True: "least_squares", "fixed": "fixed"}[predictive],
+    error_feedback=error_feedback,
   )
+
+
+UNCOMPRESSED = momentum_sgd(_common.Spec("identity", {}), False, False)
+
+
+def train_run(setup, optimizer, *, lr, epochs, local_batch, seed, record=False, coords=None):
+  """Trains the setup's model with the experiments' trainer (`train.make_setup`, its
+  `train.train_step`) and the `optimizer` config section; optionally records the momentum.
+
+  Returns dict(test_accuracy, test_loss, final_train_loss, diverged, steps, seconds[, momentum]).
+  momentum: (T, n, D) float32 numpy, worker i's momentum after step t (flattened leaves), or
+  only the flat coordinates `coords` of it (T, n, len(coords)). A run whose loss stops being
+  finite trains on (the trainer itself would stop) and is marked diverged.
+  """
+  config = config_lib.base_config(
+    name="predictive_momentum",
+    dataset=setup.dataset_name,
+    model="mnist_cnn",
+    num_workers=N_WORKERS,
+    local_batch=local_batch,
+    epochs=epochs,
+    seed=seed,
+    **{f"optimizer__{k}": v for k, v in {**optimizer, "learning_rate": lr}.items()},
+  )
+  with warnings.catch_warnings():  # the documented warning of fixed ρ with error feedback
+    warnings.simplefilter("ignore", UserWarning)
+    run = train.make_setup(config, dataset=setup.dataset, measure_bytes=False)
+  n = N_WORKERS
+  t0, moms, losses = time.time(), [], []
+  state = run.state
+  for step in range(run.total_steps):
+    state, loss, _ = train.train_step(run, state, step)
+    losses.append(loss)
+    if record:  # every worker's momentum after this step (state of cj.worker_momentum)
+      m = [np.asarray(leaf) for leaf in jax.tree.leaves(state.opt_state[0].momentum.value)]
+      flat = np.concatenate([leaf.reshape(n, -1) for leaf in m], axis=1)
+      moms.append(flat if coords is None else flat[:, coords])
+  test_loss, test_acc = run.evaluate(state.params)
   out = dict(
     test_accuracy=float(test_acc),
     test_loss=float(test_loss),
-    final_train_loss=float(np.mean(train_losses[-per_epoch:])),
-    diverged=not all(math.isfinite(l) for l in train_losses),
-    steps=t,
+    final_train_loss=float(np.mean(losses[-run.per_epoch :])),
+    diverged=not all(math.isfinite(l) for l in losses),
+    steps=len(losses),
     seconds=time.time() - t0,
   )
   if record:
     out["momentum"] = np.stack(moms)
   return out
-
-
-def momentum_sgd(lr, compressor, predictive, error_feedback):
-  if predictive == "fixed":
-    predictive = cj.predictors.fixed(BETA)
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore", UserWarning)
-    return cj.compressed_momentum_sgd(
-      lr,
-      compressor,
-      momentum=BETA,
-      predictive=predictive,
-      error_feedback=error_feedback,
-      axis_name=AXIS,
-    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -262,16 +248,15 @@ def capturing(compressor):
   base = type(compressor)
   sink = []
 
-  class Capturing(base):  # pylint: disable=missing-class-docstring
-    def encode(self, x, key=None):
-      payload = super().encode(x, key)
-      sink.append(payload)
-      return payload
+  def encode(self, x, key=None):
+    payload = base.encode(self, x, key)
+    sink.append(payload)
+    return payload
 
-  Capturing.__name__ = base.__name__  # keeps the transform's BlockSign check unchanged
-  Capturing.__qualname__ = base.__qualname__
+  # Named like its base: the library's warnings (recorded with each replay) name the class.
+  capturing_class = type(base.__name__, (base,), {"encode": encode})
   fields = {f.name: getattr(compressor, f.name) for f in dataclasses.fields(compressor)}
-  return Capturing(**fields), sink
+  return capturing_class(**fields), sink
 
 
 class CapturingLeastSquares(cj.predictors.LeastSquares):
@@ -305,7 +290,10 @@ def make_transform(compressor, predictor, error_feedback, rho_sink=None):
           CapturingLeastSquares(rho_sink) if rho_sink is not None else cj.predictors.least_squares()
         )
       tx = cj.predictive_compression(
-        compressor, predictor=pred, error_feedback=error_feedback, axis_name=AXIS
+        compressor,
+        predictor=pred,
+        feedback="ef" if error_feedback else "none",
+        axis_name=AXIS,
       )
   return tx, [str(w.message) for w in caught]
 
@@ -646,8 +634,15 @@ def main(argv=None):
 
   # 1. Record the real momentum sequences.
   t0 = time.time()
-  rec_tx = momentum_sgd(args.lr, cj.compressors.identity(), False, False)
-  rec = train_run(setup, rec_tx, epochs=epochs, local_batch=args.local_batch, seed=0, record=True)
+  rec = train_run(
+    setup,
+    UNCOMPRESSED,
+    lr=args.lr,
+    epochs=epochs,
+    local_batch=args.local_batch,
+    seed=0,
+    record=True,
+  )
   seq = rec.pop("momentum").astype(np.float32)  # (T, n, D)
   T = seq.shape[0]
   mean = seq.mean(axis=1)  # (T, D): the true average momentum x̄_t
@@ -774,7 +769,8 @@ def main(argv=None):
       if seed > 0:  # seed 0 of the uncompressed baseline is the recording run
         base = train_run(
           setup,
-          momentum_sgd(args.lr, cj.compressors.identity(), False, False),
+          UNCOMPRESSED,
+          lr=args.lr,
           epochs=epochs,
           local_batch=args.local_batch,
           seed=seed,
@@ -791,12 +787,12 @@ def main(argv=None):
       accuracy.append(dict(compressor="identity", variant="uncompressed", seed=seed, **base))
       for spec in acc_specs:
         cname = spec.label
-        comp = make_compressor(spec)
         for vname in acc_variants:
           pred, ef = ACC_VARIANTS[vname]
           r = train_run(
             setup,
-            momentum_sgd(args.lr, comp, pred, ef),
+            momentum_sgd(spec, pred, ef),
+            lr=args.lr,
             epochs=epochs,
             local_batch=args.local_batch,
             seed=seed,

@@ -34,9 +34,13 @@ import time
 
 import _common
 import numpy as np
-from predictive_momentum import AXIS, BETA, N_WORKERS, make_setup, train_run  # forces 8 devices
-
-import compams_jax as cj
+from predictive_momentum import (  # forces 8 devices
+  BETA,
+  N_WORKERS,
+  UNCOMPRESSED,
+  make_setup,
+  train_run,
+)
 
 # Steps relative to the RMS σ of the recorded momentum: from coarse (2σ) to fine (σ/256).
 DELTA_OVER_SIGMA = tuple(2.0**-j for j in range(-1, 9))
@@ -94,12 +98,16 @@ def main(argv=None):
   per_epoch = args.train_examples // (N_WORKERS * local_batch)
   epochs = -(-args.steps // per_epoch)
   coords = np.sort(np.random.default_rng(0).choice(setup.dim, args.coords, replace=False))
-  tx = cj.compressed_momentum_sgd(
-    args.lr, cj.compressors.identity(), momentum=BETA, feedback="none", axis_name=AXIS
-  )
   t0 = time.time()
   rec = train_run(
-    setup, tx, epochs=epochs, local_batch=local_batch, seed=0, record=True, coords=coords
+    setup,
+    UNCOMPRESSED,  # uncompressed momentum SGD, β = BETA, no error feedback
+    lr=args.lr,
+    epochs=epochs,
+    local_batch=local_batch,
+    seed=0,
+    record=True,
+    coords=coords,
   )
   momentum = rec["momentum"][: args.steps]
   record_seconds = time.time() - t0

@@ -6,7 +6,7 @@ Two steps, each one command:
     python benchmarks/reproduce.py report   # docs/results.md + docs/results/*.png from the JSON
 
 `run` trains with `compams_jax.experiments.train` on 16 simulated CPU workers (the script sets
-`XLA_FLAGS` itself). Each study tunes the learning rate on seed 0 over a small grid, then trains
+them up itself, `cj.simulate_cpu_devices`). Each study tunes the learning rate on seed 0 over a small grid, then trains
 seeds 1 and 2 at the best rate. Run directories go under `--runs` (default `runs/reproduce`);
 a finished run is never retrained, an interrupted one resumes from its checkpoint, so `run` can be
 stopped and restarted at will. Two invocations may share a queue (e.g. one pinned to each core
@@ -19,31 +19,20 @@ temporary directory, to check the pipeline.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import fcntl
+import json
+import math
 import os
+import pathlib
+import platform
+import shutil
 import sys
+import tempfile
+import time
 
-WORKERS = 16
-os.environ.setdefault("PJRT_NPROC", str(2 * WORKERS))
-# Every study needs 16 simulated devices, whatever XLA_FLAGS asked for before.
-os.environ["XLA_FLAGS"] = " ".join(
-  [
-    f
-    for f in os.environ.get("XLA_FLAGS", "").split()
-    if not f.startswith("--xla_force_host_platform_device_count")
-  ]
-  + [f"--xla_force_host_platform_device_count={WORKERS}"]
-)
-
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import fcntl  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import pathlib  # noqa: E402
-import platform  # noqa: E402
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
+WORKERS = 16  # Every study runs on 16 simulated devices (`run` sets them up).
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "reproduction"
@@ -696,6 +685,9 @@ def main(argv=None) -> int:
 
     print(write_report(results, pathlib.Path(args.docs)))
     return 0
+  import compams_jax as cj
+
+  cj.simulate_cpu_devices(WORKERS)  # before any JAX operation
   for name in names:
     study = SPEEDUPS[name] if name in SPEEDUPS else STUDIES[name]
     if args.quick:

@@ -1,7 +1,7 @@
 """Wall-clock time of a full data-parallel training step: COMP-AMS with each compressor vs dense.
 
 The paper's MNIST CNN (`MnistCNN`, 28x28x1 inputs, 1,199,882 parameters), local batch 32, on 8
-simulated CPU workers (`--xla_force_host_platform_device_count=8`). Every step is built by
+simulated CPU workers (`cj.simulate_cpu_devices(8)`). Every step is built by
 `cj.data_parallel_step(loss_fn, tx, mesh=mesh, axis_name="data", has_aux=True)`, the builder
 the trainer (compams_jax/experiments/train.py) uses, with the trainer's loss function (softmax
 cross-entropy with dropout, accuracy as aux) and its per-step dropout key

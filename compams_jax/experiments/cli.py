@@ -3,31 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
-import re
 import shlex
 import sys
 from collections.abc import Sequence
 
-_DEVICE_FLAG = "--xla_force_host_platform_device_count"
-
 
 def _simulate_devices(count: int) -> None:
-  """Asks XLA:CPU for `count` devices; must run before jax initialises its backends."""
-  # XLA:CPU's thread pool is max(PJRT_NPROC or #cores, #devices); with one thread per simulated
-  # device a collective can starve and abort. Give it headroom.
-  os.environ.setdefault("PJRT_NPROC", str(max(2 * count, 16)))
-  flags = os.environ.get("XLA_FLAGS", "")
-  if _DEVICE_FLAG in flags:
-    found = int(re.search(_DEVICE_FLAG + r"=(\d+)", flags).group(1))
-    if found < count:
-      print(
-        f"warning: XLA_FLAGS asks for {found} host devices but the run needs {count}.",
-        file=sys.stderr,
-      )
-    return
-  os.environ["XLA_FLAGS"] = f"{flags} {_DEVICE_FLAG}={count}".strip()
+  """`count` CPU devices (`cj.simulate_cpu_devices`), unless JAX already runs: then the devices
+  it has are used (`train.make_layout` says so if they are too few)."""
+  import compams_jax as cj
+
+  try:
+    cj.simulate_cpu_devices(count)
+  except RuntimeError:  # JAX's backends already exist (e.g. called from a running program)
+    pass
 
 
 def _status(r: dict) -> str:
@@ -88,7 +78,7 @@ def _variant_names(values: Sequence[str] | None, parser: argparse.ArgumentParser
 
 
 def _presets_help(presets) -> str:
-  lines = ["variants (optimizer presets; compams_jax/experiments/optim.py PRESETS):"]
+  lines = ["variants (optimizer presets; compams_jax/experiments/config.py PRESETS):"]
   for name, preset in presets.items():
     kwargs = ", ".join(f"{k}={v}" for k, v in (preset.get("compressor_kwargs") or {}).items())
     extra = "".join(
@@ -104,17 +94,23 @@ def _presets_help(presets) -> str:
 
 def train_main(argv: Sequence[str] | None = None) -> int:
   from compams_jax.experiments import config as config_lib
-  from compams_jax.experiments.optim import PRESETS
+  from compams_jax.experiments.config import PRESETS
 
   parser = argparse.ArgumentParser(
     prog="compams-train",
     description="Train with simulated (CPU) or real data-parallel workers and compressed\n"
-    "communication. Overrides are key=value, e.g. optimizer.learning_rate=1e-3; the keys and\n"
-    "their defaults: compams_jax/experiments/config.py base_config, then the config file.",
+    "communication. Overrides are key=value, e.g. optimizer.learning_rate=1e-3, or\n"
+    "ml_collections config_flags' --config.optimizer.learning_rate=1e-3 (after the key=value\n"
+    "ones); the keys and their defaults: compams_jax/experiments/config.py base_config, then\n"
+    "the config file (optimizer fields left None take the library optimizer's default).",
     epilog=_presets_help(PRESETS),
     formatter_class=argparse.RawDescriptionHelpFormatter,
   )
-  parser.add_argument("--config", required=True, help="configs/NAME.py or configs/NAME.py:smoke")
+  parser.add_argument(
+    "--config",
+    required=True,
+    help="configs/NAME.py or configs/NAME.py:smoke (loaded by ml_collections config_flags)",
+  )
   parser.add_argument(
     "--workdir",
     default=None,
@@ -161,12 +157,19 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     help="multi-process: number of processes (each gets num_workers/N devices)",
   )
   parser.add_argument("--process-id", type=int, default=None, help="multi-process: this rank")
-  parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-  args = parser.parse_args(argv)
+  parser.add_argument(
+    "overrides", nargs="*", help="key=value config overrides (or --config.key=value)"
+  )
+  args, unknown = parser.parse_known_args(argv)
+  flag_overrides = [a for a in unknown if a.startswith("--config.")]
+  if len(flag_overrides) < len(unknown):
+    parser.error(
+      f"unrecognized arguments: {' '.join(a for a in unknown if a not in flag_overrides)}"
+    )
   variants = _variant_names(args.variant, parser, PRESETS)
 
   try:
-    configs = config_lib.resolve(args.config, args.overrides, variants)
+    configs = config_lib.resolve(args.config, [*args.overrides, *flag_overrides], variants)
   except config_lib.ConfigError as e:
     parser.error(str(e))
   try:

@@ -1,38 +1,130 @@
-"""Experiment configs: loading `get_config()` files, presets and `key=value` overrides."""
+"""Experiment configs: `get_config()` files, optimizer presets and overrides, all through
+ml_collections' `config_flags`, and the validation of values.
+
+A config file (configs/*.py) loads with `--config path.py` or `path.py:arg` (`get_config(arg)`);
+overrides are `key=value` or config_flags' own `--config.key=value`, both applied by config_flags
+(values parsed by the field's type: int, float, bool, str, tuple, a dict for a section). This
+module and the config files import no jax: they describe a run, `optim` and `train` build it.
+"""
 
 from __future__ import annotations
 
-import ast
 import copy
-import importlib.util
 import math
 import numbers
 import pathlib
 import re
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_collections
+from absl import flags
+from ml_collections import config_dict, config_flags
 
-from compams_jax.experiments.optim import PRESETS
+# Named optimizer presets: overrides of the `optimizer` config section. A config lists the ones
+# it runs side by side in `variants`.
+PRESETS: dict[str, dict[str, Any]] = {
+  "amsgrad": dict(name="amsgrad", compressor="identity", compressor_kwargs={}),
+  "comp_ams_top_k": dict(name="comp_ams", compressor="top_k", compressor_kwargs={"ratio": 0.01}),
+  "comp_ams_block_sign": dict(name="comp_ams", compressor="block_sign", compressor_kwargs={}),
+  "comp_ams_block_sign_256": dict(
+    name="comp_ams", compressor="block_sign", compressor_kwargs={"block_size": 256}
+  ),
+  "comp_ams_top_k_bf16": dict(
+    name="comp_ams",
+    compressor="top_k",
+    compressor_kwargs={"ratio": 0.01, "value_dtype": "bfloat16"},
+  ),
+  # The top-k ratio annealed from 10% to 1% (set optimizer.anneal_steps, e.g. one epoch).
+  "comp_ams_top_k_annealed": dict(
+    name="comp_ams", compressor="top_k", compressor_kwargs={"ratio": 0.01}, anneal_from=0.1
+  ),
+  "comp_ams_random_k": dict(
+    name="comp_ams", compressor="random_k", compressor_kwargs={"ratio": 0.01}
+  ),
+  "comp_ams_qsgd": dict(name="comp_ams", compressor="qsgd", compressor_kwargs={"levels": 4}),
+  "onebit_adam": dict(name="onebit_adam", compressor="scaled_sign", compressor_kwargs={}),
+  # DeepSpeed's 1-bit Adam compressor: one scale per tensor, ‖x‖₂/√d.
+  "onebit_adam_l2": dict(
+    name="onebit_adam", compressor="block_sign", compressor_kwargs={"norm": "l2"}
+  ),
+  "qadam": dict(name="qadam", compressor="qsgd", compressor_kwargs={"levels": 127}),
+  # QSGD as Alistarh et al. run it: one norm per bucket of 512 entries.
+  "qadam_bucketed": dict(
+    name="qadam", compressor="qsgd", compressor_kwargs={"levels": 127, "bucket_size": 512}
+  ),
+  "momentum_sgd": dict(
+    name="momentum_sgd", compressor="identity", compressor_kwargs={}, predictor="none"
+  ),
+  "momentum_sgd_top_k": dict(
+    name="momentum_sgd", compressor="top_k", compressor_kwargs={"ratio": 0.01}, predictor="none"
+  ),
+  # Least-squares ρ: with error feedback, a fixed ρ = β re-injects the residual with weight
+  # (1 + β) and trains worse (see cj.predictive_compression); the fitted ρ does not.
+  "momentum_sgd_top_k_predictive": dict(
+    name="momentum_sgd",
+    compressor="top_k",
+    compressor_kwargs={"ratio": 0.01},
+    predictor="least_squares",
+  ),
+  "momentum_sgd_top_k_predictive_fixed": dict(
+    name="momentum_sgd", compressor="top_k", compressor_kwargs={"ratio": 0.01}, predictor="fixed"
+  ),
+}
+
+
+def optimizer_section() -> ml_collections.ConfigDict:
+  """The `optimizer` section with its defaults.
+
+  The experiments' own fields have their defaults here: name, learning_rate, compressor,
+  compressor_kwargs, predictor ("none", "fixed" or "least_squares") and the top-k annealing
+  (anneal_from / anneal_steps / anneal_stages: the ratio falls geometrically from anneal_from
+  to the compressor's own in anneal_stages stages over the first anneal_steps steps; 0 = off).
+  The fields that are arguments of the library's optimizer factories are typed placeholders,
+  None until set: None means the factory's own default (`cj.comp_ams`, `cj.onebit_adam`, ...;
+  `optim.REGISTRY` says which field goes to which argument). They are b1, b2, eps (COMP-AMS:
+  inside the root; 1-bit Adam, QAdam: outside), momentum, seed, warmup_steps (1-bit Adam),
+  dense_warmup_steps (COMP-AMS: dense steps first), feedback ("ef", "ef21" or "none"),
+  error_feedback (momentum SGD: keep residuals) and wire ("gather" or "two_phase").
+  """
+  library = config_dict.placeholder  # None: the library factory's default
+  return ml_collections.ConfigDict(
+    {
+      "name": "comp_ams",
+      "learning_rate": 1e-3,
+      "compressor": "top_k",
+      "compressor_kwargs": {"ratio": 0.01},
+      "predictor": "none",
+      "anneal_from": 0.0,
+      "anneal_steps": 0,
+      "anneal_stages": 4,
+      "b1": library(float),
+      "b2": library(float),
+      "eps": library(float),
+      "momentum": library(float),
+      "seed": library(int),
+      "warmup_steps": library(int),
+      "dense_warmup_steps": library(int),
+      "feedback": library(str),
+      "error_feedback": library(bool),
+      "wire": library(str),
+    }
+  )
 
 
 def base_config(*, name: str, dataset: str, model: str, **fields: Any) -> ml_collections.ConfigDict:
-  """A config with every field the trainer reads, defaults filled in; `fields` override them.
+  """A config with every field the trainer reads, defaults filled in; `fields` override them
+  (`optimizer__learning_rate=...` for a nested key).
 
   Fields: name, dataset.{name, kwargs}, model.{name, kwargs}, num_workers, local_batch, epochs,
   seed, max_train_examples / max_test_examples (0 = all), log_every, checkpoint_every,
   target_train_loss / target_loss_window (stop once the mean training loss of the last
-  `target_loss_window` steps is at most `target_train_loss`; 0 = train all epochs),
-  optimizer.{name, learning_rate, compressor, compressor_kwargs, b1, b2, eps, momentum,
-  predictor, error_feedback, seed, wire ("gather" or "two_phase"), feedback ("ef", "ef21" or
-  "none": COMP-AMS's feedback), dense_warmup_steps (COMP-AMS: dense steps first),
-  anneal_from / anneal_steps / anneal_stages (COMP-AMS: the compressor's ratio falls
-  geometrically from anneal_from to its own in anneal_stages stages over the first anneal_steps
-  steps; 0 = off)}, mesh.{shape (() = 1-D
-  "data" of num_workers; (slices, chips) = hierarchical ("dcn", "ici")), dense_axis (the fast
-  axis averaged densely first, "ici"), simulate ("vmap": every worker on one device)}, variants (optimizer presets run side by side), lr_grid
-  (the learning rates a sweep tries).
+  `target_loss_window` steps is at most `target_train_loss`; 0 = train all epochs), optimizer
+  (see `optimizer_section`), mesh.{shape (() = 1-D "data" of num_workers; (slices, chips) =
+  hierarchical ("dcn", "ici")), dense_axis (the fast axis averaged densely first, "ici"),
+  simulate ("vmap": every worker on one device)}, variants (optimizer presets run side by side),
+  lr_grid (the learning rates a sweep tries).
   """
   c = ml_collections.ConfigDict()
   c.name = name
@@ -49,32 +141,10 @@ def base_config(*, name: str, dataset: str, model: str, **fields: Any) -> ml_col
   c.target_train_loss = 0.0
   c.target_loss_window = 10
   c.mesh = ml_collections.ConfigDict({"shape": (), "dense_axis": "ici", "simulate": ""})
-  c.optimizer = ml_collections.ConfigDict(
-    {
-      "name": "comp_ams",
-      "learning_rate": 1e-3,
-      "compressor": "top_k",
-      "compressor_kwargs": {"ratio": 0.01},
-      "b1": 0.9,
-      "b2": 0.999,
-      "eps": 1e-8,
-      "momentum": 0.9,
-      "predictor": "none",
-      "error_feedback": True,
-      "seed": 0,
-      "warmup_steps": 100,
-      "wire": "gather",
-      "feedback": "ef",
-      "dense_warmup_steps": 0,
-      "anneal_from": 0.0,
-      "anneal_steps": 0,
-      "anneal_stages": 4,
-    }
-  )
+  c.optimizer = optimizer_section()
   c.variants = ("amsgrad", "comp_ams_top_k", "comp_ams_block_sign", "onebit_adam", "qadam")
   c.lr_grid = (1e-4, 3e-4, 1e-3)
-  for key, value in fields.items():
-    apply_override(c, key.replace("__", "."), value)
+  _set_fields(c, fields)
   return c
 
 
@@ -88,8 +158,7 @@ def smoke(c: ml_collections.ConfigDict, **fields: Any) -> ml_collections.ConfigD
     log_every=2,
     checkpoint_every=1000,
   )
-  for key, value in {**defaults, **fields}.items():
-    apply_override(c, key.replace("__", "."), value)
+  _set_fields(c, {**defaults, **fields})
   with c.unlocked():
     c.name = c.name + "_smoke"
   return c
@@ -99,71 +168,104 @@ class ConfigError(ValueError):
   """A config file, override or variant that cannot be used (the message says why)."""
 
 
-def load_config_file(spec: str) -> ml_collections.ConfigDict:
-  """Loads `path.py` or `path.py:arg`: the file's `get_config()` (or `get_config(arg)`)."""
-  path, _, arg = spec.partition(":")
-  file = pathlib.Path(path)
-  if not file.is_file():
-    raise ConfigError(f"config file {path!r} not found.")
-  module_spec = importlib.util.spec_from_file_location(f"_compams_config_{file.stem}", file)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise ConfigError(f"config file {path!r} defines no get_config().")
-  config = module.get_config(arg) if arg else module.get_config()
-  if not isinstance(config, ml_collections.ConfigDict):
-    raise ConfigError(f"{path}: get_config() must return an ml_collections.ConfigDict.")
-  return config
-
-
-def _parse_value(text: str) -> Any:
-  try:
-    return ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    return text  # A bare string such as top_k.
-
-
-def apply_override(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
-  """Sets a dotted key (which must exist) to a value of a compatible type."""
+def _check_key(config: ml_collections.ConfigDict, key: str) -> None:
+  """Refuses a dotted key the config lacks; the free-form `*kwargs` sections (compressor,
+  dataset and model arguments) take new keys."""
   parts = key.split(".")
   node = config
   for i, part in enumerate(parts[:-1]):
     if not isinstance(node, ml_collections.ConfigDict) or part not in node:
       raise ConfigError(
-        f"unknown config key {'.'.join(parts[: i + 1])!r} (in override "
-        f"{key!r}); valid keys here: {sorted(node.keys())}."
+        f"unknown config key {'.'.join(parts[: i + 1])!r} (in override {key!r}); valid keys "
+        f"here: {sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []}."
       )
     node = node[part]
-  leaf = parts[-1]
-  # Free-form sections (compressor/dataset/model kwargs) take new keys; all others must exist.
-  allow_new = len(parts) >= 2 and parts[-2].endswith("kwargs")
-  if leaf not in node and not allow_new:
+  if not isinstance(node, ml_collections.ConfigDict):
+    raise ConfigError(f"config key {'.'.join(parts[:-1])!r} has no fields (in override {key!r}).")
+  new_allowed = len(parts) >= 2 and parts[-2].endswith("kwargs")
+  if parts[-1] not in node and not new_allowed:
     raise ConfigError(f"unknown config key {key!r}; valid keys: {sorted(node.keys())}.")
-  if (
-    isinstance(value, str)
-    and leaf in node
-    and isinstance(node[leaf], float)
-    and re.fullmatch(r"[+-]?(nan|inf|infinity)", value.strip(), re.IGNORECASE)
-  ):
-    value = float(value)  # Not Python literals, but floats (then refused by `validate`).
+
+
+def _set_fields(config: ml_collections.ConfigDict, fields: Mapping[str, Any]) -> None:
+  """Python values for keys (`a__b` = `a.b`), by ml_collections' `update_from_flattened_dict`."""
+  flat = {key.replace("__", "."): value for key, value in fields.items()}
+  for key in flat:
+    _check_key(config, key)
   try:
-    if (
-      leaf in node and isinstance(node[leaf], ml_collections.ConfigDict) and isinstance(value, dict)
-    ):
-      node[leaf] = ml_collections.ConfigDict(value)
-    else:
-      node[leaf] = value
-  except (TypeError, ValueError) as e:
-    raise ConfigError(f"override {key}={value!r}: {e}") from e
+    config.update_from_flattened_dict(flat)
+  except (TypeError, ValueError, KeyError) as e:
+    raise ConfigError(f"config fields {flat}: {e}") from e
 
 
-def parse_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
-  """Applies `key=value` strings (values parsed as Python literals, else strings)."""
+def _flag_error(e: Exception) -> str:
+  """An absl/config_flags error as one line about the override: "override KEY=VALUE: why"."""
+  return re.sub(r"^flag --config\.", "override ", str(e).strip().splitlines()[-1])
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """Loads `path.py` or `path.py:arg` with config_flags: the file's `get_config()` (or
+  `get_config(arg)`)."""
+  path = spec.partition(":")[0]
+  if not pathlib.Path(path).is_file():
+    raise ConfigError(f"config file {path!r} not found.")
+  holder = flags.FlagValues()
+  argv = ["compams-train", f"--config={spec}"]
+  config_flags.DEFINE_config_file("config", flag_values=holder, lock_config=False, sys_argv=argv)
+  try:
+    with warnings.catch_warnings():  # config_flags loads the file with importlib's load_module
+      warnings.filterwarnings("ignore", "the load_module", DeprecationWarning)
+      holder(argv)
+  except AttributeError as e:  # config_flags calls the file's get_config
+    raise ConfigError(f"config file {path!r}: {e} (it must define get_config()).") from e
+  except flags.Error as e:  # get_config raised; config_flags carries its traceback
+    raise ConfigError(f"config file {spec!r}: {str(e).strip().splitlines()[-1]}") from e
+  config = holder.config
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"{path}: get_config() must return an ml_collections.ConfigDict.")
+  return config
+
+
+def apply_overrides(
+  config: ml_collections.ConfigDict, overrides: Sequence[str]
+) -> ml_collections.ConfigDict:
+  """Applies `key=value` (or `--config.key=value`) overrides with config_flags.
+
+  The value is parsed by the field's type (int, float (also nan, inf), bool, str, a tuple such as
+  `(2, 4)`, a dict for a whole section); new keys go only into the `*kwargs` sections, whose
+  values are Python literals or else strings. A key given twice takes its last value.
+
+  Returns:
+    `config`, updated in place.
+
+  Raises:
+    ConfigError: an unknown key, a malformed override or a value of the wrong type.
+  """
+  items = []
   for item in overrides:
-    key, sep, text = item.partition("=")
-    if not sep or not key:
+    key, sep, value = item.removeprefix("--config.").partition("=")
+    if not sep or not key.strip():
       raise ConfigError(f"override {item!r} is not of the form key=value.")
-    apply_override(config, key.strip(), _parse_value(text.strip()))
+    _check_key(config, key.strip())
+    items.append(f"--config.{key.strip()}={value.strip()}")
+  if not items:
+    return config
+  holder = flags.FlagValues()
+  argv = ["compams-train", *items]
+  try:
+    # accept_new_attributes: for the kwargs sections (`_check_key` refused every other new key).
+    config_flags.DEFINE_config_dict(
+      "config",
+      config,
+      flag_values=holder,
+      lock_config=False,
+      accept_new_attributes=True,
+      sys_argv=argv,
+    )
+    holder(argv)
+  except (flags.Error, TypeError, ValueError, KeyError) as e:
+    raise ConfigError(_flag_error(e)) from e
+  return holder.config
 
 
 _MISSING = object()
@@ -188,7 +290,8 @@ def _is_real(value: Any) -> bool:
   return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
-# (key, test, what the value must be); keys a config lacks are not checked.
+# (key, test, what the value must be); keys a config lacks, and library fields left None (the
+# factory's default), are not checked.
 _CHECKS = (
   ("num_workers", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
   ("local_batch", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
@@ -211,6 +314,11 @@ _CHECKS = (
   ("optimizer.anneal_stages", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
   ("optimizer.feedback", lambda v: v in ("ef", "ef21", "none"), "'ef', 'ef21' or 'none'"),
   ("optimizer.wire", lambda v: v in ("gather", "two_phase"), "'gather' or 'two_phase'"),
+  (
+    "optimizer.predictor",
+    lambda v: v in ("none", "fixed", "least_squares"),
+    "'none', 'fixed' or 'least_squares'",
+  ),
 )
 
 
@@ -220,8 +328,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   Checks counts (num_workers, local_batch, epochs, log_every, checkpoint_every >= 1;
   max_train_examples / max_test_examples, optimizer.warmup_steps >= 0), the learning rate
   (finite, > 0), optimizer.b1 / b2 / momentum in [0, 1), optimizer.eps >= 0, the loss target,
-  and the mesh section (shape of positive sizes whose product is num_workers; simulate "" or
-  "vmap").
+  the names of optimizer.feedback / wire / predictor, the annealing fields, and the mesh
+  section (shape of positive sizes whose product is num_workers; simulate "" or "vmap").
 
   Raises:
     ConfigError: one message naming every impossible value.
@@ -229,7 +337,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   problems = []
   for key, ok, requirement in _CHECKS:
     value = _lookup(config, key)
-    if value is not _MISSING and not ok(value):
+    if value is not _MISSING and value is not None and not ok(value):
       problems.append(f"{key}={value!r} must be {requirement}")
   shape = _lookup(config, "mesh.shape")
   if shape is not _MISSING and shape:
@@ -280,12 +388,18 @@ def with_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collecti
 def resolve(
   spec: str, overrides: Sequence[str] = (), variants: Sequence[str] | None = None
 ) -> list[ml_collections.ConfigDict]:
-  """The configs to run: one per variant (config's `variants` unless given), overrides last."""
+  """The configs to run: one per variant (config's `variants` unless given), overrides last.
+
+  Args:
+    spec: the config file, `path.py` or `path.py:arg`.
+    overrides: `key=value` or `--config.key=value` strings (see `apply_overrides`).
+    variants: optimizer presets (`PRESETS`); default the config's `variants` field.
+  """
   base = load_config_file(spec)
   names = list(variants) if variants else list(base.get("variants", ()) or ())
   configs = [with_variant(base, v) for v in names] if names else [copy.deepcopy(base)]
+  configs = [apply_overrides(c, overrides) for c in configs]
   for c in configs:
-    parse_overrides(c, overrides)
     if "variant" not in c:
       with c.unlocked():
         c.variant = "run"

@@ -1,186 +1,104 @@
-"""Optimizers of the experiments, built from a config section."""
+"""The experiments' optimizers: one registry from an `optimizer` config section to the library's
+factories, and the phases whose bytes a multi-phase optimizer sends.
+
+Every optimizer hyperparameter defaults to its library factory's own default: a config field
+left None (see `config.optimizer_section`) is not passed, and where the experiments need a
+default value they read it from the factory's signature.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import dataclasses
+import inspect
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import optax
 
 import compams_jax as cj
+from compams_jax.experiments import config as config_lib
 
-OPTIMIZERS = ("amsgrad", "comp_ams", "momentum_sgd", "onebit_adam", "qadam")
+PRESETS = config_lib.PRESETS  # The named optimizer sections (defined with the configs).
 PREDICTORS = ("none", "fixed", "least_squares")
-
-# Named optimizer presets: overrides of the `optimizer` config section. A config lists the ones
-# it runs side by side in `variants`.
-PRESETS: dict[str, dict[str, Any]] = {
-  "amsgrad": dict(name="amsgrad", compressor="identity", compressor_kwargs={}),
-  "comp_ams_top_k": dict(name="comp_ams", compressor="top_k", compressor_kwargs={"ratio": 0.01}),
-  "comp_ams_block_sign": dict(name="comp_ams", compressor="block_sign", compressor_kwargs={}),
-  "comp_ams_block_sign_256": dict(
-    name="comp_ams", compressor="block_sign", compressor_kwargs={"block_size": 256}
-  ),
-  "comp_ams_top_k_bf16": dict(
-    name="comp_ams",
-    compressor="top_k",
-    compressor_kwargs={"ratio": 0.01, "value_dtype": "bfloat16"},
-  ),
-  # The top-k ratio annealed from 10% to 1% (set optimizer.anneal_steps, e.g. one epoch).
-  "comp_ams_top_k_annealed": dict(
-    name="comp_ams", compressor="top_k", compressor_kwargs={"ratio": 0.01}, anneal_from=0.1
-  ),
-  "comp_ams_random_k": dict(
-    name="comp_ams", compressor="random_k", compressor_kwargs={"ratio": 0.01}
-  ),
-  "comp_ams_qsgd": dict(name="comp_ams", compressor="qsgd", compressor_kwargs={"levels": 4}),
-  "onebit_adam": dict(name="onebit_adam", compressor="scaled_sign", compressor_kwargs={}),
-  # DeepSpeed's 1-bit Adam compressor: one scale per tensor, ‖x‖₂/√d.
-  "onebit_adam_l2": dict(
-    name="onebit_adam", compressor="block_sign", compressor_kwargs={"norm": "l2"}
-  ),
-  "qadam": dict(name="qadam", compressor="qsgd", compressor_kwargs={"levels": 127}),
-  # QSGD as Alistarh et al. run it: one norm per bucket of 512 entries.
-  "qadam_bucketed": dict(
-    name="qadam", compressor="qsgd", compressor_kwargs={"levels": 127, "bucket_size": 512}
-  ),
-  "momentum_sgd": dict(
-    name="momentum_sgd", compressor="identity", compressor_kwargs={}, predictor="none"
-  ),
-  "momentum_sgd_top_k": dict(
-    name="momentum_sgd", compressor="top_k", compressor_kwargs={"ratio": 0.01}, predictor="none"
-  ),
-  # Least-squares ρ: with error feedback, a fixed ρ = β re-injects the residual with weight
-  # (1 + β) and trains worse (see cj.predictive_compression); the fitted ρ does not.
-  "momentum_sgd_top_k_predictive": dict(
-    name="momentum_sgd",
-    compressor="top_k",
-    compressor_kwargs={"ratio": 0.01},
-    predictor="least_squares",
-  ),
-  "momentum_sgd_top_k_predictive_fixed": dict(
-    name="momentum_sgd", compressor="top_k", compressor_kwargs={"ratio": 0.01}, predictor="fixed"
-  ),
-}
+WIRES = {"gather": cj.wire.gather, "two_phase": cj.wire.two_phase}
 
 
-def _predictor(opt: Mapping[str, Any]):
-  kind = opt.get("predictor", "none")
+def _predictor(kind: str, section: Mapping[str, Any]):
   if kind not in PREDICTORS:
     raise ValueError(f"unknown predictor {kind!r}; valid: {', '.join(PREDICTORS)}.")
-  if kind == "fixed":
-    return cj.predictors.fixed(float(opt.get("rho", opt.get("momentum", 0.9))))
+  if kind == "fixed":  # ρ: the section's rho, else its momentum β, else momentum SGD's default β
+    rho = section.get("rho")
+    rho = section.get("momentum") if rho is None else rho
+    rho = _factory_default(cj.compressed_momentum_sgd, "momentum") if rho is None else rho
+    return cj.predictors.fixed(float(rho))
   if kind == "least_squares":
     return cj.predictors.least_squares()
   return None
 
 
-def build_optimizer(
-  opt: Mapping[str, Any], *, axis_name: str | None, dense_axis_name: str | None = None
-) -> optax.GradientTransformation:
-  """Builds the optimizer that an `optimizer` config section describes.
+def _wire(name: str, section: Mapping[str, Any]):
+  if name not in WIRES:
+    raise ValueError(f"unknown wire {name!r}; valid: {', '.join(WIRES)}.")
+  return WIRES[name]()
 
-  Args:
-    opt: a mapping with `name` ("amsgrad", "comp_ams", "momentum_sgd", "onebit_adam" or
-      "qadam"), `learning_rate`,
-      `compressor` and `compressor_kwargs` (see `cj.compressors.get`), and the optimizer's own
-      fields (`b1`, `b2`, `eps`, `momentum`, `error_feedback`, `predictor`, `seed`,
-      `warmup_steps`).
-    axis_name: the data-parallel axis.
-    dense_axis_name: a fast axis averaged densely before compression (hierarchical meshes).
 
-  Returns:
-    The `optax.GradientTransformation`.
+# How a field's config value becomes its argument's value; other fields pass unchanged.
+_CONVERT: dict[str, Callable[[Any, Mapping[str, Any]], Any]] = {
+  "predictor": _predictor,
+  "wire": _wire,
+  "error_feedback": lambda on, section: "ef" if on else "none",  # to the factories' feedback=
+}
 
-  Examples:
-    >>> from compams_jax.experiments.optim import build_optimizer
-    >>> tx = build_optimizer(dict(name="comp_ams", learning_rate=1e-3, compressor="top_k",
-    ...                           compressor_kwargs={"ratio": 0.01}), axis_name=None)
+
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+  """How an `optimizer` section builds one library optimizer.
+
+  Attributes:
+    factory: called as `factory(learning_rate, compressor, axis_name=..., **arguments)`, with
+      `dense_axis_name=` where it takes one.
+    arguments: config field -> the factory's keyword. A field that is None is not passed (the
+      factory's default applies); `_CONVERT` turns names into objects (wire, predictor).
+    compressor: the compressor's registry name when the optimizer fixes it (full-precision
+      AMSGrad: "identity"); None: the section's `compressor` and `compressor_kwargs`.
+    derived: arguments computed from several fields (COMP-AMS's annealed `compressor_stages`).
+    phases: for an optimizer whose steps send different bytes (a warm-up, stages), the phases
+      before its steady one: `phases(optimizer, section, place)` -> ([(steps, transform of that
+      phase)], transform of the steady phase), each transform sending exactly what its phase
+      sends per step (see `phases`).
   """
-  name = opt.get("name")
-  wire_name = opt.get("wire", "gather")
-  wires = {"gather": cj.wire.gather, "two_phase": cj.wire.two_phase}
-  if wire_name not in wires:
-    raise ValueError(f"unknown wire {wire_name!r}; valid: {', '.join(wires)}.")
-  where = dict(axis_name=axis_name, dense_axis_name=dense_axis_name, wire=wires[wire_name]())
-  if dense_axis_name is not None and name in ("onebit_adam", "qadam"):
-    raise ValueError(f"{name} does not support a hierarchical mesh (mesh.dense_axis).")
-  if name not in OPTIMIZERS:
-    raise ValueError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}.")
-  lr = float(opt["learning_rate"])
-  seed = int(opt.get("seed", 0))
-  if name == "amsgrad":
-    # Full precision: the identity compressor's payload is the dense gradient (one psum).
-    return cj.comp_ams(
-      lr,
-      cj.compressors.identity(),
-      axis_name=axis_name,
-      dense_axis_name=dense_axis_name,
-      b1=opt.get("b1", 0.9),
-      b2=opt.get("b2", 0.999),
-      eps_root=opt.get("eps", 1e-8),
-    )
-  compressor = cj.compressors.get(
-    opt.get("compressor", "identity"), **dict(opt.get("compressor_kwargs", {}) or {})
-  )
-  if name == "onebit_adam":
-    return cj.onebit_adam(
-      lr,
-      compressor,
-      warmup_steps=int(opt.get("warmup_steps", 100)),
-      b1=opt.get("b1", 0.9),
-      b2=opt.get("b2", 0.999),
-      eps=opt.get("eps", 1e-8),
-      axis_name=axis_name,
-      seed=seed,
-    )
-  if name == "qadam":
-    return cj.qadam(
-      lr,
-      compressor,
-      b1=opt.get("b1", 0.9),
-      b2=opt.get("b2", 0.999),
-      eps=opt.get("eps", 1e-8),
-      axis_name=axis_name,
-      seed=seed,
-    )
-  if name == "comp_ams":
-    return cj.comp_ams(
-      lr,
-      compressor,
-      **where,
-      b1=opt.get("b1", 0.9),
-      b2=opt.get("b2", 0.999),
-      eps_root=opt.get("eps", 1e-8),
-      seed=seed,
-      predictor=_predictor(opt),
-      feedback=str(opt.get("feedback", "ef")),
-      dense_warmup_steps=int(opt.get("dense_warmup_steps", 0)),
-      compressor_stages=_annealed_stages(opt),
-    )
-  predictor = _predictor(opt)
-  return cj.compressed_momentum_sgd(
-    lr,
-    compressor,
-    momentum=float(opt.get("momentum", 0.9)),
-    predictive=predictor if predictor is not None else False,
-    feedback="ef" if bool(opt.get("error_feedback", True)) else "none",
-    **where,
-    seed=seed,
-  )
+
+  factory: Callable[..., optax.GradientTransformation]
+  arguments: Mapping[str, str]
+  compressor: str | None = None
+  derived: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
+  phases: Callable[..., tuple[list[tuple[int, Any]], Any]] | None = None
 
 
-def _annealed_stages(opt: Mapping[str, Any]) -> list[tuple[int, Any]]:
+def _factory_default(factory: Callable[..., Any], argument: str) -> Any:
+  return inspect.signature(factory).parameters[argument].default
+
+
+def _value(optimizer: Optimizer, section: Mapping[str, Any], field: str) -> Any:
+  """The field's value for this optimizer: the section's, else the factory's default."""
+  value = section.get(field)
+  if value is None:
+    value = _factory_default(optimizer.factory, optimizer.arguments[field])
+  return value
+
+
+def _annealed_stages(section: Mapping[str, Any]) -> list[tuple[int, Any]]:
   """`anneal_from` r0 and `anneal_steps` N: the ratio falls geometrically from r0 to the
-  compressor's ratio in `anneal_stages` (default 4) equal stages over the first N steps."""
-  r0, steps = opt.get("anneal_from"), int(opt.get("anneal_steps", 0) or 0)
+  compressor's ratio in `anneal_stages` equal stages over the first N steps."""
+  section = _section(section)
+  r0, steps = section["anneal_from"], int(section["anneal_steps"] or 0)
   if not r0 or steps <= 0:
     return []
-  kwargs = dict(opt.get("compressor_kwargs", {}) or {})
+  kwargs = dict(section["compressor_kwargs"] or {})
   if "ratio" not in kwargs:
     raise ValueError("optimizer.anneal_from needs a compressor with a ratio (top_k, random_k).")
-  stages = max(1, min(int(opt.get("anneal_stages", 4)), steps))
-  r1, name = float(kwargs["ratio"]), opt.get("compressor", "identity")
+  stages = max(1, min(int(section["anneal_stages"]), steps))
+  r1, name = float(kwargs["ratio"]), section["compressor"] or "identity"
   bounds = [round(steps * (i + 1) / stages) for i in range(stages)]
   lengths = [b - a for a, b in zip([0, *bounds], bounds)]
   return [
@@ -192,62 +110,183 @@ def _annealed_stages(opt: Mapping[str, Any]) -> list[tuple[int, Any]]:
   ]
 
 
-def bytes_sent_by_step(
-  opt: Mapping[str, Any],
-  params: Any,
-  hlo_bytes: int,
-  *,
-  measure: Callable[[Mapping[str, Any]], int] | None = None,
-):
-  """Bytes one worker has sent after `step` steps, as a function of the step.
+def _dense_mean(place: Mapping[str, Any]) -> optax.GradientTransformation:
+  """What a dense warm-up step sends: the full-precision average of the gradients."""
+  return cj.compressed_mean(cj.compressors.identity(), **place)
 
-  Constant-per-step optimizers send `hlo_bytes` (measured from the compiled step) every step.
-  1-bit Adam's, a dense-warm-up COMP-AMS's and an annealed COMP-AMS's compiled steps hold
-  every phase (a `lax.cond` / `lax.switch`), so their HLO counts all; they really send the
-  dense gradient during a warm-up, each stage's payload during its steps and the compressed
-  payload afterwards. Each phase is measured on its own: `measure(section)` gives the bytes
-  per step of the optimizer an `optimizer` section describes, on the run's layout (wire,
-  hierarchical mesh); by default the compressor's payload over `params` (the gather wire).
+
+def _comp_ams_phases(optimizer: Optimizer, section, place):
+  """The dense warm-up (`dense_warmup_steps`), then the annealed stages, then the rest."""
+  warmup, stages = int(_value(optimizer, section, "dense_warmup_steps")), _annealed_stages(section)
+  plain = {**section, "dense_warmup_steps": 0, "anneal_from": 0.0, "anneal_steps": 0}
+  steady = _build(optimizer, plain, place)
+  if not warmup and not stages:
+    return [], steady
+  before = [(warmup, _dense_mean(place))] if warmup else []
+  before += [(n, _build(optimizer, plain, place, compressor=c)) for n, c in stages]
+  return before, steady
+
+
+def _onebit_adam_phases(optimizer: Optimizer, section, place):
+  """Adam on the dense average of the gradients for `warmup_steps`, then the momentum averaged
+  compressed with error feedback (`cj.scale_by_onebit_adam`)."""
+  options = {k: v for k, v in _arguments(optimizer, section).items() if k in ("wire", "seed")}
+  compressed = cj.error_feedback(_compressor(optimizer, section), **place, **options)
+  return [(int(_value(optimizer, section, "warmup_steps")), _dense_mean(place))], compressed
+
+
+_ADAM = {"b1": "b1", "b2": "b2"}
+REGISTRY: dict[str, Optimizer] = {
+  # Full precision: the identity compressor's payload is the dense gradient (one psum).
+  "amsgrad": Optimizer(cj.comp_ams, {**_ADAM, "eps": "eps_root"}, compressor="identity"),
+  "comp_ams": Optimizer(
+    cj.comp_ams,
+    {
+      **_ADAM,
+      "eps": "eps_root",
+      "seed": "seed",
+      "predictor": "predictor",
+      "feedback": "feedback",
+      "dense_warmup_steps": "dense_warmup_steps",
+      "wire": "wire",
+    },
+    derived=lambda section: {"compressor_stages": _annealed_stages(section)},
+    phases=_comp_ams_phases,
+  ),
+  "onebit_adam": Optimizer(
+    cj.onebit_adam,
+    {**_ADAM, "eps": "eps", "seed": "seed", "warmup_steps": "warmup_steps", "wire": "wire"},
+    phases=_onebit_adam_phases,
+  ),
+  "qadam": Optimizer(
+    cj.qadam, {**_ADAM, "eps": "eps", "seed": "seed", "feedback": "feedback", "wire": "wire"}
+  ),
+  "momentum_sgd": Optimizer(
+    cj.compressed_momentum_sgd,
+    {
+      "momentum": "momentum",
+      "seed": "seed",
+      "predictor": "predictive",
+      "error_feedback": "feedback",
+      "wire": "wire",
+    },
+  ),
+}
+OPTIMIZERS = tuple(REGISTRY)
+
+
+def _section(opt: Mapping[str, Any]) -> dict[str, Any]:
+  """`opt` over the defaults of `config.optimizer_section` (a bare dict may name few fields)."""
+  return {**config_lib.optimizer_section().to_dict(), **dict(opt)}
+
+
+def _compressor(optimizer: Optimizer, section: Mapping[str, Any]):
+  if optimizer.compressor is not None:
+    return cj.compressors.get(optimizer.compressor)
+  return cj.compressors.get(
+    section["compressor"] or "identity", **dict(section["compressor_kwargs"] or {})
+  )
+
+
+def _arguments(optimizer: Optimizer, section: Mapping[str, Any]) -> dict[str, Any]:
+  """The factory's keyword arguments from the section's fields (None fields left out)."""
+  out = {
+    argument: _CONVERT.get(field, lambda value, _: value)(section[field], section)
+    for field, argument in optimizer.arguments.items()
+    if section.get(field) is not None
+  }
+  if optimizer.derived is not None:
+    out.update({k: v for k, v in optimizer.derived(section).items() if v})
+  return out
+
+
+def _place(name: str, optimizer: Optimizer, axis_name, dense_axis_name) -> dict[str, Any]:
+  """The mesh axes the factory is built on."""
+  place = {"axis_name": axis_name}
+  if "dense_axis_name" in inspect.signature(optimizer.factory).parameters:
+    place["dense_axis_name"] = dense_axis_name
+  elif dense_axis_name is not None:
+    raise ValueError(f"{name} does not support a hierarchical mesh (mesh.dense_axis).")
+  return place
+
+
+def _build(
+  optimizer: Optimizer, section, place, *, compressor=None
+) -> optax.GradientTransformation:
+  compressor = _compressor(optimizer, section) if compressor is None else compressor
+  return optimizer.factory(
+    float(section["learning_rate"]),
+    compressor,
+    **place,
+    **_arguments(optimizer, section),
+  )
+
+
+def _lookup(opt: Mapping[str, Any], axis_name, dense_axis_name):
+  section = _section(opt)
+  name = section["name"]
+  if name not in REGISTRY:
+    raise ValueError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}.")
+  optimizer = REGISTRY[name]
+  return optimizer, section, _place(name, optimizer, axis_name, dense_axis_name)
+
+
+def build_optimizer(
+  opt: Mapping[str, Any], *, axis_name: str | None, dense_axis_name: str | None = None
+) -> optax.GradientTransformation:
+  """Builds the optimizer that an `optimizer` config section describes (see `REGISTRY`).
+
+  Args:
+    opt: a mapping with `name` ("amsgrad", "comp_ams", "momentum_sgd", "onebit_adam" or
+      "qadam"), `learning_rate`, `compressor` and `compressor_kwargs` (see
+      `cj.compressors.get`), and the optimizer's own fields (`b1`, `b2`, `eps`, `momentum`,
+      `feedback`, `error_feedback`, `predictor`, `seed`, `warmup_steps`, `wire`, ...); fields
+      missing or None take the library factory's default.
+    axis_name: the data-parallel axis.
+    dense_axis_name: a fast axis averaged densely before compression (hierarchical meshes).
 
   Returns:
-    (sent_after(step), bytes per step of the steady phase).
+    The `optax.GradientTransformation`.
+
+  Examples:
+    >>> from compams_jax.experiments.optim import build_optimizer
+    >>> tx = build_optimizer(dict(name="comp_ams", learning_rate=1e-3, compressor="top_k",
+    ...                           compressor_kwargs={"ratio": 0.01}), axis_name=None)
   """
-  if measure is None:
+  optimizer, section, place = _lookup(opt, axis_name, dense_axis_name)
+  return _build(optimizer, section, place)
 
-    def measure(section):
-      name = "identity" if section.get("name") == "amsgrad" else section.get("compressor")
-      kwargs = {} if name == "identity" else dict(section.get("compressor_kwargs", {}) or {})
-      return cj.wire_bytes(cj.compressors.get(name or "identity", **kwargs), params)
 
-  phases: list[tuple[int, int]] = []  # (steps, bytes per step) before the steady phase
-  plain = {**opt, "dense_warmup_steps": 0, "anneal_from": 0.0, "anneal_steps": 0}
-  if opt.get("name") == "onebit_adam":
-    # Its compressed phase sends the compressor's payload over the whole model (gather).
-    dense = cj.wire_bytes(cj.compressors.identity(), params)
-    phases.append((int(opt.get("warmup_steps", 100)), dense))
-    steady = cj.wire_bytes(
-      cj.compressors.get(
-        opt.get("compressor", "scaled_sign"), **dict(opt.get("compressor_kwargs", {}) or {})
-      ),
-      params,
-    )
-  elif opt.get("name") == "comp_ams" and (
-    int(opt.get("dense_warmup_steps", 0) or 0) > 0 or _annealed_stages(opt)
-  ):
-    if int(opt.get("dense_warmup_steps", 0) or 0) > 0:
-      phases.append((int(opt["dense_warmup_steps"]), measure({**plain, "name": "amsgrad"})))
-    for n, c in _annealed_stages(opt):
-      kwargs = {**dict(opt.get("compressor_kwargs", {}) or {}), "ratio": c.ratio}
-      phases.append((n, measure({**plain, "compressor_kwargs": kwargs})))
-    steady = measure(plain)
-  else:
-    return lambda step: step * hlo_bytes, hlo_bytes
+def phases(
+  opt: Mapping[str, Any], *, axis_name: str | None, dense_axis_name: str | None = None
+) -> tuple[list[tuple[int, optax.GradientTransformation]], optax.GradientTransformation]:
+  """What the optimizer sends, phase by phase, as transforms to measure with `cj.wire_bytes`.
+
+  The compiled step of a 1-bit Adam, a dense-warm-up or an annealed COMP-AMS holds every phase
+  (a `lax.cond` / `lax.switch`), so `cj.wire_bytes` of the optimizer counts them all; a worker
+  really sends the dense gradient during a warm-up, each stage's payload during its steps and
+  the steady payload afterwards. Here each phase is a transform of its own that sends exactly
+  that phase's payload.
+
+  Returns:
+    ([(steps, transform)] of the phases before the steady one (empty for an optimizer that
+    sends the same every step), the steady phase's transform).
+  """
+  optimizer, section, place = _lookup(opt, axis_name, dense_axis_name)
+  if optimizer.phases is None:
+    return [], _build(optimizer, section, place)
+  return optimizer.phases(optimizer, section, place)
+
+
+def bytes_sent_by_step(before: Sequence[tuple[int, int]], steady: int) -> Callable[[int], int]:
+  """`sent(step)`: the bytes one worker has sent after `step` steps, for phases of (steps, bytes
+  per step) followed by a steady phase of `steady` bytes per step."""
 
   def sent(step: int) -> int:
     total, left = 0, step
-    for n, per_step in phases:
+    for n, per_step in before:
       total += min(left, n) * per_step
       left -= min(left, n)
     return total + left * steady
 
-  return sent, steady
+  return sent

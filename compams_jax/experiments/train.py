@@ -1,8 +1,9 @@
 """The data-parallel training loop: n workers on a `jax.shard_map` mesh axis "data".
 
-`train` orchestrates: `create_train_state` (model, parameters and optimizer state on the mesh),
-`cj.data_parallel_step` and `make_eval_step` (the jitted data-parallel steps), `evaluate`, and `_fit`
-(the loop: metrics, progress, checkpoints and the windowed loss-target stop).
+`train` orchestrates: `make_setup` (`create_train_state`: model, parameters and optimizer state
+on the mesh; `cj.data_parallel_step` and `make_eval_step`: the jitted data-parallel steps;
+`evaluate`; the bytes sent), and `_fit` (the loop over `train_step`: metrics, progress,
+checkpoints and the windowed loss-target stop).
 """
 
 from __future__ import annotations
@@ -27,11 +28,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import compams_jax as cj
-from compams_jax.experiments import checkpoints
+from compams_jax.experiments import checkpoints, optim
 from compams_jax.experiments import config as config_lib
 from compams_jax.experiments.data import epoch_permutation, load_dataset, steps_per_epoch
 from compams_jax.experiments.models import count_params, create_model
-from compams_jax.experiments.optim import build_optimizer, bytes_sent_by_step
 
 AXIS = "data"
 
@@ -113,8 +113,8 @@ def make_layout(config) -> Layout:
   if len(devices) < n:
     raise RuntimeError(
       f"the run needs {n} devices (one per worker) but jax sees {len(devices)}. "
-      "On CPU, simulate them by setting XLA_FLAGS=--xla_force_host_platform_device_count="
-      f"{n} before jax starts (compams-train does this for you), or set mesh.simulate=vmap."
+      f"On CPU, simulate them with cj.simulate_cpu_devices({n}) right after `import jax` "
+      "(compams-train does this for you), or set mesh.simulate=vmap."
     )
   # Row-major over jax.devices(): with several processes, each process's devices form a row
   # (one slice per process along "dcn").
@@ -241,7 +241,7 @@ def create_train_state(config, dataset, layout: Layout, key: jax.Array):
     config.model.name, dataset.num_classes, **dict(config.model.get("kwargs", {}) or {})
   )
   params = model.init({"params": key}, jnp.asarray(dataset.x_train[:1]), train=False)["params"]
-  tx = build_optimizer(
+  tx = optim.build_optimizer(
     config.optimizer, axis_name=layout.axis_name, dense_axis_name=layout.dense_axis_name
   )
 
@@ -323,37 +323,47 @@ def make_batches(dataset, layout: Layout, seed: int, local_batch: int, per_epoch
 
 def _communication(config, tx, step, state: TrainState, batch0, layout: Layout):
   """What the optimizer sends: `sent_after(step)`, the bytes one worker has sent after `step`
-  steps, and the summary's byte fields, read from the compiled step's HLO and from payloads.
+  steps, and the summary's byte fields, read from the compiled step's HLO and from the traced
+  transforms (`cj.wire_bytes`).
 
-  On a hierarchical mesh the HLO also holds the dense collectives of the fast axis; the bytes
-  "sent" are those of the slow (worker) axis. Simulated workers have no collectives at all:
-  their bytes are read from the traced optimizer (`cj.wire_bytes`).
+  An optimizer that sends the same every step sends the HLO's bytes (on a 1-D device mesh) or
+  `cj.wire_bytes` of its transform. One whose compiled step holds several phases (a warm-up,
+  annealed stages) sends each phase's bytes during its steps: `optim.phases` gives a transform
+  per phase, and together they must account for every byte of the optimizer's transform. On a
+  hierarchical mesh the HLO also holds the dense collectives of the fast axis; the bytes "sent"
+  are those of the slow (worker) axis. Simulated workers have no collectives at all: their bytes
+  are read from the traced transforms.
   """
   key0 = jax.random.key(0)
   hlo = cj.collective_bytes(step.lower(state.params, state.opt_state, batch0, key0).compile())
   sizes = dict(zip(layout.axes, layout.sizes))
-  static = cj.wire_bytes(
-    tx,
-    state.params,
-    num_workers=sizes[layout.axis_name],
-    dense_workers=sizes.get(layout.dense_axis_name, 1),
-  )
-  per_step = hlo.total if (layout.dense_axis_name is None and not layout.simulated) else static
 
-  def measure(section):  # one phase's optimizer on this run's layout
-    phase_tx = build_optimizer(
-      section, axis_name=layout.axis_name, dense_axis_name=layout.dense_axis_name
-    )
+  def measure(transform):  # bytes per step of a transform on this run's layout
     return cj.wire_bytes(
-      phase_tx,
+      transform,
       state.params,
       num_workers=sizes[layout.axis_name],
       dense_workers=sizes.get(layout.dense_axis_name, 1),
     )
 
-  sent_after, steady = bytes_sent_by_step(config.optimizer, state.params, per_step, measure=measure)
+  static = measure(tx)
+  before, steady_tx = optim.phases(
+    config.optimizer, axis_name=layout.axis_name, dense_axis_name=layout.dense_axis_name
+  )
+  if before:
+    per_phase = [(n, measure(t)) for n, t in before]
+    steady = measure(steady_tx)
+    if sum(b for _, b in per_phase) + steady != static:
+      raise RuntimeError(
+        f"the phases of {config.optimizer.name} send {[b for _, b in per_phase]} then {steady} "
+        f"bytes per step, which does not account for the {static} bytes of its transform; "
+        "compams_jax/experiments/optim.py's phases no longer match the library's optimizer."
+      )
+  else:
+    per_phase = []
+    steady = hlo.total if (layout.dense_axis_name is None and not layout.simulated) else static
   dense = 4 * count_params(state.params)
-  return sent_after, {
+  return optim.bytes_sent_by_step(per_phase, steady), {
     "bytes_per_step_hlo": hlo.total,
     "bytes_per_step_static": static,
     "dense_f32_bytes": dense,
@@ -363,7 +373,7 @@ def _communication(config, tx, step, state: TrainState, batch0, layout: Layout):
   }
 
 
-class _Setup(NamedTuple):
+class Setup(NamedTuple):
   """Everything `train` builds from the config before it touches the run directory."""
 
   layout: Layout
@@ -375,21 +385,32 @@ class _Setup(NamedTuple):
   dropout_key: jax.Array
   per_epoch: int
   total_steps: int
-  sent_after: Callable  # step -> bytes one worker has sent
-  comm: dict[str, Any]  # The summary's byte fields.
+  sent_after: Callable | None  # step -> bytes one worker has sent
+  comm: dict[str, Any] | None  # The summary's byte fields.
 
 
-def _setup(config: ml_collections.ConfigDict) -> _Setup:
-  """Layout, data, initial state, jitted steps and byte accounting (no run directory yet)."""
+def make_setup(
+  config: ml_collections.ConfigDict, *, dataset: Any = None, measure_bytes: bool = True
+) -> Setup:
+  """Layout, data, initial state, jitted steps and byte accounting (no run directory yet).
+
+  Args:
+    config: an experiment config.
+    dataset: the data to train on instead of the config's dataset (as `load_dataset` returns).
+    measure_bytes: read the bytes sent from the compiled step (`sent_after`, `comm`; None if
+      not: it compiles the step once more).
+  """
   layout = make_layout(config)
-  dataset = _load_data(config)
+  dataset = _load_data(config) if dataset is None else dataset
   init_key = jax.random.key(int(config.seed))
   model, tx, step, state = create_train_state(config, dataset, layout, init_key)
   eval_step = make_eval_step(model, layout)
   per_epoch = _epoch_length(config, dataset)
   batch = make_batches(dataset, layout, int(config.seed), int(config.local_batch), per_epoch)
-  sent_after, comm = _communication(config, tx, step, state, batch(0), layout)
-  return _Setup(
+  sent_after, comm = (
+    _communication(config, tx, step, state, batch(0), layout) if measure_bytes else (None, None)
+  )
+  return Setup(
     layout=layout,
     dataset=dataset,
     state=state,
@@ -404,7 +425,7 @@ def _setup(config: ml_collections.ConfigDict) -> _Setup:
   )
 
 
-def restore_train_state(ckpt, step: int, like: TrainState, saved_workers: int, setup: _Setup):
+def restore_train_state(ckpt, step: int, like: TrainState, saved_workers: int, setup: Setup):
   """The `TrainState` checkpointed at `step`, laid out like `like`.
 
   A checkpoint of another worker count (elastic resume) is restored replicated and resized by
@@ -443,7 +464,7 @@ def restore_train_state(ckpt, step: int, like: TrainState, saved_workers: int, s
   return TrainState(restored["params"], opt_state, int(restored["step"]), Meters(**meters))
 
 
-def _resume_or_start(ckpt, setup: _Setup, config, workdir, resume, saved_meta, must_match, lead):
+def _resume_or_start(ckpt, setup: Setup, config, workdir, resume, saved_meta, must_match, lead):
   """The state to train from: the initial one, or with `resume` the latest checkpoint's.
   Process 0 (`lead`) empties metrics.jsonl (or cuts it back to the resumed step) and writes
   run_meta.json and config.json."""
@@ -544,17 +565,16 @@ def _write_line(log, **record) -> None:
   log.write(json.dumps(record) + "\n")
 
 
-def _train_one_step(setup: _Setup, state: TrainState, step: int):
-  """`state` advanced by the step's batch (its meters added to in place), with the step's mean
-  training loss and accuracy."""
+def train_step(setup: Setup, state: TrainState, step: int):
+  """One step of the training loop: `state` advanced by step `step`'s batch and dropout key (its
+  meters added to in place), with the step's mean training loss and accuracy over the workers.
+  `train` stops at a non-finite loss; the step itself does not."""
   key = jax.random.fold_in(setup.dropout_key, step)  # each worker folds in its index
   params, opt_state, metrics = setup.train_step(
     state.params, state.opt_state, setup.batch(step), key
   )
   loss = float(np.mean(to_host(metrics["loss"])))
   acc = float(np.mean(to_host(metrics["aux"])))
-  if not math.isfinite(loss):
-    raise FloatingPointError(f"training loss became {loss} at step {step}.")
   state.meters.add(loss, acc)
   return dataclasses.replace(state, params=params, opt_state=opt_state, step=step + 1), loss, acc
 
@@ -577,7 +597,7 @@ def _end_epoch(state: TrainState, epoch: int, test, sent: int, log, progress) ->
   return dataclasses.replace(state, meters=Meters())
 
 
-def _fit(setup: _Setup, state: TrainState, end: int, config, ckpt, log, progress, stop):
+def _fit(setup: Setup, state: TrainState, end: int, config, ckpt, log, progress, stop):
   """Trains from `state.step` to `end` (sooner if `stop` is reached), writing metric lines to
   `log` and checkpoints to `ckpt`. Returns the final state, the step it ended at and the last
   epoch's (test loss, test accuracy) (NaN if no epoch ended)."""
@@ -585,7 +605,9 @@ def _fit(setup: _Setup, state: TrainState, end: int, config, ckpt, log, progress
   per_epoch = setup.per_epoch
   test = (float("nan"), float("nan"))
   for step in range(state.step, end):
-    state, loss, acc = _train_one_step(setup, state, step)
+    state, loss, acc = train_step(setup, state, step)
+    if not math.isfinite(loss):
+      raise FloatingPointError(f"training loss became {loss} at step {step}.")
     done = state.step
     if stop.update(loss, done):
       end = done
@@ -612,7 +634,7 @@ def _fit(setup: _Setup, state: TrainState, end: int, config, ckpt, log, progress
   return state, end, test
 
 
-def _summary(config, setup: _Setup, state: TrainState, steps: int, test, stop, t0: float):
+def _summary(config, setup: Setup, state: TrainState, steps: int, test, stop, t0: float):
   """The run summary (summary.json, and the CLI's table)."""
   return {
     "variant": config.get("variant", "run"),
@@ -693,7 +715,7 @@ def train(
   must_match = ("model", "dataset", "optimizer") + (() if elastic else ("num_workers",))
   if resume and saved_meta is not None:  # Refuse a mismatched run before any expensive setup.
     checkpoints.check_meta(saved_meta, _meta(config), workdir, keys=must_match)
-  setup = _setup(config)
+  setup = make_setup(config)
   lead = jax.process_index() == 0  # Across processes, process 0 writes the run's files.
   workdir.mkdir(parents=True, exist_ok=True)
   ckpt = checkpoints.Checkpointer(workdir / "checkpoints")

@@ -14,14 +14,15 @@ BENCH = pathlib.Path(__file__).resolve().parents[2] / "benchmarks"
 
 @pytest.fixture
 def reproduce(monkeypatch):
-  """The module, imported without letting its XLA_FLAGS setting leak into other tests."""
+  """The module. Importing it sets nothing up (`run` sets up its devices with
+  `cj.simulate_cpu_devices`), so nothing leaks into other tests."""
   monkeypatch.syspath_prepend(str(BENCH))
   env = dict(os.environ)
   try:
-    yield importlib.import_module("reproduce")
+    module = importlib.import_module("reproduce")
+    assert dict(os.environ) == env
+    yield module
   finally:
-    os.environ.clear()
-    os.environ.update(env)
     sys.modules.pop("reproduce", None)
 
 

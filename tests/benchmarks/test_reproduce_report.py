@@ -139,3 +139,28 @@ def test_quick_pipeline_runs_and_renders(tmp_path):
     subprocess.run([sys.executable, str(BENCH / "reproduce.py"), *cmd], check=True, timeout=900)
   text = (docs / "results.md").read_text()
   assert "COMP-AMS top-k 1%" in text and "Linear speedup" in text
+
+
+@pytest.mark.parametrize(
+  "topk_bytes, verdict",
+  [
+    (40, "held"),  # 100× of the claimed 100×
+    (
+      60,  # 66.7×: 6 bytes per kept entry of 1% of 1,000 parameters
+      "top-k 1% not held: it sends 6 bytes per kept entry (32-bit values and 16-bit indices), "
+      "so about 67×, not 100×; block-sign held",
+    ),
+  ],
+)
+def test_the_bits_verdict_is_computed_from_the_ratios(tmp_path, topk_bytes, verdict):
+  results = tmp_path / "results"
+  results.mkdir()
+  study = {**_study([0.9], [0.9], topk_bytes=topk_bytes), "study": "mnist5k_parity", "seeds": [0]}
+  sign = {**study["variants"]["comp_ams_top_k"], "bytes_per_step_steady": 125}  # 32×
+  study["variants"]["comp_ams_block_sign"] = sign
+  (results / "mnist5k_parity.json").write_text(json.dumps(study))
+  text = reproduce_report.write_report(results, tmp_path / "docs").read_text()
+  row = next(l for l in text.splitlines() if l.startswith("| COMP-AMS sends ~100× (top-k 1%)"))
+  assert row.split("|")[-2].strip() == verdict, row
+  ratio = 4000 / topk_bytes
+  assert f"{ratio:.1f}× and 32.0× fewer bits per step" in row

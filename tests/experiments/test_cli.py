@@ -10,7 +10,7 @@ import pytest
 
 from compams_jax.experiments import checkpoints, cli, train
 from compams_jax.experiments import config as config_lib
-from compams_jax.experiments.optim import PRESETS
+from compams_jax.experiments.config import PRESETS
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
 SMOKE = str(CONFIGS / "digits.py") + ":smoke"
@@ -68,6 +68,8 @@ def _rows(out):
     ("optimizer.momentum=1.0", "optimizer.momentum"),
     ("optimizer.momentum=-0.5", "optimizer.momentum"),
     ("mesh.shape=(2,3)", "mesh.shape"),
+    ("--config.optimizer.learning_rate=-1", "optimizer.learning_rate"),  # config_flags' spelling
+    ("--config.mesh.shape=(2, 3)", "mesh.shape"),
   ],
 )
 def test_impossible_values_are_one_error_line_before_training(override, key, tmp_path, capsys):
@@ -93,7 +95,7 @@ def test_train_validates_before_any_setup(tmp_path, monkeypatch):
   def no_setup(config):
     raise AssertionError("setup ran for an impossible config")
 
-  monkeypatch.setattr(train, "_setup", no_setup)
+  monkeypatch.setattr(train, "make_setup", no_setup)
   with pytest.raises(config_lib.ConfigError, match="optimizer.learning_rate"):
     train.train(_tiny("optimizer.learning_rate=0"), tmp_path / "run", progress=False)
   with pytest.raises(config_lib.ConfigError, match="local_batch"):

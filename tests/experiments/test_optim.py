@@ -1,11 +1,17 @@
-"""The experiments' optimizer sections: annealed top-k stages and the bytes each phase sends."""
+"""The experiments' optimizer registry: library defaults, fields reaching their arguments,
+annealed top-k stages, and the bytes each phase sends."""
 
+import inspect
+
+import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+import compams_jax as cj
 from compams_jax.experiments import config as config_lib
-from compams_jax.experiments.optim import _annealed_stages, bytes_sent_by_step
+from compams_jax.experiments import optim
 
 PARAMS = {"w": jnp.zeros((1000,)), "b": jnp.zeros((10,))}
 
@@ -19,20 +25,107 @@ def _top_k_bytes(ratio):
   return total
 
 
+def _updates(tx, steps=3):
+  """The updates `tx` makes on one worker over a few steps of a fixed gradient sequence."""
+  params = {"w": jnp.linspace(-1.0, 1.0, 16), "b": jnp.ones(3)}
+  state, out = tx.init(params), []
+  for t in range(steps):
+    grads = jax.tree.map(lambda p: jnp.sin(p * (t + 1)) + 0.1 * t, params)
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    out.append(updates)
+  return out
+
+
+def _assert_same_updates(a, b):
+  for x, y in zip(jax.tree.leaves(_updates(a)), jax.tree.leaves(_updates(b))):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize(
+  "section, library",
+  [
+    (dict(name="amsgrad"), lambda: cj.comp_ams(0.1, cj.compressors.identity())),
+    (
+      dict(name="comp_ams", compressor="top_k", compressor_kwargs={"ratio": 0.25}),
+      lambda: cj.comp_ams(0.1, cj.compressors.top_k(0.25)),
+    ),
+    (
+      dict(name="onebit_adam", compressor="scaled_sign", compressor_kwargs={}),
+      lambda: cj.onebit_adam(0.1, cj.compressors.scaled_sign()),
+    ),
+    (
+      dict(name="qadam", compressor="qsgd", compressor_kwargs={"levels": 127}),
+      lambda: cj.qadam(0.1, cj.compressors.qsgd(127)),
+    ),
+    (
+      dict(name="momentum_sgd", compressor="top_k", compressor_kwargs={"ratio": 0.25}),
+      lambda: cj.compressed_momentum_sgd(0.1, cj.compressors.top_k(0.25), predictive=False),
+    ),
+  ],
+  ids=lambda v: v["name"] if isinstance(v, dict) else "",
+)
+def test_unset_fields_take_the_library_defaults(section, library):
+  """The shipped optimizer section leaves every hyperparameter to the factory's default."""
+  full = {**config_lib.optimizer_section().to_dict(), **section, "learning_rate": 0.1}
+  _assert_same_updates(optim.build_optimizer(full, axis_name=None), library())
+
+
+def test_set_fields_reach_their_arguments():
+  """eps is COMP-AMS's ε inside the root; b1, b2 the AMSGrad decays (checked against optax)."""
+  section = dict(name="amsgrad", learning_rate=0.1, b1=0.5, b2=0.75, eps=0.25)
+  reference = optax.chain(
+    optax.scale_by_amsgrad(
+      b1=0.5, b2=0.75, eps=0.0, eps_root=0.25, bias_correction_mu=False, bias_correction_nu=False
+    ),
+    optax.scale_by_learning_rate(0.1),
+  )
+  _assert_same_updates(optim.build_optimizer(section, axis_name=None), reference)
+  # error_feedback=False is momentum SGD without residuals.
+  off = dict(name="momentum_sgd", learning_rate=0.1, compressor="top_k", error_feedback=False)
+  no_residual = optax.chain(
+    cj.worker_momentum(
+      inspect.signature(cj.compressed_momentum_sgd).parameters["momentum"].default
+    ),
+    cj.compressed_mean(cj.compressors.top_k(0.01)),
+    optax.scale_by_learning_rate(0.1),
+  )
+  _assert_same_updates(optim.build_optimizer(off, axis_name=None), no_residual)
+
+
+def test_the_registry_names_arguments_its_factories_take():
+  for name, entry in optim.REGISTRY.items():
+    params = inspect.signature(entry.factory).parameters
+    for field, argument in entry.arguments.items():
+      assert argument in params, (name, field, argument)
+      assert field in config_lib.optimizer_section(), (name, field)
+
+
 def test_annealed_stages_are_geometric_and_cover_the_steps():
   opt = dict(name="comp_ams", compressor="top_k", compressor_kwargs={"ratio": 0.01})
-  stages = _annealed_stages({**opt, "anneal_from": 0.1, "anneal_steps": 10, "anneal_stages": 4})
+  stages = optim._annealed_stages(
+    {**opt, "anneal_from": 0.1, "anneal_steps": 10, "anneal_stages": 4}
+  )
   # Stage i ends at round(10·(i + 1)/4): 2.5 → 2, 5, 7.5 → 8, 10 (halves to even).
   assert [n for n, _ in stages] == [2, 3, 3, 2]
   np.testing.assert_allclose(
     [c.ratio for _, c in stages], [0.1 * 0.1 ** (i / 4) for i in range(4)], rtol=1e-12
   )
-  assert _annealed_stages({**opt, "anneal_from": 0.1, "anneal_steps": 0}) == []
+  assert optim._annealed_stages({**opt, "anneal_from": 0.1, "anneal_steps": 0}) == []
+
+
+def _measured(section):
+  """(per-phase (steps, bytes), steady bytes, bytes of the whole transform) on axis "data"."""
+  measure = lambda tx: cj.wire_bytes(tx, PARAMS, num_workers=4)
+  before, steady = optim.phases(section, axis_name="data")
+  whole = measure(optim.build_optimizer(section, axis_name="data"))
+  return [(n, measure(t)) for n, t in before], measure(steady), whole
 
 
 def test_bytes_per_phase_dense_warmup_then_stages_then_steady():
   opt = dict(
     name="comp_ams",
+    learning_rate=1e-3,
     compressor="top_k",
     compressor_kwargs={"ratio": 0.01},
     dense_warmup_steps=3,
@@ -40,10 +133,13 @@ def test_bytes_per_phase_dense_warmup_then_stages_then_steady():
     anneal_steps=4,
     anneal_stages=2,
   )
-  sent, steady = bytes_sent_by_step(opt, PARAMS, hlo_bytes=10**9)
+  before, steady, whole = _measured(opt)
   dense = 4 * 1010
   stage = [_top_k_bytes(0.1), _top_k_bytes(0.1 * 0.1**0.5)]
+  assert before == [(3, dense), (2, stage[0]), (2, stage[1])]
   assert steady == _top_k_bytes(0.01)
+  assert whole == dense + sum(stage) + steady  # the compiled step holds every phase
+  sent = optim.bytes_sent_by_step(before, steady)
   want = [0]
   for t in range(1, 12):
     per = dense if t <= 3 else stage[0] if t <= 5 else stage[1] if t <= 7 else steady
@@ -51,25 +147,48 @@ def test_bytes_per_phase_dense_warmup_then_stages_then_steady():
   assert [sent(t) for t in range(12)] == want
 
 
-def test_constant_optimizers_send_the_hlo_bytes():
-  sent, steady = bytes_sent_by_step(dict(name="comp_ams", compressor="top_k"), PARAMS, 77)
-  assert steady == 77 and sent(5) == 385
+def test_onebit_adam_sends_dense_during_warmup_then_its_compressed_momentum():
+  opt = dict(name="onebit_adam", learning_rate=1e-3, compressor="scaled_sign", compressor_kwargs={})
+  opt["warmup_steps"] = 5
+  before, steady, whole = _measured(opt)
+  assert before == [(5, 4 * 1010)]
+  assert steady == cj.wire_bytes(cj.compressors.scaled_sign(), PARAMS)
+  assert whole == 4 * 1010 + steady
+  # Its warm-up length defaults to the factory's.
+  default = inspect.signature(cj.onebit_adam).parameters["warmup_steps"].default
+  assert _measured({**opt, "warmup_steps": None})[0] == [(default, 4 * 1010)]
+
+
+def test_constant_optimizers_have_one_phase():
+  opt = dict(name="comp_ams", learning_rate=1e-3, compressor="top_k")
+  before, steady, whole = _measured(opt)
+  assert before == [] and steady == whole == _top_k_bytes(0.01)
+  assert optim.bytes_sent_by_step([], 77)(5) == 385
 
 
 @pytest.mark.parametrize(
   "overrides, message",
   [
-    ({"optimizer.anneal_from": 0.1}, "anneal_steps"),
-    ({"optimizer.anneal_from": 0.005, "optimizer.anneal_steps": 8}, "must exceed"),
+    (["optimizer.anneal_from=0.1"], "anneal_steps"),
+    (["optimizer.anneal_from=0.005", "optimizer.anneal_steps=8"], "must exceed"),
     (
-      {"optimizer.anneal_from": 0.1, "optimizer.anneal_steps": 8, "optimizer.name": "qadam"},
+      ["optimizer.anneal_from=0.1", "optimizer.anneal_steps=8", "optimizer.name=qadam"],
       "comp_ams only",
     ),
   ],
 )
 def test_anneal_config_refuses_what_would_be_silently_off(overrides, message):
   c = config_lib.base_config(name="t", dataset="digits", model="mlp")
-  for k, v in overrides.items():
-    config_lib.apply_override(c, k, v)
+  config_lib.apply_overrides(c, overrides)
   with pytest.raises(config_lib.ConfigError, match=message):
     config_lib.validate(c)
+
+
+def test_a_hierarchical_mesh_needs_a_factory_that_takes_a_dense_axis():
+  for name, entry in optim.REGISTRY.items():
+    section = dict(name=name, learning_rate=1e-3)
+    if "dense_axis_name" in inspect.signature(entry.factory).parameters:
+      optim.build_optimizer(section, axis_name="dcn", dense_axis_name="ici")
+    else:
+      with pytest.raises(ValueError, match="does not support a hierarchical mesh"):
+        optim.build_optimizer(section, axis_name="dcn", dense_axis_name="ici")
