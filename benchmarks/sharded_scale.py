@@ -41,6 +41,44 @@ def fsdp_spec(shape, k):
   return P(*["fsdp" if d == dims[0] else None for d in range(len(shape))])
 
 
+def tiny_shapes():
+  """A GPT-2-shaped model small enough for a dry run (2 blocks, d = 64)."""
+  import jax
+  import jax.numpy as jnp
+
+  d, ff, vocab, ctx = 64, 256, 512, 128
+  f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
+  params = {"wte": f32(vocab, d), "wpe": f32(ctx, d), "ln_f": {"g": f32(d), "b": f32(d)}}
+  for i in range(2):
+    params[f"h{i:02d}"] = {
+      "attn": {"c_attn_w": f32(d, 3 * d), "c_proj_w": f32(d, d), "c_proj_b": f32(d)},
+      "mlp": {"c_fc_w": f32(d, ff), "c_proj_w": f32(ff, d)},
+    }
+  return params
+
+
+def methods(axis_name):
+  """Dense AMSGrad (plain optax: a dense pmean over the slices) and two COMP-AMS codes."""
+  import jax
+  import optax
+
+  import compams_jax as cj
+
+  def dense_mean():
+    return optax.GradientTransformation(
+      lambda p: optax.EmptyState(), lambda u, s, p=None: (jax.lax.pmean(u, axis_name), s)
+    )
+
+  amsgrad = dict(eps=0.0, eps_root=1e-8, bias_correction_mu=False, bias_correction_nu=False)
+  return {
+    "dense (plain optax: pmean + AMSGrad)": optax.chain(
+      dense_mean(), optax.scale_by_amsgrad(**amsgrad), optax.scale_by_learning_rate(1e-3)
+    ),
+    "COMP-AMS top-k 1%": cj.comp_ams(1e-3, cj.compressors.top_k(0.01), axis_name=axis_name),
+    "COMP-AMS block-sign": cj.comp_ams(1e-3, cj.compressors.block_sign(), axis_name=axis_name),
+  }
+
+
 def stacked_shapes():
   """GPT-2 small with its 12 blocks stacked: the same 124M parameters in 16 leaves."""
   import jax
@@ -82,7 +120,7 @@ def _collectives(compiled, slices):
   }
 
 
-def fsdp_rows(slices, k):
+def fsdp_rows(slices, k, small=False):
   import jax
   import optax
   from jax.sharding import NamedSharding
@@ -91,7 +129,7 @@ def fsdp_rows(slices, k):
   import compams_jax as cj
 
   mesh = jax.make_mesh((slices, k), ("dcn", "fsdp"))
-  shapes = gpt2_small_shapes()
+  shapes = tiny_shapes() if small else gpt2_small_shapes()
   specs = jax.tree.map(lambda x: fsdp_spec(x.shape, k), shapes)
   params = jax.tree.map(
     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, s)),
@@ -107,21 +145,9 @@ def fsdp_rows(slices, k):
   )
   param_bytes = sum(x.size * 4 for x in jax.tree.leaves(shapes))
 
-  def dense_mean():
-    return optax.GradientTransformation(
-      lambda p: optax.EmptyState(), lambda u, s, p=None: (jax.lax.pmean(u, "dcn"), s)
-    )
-
-  amsgrad = dict(eps=0.0, eps_root=1e-8, bias_correction_mu=False, bias_correction_nu=False)
-  methods = {
-    "dense (plain optax: pmean + AMSGrad)": optax.chain(
-      dense_mean(), optax.scale_by_amsgrad(**amsgrad), optax.scale_by_learning_rate(1e-3)
-    ),
-    "COMP-AMS top-k 1%": cj.comp_ams(1e-3, cj.compressors.top_k(0.01), axis_name="dcn"),
-    "COMP-AMS block-sign": cj.comp_ams(1e-3, cj.compressors.block_sign(), axis_name="dcn"),
-  }
+  methods_ = methods("dcn")
   rows = []
-  for name, tx in methods.items():
+  for name, tx in methods_.items():
     state = jax.eval_shape(
       lambda p, tx=tx: cj.sharding.init(tx, p, mesh=mesh, axis_name="dcn"), params
     )
