@@ -326,3 +326,49 @@ def test_data_parallel_step_covers_sharded_models():
     want, _, _ = reference.np_comp_ams({k: params[k]}, {k: grads[k]}, compress, lr=LR)
     np.testing.assert_allclose(np.asarray(p[k]), want[k], rtol=1e-5, atol=1e-6, err_msg=k)
     assert _norm(p[k].sharding.spec) == _norm(specs[k]), k
+
+
+def test_auto_axes_follow_the_shardings_passed_once():
+  """Auto mesh axes: the types carry no sharding, so `cj.sharding.init` records the
+  parameters' specs (read from the arrays) on the residuals, and compression follows them."""
+  shape, names, leaves = LAYOUTS["2x4"]
+  mesh = jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  _, params, grads, _, specs = _setup("2x4")
+  shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
+  tx = cj.comp_ams(LR, cj.compressors.top_k(0.1), axis_name="dcn")
+  p = jax.device_put(params, shardings)
+  state = cj.sharding.init(tx, p, mesh=mesh, axis_name="dcn")
+  sspecs = cj.sharding.state_specs(state, "dcn")
+
+  def replica(p, s, g):
+    loss = lambda p: sum(jnp.vdot(p[k], g[k][0]) for k in p)  # the compiler places it all
+    grads = jax.grad(loss)(jax.lax.pcast(p, "dcn", to="varying"))
+    updates, s = tx.update(grads, s, p)
+    return optax.apply_updates(p, updates), s
+
+  step = jax.jit(
+    jax.shard_map(
+      replica,
+      mesh=mesh,
+      in_specs=(P(), sspecs, P("dcn")),
+      out_specs=(P(), sspecs),
+      axis_names={"dcn"},
+    )
+  )
+  per_slice = NamedSharding(mesh, P("dcn"))
+  for t in range(STEPS):
+    g = {k: jax.device_put(v[t], per_slice) for k, v in grads.items()}
+    p, state = step(p, state, g)
+  sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
+  for k in params:
+    compress = _shardwise(functools.partial(reference.np_top_k, ratio=0.1), specs[k], sizes)
+    want, _, _ = reference.np_comp_ams({k: params[k]}, {k: grads[k]}, compress, lr=LR)
+    np.testing.assert_allclose(np.asarray(p[k]), want[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  across, _, in_compression = _by_span(step.lower(p, state, g).compile(), slices=2)
+  shards = {
+    "rows": jax.ShapeDtypeStruct((4, 6), np.float32),
+    "cols": jax.ShapeDtypeStruct((6, 4), np.float32),
+    "bias": jax.ShapeDtypeStruct((5,), np.float32),
+  }
+  assert sum(c.operand_bytes for c in across) == cj.wire_bytes(tx, shards)
+  assert all("u8[" in l for l in in_compression), in_compression

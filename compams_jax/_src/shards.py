@@ -36,11 +36,30 @@ def leaf_spec(x: Any) -> P:
   return P(*entries)
 
 
-def sharded_axes(tree: Any) -> tuple[str, ...]:
-  """The mesh axes that shard any leaf of `tree` (in the order they appear)."""
+def _sharded(specs: Any) -> bool:
+  return any(entry is not None for spec in specs for entry in spec)
+
+
+def _unmanual(spec: P) -> P:
+  """`spec` without the axes that are manual here (their shards are already local)."""
+  manual = set(getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ()))
+  entries = []
+  for entry in spec:
+    kept = tuple(n for n in _names(entry) if n not in manual)
+    entries.append(None if not kept else kept[0] if len(kept) == 1 else kept)
+  return P(*entries)
+
+
+def sharded_axes(tree: Any, specs: Any = None) -> tuple[str, ...]:
+  """The mesh axes that shard any leaf of `tree` (in the order they appear): from the leaves'
+  types, or from `specs` (one PartitionSpec per leaf) where the types carry none."""
   out: list[str] = []
-  for leaf in jax.tree.leaves(tree):
-    for entry in leaf_spec(leaf):
+  leaves = jax.tree.leaves(tree)
+  typed = [leaf_spec(leaf) for leaf in leaves]
+  if specs is not None and not _sharded(typed) and len(specs) == len(leaves):
+    typed = [_unmanual(spec) for spec in specs]
+  for spec in typed:
+    for entry in spec:
       for name in _names(entry):
         if name not in out:
           out.append(name)
@@ -55,13 +74,16 @@ def on_shards(
   *,
   worker_axes: tuple[AxisName | None, ...],
   what: str,
+  specs: Any = None,
 ) -> tuple[Any, Any]:
   """fn(value, residual, key) -> (mean, new_residual), run on each device's shard of the leaves.
 
   `mean` and `new_residual` are structured like `value` and sharded as it is; `residual` is
-  structured like `value` (or None). Without sharded leaves, fn runs as is.
+  structured like `value` (or None). Without sharded leaves, fn runs as is. `specs` (one
+  PartitionSpec per leaf, `PerWorker.shard_specs`) stands in for the types' shardings under
+  auto mesh axes.
   """
-  axes = sharded_axes(value)
+  axes = sharded_axes(value, specs)
   if not axes:
     return fn(value, residual, key)
   workers = {n for a in worker_axes for n in _names(a)}
@@ -71,7 +93,10 @@ def on_shards(
       "itself; shard parameters only over the other mesh axes (e.g. P('fsdp', None) on a "
       "('dcn', 'fsdp') mesh) and keep them replicated over the worker axis."
     )
-  specs = jax.tree.map(leaf_spec, value)
+  typed = [leaf_spec(leaf) for leaf in jax.tree.leaves(value)]
+  if not _sharded(typed) and specs is not None:
+    typed = [_unmanual(spec) for spec in specs]
+  specs = jax.tree.unflatten(jax.tree.structure(value), typed)
   if residual is not None:
     for leaf, r in zip(jax.tree.leaves(value), jax.tree.leaves(residual)):
       if tuple(r.shape) != tuple(leaf.shape):

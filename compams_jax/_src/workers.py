@@ -19,11 +19,12 @@ class PerWorker:
   has size n, so `state.residual.value["w"][i]` is worker i's residual. State outside a
   `PerWorker` is replicated: identical on every worker.
 
-  The marker also declares what the state allows, so that code reading a state never needs a
-  table of state types (static fields, not leaves):
-
   Inside an update built with `local_update`, a transform sees `value` parameter-shaped (this
   worker's arrays, `local=True`); the worker axis is dropped and restored in that one place.
+  `cj.sharding.worker_state(state, i)` is worker i's view of a global state.
+
+  The marker also declares what the state allows, so that code reading a state never needs a
+  table of state types (static fields, not leaves):
 
   Attributes:
     value: the per-worker arrays (a pytree), each with the leading worker axis.
@@ -34,6 +35,10 @@ class PerWorker:
     params_like: True when `value` mirrors the parameters' pytree (each leaf shaped like its
       parameter). `cj.sharding.state_specs` then gives it the parameters' partition specs
       behind the worker axis on meshes that also shard the parameters.
+    local: True while a transform's update sees `value` without the worker axis.
+    shard_specs: for parameter-shaped state of parameters sharded over other mesh axes, one
+      PartitionSpec per leaf (set by `cj.sharding.init`): compression follows them where the
+      arrays' types carry no sharding (auto mesh axes).
   """
 
   value: Any
@@ -41,6 +46,7 @@ class PerWorker:
   sum_invariant: bool = dataclasses.field(default=False, metadata={"static": True})
   params_like: bool = dataclasses.field(default=True, metadata={"static": True})
   local: bool = dataclasses.field(default=False, metadata={"static": True})
+  shard_specs: Any = dataclasses.field(default=None, metadata={"static": True})
 
   def replace(self, value: Any) -> PerWorker:
     """The same marker around other arrays."""

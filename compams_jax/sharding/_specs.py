@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -127,10 +128,29 @@ def init(
   """
   if param_specs is None:
     param_specs = own_specs(params, mesh)
-  specs = init_specs(tx, params, mesh=mesh, axis_name=axis_name, param_specs=param_specs)
-  return jax.jit(
+  specs = _init_specs(tx, params, mesh, axis_name, param_specs, mark=False)
+  state = jax.jit(
     jax.shard_map(tx.init, mesh=mesh, in_specs=(param_specs,), out_specs=specs, check_vma=False)
   )(params)
+  return mark_shard_specs(state, param_specs)
+
+
+def mark_shard_specs(state: Any, param_specs: Any) -> Any:
+  """Parameter-shaped per-worker state of sharded parameters records their specs.
+
+  Under auto mesh axes the arrays' types carry no sharding for compression to follow; the
+  transforms read `PerWorker.shard_specs` instead.
+  """
+  spec_leaves = tuple(jax.tree.leaves(param_specs, is_leaf=lambda x: isinstance(x, P)))
+  if not any(entry is not None for spec in spec_leaves for entry in spec):
+    return state
+
+  def mark(node):
+    if is_per_worker(node) and node.params_like:
+      return dataclasses.replace(node, shard_specs=spec_leaves)
+    return node
+
+  return jax.tree.map(mark, state, is_leaf=is_per_worker)
 
 
 def own_specs(params: Any, mesh: Any) -> Any:
@@ -163,6 +183,10 @@ def init_specs(
   State sizes may depend on axis sizes (the two-phase server residual, hierarchical chunks), so
   `tx.init` is traced inside `jax.shard_map`, where the mesh axes are bound.
   """
+  return _init_specs(tx, params, mesh, axis_name, param_specs, mark=True)
+
+
+def _init_specs(tx, params, mesh, axis_name, param_specs, *, mark):
   replicated = param_specs is None
   if replicated:
     param_specs = jax.tree.map(lambda _: P(), params)
@@ -171,6 +195,8 @@ def init_specs(
     return jax.shard_map(fn, mesh=mesh, in_specs=(param_specs,), out_specs=P(), check_vma=False)
 
   state = jax.eval_shape(local(tx.init), params)
+  if mark:
+    state = mark_shard_specs(state, param_specs)
   if replicated:
     return state_specs(state, axis_name)
   local_params = jax.eval_shape(local(lambda p: p), params)

@@ -43,10 +43,11 @@ def follows_sharding(
   value: Any,
   what: str,
   dense_axis_name: AxisName | None = None,
+  specs: Any = None,
 ) -> bool:
   """Whether `value`'s leaves are sharded over mesh axes besides the worker axis (explicit
   mode), so compression runs on each device's own shard; refuses layouts it cannot follow."""
-  axes = sharded_axes(value)
+  axes = sharded_axes(value, specs)
   if not axes:
     return False
   if dense_axis_name is not None:

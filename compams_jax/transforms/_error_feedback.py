@@ -174,7 +174,10 @@ def error_feedback(
       )
       return mean, out.residual, wire_state
 
-    if _average.follows_sharding(wire, compressor, value, "error_feedback", dense_axis_name):
+    shard_specs = state.residual.shard_specs  # the parameters' specs, under auto mesh axes
+    if _average.follows_sharding(
+      wire, compressor, value, "error_feedback", dense_axis_name, shard_specs
+    ):
       mean, new_residual = on_shards(
         lambda v, r, k: exchange(v, r, k)[:2],
         value,
@@ -182,6 +185,7 @@ def error_feedback(
         key,
         worker_axes=(axis_name,),
         what="error_feedback",
+        specs=state.residual.shard_specs,
       )
       wire_state = state.wire_state
     else:

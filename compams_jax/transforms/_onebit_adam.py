@@ -152,7 +152,12 @@ def scale_by_onebit_adam(
 
     residual = state.residual.value
     if _average.follows_sharding(
-      wire, compressor, momentum, "scale_by_onebit_adam", dense_axis_name
+      wire,
+      compressor,
+      momentum,
+      "scale_by_onebit_adam",
+      dense_axis_name,
+      state.residual.shard_specs,
     ):
       mu, residual = on_shards(
         lambda m, r, k: exchange(m, r, k)[:2],
@@ -161,6 +166,7 @@ def scale_by_onebit_adam(
         key,
         worker_axes=(axis_name,),
         what="scale_by_onebit_adam",
+        specs=state.residual.shard_specs,
       )
       wire_state = state.wire_state
     else:
