@@ -12,7 +12,9 @@ communicates across slices only (``axis_name="dcn"``), compressing each layer
 of the scanned blocks on its own (``stacked=``).  The step is the library's
 partial-manual ``jax.shard_map`` over ``"dcn"`` (docs/guide.md, "Sharded
 models").  For every method it prints validation loss (nats/byte), perplexity
-and bits per byte, and the bytes each slice sends per step (``cj.wire_bytes``).
+and bits per byte, and the bytes each slice sends per step (``cj.wire_bytes`` of the
+global parameter shapes); "wall s" is the training loop's wall time, compilation
+included.
 """
 
 from __future__ import annotations
