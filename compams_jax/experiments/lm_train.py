@@ -1,0 +1,239 @@
+"""Byte-level language modelling on the Python docs: simulated slices x FSDP, COMP-AMS across slices.
+
+``python -m compams_jax.experiments.lm_train --config configs/lm_small.py [key=value ...]``
+
+A plain training loop, separate from ``compams-train`` (whose trainer is built
+around classifiers and accuracy).  The mesh is ``("dcn", "fsdp")`` over
+simulated CPU devices (``mesh_shape``, default 2 x 4): each ``dcn`` index is a
+slice (a data-parallel worker of the optimizer), the weight matrices are
+sharded over ``fsdp`` inside it (:func:`compams_jax.experiments.lm.fsdp_specs`)
+and gathered for use (``jax.sharding.reshard(w, P())``), and the optimizer
+communicates across slices only (``axis_name="dcn"``), compressing each layer
+of the scanned blocks on its own (``stacked=``).  The step is the library's
+partial-manual ``jax.shard_map`` over ``"dcn"`` (docs/guide.md, "Sharded
+models").  For every method it prints validation loss (nats/byte), perplexity
+and bits per byte, and the bytes each slice sends per step (``cj.wire_bytes`` of the
+global parameter shapes); "wall s" is the training loop's wall time, compilation
+included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+import compams_jax as cj
+
+__all__ = ["METHODS", "make_tx", "shard_params", "make_step", "make_eval", "train_method", "main"]
+
+# name -> (compressor factory from the config, description)
+METHODS: dict[str, Callable[[Any], Any]] = {
+  "amsgrad": lambda c: cj.compressors.identity(),
+  "comp_ams_top_k": lambda c: cj.compressors.top_k(c.top_k_ratio),
+  "comp_ams_block_sign": lambda c: cj.compressors.block_sign(),
+}
+
+
+def make_tx(method: str, config: Any, params: Any):
+  """``cj.comp_ams`` with the method's compressor, across ``"dcn"``, blocks compressed per layer."""
+  from compams_jax.experiments import lm
+
+  if method not in METHODS:
+    raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+  return cj.comp_ams(
+    config.learning_rate,
+    METHODS[method](config),
+    axis_name="dcn",
+    stacked=lm.stacked_mask(params),
+  )
+
+
+def shard_params(params: Any, mesh: Any) -> Any:
+  """``params`` placed on ``mesh``: matrices split over ``"fsdp"``, the rest replicated."""
+  import jax
+  from jax.sharding import NamedSharding
+
+  from compams_jax.experiments import lm
+
+  specs = lm.fsdp_specs(params, axis="fsdp", axis_size=mesh.shape["fsdp"])
+  return jax.device_put(params, jax.tree.map(lambda s: NamedSharding(mesh, s), specs))
+
+
+def _loss_fn(graphdef: Any) -> Callable[[Any, Any], Any]:
+  import jax
+  from flax import nnx
+  from jax.sharding import PartitionSpec as P
+
+  from compams_jax.experiments import lm
+
+  def loss(params, batch):
+    full = jax.tree.map(lambda w: jax.sharding.reshard(w, P()), params)  # FSDP: gather to use
+    model = nnx.merge(graphdef, full)
+    return lm.next_token_loss(model(batch[:, :-1]), batch[:, 1:])
+
+  return loss
+
+
+def make_step(graphdef: Any, tx: Any, mesh: Any, opt_state: Any) -> Callable[..., Any]:
+  """The jitted step ``(params, opt_state, batch) -> (params, opt_state, mean loss)``.
+
+  ``batch`` is int32 ``[slices * per-slice batch, T + 1]`` sharded ``P(("dcn", "fsdp"))``.
+  """
+  import jax
+  import optax
+  from jax.sharding import PartitionSpec as P
+
+  loss_fn = _loss_fn(graphdef)
+  specs = cj.sharding.state_specs(opt_state, "dcn")
+
+  def replica(params, opt_state, batch):
+    loss, grads = jax.value_and_grad(loss_fn)(jax.lax.pcast(params, "dcn", to="varying"), batch)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, jax.lax.pmean(loss, "dcn")
+
+  @jax.jit
+  def step(params, opt_state, batch):
+    return jax.shard_map(
+      replica,
+      mesh=mesh,
+      in_specs=(P(), specs, P("dcn")),
+      out_specs=(P(), specs, P()),
+      axis_names={"dcn"},
+    )(params, opt_state, batch)
+
+  return step
+
+
+def make_eval(graphdef: Any) -> Callable[[Any, Any], Any]:
+  """Jitted mean next-byte loss of ``params`` on a batch (no shard_map: plain explicit sharding)."""
+  import jax
+
+  return jax.jit(_loss_fn(graphdef))
+
+
+def _put_batch(batch: np.ndarray, mesh: Any) -> Any:
+  import jax
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  return jax.device_put(batch, NamedSharding(mesh, P(("dcn", "fsdp"))))
+
+
+def evaluate(
+  eval_fn: Callable[..., Any], params: Any, rows: np.ndarray, batch: int, mesh: Any
+) -> float:
+  """Mean loss over ``rows`` (whole batches only; the ragged tail is dropped)."""
+  import jax
+
+  n = (len(rows) // batch) * batch
+  with jax.set_mesh(mesh):  # the loss reshards with bare PartitionSpecs
+    losses = [
+      float(eval_fn(params, _put_batch(rows[i : i + batch], mesh))) for i in range(0, n, batch)
+    ]
+  return float(np.mean(losses))
+
+
+def train_method(
+  method: str, config: Any, corpus: Any, mesh: Any, progress: bool = True
+) -> dict[str, Any]:
+  """Train one model from ``config.seed`` with ``method``; returns its measurements."""
+  import jax
+  from flax import nnx
+  from tqdm import tqdm
+
+  from compams_jax.experiments import data as D
+  from compams_jax.experiments import lm
+
+  cfg = lm.GPTConfig(
+    vocab_size=corpus.vocab_size,
+    context_length=config.context_length,
+    d_model=config.d_model,
+    num_heads=config.num_heads,
+    num_layers=config.num_layers,
+  )
+  graphdef, params = nnx.split(lm.GPT(cfg, rngs=nnx.Rngs(config.seed)), nnx.Param)
+  params = shard_params(params, mesh)
+  tx = make_tx(method, config, params)
+  opt_state = cj.sharding.init(tx, params, mesh=mesh, axis_name="dcn")
+  step = make_step(graphdef, tx, mesh, opt_state)
+  eval_fn = make_eval(graphdef)
+  like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  sent = cj.wire_bytes(tx, like)
+
+  global_batch = mesh.shape["dcn"] * config.batch_per_slice
+  val_rows = D.windows(corpus.validation, config.context_length)[: config.eval_sequences]
+  rng = np.random.default_rng(config.seed)
+  losses, start = [], time.perf_counter()
+  bar = tqdm(range(config.steps), desc=method, disable=not progress, file=sys.stderr)
+  for i in bar:
+    batch = D.sample_windows(corpus.train, global_batch, config.context_length, rng)
+    params, opt_state, loss = step(params, opt_state, _put_batch(batch, mesh))
+    if i % config.log_every == 0 or i == config.steps - 1:
+      losses.append((i, float(loss)))
+      bar.set_postfix(loss=f"{losses[-1][1]:.3f}")
+  train_s = time.perf_counter() - start
+  val = evaluate(eval_fn, params, val_rows, global_batch, mesh)
+  return {
+    "method": method,
+    "train_losses": losses,
+    "val_loss": val,
+    "perplexity": math.exp(val),
+    "bits_per_byte": val / math.log(2),
+    "bytes_per_step": int(sent),
+    "train_seconds": train_s,
+    "params": params,
+    "opt_state": opt_state,
+  }
+
+
+def format_table(results: Sequence[dict[str, Any]]) -> str:
+  """The final table: one row per method."""
+  head = f"{'method':<22} {'val loss':>9} {'perplexity':>10} {'bits/byte':>9} {'bytes/step':>11} {'wall s':>8}"
+  rows = [head, "-" * len(head)]
+  for r in results:
+    rows.append(
+      f"{r['method']:<22} {r['val_loss']:>9.4f} {r['perplexity']:>10.3f} {r['bits_per_byte']:>9.3f} "
+      f"{r['bytes_per_step']:>11,} {r['train_seconds']:>8.1f}"
+    )
+  return "\n".join(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(
+    prog="python -m compams_jax.experiments.lm_train", description=__doc__
+  )
+  parser.add_argument("--config", required=True, help="configs/lm_small.py (or :smoke)")
+  parser.add_argument(
+    "overrides", nargs="*", help="key=value, e.g. steps=50 methods=\"('amsgrad',)\""
+  )
+  parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+  args = parser.parse_args(argv)
+
+  from compams_jax.experiments import config as config_lib
+
+  config = config_lib.apply_overrides(config_lib.load_config_file(args.config), args.overrides)
+  shape = tuple(config.mesh_shape)
+  cj.simulate_cpu_devices(math.prod(shape))  # before any jax computation
+
+  import jax
+
+  from compams_jax.experiments import data as D
+
+  corpus = D.load_python_docs(config.corpus_path or None, max_files=config.max_files or None)
+  print(corpus.summary())
+  mesh = jax.make_mesh(shape, ("dcn", "fsdp"))
+  results = [
+    train_method(m, config, corpus, mesh, progress=not args.no_progress) for m in config.methods
+  ]
+  print(format_table(results))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,37 @@
+"""Byte-level GPT (d 128, 4 layers, 4 heads, context 128) on the Python docs' rst sources,
+2 slices x 4-way FSDP on 8 simulated CPU devices, COMP-AMS across slices:
+`python -m compams_jax.experiments.lm_train --config configs/lm_small.py` (needs
+`apt-get install python3.11-doc`)."""
+
+import ml_collections
+
+
+def get_config(variant: str = ""):
+  c = ml_collections.ConfigDict()
+  c.name = "lm_small"
+  c.seed = 0
+  c.corpus_path = ""  # "" = /usr/share/doc/python3.11/html/_sources
+  c.max_files = 0  # 0 = all files
+  c.mesh_shape = (2, 4)  # (dcn slices, fsdp shards per slice)
+  c.context_length = 128
+  c.d_model = 128
+  c.num_heads = 4
+  c.num_layers = 4
+  c.batch_per_slice = 8
+  c.steps = 120
+  c.log_every = 10
+  c.eval_sequences = 256
+  c.learning_rate = 2e-3
+  c.top_k_ratio = 0.01
+  c.methods = ("amsgrad", "comp_ams_top_k", "comp_ams_block_sign")
+  if variant == "smoke":
+    c.max_files = 40
+    c.context_length = 32
+    c.d_model = 32
+    c.num_layers = 2
+    c.batch_per_slice = 8
+    c.steps = 30
+    c.eval_sequences = 64
+  elif variant:
+    raise ValueError(f"unknown config variant {variant!r}; valid: 'smoke'.")
+  return c
