@@ -12,9 +12,9 @@ communicates across slices only (``axis_name="dcn"``), compressing each layer
 of the scanned blocks on its own (``stacked=``).  The step is the library's
 partial-manual ``jax.shard_map`` over ``"dcn"`` (docs/guide.md, "Sharded
 models").  For every method it prints validation loss (nats/byte), perplexity
-and bits per byte, and the bytes each slice sends per step (``cj.wire_bytes`` of the
-global parameter shapes); "wall s" is the training loop's wall time, compilation
-included.
+and bits per byte, and the bytes each device sends across slices per step
+(``cj.wire_bytes`` of its own parameter shards: compression follows the sharding);
+"wall s" is the training loop's wall time, compilation included.
 """
 
 from __future__ import annotations
@@ -163,7 +163,10 @@ def train_method(
   opt_state = cj.sharding.init(tx, params, mesh=mesh, axis_name="dcn")
   step = make_step(graphdef, tx, mesh, opt_state)
   eval_fn = make_eval(graphdef)
-  like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  # What one device compresses and sends: its shard of every leaf.
+  like = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.sharding.shard_shape(x.shape), x.dtype), params
+  )
   sent = cj.wire_bytes(tx, like)
 
   global_batch = mesh.shape["dcn"] * config.batch_per_slice
