@@ -1,6 +1,7 @@
 """Byte-level GPT (d 128, 4 layers, 4 heads, context 128) on the Python docs' rst sources,
 2 slices x 4-way FSDP on 8 simulated CPU devices, COMP-AMS across slices:
-`python -m compams_jax.experiments.lm_train --config configs/lm_small.py` (needs
+`compams-train --config configs/lm_small.py` (the same as `python -m
+compams_jax.experiments.lm_train --config configs/lm_small.py`; needs
 `apt-get install python3.11-doc`)."""
 
 import ml_collections
@@ -8,6 +9,7 @@ import ml_collections
 
 def get_config(variant: str = ""):
   c = ml_collections.ConfigDict()
+  c.task = "lm"  # compams-train runs it with the language-model trainer
   c.name = "lm_small"
   c.seed = 0
   c.corpus_path = ""  # "" = /usr/share/doc/python3.11/html/_sources

@@ -92,9 +92,30 @@ def _presets_help(presets) -> str:
   return "\n".join(lines)
 
 
+def _language_model_config(argv: Sequence[str]) -> bool:
+  """Whether `--config` names a language-model config (`task = "lm"`, e.g. lm_small.py)."""
+  from compams_jax.experiments import config as config_lib
+
+  for i, arg in enumerate(argv):
+    path = argv[i + 1] if arg == "--config" and i + 1 < len(argv) else None
+    path = arg.split("=", 1)[1] if arg.startswith("--config=") else path
+    if path is not None:
+      try:
+        return config_lib.load_config_file(path).get("task") == "lm"
+      except Exception:  # a bad path or config: the classifier parser reports it
+        return False
+  return False
+
+
 def train_main(argv: Sequence[str] | None = None) -> int:
   from compams_jax.experiments import config as config_lib
   from compams_jax.experiments.config import PRESETS
+
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if _language_model_config(argv):
+    from compams_jax.experiments import lm_train
+
+    return lm_train.main(argv)
 
   parser = argparse.ArgumentParser(
     prog="compams-train",

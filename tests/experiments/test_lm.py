@@ -135,3 +135,17 @@ def test_mesh_training_slices_x_fsdp():
   rows = D.windows(corpus.validation, 32)[:32]
   val = lm_train.evaluate(lm_train.make_eval(graphdef), params, rows, 16, mesh)
   assert np.isfinite(val) and val < losses[0]
+
+
+@pytest.mark.skipif(not D.PYTHON_DOCS_DIR.is_dir(), reason="apt-get install python3.11-doc")
+def test_compams_train_runs_the_language_model_config(capsys):
+  """`compams-train --config configs/lm_small.py` is the language-model trainer's job."""
+  import pathlib
+
+  from compams_jax.experiments import cli
+
+  config = pathlib.Path(__file__).resolve().parents[2] / "configs" / "lm_small.py"
+  argv = ["--config", f"{config}:smoke", "steps=2", "methods=('comp_ams_top_k',)"]
+  assert cli.train_main([*argv, "--no-progress"]) == 0
+  out = capsys.readouterr().out
+  assert "comp_ams_top_k" in out and "perplexity" in out
