@@ -23,7 +23,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from compams_jax import sharding
+from compams_jax import sharding, wire
 from compams_jax._src.workers import is_per_worker
 
 Mode = Literal["shard_map", "pmap", "vmap"]
@@ -197,7 +197,7 @@ class DataParallelStep:
     if shard_axes:
       # Each device of a sharded model reports its share: the worker's metric is their mean
       # (a scalar all-reduce inside the worker, never over the worker axis).
-      metrics = jax.lax.pmean(metrics, shard_axes)
+      metrics = wire.mean_over(metrics, shard_axes)
     return params, opt_state, jax.tree.map(lambda m: jnp.asarray(m)[None], metrics)
 
   @functools.cached_property
