@@ -1,12 +1,13 @@
-"""Loaded by pytest before anything imports jax: 8 simulated CPU devices for tests and doctests."""
+"""Loaded by pytest before anything runs a JAX operation: 8 simulated CPU devices for tests and
+doctests, set up by the library's own `cj.simulate_cpu_devices` (jax_num_cpu_devices, with
+PJRT_NPROC headroom for XLA:CPU's thread pool)."""
 
 import os
 
-os.environ["XLA_FLAGS"] = (
-  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# XLA:CPU sizes its thread pool as max(PJRT_NPROC or #cores, #devices): with exactly one thread
-# per simulated device a collective can wait for a device that never gets a thread and abort
-# ("Termination timeout for all reduce RendezvousKey"). Give it headroom.
-os.environ.setdefault("PJRT_NPROC", "32")
+
+import jax  # noqa: F401  (first jax, then the device count, as the helper asks)
+
+import compams_jax as cj
+
+cj.simulate_cpu_devices(8)
