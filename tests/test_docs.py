@@ -34,6 +34,8 @@ def test_python_blocks_run_in_order(doc, tmp_path):
   # gives XLA:CPU's thread pool headroom on a loaded machine (a reader's own environment).
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
   env.update(JAX_PLATFORMS="cpu", PJRT_NPROC="32")
+  # This checkout's compams_jax, also where an editable install points at another checkout.
+  env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
   done = subprocess.run(
     [sys.executable, str(tmp_path / "doc.py")],
     cwd=tmp_path,
