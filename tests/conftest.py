@@ -1,4 +1,5 @@
-"""Fixtures; the repository-root conftest.py sets 8 simulated CPU devices before jax starts."""
+"""Fixtures; the repository-root conftest.py sets up 8 simulated CPU devices
+(`cj.simulate_cpu_devices(8)`) before any JAX operation runs."""
 
 import jax
 import pytest
@@ -9,8 +10,8 @@ NUM_DEVICES = 8
 @pytest.fixture(scope="session")
 def n_devices():
   assert jax.device_count() == NUM_DEVICES, (
-    f"tests need {NUM_DEVICES} simulated devices, got {jax.device_count()}: jax was "
-    "initialised before the repository conftest.py set XLA_FLAGS"
+    f"tests need {NUM_DEVICES} simulated devices, got {jax.device_count()}: jax's backend "
+    "started before the repository conftest.py called cj.simulate_cpu_devices"
   )
   return NUM_DEVICES
 

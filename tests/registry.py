@@ -56,19 +56,26 @@ def cases(
   where: Callable[[Compressor], bool] | None = None,
   granularities: tuple[str, ...] = (),
   first: bool = False,
+  slow_beyond_first: bool = False,
 ) -> list:
   """pytest params (name, kwargs[, granularity]) of every example (`first`: of the first example
   of every compressor, for expensive tests), optionally filtered by the built compressor's
   declarations; with `granularities`, each granularity the factory can build (a factory without
-  a `granularity` argument only its own)."""
+  a `granularity` argument only its own).
+
+  `slow_beyond_first`: every example, but only the first of each compressor in the default run;
+  the others are marked `slow` (`pytest -m slow`). For expensive tests (training runs, compiled
+  steps) whose other examples' code paths the cheap per-example tests already cover."""
   out = []
   for name, kw in examples(first=first):
     if where is not None and not where(build(name, kw)):
       continue
+    later = slow_beyond_first and kw != dict(REGISTRY[name].examples[0])
+    marks = [pytest.mark.slow] if later else []
     if not granularities:
-      out.append(pytest.param(name, kw, id=case_id(name, kw)))
+      out.append(pytest.param(name, kw, id=case_id(name, kw), marks=marks))
       continue
     for g in granularities:
       if "granularity" in REGISTRY[name].parameters or build(name, kw).granularity == g:
-        out.append(pytest.param(name, kw, g, id=f"{case_id(name, kw)}-{g}"))
+        out.append(pytest.param(name, kw, g, id=f"{case_id(name, kw)}-{g}", marks=marks))
   return out

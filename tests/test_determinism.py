@@ -132,10 +132,11 @@ def test_seed_changes_qsgd_and_only_qsgd(mesh):
 
 _SUBPROCESS = textwrap.dedent("""
     import json, os, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     os.environ["JAX_PLATFORMS"] = "cpu"
     sys.path.insert(0, sys.argv[1])
     import jax, numpy as np
+    import compams_jax as cj
+    cj.simulate_cpu_devices(8)
     from tests import test_determinism as td
     mesh = jax.make_mesh((8,), ("data",))
     out = td.shard_map_result(sys.argv[2], int(sys.argv[3]), mesh)
@@ -147,7 +148,10 @@ _SUBPROCESS = textwrap.dedent("""
 def test_same_seed_is_bit_identical_in_a_fresh_process(name, mesh):
   """No hidden process state (hash seeds, thread scheduling, allocation addresses) leaks in."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PYTHONHASHSEED")}
+  # The child sets up its own 8 devices (cj.simulate_cpu_devices); nothing device-related is
+  # inherited from this process.
+  drop = ("XLA_FLAGS", "PJRT_NPROC", "PYTHONHASHSEED")
+  env = {k: v for k, v in os.environ.items() if k not in drop}
   env["PYTHONHASHSEED"] = "12345"  # differs from this process's (random) hash seed
   proc = subprocess.run(
     [sys.executable, "-c", _SUBPROCESS, root, name, "0"],

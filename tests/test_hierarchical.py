@@ -346,13 +346,14 @@ _SCRIPT = textwrap.dedent(
   nproc, pid, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
   gloo = sys.argv[5] == "gloo"  # else XLA:CPU's in-process collectives (one process only)
   import jax
+  import compams_jax as cj
+  cj.simulate_cpu_devices(8 // nproc)
   if gloo:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=nproc, process_id=pid)
   import jax.numpy as jnp
   import optax
   from jax.sharding import NamedSharding, PartitionSpec as P
-  import compams_jax as cj
 
   AXES = ("dcn", "ici")
   SHAPES = {"conv": (3, 3, 2, 5), "bias": (7,), "dense": (24, 10)}
@@ -421,10 +422,9 @@ def _free_port():
 
 def _launch(script, nproc, out, port=0, collectives="gloo"):
   out.mkdir()
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // nproc}"
+  # Each process sets up its own 8 // nproc devices (cj.simulate_cpu_devices in the script).
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PJRT_NPROC")}
   env["JAX_PLATFORMS"] = "cpu"
-  env["PJRT_NPROC"] = "32"
   root = str(pathlib.Path(__file__).resolve().parents[1])
   env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
   return [

@@ -2,9 +2,10 @@
 
 Each notebook runs in its own Jupyter kernel: a separate process started from this Python
 (`ipykernel`'s "python3" kernel, which jupyter_client launches with `sys.executable`), with the
-working directory set to notebooks/. The kernel does not inherit the XLA_FLAGS that
-tests/conftest.py sets for this process (nor JAX_PLATFORMS, PJRT_NPROC): the notebooks' own first
-cell has to set them, as it must for a user.
+working directory set to notebooks/. The kernel inherits none of this process's device setup
+(XLA_FLAGS, JAX_PLATFORMS, PJRT_NPROC are removed from its environment): the notebooks' own first
+cell has to set them, as it must for a user. It does inherit JAX_DISABLE_MOST_OPTIMIZATIONS (the
+root conftest.py's cheap compiles).
 """
 
 import json
@@ -17,7 +18,8 @@ import pytest
 from nbclient import NotebookClient
 from nbclient.exceptions import DeadKernelError
 
-NOTEBOOK_DIR = pathlib.Path(__file__).resolve().parents[1] / "notebooks"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+NOTEBOOK_DIR = ROOT / "notebooks"
 CELL_TIMEOUT = 300  # seconds per cell; the notebooks take well under a minute in total
 
 # Appended to the executed copy (never to the file): reports which Python the kernel runs and
@@ -30,6 +32,9 @@ _KERNEL_CHECK = (
 def _kernel_env(tmp_path: pathlib.Path) -> dict[str, str]:
   env = dict(os.environ)
   env["TMPDIR"] = str(tmp_path)  # 02_reproduction writes its smoke runs to a temporary directory
+  # The kernel imports this checkout's compams_jax (as this process does), also where the
+  # environment's editable install points at another checkout of the repository.
+  env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
   # The notebook must set these itself, before importing jax, as it must for a user.
   for name in ("XLA_FLAGS", "JAX_PLATFORMS", "PJRT_NPROC", "MPLBACKEND"):
     env.pop(name, None)
