@@ -102,6 +102,23 @@ def _step(tx, mesh, specs):
   )
 
 
+def gather(w, spec):
+  """Fully manual FSDP: every shard of the weight, to use it."""
+  for dim, name in enumerate(spec):
+    if name is not None:
+      w = jax.lax.all_gather(w, name, axis=dim, tiled=True)
+  return w
+
+
+def _compare(got, params, grads, specs, mesh, np_compress):
+  """The parameters after STEPS steps against the shard-wise NumPy loop, leaf by leaf."""
+  sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
+  for k in params:
+    compress = _shardwise(np_compress, specs[k], sizes)
+    want, _, _ = reference.np_comp_ams({k: params[k]}, {k: grads[k]}, compress, lr=LR)
+    np.testing.assert_allclose(np.asarray(got[k]), want[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
 def _train(tx, mesh, params, grads, shardings):
   params = jax.device_put(params, shardings)
   opt_state = cj.sharding.init(tx, params, mesh=mesh, axis_name="dcn")  # reads the shardings
@@ -124,9 +141,8 @@ def test_comp_ams_compresses_each_devices_shard(layout, cname):
   for k in params:
     compress = _shardwise(np_compress, specs[k], sizes)
     want, err, _ = reference.np_comp_ams({k: params[k]}, {k: grads[k]}, compress, lr=LR)
-    assert _norm(got[k].sharding.spec) == _norm(shardings[k].spec), (
-      k
-    )  # the update keeps the sharding
+    # The update keeps the sharding.
+    assert _norm(got[k].sharding.spec) == _norm(shardings[k].spec), k
     np.testing.assert_allclose(np.asarray(got[k]), want[k], rtol=1e-5, atol=1e-6, err_msg=k)
     residual = state[0].residual.value[k]
     assert residual.shape == (mesh.devices.shape[0],) + params[k].shape
@@ -224,12 +240,6 @@ def test_full_manual_spelling_keeps_everything_sharded():
   state = cj.sharding.init(tx, p, mesh=mesh, axis_name="dcn")
   state_specs = cj.sharding.state_specs(state, "dcn", params=p, param_specs=specs)
 
-  def gather(w, spec):  # FSDP: every shard of the weight, to use it
-    for dim, name in enumerate(spec):
-      if name is not None:
-        w = jax.lax.all_gather(w, name, axis=dim, tiled=True)
-    return w
-
   def replica(p, s, g):
     # Each of the 4 devices of a slice holds the slice's gradient: its share of the loss is a
     # quarter (the reduce-scatter of the weights' gradients adds the shares up).
@@ -250,11 +260,7 @@ def test_full_manual_spelling_keeps_everything_sharded():
   for t in range(STEPS):
     g = {k: jax.device_put(v[t], per_slice) for k, v in grads.items()}
     p, state = step(p, state, g)
-  sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
-  for k in params:
-    compress = _shardwise(functools.partial(reference.np_top_k, ratio=0.1), specs[k], sizes)
-    want, _, _ = reference.np_comp_ams({k: params[k]}, {k: grads[k]}, compress, lr=LR)
-    np.testing.assert_allclose(np.asarray(p[k]), want[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  _compare(p, params, grads, specs, mesh, functools.partial(reference.np_top_k, ratio=0.1))
   found = cj.collective_bytes(step.lower(p, state, g).compile()).collectives
   gathers = [c for c in found if c.opcode == "all-gather"]
   assert gathers and all(c.group_size == 2 for c in gathers), found  # payloads across slices
@@ -307,12 +313,6 @@ def test_data_parallel_step_covers_sharded_models():
   mesh, params, grads, shardings, specs = _setup("2x4")
   tx = cj.comp_ams(LR, cj.compressors.block_sign(), axis_name="dcn")
 
-  def gather(w, spec):
-    for dim, name in enumerate(spec):
-      if name is not None:
-        w = jax.lax.all_gather(w, name, axis=dim, tiled=True)
-    return w
-
   # Every device of a slice holds the slice's gradient here, so its share of the loss is a
   # quarter: the reduce-scatter of the weights' gradients adds the four shares up.
   loss = lambda p, g: sum(jnp.vdot(gather(p[k], specs[k]), g[k][0]) for k in p) / 4
@@ -320,11 +320,8 @@ def test_data_parallel_step_covers_sharded_models():
   p, state = step.init(params)
   for t in range(STEPS):
     p, state, _ = step(p, state, {k: v[t] for k, v in grads.items()})
-  sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
+  _compare(p, params, grads, specs, mesh, reference.np_block_sign)
   for k in params:
-    compress = _shardwise(reference.np_block_sign, specs[k], sizes)
-    want, _, _ = reference.np_comp_ams({k: params[k]}, {k: grads[k]}, compress, lr=LR)
-    np.testing.assert_allclose(np.asarray(p[k]), want[k], rtol=1e-5, atol=1e-6, err_msg=k)
     assert _norm(p[k].sharding.spec) == _norm(specs[k]), k
 
 
@@ -359,11 +356,7 @@ def test_auto_axes_follow_the_shardings_passed_once():
   for t in range(STEPS):
     g = {k: jax.device_put(v[t], per_slice) for k, v in grads.items()}
     p, state = step(p, state, g)
-  sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
-  for k in params:
-    compress = _shardwise(functools.partial(reference.np_top_k, ratio=0.1), specs[k], sizes)
-    want, _, _ = reference.np_comp_ams({k: params[k]}, {k: grads[k]}, compress, lr=LR)
-    np.testing.assert_allclose(np.asarray(p[k]), want[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  _compare(p, params, grads, specs, mesh, functools.partial(reference.np_top_k, ratio=0.1))
   across, _, in_compression = _by_span(step.lower(p, state, g).compile(), slices=2)
   shards = {
     "rows": jax.ShapeDtypeStruct((4, 6), np.float32),

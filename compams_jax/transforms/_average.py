@@ -13,8 +13,8 @@ import jax
 
 from compams_jax._src.axis import AxisName
 from compams_jax._src.base import Compressor
-from compams_jax._src.feedback import Compressed, TreeCodec
-from compams_jax._src.shards import sharded_axes
+from compams_jax._src.feedback import Compressed, TreeCodec, compress_with_feedback
+from compams_jax._src.shards import on_shards, sharded_axes
 from compams_jax._src.tree import flat_spec
 from compams_jax._src.workers import PerWorker
 from compams_jax.transforms import _two_phase
@@ -110,3 +110,54 @@ def mean(
   return _two_phase.average(
     wire, codec, out.payload, like, flat_dtype, state, key=key, axis_name=axis_name
   )
+
+
+def compress_and_average(
+  wire: Wire,
+  codec: Any,
+  value: Any,
+  residual: Any,
+  state: PerWorker | None,
+  *,
+  key: jax.Array | None,
+  axis_name: AxisName | None,
+  what: str,
+  dense_axis_name: AxisName | None = None,
+  shard_specs: Any = None,
+) -> tuple[Any, Any, PerWorker | None]:
+  """Send C(value + residual), keep what it dropped, average what the workers sent.
+
+  The error-feedback kernel (`compress_with_feedback`; residual None: no feedback) and `mean`,
+  on each device's own shard of every leaf when the leaves are sharded over mesh axes besides
+  the worker axis (`shard_specs`: the parameters' specs where the types carry none).
+
+  Returns:
+    (the average, the new residual, the averaging's new state).
+  """
+
+  def exchange(value, residual, key, averaging_state=None):
+    out = compress_with_feedback(codec, value, residual, key)
+    average, averaging_state = mean(
+      wire,
+      codec,
+      out,
+      value,
+      averaging_state,
+      key=key,
+      axis_name=axis_name,
+      corrected=residual,
+    )
+    return average, (None if residual is None else out.residual), averaging_state
+
+  if not follows_sharding(wire, codec.compressor, value, what, dense_axis_name, shard_specs):
+    return exchange(value, residual, key, state)
+  average, new_residual = on_shards(
+    lambda v, r, k: exchange(v, r, k)[:2],
+    value,
+    residual,
+    key,
+    worker_axes=(axis_name,),
+    what=what,
+    specs=shard_specs,
+  )
+  return average, new_residual, state

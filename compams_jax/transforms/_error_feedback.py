@@ -10,9 +10,7 @@ import optax
 
 from compams_jax._src.axis import AxisName
 from compams_jax._src.base import Compressor
-from compams_jax._src.feedback import compress_with_feedback
 from compams_jax._src.keys import step_key
-from compams_jax._src.shards import on_shards
 from compams_jax._src.tree import check_tree, stacked_flags
 from compams_jax._src.validate import (
   check_axis_name,
@@ -166,30 +164,20 @@ def error_feedback(
     key = step_key(compressor, seed, state.count, axis_name, dense_axis_name)
     codec = _average.codec(wire, compressor, axis_name, layers(value))
 
-    def exchange(value, residual, key, wire_state=None):
-      # Send C(g + e) and keep e ← g + e − C(g + e), then average what the workers sent.
-      out = compress_with_feedback(codec, value, residual, key)
-      mean, wire_state = _average.mean(
-        wire, codec, out, value, wire_state, key=key, axis_name=axis_name, corrected=residual
-      )
-      return mean, out.residual, wire_state
-
-    shard_specs = state.residual.shard_specs  # the parameters' specs, under auto mesh axes
-    if _average.follows_sharding(
-      wire, compressor, value, "error_feedback", dense_axis_name, shard_specs
-    ):
-      mean, new_residual = on_shards(
-        lambda v, r, k: exchange(v, r, k)[:2],
-        value,
-        residual,
-        key,
-        worker_axes=(axis_name,),
-        what="error_feedback",
-        specs=state.residual.shard_specs,
-      )
-      wire_state = state.wire_state
-    else:
-      mean, new_residual, wire_state = exchange(value, residual, key, state.wire_state)
+    # Send C(g + e) and keep e ← g + e − C(g + e), then average what the workers sent (on each
+    # device's own shards when the parameters are sharded inside a worker).
+    mean, new_residual, wire_state = _average.compress_and_average(
+      wire,
+      codec,
+      value,
+      residual,
+      state.wire_state,
+      key=key,
+      axis_name=axis_name,
+      what="error_feedback",
+      dense_axis_name=dense_axis_name,
+      shard_specs=state.residual.shard_specs,
+    )
     return gather_chunks(mean, updates, dense_axis_name), ErrorFeedbackState(
       residual=state.residual.replace(new_residual),
       count=optax.safe_increment(state.count),
@@ -253,22 +241,18 @@ def compressed_mean(
     key = step_key(compressor, seed, state.count, axis_name, dense_axis_name)
     codec = _average.codec(wire, compressor, axis_name, layers(value))
 
-    def exchange(value, key, wire_state=None):
-      out = compress_with_feedback(codec, value, None, key)  # send C(g), keep nothing
-      return _average.mean(wire, codec, out, value, wire_state, key=key, axis_name=axis_name)
-
-    if _average.follows_sharding(wire, compressor, value, "compressed_mean", dense_axis_name):
-      mean, _ = on_shards(
-        lambda v, r, k: (exchange(v, k)[0], None),
-        value,
-        None,
-        key,
-        worker_axes=(axis_name,),
-        what="compressed_mean",
-      )
-      wire_state = state.wire_state
-    else:
-      mean, wire_state = exchange(value, key, state.wire_state)
+    # Send C(g), keep nothing, average what the workers sent.
+    mean, _, wire_state = _average.compress_and_average(
+      wire,
+      codec,
+      value,
+      None,
+      state.wire_state,
+      key=key,
+      axis_name=axis_name,
+      what="compressed_mean",
+      dense_axis_name=dense_axis_name,
+    )
     mean = gather_chunks(mean, updates, dense_axis_name)
     return mean, CompressedMeanState(count=optax.safe_increment(state.count), wire_state=wire_state)
 

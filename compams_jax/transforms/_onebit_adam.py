@@ -9,9 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from compams_jax._src.base import Compressor
-from compams_jax._src.feedback import compress_with_feedback
 from compams_jax._src.keys import step_key
-from compams_jax._src.shards import on_shards
 from compams_jax._src.tree import check_tree, encode_tree
 from compams_jax._src.validate import (
   check_axis_name,
@@ -142,35 +140,19 @@ def scale_by_onebit_adam(
     momentum = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, mu, value)
     codec = _average.codec(wire, compressor, axis_name)
 
-    def exchange(momentum, residual, key, wire_state=None):
-      # Send C(m_i + e_i), keep e_i ← m_i + e_i − C(m_i + e_i); every worker takes the average.
-      out = compress_with_feedback(codec, momentum, residual, key)
-      mu, wire_state = _average.mean(
-        wire, codec, out, momentum, wire_state, key=key, axis_name=axis_name, corrected=residual
-      )
-      return mu, out.residual, wire_state
-
-    residual = state.residual.value
-    if _average.follows_sharding(
+    # Send C(m_i + e_i), keep e_i ← m_i + e_i − C(m_i + e_i); every worker takes the average.
+    mu, residual, wire_state = _average.compress_and_average(
       wire,
-      compressor,
+      codec,
       momentum,
-      "scale_by_onebit_adam",
-      dense_axis_name,
-      state.residual.shard_specs,
-    ):
-      mu, residual = on_shards(
-        lambda m, r, k: exchange(m, r, k)[:2],
-        momentum,
-        residual,
-        key,
-        worker_axes=(axis_name,),
-        what="scale_by_onebit_adam",
-        specs=state.residual.shard_specs,
-      )
-      wire_state = state.wire_state
-    else:
-      mu, residual, wire_state = exchange(momentum, residual, key, state.wire_state)
+      state.residual.value,
+      state.wire_state,
+      key=key,
+      axis_name=axis_name,
+      what="scale_by_onebit_adam",
+      dense_axis_name=dense_axis_name,
+      shard_specs=state.residual.shard_specs,
+    )
     mu = jax.tree.map(
       lambda m, v: m.astype(v.dtype), gather_chunks(mu, updates, dense_axis_name), updates
     )
