@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import shutil
 
 import jax
 import numpy as np
@@ -25,6 +26,21 @@ def _assert_trees_equal(a, b):
   assert ta == tb
   for x, y in zip(la, lb):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope="module")
+def _stopped_run(tmp_path_factory):
+  """A run of `_digits("epochs=1")` stopped (with its checkpoint) after 3 steps, trained once."""
+  workdir = tmp_path_factory.mktemp("stopped_run")
+  train.train(_digits("epochs=1"), workdir, progress=False, stop_after=3)
+  return workdir
+
+
+@pytest.fixture
+def stopped_run(_stopped_run, tmp_path):
+  """A private copy of the stopped run (tests change or corrupt it)."""
+  shutil.copytree(_stopped_run, tmp_path, dirs_exist_ok=True)
+  return tmp_path
 
 
 @pytest.mark.parametrize(
@@ -69,13 +85,14 @@ def test_resume_is_bit_identical(tmp_path):
   )
 
 
-def test_existing_run_is_not_overwritten_without_resume(tmp_path):
-  cfg = _digits("epochs=1")
-  train.train(cfg, tmp_path, progress=False)
-  before = (tmp_path / "metrics.jsonl").read_text()
+def test_existing_run_is_not_overwritten_without_resume(stopped_run):
+  # Any checkpointed run (stopped or finished: the trainer checks for a checkpoint) is kept.
+  tmp_path = stopped_run
+  before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+  assert (tmp_path / "metrics.jsonl").read_text()
   with pytest.raises(checkpoints.CheckpointError, match="--resume"):
-    train.train(cfg, tmp_path, progress=False)
-  assert (tmp_path / "metrics.jsonl").read_text() == before
+    train.train(_digits("epochs=1"), tmp_path, progress=False)
+  assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
 @pytest.mark.parametrize(
@@ -86,16 +103,17 @@ def test_existing_run_is_not_overwritten_without_resume(tmp_path):
     ("optimizer.learning_rate=0.5", "optimizer"),
   ],
 )
-def test_resume_refuses_a_different_run(override, match, tmp_path):
-  train.train(_digits("epochs=1"), tmp_path, progress=False, stop_after=3)
+def test_resume_refuses_a_different_run(override, match, stopped_run):
+  tmp_path = stopped_run
+  assert (tmp_path / "checkpoints" / "3").is_dir()
   snapshot = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
   with pytest.raises(checkpoints.CheckpointError, match=match):
     train.train(_digits("epochs=1", override), tmp_path, resume=True, progress=False)
   assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == snapshot
 
 
-def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
-  train.train(_digits("epochs=1"), tmp_path, progress=False, stop_after=3)
+def test_corrupt_checkpoint_is_a_clear_error(stopped_run):
+  tmp_path = stopped_run
   step_dir = tmp_path / "checkpoints" / "3"
   for f in step_dir.rglob("*"):
     if f.is_file() and f.stat().st_size > 0 and "ocdbt" not in f.name and "manifest" in str(f):
@@ -208,7 +226,15 @@ SMOKE_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("name", SMOKE_CONFIGS)
+# fashion_mnist_momentum: the same data and model as fashion_mnist_cnn, with the momentum-SGD
+# variant that test_digits_smoke_learns trains by default.
+@pytest.mark.parametrize(
+  "name",
+  [
+    pytest.param(n, marks=[pytest.mark.slow] if n == "fashion_mnist_momentum" else [])
+    for n in SMOKE_CONFIGS
+  ],
+)
 def test_paper_config_smoke_runs_below_chance(name, tmp_path):
   cfg = config_lib.resolve(str(CONFIGS / f"{name}.py") + ":smoke", [])[1]  # a compressed variant
   try:
