@@ -22,7 +22,15 @@ def test_the_docs_have_python_blocks():
   assert all(doc.exists() for doc in DOCS), [str(d) for d in DOCS if not d.exists()]
 
 
-@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+# README.md by default; docs/guide.md (~25 s: a dozen more compiled steps of the API that the
+# unit tests cover) in `-m slow`.
+@pytest.mark.parametrize(
+  "doc",
+  [
+    pytest.param(d, id=d.name, marks=[pytest.mark.slow] if d.name != "README.md" else [])
+    for d in DOCS
+  ],
+)
 def test_python_blocks_run_in_order(doc, tmp_path):
   if not doc.exists():
     pytest.fail(f"{doc} is missing")
