@@ -43,8 +43,17 @@ def stopped_run(_stopped_run, tmp_path):
   return tmp_path
 
 
+# comp_ams_block_sign in `-m slow`: the trainer runs it by default in
+# test_cli_trains_prints_table_and_plots and test_multiprocess, and COMP-AMS learns with block_sign
+# in test_compressors' least-squares runs.
 @pytest.mark.parametrize(
-  "variant", ["amsgrad", "comp_ams_top_k", "comp_ams_block_sign", "momentum_sgd_top_k_predictive"]
+  "variant",
+  [
+    "amsgrad",
+    "comp_ams_top_k",
+    pytest.param("comp_ams_block_sign", marks=pytest.mark.slow),
+    "momentum_sgd_top_k_predictive",
+  ],
 )
 def test_digits_smoke_learns(variant, tmp_path):
   overrides = ["optimizer.learning_rate=0.1"] if variant.startswith("momentum") else []
@@ -226,12 +235,17 @@ SMOKE_CONFIGS = [
 ]
 
 
-# fashion_mnist_momentum: the same data and model as fashion_mnist_cnn, with the momentum-SGD
-# variant that test_digits_smoke_learns trains by default.
+# By default the LeNet (mnist5k) and LSTM (rotten_tomatoes) configs. In `-m slow` the two
+# Fashion-MNIST ones (~40 s each: 64 CNN steps at 28x28): their model is the digits config's
+# (test_digits_smoke_learns), their loader test_data's test_fashion_mnist_real, and the
+# momentum-SGD variant of fashion_mnist_momentum is test_digits_smoke_learns's too.
+SLOW_SMOKE_CONFIGS = ("fashion_mnist_cnn", "fashion_mnist_momentum")
+
+
 @pytest.mark.parametrize(
   "name",
   [
-    pytest.param(n, marks=[pytest.mark.slow] if n == "fashion_mnist_momentum" else [])
+    pytest.param(n, marks=[pytest.mark.slow] if n in SLOW_SMOKE_CONFIGS else [])
     for n in SMOKE_CONFIGS
   ],
 )
