@@ -45,7 +45,6 @@ def fsdp_step_times(slices, k, repeats, small):
   """Seconds per fully manual FSDP step on real arrays, per method."""
   import jax
   import jax.numpy as jnp
-  import optax
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
 
@@ -70,16 +69,7 @@ def fsdp_step_times(slices, k, repeats, small):
   out = {}
   for name, tx in sharded_scale.methods("dcn").items():
     state = cj.sharding.init(tx, params, mesh=mesh, axis_name="dcn")
-    sspecs = cj.sharding.state_specs(state, "dcn", params=params, param_specs=specs)
-    gspecs = jax.tree.map(lambda s: P("dcn", *s), specs, is_leaf=lambda x: isinstance(x, P))
-
-    def replica(p, s, g, tx=tx):
-      u, s = tx.update(jax.tree.map(lambda x: x[0], g), s, p)
-      return optax.apply_updates(p, u), s
-
-    step = jax.jit(
-      jax.shard_map(replica, mesh=mesh, in_specs=(specs, sspecs, gspecs), out_specs=(specs, sspecs))
-    )
+    step = jax.jit(sharded_scale.update_step(tx, mesh, state, params, specs, manual=True))
     out[name] = _median_seconds(step, params, state, grads, repeats=repeats)
     print(f"FSDP step {name:38s} {out[name] * 1e3:8.2f} ms", flush=True)
   dense = next(iter(out.values()))

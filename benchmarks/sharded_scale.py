@@ -120,9 +120,37 @@ def _collectives(compiled, slices):
   }
 
 
-def fsdp_rows(slices, k, small=False):
+def update_step(tx, mesh, state, params, specs, *, manual):
+  """The optimizer step (params, state, per-slice grads) -> (params, state) under shard_map:
+  partial-manual over "dcn" (specs from the arrays), or fully manual with the params' specs."""
   import jax
   import optax
+  from jax.sharding import PartitionSpec as P
+
+  import compams_jax as cj
+
+  def replica(p, s, g):
+    u, s = tx.update(jax.tree.map(lambda x: x[0], g), s, p)
+    return optax.apply_updates(p, u), s
+
+  if not manual:
+    sspecs = cj.sharding.state_specs(state, "dcn")
+    return jax.shard_map(
+      replica,
+      mesh=mesh,
+      in_specs=(P(), sspecs, P("dcn")),
+      out_specs=(P(), sspecs),
+      axis_names={"dcn"},
+    )
+  sspecs = cj.sharding.state_specs(state, "dcn", params=params, param_specs=specs)
+  gspecs = jax.tree.map(lambda s: P("dcn", *s), specs, is_leaf=lambda x: isinstance(x, P))
+  return jax.shard_map(
+    replica, mesh=mesh, in_specs=(specs, sspecs, gspecs), out_specs=(specs, sspecs)
+  )
+
+
+def fsdp_rows(slices, k, small=False):
+  import jax
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
 
@@ -153,31 +181,7 @@ def fsdp_rows(slices, k, small=False):
     )
     unsharded = jax.eval_shape(tx.init, shapes)
     for spelling in ("partial-manual", "fully manual"):
-      if spelling == "partial-manual":
-        sspecs = cj.sharding.state_specs(state, "dcn")
-
-        def replica(p, s, g, tx=tx):
-          u, s = tx.update(jax.tree.map(lambda x: x[0], g), s, p)
-          return optax.apply_updates(p, u), s
-
-        step = jax.shard_map(
-          replica,
-          mesh=mesh,
-          in_specs=(P(), sspecs, P("dcn")),
-          out_specs=(P(), sspecs),
-          axis_names={"dcn"},
-        )
-      else:
-        sspecs = cj.sharding.state_specs(state, "dcn", params=shapes, param_specs=specs)
-        gspecs = jax.tree.map(lambda s: P("dcn", *s), specs, is_leaf=lambda x: isinstance(x, P))
-
-        def replica(p, s, g, tx=tx):
-          u, s = tx.update(jax.tree.map(lambda x: x[0], g), s, p)
-          return optax.apply_updates(p, u), s
-
-        step = jax.shard_map(
-          replica, mesh=mesh, in_specs=(specs, sspecs, gspecs), out_specs=(specs, sspecs)
-        )
+      step = update_step(tx, mesh, state, shapes, specs, manual=spelling == "fully manual")
       t0 = time.perf_counter()
       compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
       seconds = time.perf_counter() - t0

@@ -50,15 +50,21 @@ def _unmanual(spec: P) -> P:
   return P(*entries)
 
 
-def sharded_axes(tree: Any, specs: Any = None) -> tuple[str, ...]:
-  """The mesh axes that shard any leaf of `tree` (in the order they appear): from the leaves'
-  types, or from `specs` (one PartitionSpec per leaf) where the types carry none."""
-  out: list[str] = []
+def leaf_specs(tree: Any, specs: Any = None) -> list[P]:
+  """Each leaf's spec over the mesh axes that are not manual here: from the leaves' types, or
+  from `specs` (one PartitionSpec per leaf, `PerWorker.shard_specs`) where the types carry none
+  (auto mesh axes)."""
   leaves = jax.tree.leaves(tree)
   typed = [leaf_spec(leaf) for leaf in leaves]
   if specs is not None and not _sharded(typed) and len(specs) == len(leaves):
-    typed = [_unmanual(spec) for spec in specs]
-  for spec in typed:
+    return [_unmanual(spec) for spec in specs]
+  return typed
+
+
+def sharded_axes(tree: Any, specs: Any = None) -> tuple[str, ...]:
+  """The mesh axes that shard any leaf of `tree` (in the order they appear; see `leaf_specs`)."""
+  out: list[str] = []
+  for spec in leaf_specs(tree, specs):
     for entry in spec:
       for name in _names(entry):
         if name not in out:
@@ -93,10 +99,7 @@ def on_shards(
       "itself; shard parameters only over the other mesh axes (e.g. P('fsdp', None) on a "
       "('dcn', 'fsdp') mesh) and keep them replicated over the worker axis."
     )
-  typed = [leaf_spec(leaf) for leaf in jax.tree.leaves(value)]
-  if not _sharded(typed) and specs is not None:
-    typed = [_unmanual(spec) for spec in specs]
-  specs = jax.tree.unflatten(jax.tree.structure(value), typed)
+  specs = jax.tree.unflatten(jax.tree.structure(value), leaf_specs(value, specs))
   if residual is not None:
     for leaf, r in zip(jax.tree.leaves(value), jax.tree.leaves(residual)):
       if tuple(r.shape) != tuple(leaf.shape):

@@ -71,6 +71,39 @@ def _stacked_layers(stacked: Any, dense_axis_name: AxisName | None):
   return lambda value: stacked_flags(stacked, value)
 
 
+def _averaging(compressor, wire, *, seed, axis_name, dense_axis_name, stacked, what):
+  """The step both transforms take: (updates, residual or None, wire state, count, the
+  residual's shard specs) -> (the average over workers, the new residual, the wire state)."""
+  layers = _stacked_layers(stacked, dense_axis_name)
+
+  def average(updates, residual, wire_state, count, shard_specs=None):
+    value = scatter_mean(updates, dense_axis_name)  # hierarchical: this device's chunk
+    if residual is not None:
+      check_updates(value, residual, what)
+    if not jax.tree.leaves(value):
+      return updates, residual, wire_state
+    key = step_key(compressor, seed, count, axis_name, dense_axis_name)
+    codec = _average.codec(wire, compressor, axis_name, layers(value))
+    # Send C(g + e) and keep e ← g + e − C(g + e) (no residual: send C(g), keep nothing), then
+    # average what the workers sent (on each device's own shards when the parameters are
+    # sharded inside a worker).
+    mean, new_residual, wire_state = _average.compress_and_average(
+      wire,
+      codec,
+      value,
+      residual,
+      wire_state,
+      key=key,
+      axis_name=axis_name,
+      what=what,
+      dense_axis_name=dense_axis_name,
+      shard_specs=shard_specs,
+    )
+    return gather_chunks(mean, updates, dense_axis_name), new_residual, wire_state
+
+  return average
+
+
 def error_feedback(
   compressor: Compressor,
   *,
@@ -139,7 +172,15 @@ def error_feedback(
   check_axis_name(dense_axis_name, "dense_axis_name")
   check_seed(seed)
   wire = gather() if wire is None else check_wire(wire)
-  layers = _stacked_layers(stacked, dense_axis_name)
+  average = _averaging(
+    compressor,
+    wire,
+    seed=seed,
+    axis_name=axis_name,
+    dense_axis_name=dense_axis_name,
+    stacked=stacked,
+    what="error_feedback",
+  )
 
   def init_fn(params):
     check_tree(params)
@@ -157,28 +198,10 @@ def error_feedback(
     del params
     residual = state.residual.value
     check_per_worker(updates, residual, (axis_name, dense_axis_name), "error_feedback")
-    value = scatter_mean(updates, dense_axis_name)  # hierarchical: this device's chunk
-    check_updates(value, residual, "error_feedback")
-    if not jax.tree.leaves(value):
-      return updates, state._replace(count=optax.safe_increment(state.count))
-    key = step_key(compressor, seed, state.count, axis_name, dense_axis_name)
-    codec = _average.codec(wire, compressor, axis_name, layers(value))
-
-    # Send C(g + e) and keep e ← g + e − C(g + e), then average what the workers sent (on each
-    # device's own shards when the parameters are sharded inside a worker).
-    mean, new_residual, wire_state = _average.compress_and_average(
-      wire,
-      codec,
-      value,
-      residual,
-      state.wire_state,
-      key=key,
-      axis_name=axis_name,
-      what="error_feedback",
-      dense_axis_name=dense_axis_name,
-      shard_specs=state.residual.shard_specs,
+    mean, new_residual, wire_state = average(
+      updates, residual, state.wire_state, state.count, state.residual.shard_specs
     )
-    return gather_chunks(mean, updates, dense_axis_name), ErrorFeedbackState(
+    return mean, ErrorFeedbackState(
       residual=state.residual.replace(new_residual),
       count=optax.safe_increment(state.count),
       wire_state=wire_state,
@@ -221,7 +244,15 @@ def compressed_mean(
   check_axis_name(dense_axis_name, "dense_axis_name")
   check_seed(seed)
   wire = gather() if wire is None else check_wire(wire)
-  layers = _stacked_layers(stacked, dense_axis_name)
+  average = _averaging(
+    compressor,
+    wire,
+    seed=seed,
+    axis_name=axis_name,
+    dense_axis_name=dense_axis_name,
+    stacked=stacked,
+    what="compressed_mean",
+  )
 
   def init_fn(params):
     check_tree(params)
@@ -235,25 +266,7 @@ def compressed_mean(
     del params
     check_tree(updates)
     check_per_worker(updates, None, (axis_name, dense_axis_name), "compressed_mean")
-    value = scatter_mean(updates, dense_axis_name)
-    if not jax.tree.leaves(value):
-      return updates, state._replace(count=optax.safe_increment(state.count))
-    key = step_key(compressor, seed, state.count, axis_name, dense_axis_name)
-    codec = _average.codec(wire, compressor, axis_name, layers(value))
-
-    # Send C(g), keep nothing, average what the workers sent.
-    mean, _, wire_state = _average.compress_and_average(
-      wire,
-      codec,
-      value,
-      None,
-      state.wire_state,
-      key=key,
-      axis_name=axis_name,
-      what="compressed_mean",
-      dense_axis_name=dense_axis_name,
-    )
-    mean = gather_chunks(mean, updates, dense_axis_name)
+    mean, _, wire_state = average(updates, None, state.wire_state, state.count)
     return mean, CompressedMeanState(count=optax.safe_increment(state.count), wire_state=wire_state)
 
   return optax.GradientTransformation(init_fn, update_fn)
