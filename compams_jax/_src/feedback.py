@@ -94,8 +94,9 @@ def compress_with_feedback(
   key: jax.Array | None,
   *,
   offset: Any = None,
+  decay: float = 1.0,
 ) -> Compressed:
-  """corrected = value + residual; send C(corrected − offset); keep corrected − sent.
+  """corrected = value + decay·residual; send C(corrected − offset); keep corrected − sent.
 
   With no offset this is error feedback: sent = C(corrected). With an offset both ends can
   form (a prediction p), it is predictive coding: the innovation corrected − p is compressed
@@ -111,6 +112,8 @@ def compress_with_feedback(
       caller has already added it (or keeps none).
     key: the encoding key (see `compams_jax._src.keys`).
     offset: a prediction structured like `value` that receivers also hold, or None.
+    decay: β of a decaying residual, corrected = value + β·residual (SparseLoCo's and DeMo's
+      e ← β·e + Δ); 1.0 is plain error feedback.
 
   Returns:
     A `Compressed` (payload, sent, residual).
@@ -118,7 +121,8 @@ def compress_with_feedback(
   if residual is None:
     corrected = value
   else:
-    corrected = jax.tree.map(lambda v, e: v.astype(e.dtype) + e, value, residual)
+    owed = residual if decay == 1.0 else jax.tree.map(lambda e: decay * e, residual)
+    corrected = jax.tree.map(lambda v, e: v.astype(e.dtype) + e, value, owed)
   coded = corrected if offset is None else jax.tree.map(lambda c, p: c - p, corrected, offset)
   payload = codec.encode(coded, key)
   receiver_key = key if codec.randomness == "shared" else None

@@ -124,8 +124,9 @@ def compress_and_average(
   what: str,
   dense_axis_name: AxisName | None = None,
   shard_specs: Any = None,
+  decay: float = 1.0,
 ) -> tuple[Any, Any, PerWorker | None]:
-  """Send C(value + residual), keep what it dropped, average what the workers sent.
+  """Send C(value + decay·residual), keep what it dropped, average what the workers sent.
 
   The error-feedback kernel (`compress_with_feedback`; residual None: no feedback) and `mean`,
   on each device's own shard of every leaf when the leaves are sharded over mesh axes besides
@@ -136,7 +137,7 @@ def compress_and_average(
   """
 
   def exchange(value, residual, key, averaging_state=None):
-    out = compress_with_feedback(codec, value, residual, key)
+    out = compress_with_feedback(codec, value, residual, key, decay=decay)
     average, averaging_state = mean(
       wire,
       codec,
