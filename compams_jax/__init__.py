@@ -13,10 +13,17 @@ Examples:
 """
 
 from compams_jax import compressors, predictors, sharding, transforms, wire
-from compams_jax._src.workers import PerWorker
+from compams_jax._src.workers import GlobalParams, PerWorker, apply_updates
 from compams_jax.compressors import Compressor
 from compams_jax.devices import simulate_cpu_devices
-from compams_jax.optimizers import comp_ams, compressed_momentum_sgd, onebit_adam, qadam
+from compams_jax.optimizers import (
+  DiLoCoState,
+  comp_ams,
+  compressed_momentum_sgd,
+  diloco,
+  onebit_adam,
+  qadam,
+)
 from compams_jax.step import DataParallelStep, data_parallel_step
 from compams_jax.transforms import (
   CompressedMeanState,
@@ -49,6 +56,8 @@ __all__ = [
   "CompressedMeanState",
   "DataParallelStep",
   "DenseWarmupState",
+  "DiLoCoState",
+  "GlobalParams",
   "Compressor",
   "ErrorFeedbackState",
   "OneBitAdamState",
@@ -59,6 +68,7 @@ __all__ = [
   "StagedState",
   "WorkerAdamState",
   "WorkerMomentumState",
+  "apply_updates",
   "collective_bytes",
   "comp_ams",
   "compressed_mean",
@@ -66,6 +76,7 @@ __all__ = [
   "compressors",
   "data_parallel_step",
   "dense_warmup",
+  "diloco",
   "error_feedback",
   "onebit_adam",
   "powersgd",

@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from compams_jax import sharding, wire
-from compams_jax._src.workers import is_per_worker
+from compams_jax._src.workers import apply_updates, find_global_params, is_per_worker
 
 Mode = Literal["shard_map", "pmap", "vmap"]
 
@@ -111,6 +111,8 @@ class DataParallelStep:
     Returns:
       (params, opt_state) in this step's layout.
     """
+    n = self.num_workers
+    own = self._own_params(params)
     if self.mode == "shard_map":
       specs = self._param_specs(params)
       # Fresh buffers: the step donates its inputs, which must not delete the caller's arrays.
@@ -123,8 +125,13 @@ class DataParallelStep:
         axis_name=self.axis_name,
         param_specs=self.param_specs,
       )
+      if own:  # every worker's own copy, behind a leading worker axis split over the workers
+        wspecs = self._worker_specs(specs)
+        params = jax.jit(
+          lambda t: jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + x.shape), t),
+          out_shardings=jax.tree.map(lambda s: NamedSharding(self.mesh, s), wspecs),
+        )(params)
       return params, state
-    n = self.num_workers
     if self.mode == "pmap":
       stacked = jax.tree.map(lambda x: jnp.broadcast_to(jnp.asarray(x), (n,) + np.shape(x)), params)
       init = jax.pmap(self.tx.init, axis_name=self._pmap_axis(), devices=jax.local_devices()[:n])
@@ -132,7 +139,30 @@ class DataParallelStep:
       place = jax.pmap(lambda x: x, devices=jax.local_devices()[:n])
       return place(stacked), state
     init = jax.jit(lambda p: self._merge(self._nest(self.tx.init, None)(p)))
-    return jax.tree.map(lambda x: jnp.array(x, copy=True), params), init(params)
+    state = init(params)
+    if own:
+      return jax.tree.map(
+        lambda x: jnp.broadcast_to(jnp.asarray(x), (n,) + np.shape(x)), params
+      ), state
+    return jax.tree.map(lambda x: jnp.array(x, copy=True), params), state
+
+  def _own_params(self, params: Any, *, per_worker: bool = False) -> bool:
+    """Whether every worker trains its own copy of the parameters (a local-SGD optimizer such
+    as `cj.diloco`, whose state holds the synchronized `GlobalParams`). `per_worker`: `params`
+    already carry the leading worker axis."""
+    shapes = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:] if per_worker else np.shape(x), x.dtype),
+      params,
+    )
+    cache = self.__dict__.setdefault("_own_cache", {})
+    signature = jax.tree.structure(shapes)
+    if signature not in cache:
+      state = jax.eval_shape(self._nest(self.tx.init, None), shapes)
+      cache[signature] = find_global_params(state) is not None
+    return cache[signature]
+
+  def _worker_specs(self, specs: Any) -> Any:
+    return jax.tree.map(lambda s: P(self.axis_name, *s), specs, is_leaf=lambda x: isinstance(x, P))
 
   def _pmap_axis(self) -> str:
     if len(self.axis_name) != 1:
@@ -175,7 +205,8 @@ class DataParallelStep:
     fn = self.loss_fn if self.has_aux else (lambda p, *a: (self.loss_fn(p, *a), None))
     (loss, aux), grads = jax.value_and_grad(fn, has_aux=True)(diff, *args)
     updates, opt_state = self.tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
+    # optax.apply_updates, then exactly the synchronized params after a local-SGD sync.
+    params = apply_updates(params, updates, opt_state)
     # Per-worker metrics, averaged outside the step: a collective here would add bytes to
     # every step that the optimizer did not send.
     metrics = {"loss": loss} if aux is None else {"loss": loss, "aux": aux}
@@ -191,8 +222,12 @@ class DataParallelStep:
             used.append(name)
     return tuple(used)
 
-  def _local_sharded(self, params, opt_state, batch, key):
-    params, opt_state, metrics = self._local(params, opt_state, batch, key, varying=True)
+  def _local_sharded(self, params, opt_state, batch, key, *, own=False):
+    if own:  # this worker's own params: already device-varying, behind the worker axis
+      params = jax.tree.map(lambda x: x[0], params)
+    params, opt_state, metrics = self._local(params, opt_state, batch, key, varying=not own)
+    if own:
+      params = jax.tree.map(lambda x: x[None], params)
     shard_axes = self._shard_axes()
     if shard_axes:
       # Each device of a sharded model reports its share: the worker's metric is their mean
@@ -212,10 +247,16 @@ class DataParallelStep:
         donate_argnums=self._donated,
         devices=jax.local_devices()[: self.num_workers],
       )
-    local = self._nest(functools.partial(self._local, varying=False), (None, 0, 0, None))
+    shared = self._nest(functools.partial(self._local, varying=False), (None, 0, 0, None))
+    own = self._nest(functools.partial(self._local, varying=False), (0, 0, 0, None))
 
     def simulated(params, opt_state, batch, key):
-      params, opt_state, metrics = local(params, self._split(opt_state), self._split(batch), key)
+      if self._has_worker_axis(params) and self._own_params(params, per_worker=True):
+        params, opt_state, metrics = own(
+          self._split(params), self._split(opt_state), self._split(batch), key
+        )
+        return self._merge(params), self._merge(opt_state), self._merge(metrics)
+      params, opt_state, metrics = shared(params, self._split(opt_state), self._split(batch), key)
       # Every simulated worker holds the same params: keep one copy.
       params = jax.tree.map(lambda x: self._merge(x)[0], params)
       return params, self._merge(opt_state), self._merge(metrics)
@@ -228,18 +269,30 @@ class DataParallelStep:
     cache = self.__dict__.setdefault("_jits", {})
     if signature not in cache:
       pspecs = self._param_specs(params)
+      own = False
+      if self._has_worker_axis(params):
+        own = self._own_params(params, per_worker=True)
+      if own:
+        params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), params)
       sspecs = sharding.init_specs(
         self.tx, params, mesh=self.mesh, axis_name=self.axis_name, param_specs=self.param_specs
       )
+      if own:
+        pspecs = self._worker_specs(pspecs)
       bspecs = jax.tree.map(lambda _: P(self.axis_name), batch)
       mapped = jax.shard_map(
-        self._local_sharded,
+        functools.partial(self._local_sharded, own=own),
         mesh=self.mesh,
         in_specs=(pspecs, sspecs, bspecs, P()),
         out_specs=(pspecs, sspecs, P(self.axis_name)),
       )
       cache[signature] = jax.jit(mapped, donate_argnums=self._donated)
     return cache[signature]
+
+  def _has_worker_axis(self, params: Any) -> bool:
+    """Every leaf's leading axis has the workers' size (a local-SGD layout is possible)."""
+    leaves = jax.tree.leaves(params)
+    return bool(leaves) and all(np.ndim(x) and np.shape(x)[0] == self.num_workers for x in leaves)
 
   def _shard_map_step(self) -> Callable[..., Any]:
     def step(params, opt_state, batch, key):

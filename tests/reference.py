@@ -356,3 +356,69 @@ def np_qadam(params, grads, compress, *, lr, b1=0.9, b2=0.999, eps=1e-8):
         total[k] += c
     theta = {k: theta[k] - lr * (total[k] / n).astype(np.float32) for k in theta}
   return theta
+
+
+def np_adam_step(theta, g, state, *, lr, b1=0.9, b2=0.999, eps=1e-8):
+  """One step of Adam with bias correction (optax.adam), in place on `state` (m, v, t)."""
+  m, v, t = state
+  m = b1 * m + (1 - b1) * g
+  v = b2 * v + (1 - b2) * g * g
+  t = t + 1
+  mhat, vhat = m / (1 - b1**t), v / (1 - b2**t)
+  return theta - lr * mhat / (np.sqrt(vhat) + eps), (m, v, t)
+
+
+def np_diloco(
+  theta0,
+  grad_fn,
+  *,
+  n,
+  steps,
+  sync_every,
+  inner_lr,
+  outer_lr=0.7,
+  momentum=0.9,
+  compress=None,
+  decay=1.0,
+  feedback=True,
+):
+  """DiLoCo (Douillard et al. 2023) with an optional compressed pseudo-gradient (SparseLoCo).
+
+  Each of n workers takes Adam steps on grad_fn(i, θ_i) (state kept across syncs); after every
+  `sync_every`-th step: d_i = θ − θ_i; with `compress` and `feedback`, e_i ← decay·e_i + d_i,
+  c_i = C(e_i), e_i ← e_i − c_i (without feedback c_i = C(d_i); without a compressor
+  c_i = d_i); d̄ = mean_i c_i; Nesterov SGD: b ← μ b + d̄, θ ← θ − lr (d̄ + μ b); θ_i ← θ.
+
+  Args:
+    theta0: float64 vector θ₀ (one flat parameter vector).
+    grad_fn: grad_fn(i, θ_i) -> worker i's gradient at its own parameters.
+  Returns:
+    (θ, [θ_i], residuals (n, d)) after `steps` inner steps.
+  """
+  theta = np.array(theta0, np.float64)
+  local = [theta.copy() for _ in range(n)]
+  adam = [(np.zeros_like(theta), np.zeros_like(theta), 0) for _ in range(n)]
+  err = np.zeros((n,) + theta.shape)
+  buf = np.zeros_like(theta)
+  for t in range(1, steps + 1):
+    for i in range(n):
+      local[i], adam[i] = np_adam_step(local[i], grad_fn(i, local[i]), adam[i], lr=inner_lr)
+    if t % sync_every:
+      continue
+    sent = []
+    for i in range(n):
+      d = theta - local[i]
+      if compress is None:
+        sent.append(d)
+      elif feedback:
+        err[i] = decay * err[i] + d
+        c = compress(err[i])
+        err[i] = err[i] - c
+        sent.append(c)
+      else:
+        sent.append(compress(d))
+    dbar = np.mean(sent, axis=0)
+    buf = momentum * buf + dbar
+    theta = theta - outer_lr * (dbar + momentum * buf)
+    local = [theta.copy() for _ in range(n)]
+  return theta, local, err

@@ -7,6 +7,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 
 @jax.tree_util.register_dataclass
@@ -64,14 +65,16 @@ def is_per_worker(x: Any) -> bool:
   return isinstance(x, PerWorker)
 
 
-def _strip(node: Any) -> Any:
+def strip(node: Any) -> Any:
+  """A `PerWorker` seen locally: its arrays without the leading worker axis."""
   if not is_per_worker(node) or node.local:
     return node
   value = jax.tree.map(lambda x: x[0], node.value)
   return dataclasses.replace(node, value=value, local=True)
 
 
-def _restore(node: Any) -> Any:
+def restore(node: Any) -> Any:
+  """Inverse of `strip`."""
   if not is_per_worker(node) or not node.local:
     return node
   value = jax.tree.map(lambda x: x[None], node.value)
@@ -82,13 +85,15 @@ def local_update(update_fn):
   """`update_fn` seeing every `PerWorker` of its state parameter-shaped (this worker's arrays).
 
   The one place where the leading worker axis of size 1 (the local view inside the mapped
-  function) is dropped before a transform's update and restored after it.
+  function) is dropped before a transform's update and restored after it. A transform that
+  calls other transforms' updates on parts of its state (`cj.diloco`) strips only its own
+  `PerWorker` with `strip` / `restore`: the others do it themselves.
   """
 
   def wrapped(updates, state, params=None):
-    local = jax.tree.map(_strip, state, is_leaf=is_per_worker)
+    local = jax.tree.map(strip, state, is_leaf=is_per_worker)
     out, new_state = update_fn(updates, local, params)
-    return out, jax.tree.map(_restore, new_state, is_leaf=is_per_worker)
+    return out, jax.tree.map(restore, new_state, is_leaf=is_per_worker)
 
   return wrapped
 
@@ -120,3 +125,69 @@ def worker_state(state: Any, i: int) -> Any:
     return node.replace(jax.tree.map(row, node.value)) if is_per_worker(node) else node
 
   return jax.tree.map(view, state, is_leaf=is_per_worker)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class GlobalParams:
+  """The synchronized parameters θ of a local-SGD method (`cj.diloco`): replicated state.
+
+  Workers train their own copies of the parameters between synchronizations; after one, every
+  worker restarts from θ. The marker declares it, so the step helper (and `cj.apply_updates`)
+  can set every worker's parameters to θ exactly: params + (θ − params) is not θ bit for bit.
+
+  Attributes:
+    value: θ, a pytree like the parameters.
+    fresh: True when the last update synchronized (a replicated bool scalar).
+  """
+
+  value: Any
+  fresh: jax.Array
+
+
+def is_global_params(x: Any) -> bool:
+  return isinstance(x, GlobalParams)
+
+
+def find_global_params(state: Any) -> GlobalParams | None:
+  """The `GlobalParams` of a state, or None; more than one is an error."""
+  found = [x for x in jax.tree.leaves(state, is_leaf=is_global_params) if is_global_params(x)]
+  if len(found) > 1:
+    raise ValueError(
+      f"the optimizer state holds {len(found)} sets of synchronized parameters (cj.diloco "
+      "nested in cj.diloco?); one local-SGD method per optimizer."
+    )
+  return found[0] if found else None
+
+
+def apply_updates(params: Any, updates: Any, opt_state: Any) -> Any:
+  """`optax.apply_updates`, then the synchronized parameters where the last update synced.
+
+  For optimizers without synchronized parameters this is `optax.apply_updates`.
+
+  Args:
+    params: this worker's parameters.
+    updates: the optimizer's updates.
+    opt_state: the optimizer's new state (returned with `updates`).
+
+  Returns:
+    The new parameters: after a synchronization of `cj.diloco`, exactly θ on every worker.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, compams_jax as cj
+    >>> tx = cj.diloco(optax.sgd(0.1), sync_every=2, axis_name=None)
+    >>> p = {"w": jnp.array([1.0, -3.0])}
+    >>> s = tx.init(p)
+    >>> for _ in range(2):
+    ...   u, s = tx.update({"w": jnp.array([1.0, 1.0])}, s, p)
+    ...   p = cj.apply_updates(p, u, s)
+    >>> [round(float(x), 3) for x in p["w"]]  # θ after a sync: 1 − 0.7·(0.2 + 0.9·0.2)
+    [0.734, -3.266]
+    >>> bool((p["w"] == s.params.value["w"]).all())  # exactly θ
+    True
+  """
+  new = optax.apply_updates(params, updates)
+  synced = find_global_params(opt_state)
+  if synced is None:
+    return new
+  return jax.tree.map(lambda g, p: jnp.where(synced.fresh, g.astype(p.dtype), p), synced.value, new)

@@ -43,6 +43,8 @@ def communicate(
     raise ValueError("residual_dtype= sets the error-feedback residual: it needs feedback='ef'.")
   if where.get("residual_dtype") is not None and predictor is not None:
     raise ValueError("residual_dtype= is not supported with a predictor.")
+  if where.get("decay", 1.0) != 1.0 and (feedback != "ef" or predictor is not None):
+    raise ValueError("a residual decay needs feedback='ef' and no predictor.")
   for name in ("stacked", "residual_dtype"):
     if where.get(name) is None:
       where.pop(name, None)

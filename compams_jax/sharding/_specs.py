@@ -9,7 +9,11 @@ import jax
 import optax
 from jax.sharding import PartitionSpec as P
 
-from compams_jax._src.workers import is_per_worker
+from compams_jax._src.workers import is_global_params, is_per_worker
+
+
+def _is_marker(x: Any) -> bool:
+  return is_per_worker(x) or is_global_params(x)
 
 
 def state_specs(
@@ -53,9 +57,11 @@ def state_specs(
     def spec(node):
       if is_per_worker(node):
         return node.replace(jax.tree.map(lambda _: P(axis_name), node.value))
+      if is_global_params(node):
+        return dataclasses.replace(node, value=jax.tree.map(lambda _: P(), node.value), fresh=P())
       return P()
 
-    return jax.tree.map(spec, opt_state, is_leaf=is_per_worker)
+    return jax.tree.map(spec, opt_state, is_leaf=_is_marker)
 
   treedef = jax.tree.structure(params)
   shapes = [tuple(x.shape) for x in jax.tree.leaves(params)]
@@ -66,26 +72,31 @@ def state_specs(
   def with_prefix(prefix: tuple) -> Any:
     return jax.tree.unflatten(treedef, [P(*prefix, *s) for s in spec_leaves])
 
-  def mirrors_params(node) -> bool:
-    # Replicated state of optax's own transforms (AMSGrad's mu and nu) carries no marker; it
-    # mirrors the parameters exactly: the same pytree structure and the same leaf shapes.
+  def mirrors_params(node, prefix: tuple) -> bool:
+    # State of optax's own transforms (AMSGrad's mu and nu, an inner optimizer's moments)
+    # carries no marker; it mirrors the parameters exactly: the same pytree structure and the
+    # same leaf shapes (behind the worker axis inside a PerWorker).
     if jax.tree.structure(node) != treedef:
       return False
-    return [tuple(x.shape) for x in jax.tree.leaves(node)] == shapes
+    return [tuple(x.shape)[len(prefix) :] for x in jax.tree.leaves(node)] == shapes
 
-  def walk(node) -> Any:
+  def walk(node, prefix: tuple = ()) -> Any:
     if node is None:
       return None
     if is_per_worker(node):
       if node.params_like:
         return node.replace(with_prefix((axis_name,)))
-      return node.replace(jax.tree.map(lambda _: P(axis_name), node.value))
-    if mirrors_params(node):
-      return with_prefix(())
+      # Other per-worker state (an inner optimizer's): its parameter-shaped parts follow the
+      # parameters behind the worker axis, the rest is split over the workers only.
+      return node.replace(walk(node.value, (axis_name,)))
+    if is_global_params(node):
+      return dataclasses.replace(node, value=with_prefix(()), fresh=P())
+    if mirrors_params(node, prefix):
+      return with_prefix(prefix)
     if isinstance(node, (list, tuple, dict)) or hasattr(node, "_fields"):
       children, sub = jax.tree_util.tree_flatten(node, is_leaf=lambda x: x is not node)
-      return jax.tree_util.tree_unflatten(sub, [walk(c) for c in children])
-    return P()
+      return jax.tree_util.tree_unflatten(sub, [walk(c, prefix) for c in children])
+    return P(*prefix)
 
   return walk(opt_state)
 

@@ -71,7 +71,7 @@ def _stacked_layers(stacked: Any, dense_axis_name: AxisName | None):
   return lambda value: stacked_flags(stacked, value)
 
 
-def _averaging(compressor, wire, *, seed, axis_name, dense_axis_name, stacked, what):
+def _averaging(compressor, wire, *, seed, axis_name, dense_axis_name, stacked, what, decay=1.0):
   """The step both transforms take: (updates, residual or None, wire state, count, the
   residual's shard specs) -> (the average over workers, the new residual, the wire state)."""
   layers = _stacked_layers(stacked, dense_axis_name)
@@ -98,6 +98,7 @@ def _averaging(compressor, wire, *, seed, axis_name, dense_axis_name, stacked, w
       what=what,
       dense_axis_name=dense_axis_name,
       shard_specs=shard_specs,
+      decay=decay,
     )
     return gather_chunks(mean, updates, dense_axis_name), new_residual, wire_state
 
@@ -113,6 +114,7 @@ def error_feedback(
   seed: int = 0,
   residual_dtype: Any = None,
   stacked: Any = None,
+  decay: float = 1.0,
 ) -> optax.GradientTransformation:
   """Compresses each worker's gradient with error feedback and averages over workers.
 
@@ -120,6 +122,9 @@ def error_feedback(
 
       g̃ = C(g + e);   e ← e + g − g̃;   send g̃
       output (1/n) Σ_i g̃_i          # identical on every worker
+
+  With `decay` β < 1 the residual decays before it is added (SparseLoCo's e ← β·e + g, then
+  g̃ = C(e), e ← e − g̃).
 
   The average is computed by the `wire` strategy, whose collectives carry the compressed
   payloads: `cj.wire.gather()` (default; the paper's algorithm) or `cj.wire.two_phase()` (a
@@ -148,6 +153,7 @@ def error_feedback(
       layers): a pytree prefix of the parameters of bools, e.g. `{"blocks": True, "embed":
       False}`. Each layer of a stacked leaf is then its own block (one top-k budget, one sign
       scale per layer), through one vmap over the layers. None: no leaf is stacked.
+    decay: β in (0, 1], the residual's decay (1: the paper's error feedback).
 
   Returns:
     An `optax.GradientTransformation` whose state is an `ErrorFeedbackState`.
@@ -172,6 +178,8 @@ def error_feedback(
   check_axis_name(dense_axis_name, "dense_axis_name")
   check_seed(seed)
   wire = gather() if wire is None else check_wire(wire)
+  if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 < decay <= 1.0:
+    raise ValueError(f"error_feedback: decay must be a float in (0, 1], got {decay!r}.")
   average = _averaging(
     compressor,
     wire,
@@ -180,6 +188,7 @@ def error_feedback(
     dense_axis_name=dense_axis_name,
     stacked=stacked,
     what="error_feedback",
+    decay=float(decay),
   )
 
   def init_fn(params):
