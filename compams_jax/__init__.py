@@ -13,7 +13,7 @@ Examples:
 """
 
 from compams_jax import compressors, predictors, sharding, transforms, wire
-from compams_jax._src.workers import GlobalParams, PerWorker, apply_updates
+from compams_jax._src.workers import GlobalParams, PerWorker, apply_updates, synchronized_params
 from compams_jax.compressors import Compressor
 from compams_jax.devices import simulate_cpu_devices
 from compams_jax.optimizers import (
@@ -88,6 +88,7 @@ __all__ = [
   "simulate_cpu_devices",
   "skip_nonfinite",
   "staged",
+  "synchronized_params",
   "transforms",
   "wire",
   "wire_bytes",

@@ -160,6 +160,23 @@ def find_global_params(state: Any) -> GlobalParams | None:
   return found[0] if found else None
 
 
+def synchronized_params(opt_state: Any) -> Any:
+  """θ, the synchronized parameters of a local-SGD optimizer's state (`cj.diloco`), or None.
+
+  Evaluate a local-SGD run on these: between syncs every worker's own parameters differ.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, compams_jax as cj
+    >>> tx = cj.diloco(optax.sgd(0.1), sync_every=2, axis_name=None)
+    >>> cj.synchronized_params(tx.init({"w": jnp.ones(2)}))["w"]
+    Array([1., 1.], dtype=float32)
+    >>> cj.synchronized_params(optax.adam(0.1).init({"w": jnp.ones(2)})) is None
+    True
+  """
+  found = find_global_params(opt_state)
+  return None if found is None else found.value
+
+
 def apply_updates(params: Any, updates: Any, opt_state: Any) -> Any:
   """`optax.apply_updates`, then the synchronized parameters where the last update synced.
 
