@@ -18,6 +18,11 @@ def get_config(variant: str = ""):
     log_every=5,
     checkpoint_every=100,
     variants=("amsgrad", "comp_ams_top_k", "comp_ams_block_sign"),
+    # Local SGD (--variant diloco) syncs every 10 steps: 1,438 examples / (8 × 16) = 11 steps
+    # an epoch, so about one sync per epoch, 16 in the 165 steps of a full run and 3 in the
+    # smoke's 33; the DiLoCo papers' H of 30-500 would leave this short run 0-5 syncs.
+    # Only local-SGD optimizers read it.
+    optimizer__sync_every=10,
   )
   if variant == "smoke":
     return smoke(c, max_train_examples=0, max_test_examples=0, epochs=3)

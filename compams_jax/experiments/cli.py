@@ -35,17 +35,41 @@ _TIME_NOTE = (
 )
 
 
+def _bytes(value) -> str:
+  """A byte count: an int with thousands separators, a per-step equivalent with one decimal,
+  "-" for none."""
+  if value is None:
+    return "-"
+  if isinstance(value, float) and not value.is_integer():
+    return f"{value:,.1f}"
+  return f"{int(value):,d}"
+
+
+def _sync_note(rows: list[dict]) -> list[str]:
+  """The note on local-SGD rows: what bytes/sync is and their H."""
+  local = [r for r in rows if r.get("bytes_per_sync") is not None]
+  if not local:
+    return []
+  every = ", ".join(f"{r['variant']} H={r['sync_every']}" for r in local)
+  return [
+    "bytes/sync: what one worker sends at each synchronization of a local-SGD variant, every "
+    f"H steps ({every}); its bytes/step is the per-step equivalent, bytes/sync / H."
+  ]
+
+
 def _format_table(rows: list[dict]) -> str:
   head = (
-    f"{'variant':<32} {'test acc':>9} {'bytes/step':>17} {'vs dense f32':>13} {'loop s':>7}  status"
+    f"{'variant':<32} {'test acc':>9} {'bytes/step':>17} {'bytes/sync':>17} "
+    f"{'vs dense f32':>13} {'loop s':>7}  status"
   )
   body = [
-    f"{r['variant']:<32} {r['test_accuracy']:>9.4f} {r['bytes_per_step_steady']:>17,d} "
+    f"{r['variant']:<32} {r['test_accuracy']:>9.4f} {_bytes(r['bytes_per_step_steady']):>17} "
+    f"{_bytes(r.get('bytes_per_sync')):>17} "
     f"{r['compression_ratio']:>12.1f}x {r['seconds']:>7.1f}  {_status(r)}"
     for r in rows
   ]
   rule = "-" * max(len(line) for line in [head, *body])
-  return "\n".join([head, rule, *body, _TIME_NOTE])
+  return "\n".join([head, rule, *body, _TIME_NOTE, *_sync_note(rows)])
 
 
 def _final_line(rows: list[dict]) -> str:
@@ -156,7 +180,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     "--elastic",
     action="store_true",
     help="with --resume: allow a different num_workers (residuals redistributed "
-    "with their sum preserved)",
+    "with their sum preserved; not for local SGD, e.g. diloco)",
   )
   parser.add_argument(
     "--stop-after",

@@ -71,6 +71,10 @@ PRESETS: dict[str, dict[str, Any]] = {
   "momentum_sgd_top_k_predictive_fixed": dict(
     name="momentum_sgd", compressor="top_k", compressor_kwargs={"ratio": 0.01}, predictor="fixed"
   ),
+  # Local SGD (DiLoCo): optimizer.sync_every (H) AdamW steps per worker on its own parameters
+  # (inner learning rate: optimizer.learning_rate), then the dense average of the
+  # pseudo-gradients, one outer Nesterov SGD step (optimizer.outer_lr 0.7, outer_momentum 0.9).
+  "diloco": dict(name="diloco", compressor="identity", compressor_kwargs={}),
 }
 
 
@@ -86,7 +90,10 @@ def optimizer_section() -> ml_collections.ConfigDict:
   `optim.REGISTRY` says which field goes to which argument). They are b1, b2, eps (COMP-AMS:
   inside the root; 1-bit Adam, QAdam: outside), momentum, seed, warmup_steps (1-bit Adam),
   dense_warmup_steps (COMP-AMS: dense steps first), feedback ("ef", "ef21" or "none"),
-  error_feedback (momentum SGD: keep residuals) and wire ("gather" or "two_phase").
+  error_feedback (momentum SGD: keep residuals) and wire ("gather" or "two_phase"); for local
+  SGD (`diloco`, see `optim.diloco_adamw`): sync_every (H, inner steps between syncs),
+  outer_lr and outer_momentum (the outer Nesterov SGD; momentum 0 = plain SGD),
+  weight_decay (the inner AdamW's) and feedback_decay (the error residual's decay).
   """
   library = config_dict.placeholder  # None: the library factory's default
   return ml_collections.ConfigDict(
@@ -109,6 +116,11 @@ def optimizer_section() -> ml_collections.ConfigDict:
       "feedback": library(str),
       "error_feedback": library(bool),
       "wire": library(str),
+      "sync_every": library(int),
+      "outer_lr": library(float),
+      "outer_momentum": library(float),
+      "weight_decay": library(float),
+      "feedback_decay": library(float),
     }
   )
 
@@ -312,6 +324,11 @@ _CHECKS = (
   ("optimizer.anneal_from", lambda v: _is_real(v) and 0 <= v <= 1, "in [0, 1] (0 = off)"),
   ("optimizer.anneal_steps", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
   ("optimizer.anneal_stages", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+  ("optimizer.sync_every", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+  ("optimizer.outer_lr", lambda v: _is_real(v) and v > 0, "a finite number > 0"),
+  ("optimizer.outer_momentum", lambda v: _is_real(v) and 0 <= v < 1, "in [0, 1)"),
+  ("optimizer.weight_decay", lambda v: _is_real(v) and v >= 0, "a finite number >= 0"),
+  ("optimizer.feedback_decay", lambda v: _is_real(v) and 0 < v <= 1, "in (0, 1]"),
   ("optimizer.feedback", lambda v: v in ("ef", "ef21", "none"), "'ef', 'ef21' or 'none'"),
   ("optimizer.wire", lambda v: v in ("gather", "two_phase"), "'gather' or 'two_phase'"),
   (
@@ -327,7 +344,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
   Checks counts (num_workers, local_batch, epochs, log_every, checkpoint_every >= 1;
   max_train_examples / max_test_examples, optimizer.warmup_steps >= 0), the learning rate
-  (finite, > 0), optimizer.b1 / b2 / momentum in [0, 1), optimizer.eps >= 0, the loss target,
+  (finite, > 0), optimizer.b1 / b2 / momentum in [0, 1), optimizer.eps >= 0, the local-SGD
+  fields (sync_every >= 1, outer_lr > 0, outer_momentum in [0, 1), weight_decay >= 0,
+  feedback_decay in (0, 1]), the loss target,
   the names of optimizer.feedback / wire / predictor, the annealing fields, and the mesh
   section (shape of positive sizes whose product is num_workers; simulate "" or "vmap").
 

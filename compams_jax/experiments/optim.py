@@ -135,6 +135,67 @@ def _onebit_adam_phases(optimizer: Optimizer, section, place):
   return [(int(_value(optimizer, section, "warmup_steps")), _dense_mean(place))], compressed
 
 
+_ADAMW = inspect.signature(optax.adamw).parameters
+_DILOCO = inspect.signature(cj.diloco).parameters
+
+
+def diloco_adamw(
+  learning_rate: float,
+  compressor: Any = None,
+  *,
+  axis_name: str | None,
+  dense_axis_name: str | None = None,
+  sync_every: int = 30,
+  outer_lr: float = 0.7,
+  outer_momentum: float = 0.9,
+  b1: float = _ADAMW["b1"].default,
+  b2: float = _ADAMW["b2"].default,
+  eps: float = _ADAMW["eps"].default,
+  weight_decay: float = _ADAMW["weight_decay"].default,
+  feedback: str = _DILOCO["feedback"].default,
+  feedback_decay: float = _DILOCO["feedback_decay"].default,
+  wire: Any = _DILOCO["wire"].default,
+  seed: int = _DILOCO["seed"].default,
+  stacked: Any = None,
+) -> optax.GradientTransformation:
+  """`cj.diloco` with an AdamW inner optimizer and a Nesterov SGD outer one, from flat
+  hyperparameters (an `optimizer` config section's fields).
+
+  Args:
+    learning_rate: the inner AdamW's learning rate.
+    compressor: compresses the pseudo-gradient at a sync; None or `identity()` sends it dense
+      (DiLoCo); a lossy one with error feedback is SparseLoCo.
+    axis_name: the worker axis.
+    dense_axis_name: a fast axis averaged densely every inner step (hierarchical meshes).
+    sync_every: H, inner steps between synchronizations.
+    outer_lr: the outer SGD's learning rate.
+    outer_momentum: its Nesterov momentum; 0 is plain SGD. With `outer_lr` at its default,
+      0.7 and 0.9 are `cj.diloco`'s default outer optimizer (DiLoCo's).
+    b1, b2, eps, weight_decay: the inner `optax.adamw`'s (defaults: optax's).
+    feedback, feedback_decay, wire, seed, stacked: `cj.diloco`'s (defaults: its own).
+
+  Returns:
+    The `optax.GradientTransformation` (a `cj.diloco`; its state holds θ).
+  """
+  inner = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+  momentum = float(outer_momentum)
+  outer = optax.sgd(outer_lr, momentum=momentum or None, nesterov=bool(momentum))
+  dense = compressor is None or compressor == cj.compressors.identity()
+  return cj.diloco(
+    inner,
+    sync_every=sync_every,
+    outer=outer,
+    compressor=None if dense else compressor,
+    feedback=feedback,
+    feedback_decay=feedback_decay,
+    axis_name=axis_name,
+    dense_axis_name=dense_axis_name,
+    wire=wire,
+    seed=seed,
+    stacked=stacked,
+  )
+
+
 _ADAM = {"b1": "b1", "b2": "b2"}
 REGISTRY: dict[str, Optimizer] = {
   # Full precision: the identity compressor's payload is the dense gradient (one psum).
@@ -168,6 +229,23 @@ REGISTRY: dict[str, Optimizer] = {
       "seed": "seed",
       "predictor": "predictive",
       "error_feedback": "feedback",
+      "wire": "wire",
+    },
+  ),
+  # Local SGD: H AdamW steps per worker on its own parameters, then an outer step on the
+  # averaged pseudo-gradient (dense: DiLoCo; compressed with error feedback: SparseLoCo).
+  "diloco": Optimizer(
+    diloco_adamw,
+    {
+      **_ADAM,
+      "eps": "eps",
+      "weight_decay": "weight_decay",
+      "sync_every": "sync_every",
+      "outer_lr": "outer_lr",
+      "outer_momentum": "outer_momentum",
+      "feedback": "feedback",
+      "feedback_decay": "feedback_decay",
+      "seed": "seed",
       "wire": "wire",
     },
   ),
@@ -222,28 +300,50 @@ def _build(
   )
 
 
-def _lookup(opt: Mapping[str, Any], axis_name, dense_axis_name):
+def _lookup(opt: Mapping[str, Any], axis_name, dense_axis_name, stacked=None):
   section = _section(opt)
   name = section["name"]
   if name not in REGISTRY:
     raise ValueError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}.")
   optimizer = REGISTRY[name]
-  return optimizer, section, _place(name, optimizer, axis_name, dense_axis_name)
+  place = _place(name, optimizer, axis_name, dense_axis_name)
+  if stacked is not None:
+    if "stacked" not in inspect.signature(optimizer.factory).parameters:
+      raise ValueError(f"{name} does not compress stacked layers per layer (stacked=).")
+    place["stacked"] = stacked
+  return optimizer, section, place
+
+
+def sync_every(opt: Mapping[str, Any]) -> int | None:
+  """H, the steps between a local-SGD optimizer's synchronizations (the section's
+  `sync_every`, else its factory's default); None for an optimizer without one."""
+  section = _section(opt)
+  optimizer = REGISTRY.get(section["name"])
+  if optimizer is None or "sync_every" not in optimizer.arguments:
+    return None
+  return int(_value(optimizer, section, "sync_every"))
 
 
 def build_optimizer(
-  opt: Mapping[str, Any], *, axis_name: str | None, dense_axis_name: str | None = None
+  opt: Mapping[str, Any],
+  *,
+  axis_name: str | None,
+  dense_axis_name: str | None = None,
+  stacked: Any = None,
 ) -> optax.GradientTransformation:
   """Builds the optimizer that an `optimizer` config section describes (see `REGISTRY`).
 
   Args:
-    opt: a mapping with `name` ("amsgrad", "comp_ams", "momentum_sgd", "onebit_adam" or
-      "qadam"), `learning_rate`, `compressor` and `compressor_kwargs` (see
+    opt: a mapping with `name` ("amsgrad", "comp_ams", "momentum_sgd", "onebit_adam", "qadam"
+      or "diloco"), `learning_rate`, `compressor` and `compressor_kwargs` (see
       `cj.compressors.get`), and the optimizer's own fields (`b1`, `b2`, `eps`, `momentum`,
-      `feedback`, `error_feedback`, `predictor`, `seed`, `warmup_steps`, `wire`, ...); fields
-      missing or None take the library factory's default.
+      `feedback`, `error_feedback`, `predictor`, `seed`, `warmup_steps`, `wire`,
+      `sync_every`, `outer_lr`, ...); fields missing or None take the library factory's
+      default.
     axis_name: the data-parallel axis.
     dense_axis_name: a fast axis averaged densely before compression (hierarchical meshes).
+    stacked: which parameter leaves stack layers along axis 0, compressed per layer (see
+      `cj.error_feedback`); None: none.
 
   Returns:
     The `optax.GradientTransformation`.
@@ -253,7 +353,7 @@ def build_optimizer(
     >>> tx = build_optimizer(dict(name="comp_ams", learning_rate=1e-3, compressor="top_k",
     ...                           compressor_kwargs={"ratio": 0.01}), axis_name=None)
   """
-  optimizer, section, place = _lookup(opt, axis_name, dense_axis_name)
+  optimizer, section, place = _lookup(opt, axis_name, dense_axis_name, stacked)
   return _build(optimizer, section, place)
 
 

@@ -193,8 +193,9 @@ def _truncate_metrics(path: pathlib.Path, step: int) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class TrainState:
-  """What a checkpoint holds: the parameters, the full optimizer state (every worker's
-  residuals), the step (the data position: batches and dropout keys derive from seed and step)
+  """What a checkpoint holds: the parameters (for a local-SGD optimizer every worker's own,
+  behind a leading worker axis), the full optimizer state (every worker's residuals; for local
+  SGD also θ, the inner optimizers' states and the position in the period), the step (the data position: batches and dropout keys derive from seed and step)
   and the epoch's running metrics."""
 
   params: Any
@@ -209,6 +210,18 @@ class TrainState:
       "step": self.step,
       "meters": dataclasses.asdict(self.meters),
     }
+
+
+def model_params(state: TrainState, layout: Layout) -> Any:
+  """The model a run trains, to evaluate and to measure: θ, the synchronized parameters, for a
+  local-SGD optimizer (`cj.diloco`: between syncs every worker trains its own copy, and
+  `state.params` carries a leading worker axis), else `state.params`."""
+  theta = cj.synchronized_params(state.opt_state)
+  if theta is None:
+    return state.params
+  if layout.simulated:  # the vmap layout: every optimizer-state leaf has the worker axis
+    return jax.tree.map(lambda x: x[0], theta)
+  return theta
 
 
 def _load_data(config):
@@ -327,7 +340,9 @@ def _communication(config, tx, step, state: TrainState, batch0, layout: Layout):
   transforms (`cj.wire_bytes`).
 
   An optimizer that sends the same every step sends the HLO's bytes (on a 1-D device mesh) or
-  `cj.wire_bytes` of its transform. One whose compiled step holds several phases (a warm-up,
+  `cj.wire_bytes` of its transform. A local-SGD optimizer (`cj.diloco`, found by the θ in its
+  state) sends those bytes once per sync, after every `sync_every`-th step; its bytes per step
+  are their per-step equivalent, bytes per sync / `sync_every`. One whose compiled step holds several phases (a warm-up,
   annealed stages) sends each phase's bytes during its steps: `optim.phases` gives a transform
   per phase, and together they must account for every byte of the optimizer's transform. On a
   hierarchical mesh the HLO also holds the dense collectives of the fast axis; the bytes "sent"
@@ -337,11 +352,12 @@ def _communication(config, tx, step, state: TrainState, batch0, layout: Layout):
   key0 = jax.random.key(0)
   hlo = cj.collective_bytes(step.lower(state.params, state.opt_state, batch0, key0).compile())
   sizes = dict(zip(layout.axes, layout.sizes))
+  model = model_params(state, layout)
 
-  def measure(transform):  # bytes per step of a transform on this run's layout
+  def measure(transform):  # bytes per step (per sync, local SGD) of a transform on this layout
     return cj.wire_bytes(
       transform,
-      state.params,
+      model,
       num_workers=sizes[layout.axis_name],
       dense_workers=sizes.get(layout.dense_axis_name, 1),
     )
@@ -362,12 +378,25 @@ def _communication(config, tx, step, state: TrainState, batch0, layout: Layout):
   else:
     per_phase = []
     steady = hlo.total if (layout.dense_axis_name is None and not layout.simulated) else static
-  dense = 4 * count_params(state.params)
-  return optim.bytes_sent_by_step(per_phase, steady), {
+  sent_after = optim.bytes_sent_by_step(per_phase, steady)
+  sync_every = per_sync = None
+  if cj.synchronized_params(state.opt_state) is not None:  # local SGD: bytes once per sync
+    sync_every = optim.sync_every(config.optimizer)
+    if sync_every is None or per_phase:
+      raise RuntimeError(
+        f"{config.optimizer.name} trains per-worker parameters (local SGD) but the experiments' "
+        "registry gives it no sync_every (or several phases); see compams_jax/experiments/optim.py."
+      )
+    per_sync, steady = steady, steady / sync_every
+    sent_after = lambda done: (done // sync_every) * per_sync
+  dense = 4 * count_params(model)
+  return sent_after, {
     "bytes_per_step_hlo": hlo.total,
     "bytes_per_step_static": static,
     "dense_f32_bytes": dense,
     "bytes_per_step_steady": steady,
+    "sync_every": sync_every,
+    "bytes_per_sync": per_sync,
     "compression_ratio": dense / steady if steady else float("inf"),
     "collectives": hlo.by_op,
   }
@@ -380,7 +409,7 @@ class Setup(NamedTuple):
   dataset: Any
   state: TrainState  # The initial state.
   train_step: Callable  # The `cj.data_parallel_step`.
-  evaluate: Callable  # params -> (test loss, test accuracy)
+  evaluate: Callable  # params -> (test loss, test accuracy); called on `model_params`
   batch: Callable  # step -> {"x", "y"}
   dropout_key: jax.Array
   per_epoch: int
@@ -429,7 +458,8 @@ def restore_train_state(ckpt, step: int, like: TrainState, saved_workers: int, s
   """The `TrainState` checkpointed at `step`, laid out like `like`.
 
   A checkpoint of another worker count (elastic resume) is restored replicated and resized by
-  `cj.sharding.resize_workers` (error residuals redistributed with their sum preserved).
+  `cj.sharding.resize_workers` (error residuals redistributed with their sum preserved); a
+  local-SGD run's (per-worker parameters and inner optimizer states) is refused.
   """
   layout = setup.layout
   n = layout.num_workers
@@ -437,6 +467,13 @@ def restore_train_state(ckpt, step: int, like: TrainState, saved_workers: int, s
     restored = ckpt.restore(step, like.checkpoint_item())
     opt_state = restored["opt_state"]
   else:
+    if cj.synchronized_params(like.opt_state) is not None:
+      raise checkpoints.CheckpointError(
+        f"cannot resume the checkpoint of {saved_workers} workers in {ckpt.directory} on "
+        f"{n} workers: elastic resume (another num_workers) is not supported for local-SGD "
+        "optimizers (diloco): each worker's own parameters and inner optimizer state have no "
+        f"sum to preserve. Resume with num_workers={saved_workers} (nothing was overwritten)."
+      )
     if layout.simulated:
       raise checkpoints.CheckpointError(
         "an elastic resume (another num_workers) needs a device mesh, not mesh.simulate=vmap."
@@ -468,7 +505,7 @@ def _resume_or_start(ckpt, setup: Setup, config, workdir, resume, saved_meta, mu
   """The state to train from: the initial one, or with `resume` the latest checkpoint's.
   Process 0 (`lead`) empties metrics.jsonl (or cuts it back to the resumed step) and writes
   run_meta.json and config.json."""
-  meta = _meta(config, setup.state.params)
+  meta = _meta(config, model_params(setup.state, setup.layout))
   latest = ckpt.latest_step()
   if latest is not None and not resume:
     raise checkpoints.CheckpointError(
@@ -623,7 +660,7 @@ def _fit(setup: Setup, state: TrainState, end: int, config, ckpt, log, progress,
         bits_sent=sent,
       )
     if done % per_epoch == 0:
-      test = setup.evaluate(state.params)
+      test = setup.evaluate(model_params(state, setup.layout))
       state = _end_epoch(state, done // per_epoch, test, sent, log, progress)
     log.flush()
     if done % ckpt_every == 0 or done == end:
@@ -643,7 +680,7 @@ def _summary(config, setup: Setup, state: TrainState, steps: int, test, stop, t0
     "total_steps": setup.total_steps,
     "epochs_done": steps / setup.per_epoch,
     "num_workers": int(config.num_workers),
-    "num_params": count_params(state.params),
+    "num_params": count_params(model_params(state, setup.layout)),
     "train_examples": len(setup.dataset.y_train),
     "test_examples": len(setup.dataset.y_test),
     "test_loss": test[0],
@@ -697,12 +734,15 @@ def train(
     progress: show a progress bar.
     elastic: allow resuming a checkpoint made with a different `num_workers`: the error
       residuals are redistributed with their sum preserved (`cj.sharding.resize_workers`;
-      state without such an invariant is refused). The step count carries on; the data order
+      state without such an invariant is refused, and so is a local-SGD run: its per-worker
+      parameters and inner optimizer states). The step count carries on; the data order
       from then on is that of the new worker count.
 
   Returns:
     A `RunResult`: the summary (also written to `summary.json`), final params and optimizer
-    state (global view: per-worker leaves stacked along their leading axis).
+    state (global view: per-worker leaves stacked along their leading axis; for local SGD the
+    params are every worker's own, and `cj.synchronized_params(opt_state)` is the model
+    evaluated).
   """
   config_lib.validate(config)  # Impossible values are refused before any setup.
   workdir = pathlib.Path(workdir)
@@ -730,7 +770,7 @@ def train(
       state, end, test = _fit(setup, state, end, config, ckpt, log, shown, stop)
     shown.close()
     if math.isnan(test[1]) or (stop.reached is not None and end % setup.per_epoch):
-      test = setup.evaluate(state.params)
+      test = setup.evaluate(model_params(state, setup.layout))
   finally:
     ckpt.close()
   summary = _summary(config, setup, state, end, test, stop, t0)
