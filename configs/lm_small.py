@@ -25,6 +25,7 @@ def get_config(variant: str = ""):
   c.eval_sequences = 256
   c.learning_rate = 2e-3
   c.top_k_ratio = 0.01
+  c.sync_every = 30  # local SGD (methods "diloco"): inner steps between synchronizations
   c.methods = ("amsgrad", "comp_ams_top_k", "comp_ams_block_sign")
   if variant == "smoke":
     c.max_files = 40
