@@ -62,6 +62,10 @@ def _assert_same_updates(a, b):
       dict(name="momentum_sgd", compressor="top_k", compressor_kwargs={"ratio": 0.25}),
       lambda: cj.compressed_momentum_sgd(0.1, cj.compressors.top_k(0.25), predictive=False),
     ),
+    (  # AdamW inside with optax's defaults, cj.diloco's own (Nesterov) outer optimizer
+      dict(name="diloco", compressor="identity", compressor_kwargs={}, sync_every=2),
+      lambda: cj.diloco(optax.adamw(0.1), sync_every=2, axis_name=None),
+    ),
   ],
   ids=lambda v: v["name"] if isinstance(v, dict) else "",
 )
@@ -192,3 +196,49 @@ def test_a_hierarchical_mesh_needs_a_factory_that_takes_a_dense_axis():
     else:
       with pytest.raises(ValueError, match="does not support a hierarchical mesh"):
         optim.build_optimizer(section, axis_name="dcn", dense_axis_name="ici")
+
+
+def test_diloco_fields_reach_their_arguments():
+  """SparseLoCo's machinery from a section: a compressor with decayed error feedback, plain
+  outer SGD (momentum 0), the inner AdamW's weight decay; checked against the library."""
+  section = dict(
+    name="diloco",
+    learning_rate=0.1,
+    compressor="top_k",
+    compressor_kwargs={"ratio": 0.25},
+    sync_every=2,
+    feedback_decay=0.95,
+    outer_lr=0.6,
+    outer_momentum=0.0,
+    weight_decay=0.05,
+    b1=0.8,
+  )
+  library = cj.diloco(
+    optax.adamw(0.1, b1=0.8, weight_decay=0.05),
+    sync_every=2,
+    outer=optax.sgd(0.6),
+    compressor=cj.compressors.top_k(0.25),
+    feedback_decay=0.95,
+    axis_name=None,
+  )
+  _assert_same_updates(optim.build_optimizer(section, axis_name=None), library)
+  # Nesterov momentum of the outer step when it is not 0.
+  nesterov = {**section, "compressor": "identity", "compressor_kwargs": {}, "outer_momentum": 0.5}
+  del nesterov["feedback_decay"]
+  reference = cj.diloco(
+    optax.adamw(0.1, b1=0.8, weight_decay=0.05),
+    sync_every=2,
+    outer=optax.sgd(0.6, momentum=0.5, nesterov=True),
+    axis_name=None,
+  )
+  _assert_same_updates(optim.build_optimizer(nesterov, axis_name=None), reference)
+  # What a worker sends per sync: the compressed pseudo-gradient and a 4-byte finiteness flag.
+  tx = optim.build_optimizer(section, axis_name="data")
+  assert cj.wire_bytes(tx, PARAMS) == _top_k_bytes(0.25) + 4
+
+
+def test_sync_every_is_the_sections_or_the_factorys_default():
+  default = inspect.signature(optim.diloco_adamw).parameters["sync_every"].default
+  assert optim.sync_every(dict(name="diloco")) == default
+  assert optim.sync_every(dict(name="diloco", sync_every=7)) == 7
+  assert optim.sync_every(dict(name="comp_ams", sync_every=7)) is None

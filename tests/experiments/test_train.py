@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+import compams_jax as cj
 from compams_jax.experiments import checkpoints, cli, train
 from compams_jax.experiments import config as config_lib
 
@@ -295,3 +296,92 @@ def test_target_window_longer_than_the_run_is_refused(tmp_path):
     train.train(
       _digits("target_train_loss=0.5", "target_loss_window=100000"), tmp_path, progress=False
     )
+
+
+# Local SGD (the diloco preset): 2 epochs = 22 steps, a sync every 4; the stopped run stops at
+# step 5, one step into the second period, and the straight run ends at 22, two steps into the
+# sixth.
+DILOCO = ("epochs=2", "optimizer.sync_every=4", "checkpoint_every=1000")
+
+
+@pytest.fixture(scope="module")
+def _diloco_runs(tmp_path_factory):
+  """An uninterrupted diloco run and one stopped (with its checkpoint) mid-period at step 5."""
+  base = tmp_path_factory.mktemp("diloco")
+  cfg = _digits(*DILOCO, variant="diloco")
+  straight = train.train(cfg, base / "straight", progress=False)
+  train.train(cfg, base / "stopped", progress=False, stop_after=5)
+  return base, straight
+
+
+def _accuracy(params, dataset):
+  from compams_jax.experiments.models import create_model
+
+  model = create_model("mnist_cnn", dataset.num_classes)
+  logits = model.apply({"params": params}, dataset.x_test, train=False)
+  return float(np.mean(np.argmax(np.asarray(logits), -1) == dataset.y_test))
+
+
+def test_diloco_learns_is_evaluated_on_theta_and_reports_bytes_per_sync(_diloco_runs):
+  from compams_jax.experiments.data import load_dataset
+  from compams_jax.experiments.models import count_params
+
+  base, straight = _diloco_runs
+  s = straight.summary
+  evals = [
+    json.loads(l)
+    for l in (base / "straight" / "metrics.jsonl").read_text().splitlines()
+    if '"eval"' in l
+  ]
+  assert [e["step"] for e in evals] == [11, 22]
+  assert evals[1]["train_loss"] < evals[0]["train_loss"] < np.log(10)
+  assert evals[1]["test_loss"] < evals[0]["test_loss"]
+  assert s["test_accuracy"] > 0.3  # chance: 0.1
+  # Every worker its own params; step 22 is 2 steps after a sync: they differ from θ.
+  theta = cj.synchronized_params(straight.opt_state)
+  w, t = np.asarray(jax.tree.leaves(straight.params)[-1]), jax.tree.leaves(theta)[-1]
+  assert w.shape == (8, *t.shape)
+  assert not np.array_equal(w[0], w[1]) and not np.array_equal(w[0], t)
+  # The test accuracy is θ's (recomputed here), not a worker's.
+  dataset = load_dataset("digits")
+  assert abs(_accuracy(theta, dataset) - s["test_accuracy"]) < 1e-6
+  assert s["num_params"] == count_params(theta)
+  # Bytes: the dense pseudo-gradient (f32 per parameter) and a 4-byte finiteness flag, once per
+  # sync; the compiled step's collectives (in its sync branch) agree.
+  per_sync = 4 * count_params(theta) + 4
+  assert s["bytes_per_sync"] == s["bytes_per_step_hlo"] == s["bytes_per_step_static"] == per_sync
+  assert s["sync_every"] == 4 and s["bytes_per_step_steady"] == per_sync / 4
+  assert [e["bits_sent"] for e in evals] == [8 * per_sync * 2, 8 * per_sync * 5]
+  table = cli._format_table([s])
+  head, _, row = table.splitlines()[:3]
+  assert "bytes/step" in head and "bytes/sync" in head
+  per_step = f"{per_sync // 4:,d}" if per_sync % 4 == 0 else f"{per_sync / 4:,.1f}"
+  assert f" {per_sync:,d} " in row and f" {per_step} " in row
+  assert "diloco H=4" in table
+
+
+def test_diloco_resume_mid_period_is_bit_identical(_diloco_runs, tmp_path):
+  base, straight = _diloco_runs
+  shutil.copytree(base / "stopped", tmp_path, dirs_exist_ok=True)
+  stopped = np.load(tmp_path / "final_state.npz")
+  w = stopped[next(k for k in stopped.files if k.startswith("params"))]
+  assert w.shape[0] == 8 and not np.array_equal(w[0], w[1])  # mid-period: the workers differ
+  resumed = train.train(_digits(*DILOCO, variant="diloco"), tmp_path, resume=True, progress=False)
+  assert resumed.summary["finished"] and resumed.summary["steps"] == 22
+  # Per-worker params, θ, the inner AdamW states, the outer momentum and the step count.
+  _assert_trees_equal(straight.params, resumed.params)
+  _assert_trees_equal(straight.opt_state, resumed.opt_state)
+  assert (base / "straight" / "metrics.jsonl").read_text() == (
+    tmp_path / "metrics.jsonl"
+  ).read_text()
+
+
+def test_diloco_elastic_resume_is_refused(_diloco_runs, tmp_path):
+  base, _ = _diloco_runs
+  shutil.copytree(base / "stopped", tmp_path, dirs_exist_ok=True)
+  before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+  cfg = _digits(*DILOCO, "num_workers=4", variant="diloco")
+  with pytest.raises(checkpoints.CheckpointError, match="not supported for local-SGD") as e:
+    train.train(cfg, tmp_path, resume=True, progress=False, elastic=True)
+  assert "num_workers=8" in str(e.value)
+  assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
