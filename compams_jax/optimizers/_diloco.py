@@ -15,7 +15,7 @@ from compams_jax.compressors import Compressor, identity
 from compams_jax.optimizers._communicate import communicate
 from compams_jax.predictors import Predictor
 from compams_jax.transforms import skip_nonfinite
-from compams_jax.wire import Wire, mean_over
+from compams_jax.wire import Wire, all_of_worker, mean_over
 
 DILOCO_FEEDBACKS = ("ef", "none")
 
@@ -174,7 +174,10 @@ def diloco(
     stacked=stacked,
     **extra,
   )
-  sync_tx = skip_nonfinite(optax.chain(exchange, outer), axis_name=axis_name)
+  # Every device agrees on the skip: with a dense axis, each device holds its own copy of its
+  # slice's model (equal in value, device-varying in type).
+  every = axis_name if dense_axis_name is None else (axis_name, dense_axis_name)
+  sync_tx = skip_nonfinite(optax.chain(exchange, outer), axis_name=every)
 
   def init_fn(params):
     inner_state = jax.tree.map(lambda x: jnp.asarray(x)[None], inner.init(params))
@@ -200,7 +203,7 @@ def diloco(
       step, sync_state = sync_tx.update(pseudo_gradient, sync_state, theta)
       new_theta = optax.apply_updates(theta, step)
       # A worker whose inner state is no longer finite restarts it from θ.
-      keep = _all_finite(inner_state)
+      keep = all_of_worker(_all_finite(inner_state), every)
       restart = inner.init(new_theta)
       inner_state = jax.tree.map(lambda o, r: jnp.where(keep, o, r), inner_state, restart)
       updates = jax.tree.map(lambda t, p: t - p, new_theta, params)
