@@ -273,3 +273,25 @@ def test_slices_match_numpy_reference(layout):
   np.testing.assert_allclose(state.params.value["w"], theta, rtol=2e-4, atol=2e-5)
   rows = np.asarray(params["w"]).reshape(n, -1, D)[:, 0]
   np.testing.assert_allclose(rows, np.stack(local), rtol=2e-4, atol=2e-5)
+
+
+def test_agreement_check_counts_workers_whose_params_differ(n_devices, mesh):
+  kwargs = dict(sync_every=2, axis_name="data", check_agreement=True)
+  kwargs["compressor"] = cj.compressors.top_k(0.25)
+  tx = cj.diloco(optax.adam(INNER_LR), **kwargs)
+  batch = _data(n_devices)
+  step = _step(tx, "shard_map", n_devices, mesh)
+  params, state = step.init({"w": jnp.zeros(D)})
+  for _ in range(4):
+    params, state, _ = step(params, state, batch)
+  assert int(state.disagreements) == 0
+  # Simulated workers keep a copy of replicated state each: corrupt worker 3's θ.
+  step = _step(tx, "vmap", n_devices, mesh)
+  params, state = step.init({"w": jnp.zeros(D)})
+  theta = state.params.value["w"].at[3].add(1.0)
+  state = state._replace(
+    params=state.params.__class__(value={"w": theta}, fresh=state.params.fresh)
+  )
+  for _ in range(2):
+    params, state, _ = step(params, state, batch)
+  assert np.all(np.asarray(state.disagreements) == 1)

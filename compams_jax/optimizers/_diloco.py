@@ -15,7 +15,7 @@ from compams_jax.compressors import Compressor, identity
 from compams_jax.optimizers._communicate import communicate
 from compams_jax.predictors import Predictor
 from compams_jax.transforms import skip_nonfinite
-from compams_jax.wire import Wire, all_of_worker, mean_over
+from compams_jax.wire import Wire, agree, all_of_worker, mean_over
 
 DILOCO_FEEDBACKS = ("ef", "none")
 
@@ -32,12 +32,32 @@ class DiLoCoState(NamedTuple):
     params: θ, the synchronized parameters (replicated; `GlobalParams`).
     sync_state: the state of the exchange and the outer optimizer (`SkipNonFiniteState` of
       `optax.chain(averaging, outer)`): residuals per worker, outer momentum replicated.
+    disagreements: syncs after which the workers' θ differed (`check_agreement=True`; else 0).
   """
 
   count: jax.Array
   inner_state: PerWorker
   params: GlobalParams
   sync_state: Any
+  disagreements: jax.Array
+
+
+def fingerprint(tree: Any) -> jax.Array:
+  """A position-sensitive uint32 checksum of a pytree's bits (wrapping arithmetic)."""
+  total = jnp.zeros([], jnp.uint32)
+  for i, x in enumerate(jax.tree.leaves(tree)):
+    x = jnp.ravel(x)
+    if x.dtype.itemsize == 4:
+      bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    elif x.dtype.itemsize == 2:
+      bits = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+    else:
+      bits = x.astype(jnp.uint32)
+    weights = (jnp.arange(x.size, dtype=jnp.uint32) % jnp.uint32(65521)) * 2 + jnp.uint32(1)
+    total = (
+      total * jnp.uint32(16777619) + jnp.uint32(i + 1) + jnp.sum(bits * weights, dtype=jnp.uint32)
+    )
+  return total
 
 
 def _all_finite(tree: Any) -> jax.Array:
@@ -61,6 +81,7 @@ def diloco(
   predictor: Predictor | None = None,
   seed: int = 0,
   stacked: Any = None,
+  check_agreement: bool = False,
 ) -> optax.GradientTransformation:
   """DiLoCo: H local steps of `inner` per worker, then an outer step on the averaged
   pseudo-gradient; with a compressor and error feedback it is SparseLoCo.
@@ -110,6 +131,9 @@ def diloco(
       `cj.predictors.least_squares()`; needs a compressor.
     seed: seeds randomized compressors (keys derived per sync).
     stacked: which leaves stack layers along axis 0 (see `cj.error_feedback`).
+    check_agreement: after every sync, compare a checksum of θ across workers (two 4-byte
+      collectives) and count the syncs after which they differed in `disagreements` (they
+      never should: every worker decodes the same payloads in the same order).
 
   Returns:
     An `optax.GradientTransformation` whose state is a `DiLoCoState`. Its `update` needs
@@ -186,6 +210,7 @@ def diloco(
       inner_state=PerWorker(inner_state, what="DiLoCo inner optimizer state", params_like=False),
       params=GlobalParams(jax.tree.map(jnp.array, params), jnp.zeros([], jnp.bool_)),
       sync_state=sync_tx.init(params),
+      disagreements=jnp.zeros([], jnp.int32),
     )
 
   def update_fn(grads, state, params=None):
@@ -207,13 +232,16 @@ def diloco(
       restart = inner.init(new_theta)
       inner_state = jax.tree.map(lambda o, r: jnp.where(keep, o, r), inner_state, restart)
       updates = jax.tree.map(lambda t, p: t - p, new_theta, params)
-      return updates, inner_state, sync_state, new_theta
+      differ = jnp.zeros([], jnp.bool_)
+      if check_agreement:
+        differ = ~agree(fingerprint(new_theta), axis_name)
+      return updates, inner_state, sync_state, new_theta, differ
 
     def carry_on(inner_state, sync_state):
-      return inner_updates, inner_state, sync_state, theta
+      return inner_updates, inner_state, sync_state, theta, jnp.zeros([], jnp.bool_)
 
     synced = count % sync_every == 0
-    updates, inner_state, sync_state, theta = jax.lax.cond(
+    updates, inner_state, sync_state, theta, differ = jax.lax.cond(
       synced, sync, carry_on, inner_state, state.sync_state
     )
     return updates, DiLoCoState(
@@ -221,6 +249,7 @@ def diloco(
       inner_state=restore(strip(state.inner_state).replace(inner_state)),
       params=GlobalParams(theta, synced),
       sync_state=sync_state,
+      disagreements=state.disagreements + differ.astype(jnp.int32),
     )
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -46,3 +46,13 @@ def all_of_worker(flag: jax.Array, worker_axes: AxisName | None) -> jax.Array:
   if not inside:
     return flag
   return jax.lax.pmin(flag.astype(jnp.int32), inside) > 0
+
+
+def agree(value: jax.Array, axis_name: AxisName | None) -> jax.Array:
+  """True iff `value` (a small integer, e.g. a fingerprint) is the same on every worker, and on
+  every device of each worker (two small collectives: a pmin and a pmax)."""
+  if axis_name is None:
+    return jnp.ones([], jnp.bool_)
+  num_workers(axis_name)
+  same = jax.lax.pmin(value, axis_name) == jax.lax.pmax(value, axis_name)
+  return all_of_worker(same, axis_name)
