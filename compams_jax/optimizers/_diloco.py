@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from compams_jax._src.axis import _names, varying_axes
 from compams_jax._src.validate import check_axis_name
 from compams_jax._src.workers import GlobalParams, PerWorker, restore, strip
 from compams_jax.compressors import Compressor, identity
@@ -40,6 +41,17 @@ class DiLoCoState(NamedTuple):
   params: GlobalParams
   sync_state: Any
   disagreements: jax.Array
+
+
+def _like(tree: Any, like: Any) -> Any:
+  """`tree` typed as `like` (dtype, and device variance inside shard_map)."""
+
+  def cast(x, y):
+    x = jnp.asarray(x, y.dtype)
+    missing = tuple(sorted(varying_axes(y) - varying_axes(x)))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+  return jax.tree.map(cast, tree, like)
 
 
 def fingerprint(tree: Any) -> jax.Array:
@@ -219,31 +231,40 @@ def diloco(
     if dense_axis_name is not None:
       grads = mean_over(grads, dense_axis_name)  # the fast links: one model per slice
     inner_updates, inner_state = inner.update(grads, strip(state.inner_state).value, params)
-    local = optax.apply_updates(params, inner_updates)
     count = optax.safe_increment(state.count)
     theta = state.params.value
 
-    def sync(inner_state, sync_state):
+    # The inner state stays out of the conditional (only this worker's finiteness flag goes in),
+    # and the inner state and the updates are selected after it, elementwise and in place.
+    finite = _all_finite(inner_state)
+
+    def sync(sync_state):
+      local = optax.apply_updates(params, inner_updates)
       pseudo_gradient = jax.tree.map(lambda t, x: t - x, theta, local)
       step, sync_state = sync_tx.update(pseudo_gradient, sync_state, theta)
       new_theta = optax.apply_updates(theta, step)
       # A worker whose inner state is no longer finite restarts it from θ.
-      keep = all_of_worker(_all_finite(inner_state), every)
-      restart = inner.init(new_theta)
-      inner_state = jax.tree.map(lambda o, r: jnp.where(keep, o, r), inner_state, restart)
-      updates = jax.tree.map(lambda t, p: t - p, new_theta, params)
+      restart = ~all_of_worker(finite, every)
       differ = jnp.zeros([], jnp.bool_)
       if check_agreement:
         differ = ~agree(fingerprint(new_theta), axis_name)
-      return updates, inner_state, sync_state, new_theta, differ
+      return sync_state, new_theta, restart, differ
 
-    def carry_on(inner_state, sync_state):
-      return inner_updates, inner_state, sync_state, theta, jnp.zeros([], jnp.bool_)
+    def carry_on(sync_state):
+      # False, typed as the sync branch's flag: varying over the worker axes it varies along.
+      axes = varying_axes(finite) & set(_names(every))
+      no = jnp.zeros([], jnp.bool_)
+      no = jax.lax.pcast(no, tuple(sorted(axes)), to="varying") if axes else no
+      return sync_state, theta, no, jnp.zeros([], jnp.bool_)
 
     synced = count % sync_every == 0
-    updates, inner_state, sync_state, theta, differ = jax.lax.cond(
-      synced, sync, carry_on, inner_state, state.sync_state
+    sync_state, new_theta, restart, differ = jax.lax.cond(synced, sync, carry_on, state.sync_state)
+    fresh = jax.tree.map(lambda x, y: jnp.asarray(x, y.dtype), inner.init(new_theta), inner_state)
+    inner_state = jax.tree.map(lambda r, o: jnp.where(restart, r, o), fresh, inner_state)
+    updates = jax.tree.map(
+      lambda t, p, u: jnp.where(synced, t - p, u), new_theta, params, inner_updates
     )
+    theta = new_theta
     return updates, DiLoCoState(
       count=count,
       inner_state=restore(strip(state.inner_state).replace(inner_state)),
