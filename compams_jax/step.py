@@ -272,8 +272,15 @@ class DataParallelStep:
       own = False
       if self._has_worker_axis(params):
         own = self._own_params(params, per_worker=True)
-      if own:
-        params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), params)
+      if own:  # one worker's params, placed as the parameters' specs say
+        params = jax.tree.map(
+          lambda x, s: jax.ShapeDtypeStruct(
+            x.shape[1:], x.dtype, sharding=NamedSharding(self.mesh, s)
+          ),
+          params,
+          pspecs,
+          is_leaf=lambda x: isinstance(x, P),
+        )
       sspecs = sharding.init_specs(
         self.tx, params, mesh=self.mesh, axis_name=self.axis_name, param_specs=self.param_specs
       )

@@ -153,11 +153,13 @@ def test_nothing_is_communicated_between_syncs(n_devices, mesh):
   params, state = step.init({"w": jnp.zeros(D)})
   hlo = step.lower(params, state, _data(n_devices)).compile().as_text()
   comps = _computations(hlo)
-  branches = re.findall(r"branch_computations=\{([^}]*)\}", hlo)
-  assert len(branches) == 1, branches
-  names = re.findall(r"%?([\w.\-]+)", branches[0])
-  counts = sorted(_collectives_under(comps, b) for b in names)
-  assert counts[0] == 0 and counts[1] >= 2, counts  # the finiteness flag and the payloads
+  conditionals = [
+    sorted(_collectives_under(comps, b) for b in re.findall(r"%?([\w.\-]+)", group))
+    for group in re.findall(r"branch_computations=\{([^}]*)\}", hlo)
+  ]
+  exchanging = [c for c in conditionals if c[-1] > 0]
+  # One conditional holds the exchange (the finiteness flag and the payloads) in one branch.
+  assert len(exchanging) == 1 and exchanging[0][0] == 0 and exchanging[0][1] >= 2, conditionals
   entry = next(k for k in comps if k.startswith("main"))
   outside = len(_COLLECTIVE.findall(comps[entry]))
   assert outside == 0, outside
@@ -219,3 +221,79 @@ def test_wire_bytes_are_the_compressors_per_sync():
   params = {"w": jnp.zeros(D), "b": jnp.zeros((4, 5))}
   payload = cj.compressors.tree_wire_bits(c, params) // 8
   assert cj.wire_bytes(tx, params) == payload + 4  # and the int32 finiteness flag
+
+
+def _chunk_top_k(x, k=4, ratio=0.5):
+  """Top-k of each of k contiguous chunks: the hierarchical chunks, or the FSDP shards."""
+  return np.concatenate([reference.np_top_k(c, ratio) for c in np.split(x, k)])
+
+
+@pytest.mark.parametrize("layout", ["hierarchical", "fsdp"])
+def test_slices_match_numpy_reference(layout):
+  """2 slices × 4 devices: dense_axis_name averages the inner gradient over the slice and each
+  device compresses its chunk; with FSDP each device compresses its shard of the slice's model.
+  Both are DiLoCo over 2 workers whose compressor is top-k per quarter of the vector."""
+  n, k, steps = 2, 4, 2 * H + 1
+  batch = _data(n * k)
+  tx_kwargs = dict(compressor=cj.compressors.top_k(0.5), feedback_decay=0.9)
+  if layout == "hierarchical":
+    mesh = jax.make_mesh((n, k), ("dcn", "ici"))
+    tx = cj.diloco(
+      optax.adam(INNER_LR), sync_every=H, axis_name="dcn", dense_axis_name="ici", **tx_kwargs
+    )
+    step = cj.data_parallel_step(_loss, tx, mesh=mesh, axis_name=("dcn", "ici"), donate=False)
+  else:
+    mesh = jax.make_mesh((n, k), ("dcn", "fsdp"))
+    tx = cj.diloco(optax.adam(INNER_LR), sync_every=H, axis_name="dcn", **tx_kwargs)
+
+    def loss(p, b):  # fully manual FSDP: gather the weight; each device a quarter of the loss
+      w = jax.lax.all_gather(p["w"], "fsdp", axis=0, tiled=True)
+      return _loss({"w": w}, b) / k
+
+    step = cj.data_parallel_step(
+      loss, tx, mesh=mesh, axis_name="dcn", param_specs={"w": jax.P("fsdp")}, donate=False
+    )
+  params, state = step.init({"w": jnp.zeros(D)})
+  for _ in range(steps):
+    params, state, _ = step(params, state, batch)
+
+  def slice_grad(i, theta):  # the mean gradient over slice i's rows
+    x = batch["x"][i * k * ROWS : (i + 1) * k * ROWS].astype(np.float64)
+    y = batch["y"][i * k * ROWS : (i + 1) * k * ROWS].astype(np.float64)
+    return 2 * x.T @ (x @ theta - y) / (k * ROWS)
+
+  theta, local, _ = reference.np_diloco(
+    np.zeros(D),
+    slice_grad,
+    n=n,
+    steps=steps,
+    sync_every=H,
+    inner_lr=INNER_LR,
+    compress=_chunk_top_k,
+    decay=0.9,
+  )
+  np.testing.assert_allclose(state.params.value["w"], theta, rtol=2e-4, atol=2e-5)
+  rows = np.asarray(params["w"]).reshape(n, -1, D)[:, 0]
+  np.testing.assert_allclose(rows, np.stack(local), rtol=2e-4, atol=2e-5)
+
+
+def test_agreement_check_counts_workers_whose_params_differ(n_devices, mesh):
+  kwargs = dict(sync_every=2, axis_name="data", check_agreement=True)
+  kwargs["compressor"] = cj.compressors.top_k(0.25)
+  tx = cj.diloco(optax.adam(INNER_LR), **kwargs)
+  batch = _data(n_devices)
+  step = _step(tx, "shard_map", n_devices, mesh)
+  params, state = step.init({"w": jnp.zeros(D)})
+  for _ in range(4):
+    params, state, _ = step(params, state, batch)
+  assert int(state.disagreements) == 0
+  # Simulated workers keep a copy of replicated state each: corrupt worker 3's θ.
+  step = _step(tx, "vmap", n_devices, mesh)
+  params, state = step.init({"w": jnp.zeros(D)})
+  theta = state.params.value["w"].at[3].add(1.0)
+  state = state._replace(
+    params=state.params.__class__(value={"w": theta}, fresh=state.params.fresh)
+  )
+  for _ in range(2):
+    params, state, _ = step(params, state, batch)
+  assert np.all(np.asarray(state.disagreements) == 1)

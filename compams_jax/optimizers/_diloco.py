@@ -9,13 +9,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from compams_jax._src.axis import _names, varying_axes
 from compams_jax._src.validate import check_axis_name
 from compams_jax._src.workers import GlobalParams, PerWorker, restore, strip
 from compams_jax.compressors import Compressor, identity
 from compams_jax.optimizers._communicate import communicate
 from compams_jax.predictors import Predictor
 from compams_jax.transforms import skip_nonfinite
-from compams_jax.wire import Wire, mean_over
+from compams_jax.wire import Wire, agree, all_of_worker, mean_over
 
 DILOCO_FEEDBACKS = ("ef", "none")
 
@@ -32,12 +33,43 @@ class DiLoCoState(NamedTuple):
     params: θ, the synchronized parameters (replicated; `GlobalParams`).
     sync_state: the state of the exchange and the outer optimizer (`SkipNonFiniteState` of
       `optax.chain(averaging, outer)`): residuals per worker, outer momentum replicated.
+    disagreements: syncs after which the workers' θ differed (`check_agreement=True`; else 0).
   """
 
   count: jax.Array
   inner_state: PerWorker
   params: GlobalParams
   sync_state: Any
+  disagreements: jax.Array
+
+
+def _like(tree: Any, like: Any) -> Any:
+  """`tree` typed as `like` (dtype, and device variance inside shard_map)."""
+
+  def cast(x, y):
+    x = jnp.asarray(x, y.dtype)
+    missing = tuple(sorted(varying_axes(y) - varying_axes(x)))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+  return jax.tree.map(cast, tree, like)
+
+
+def fingerprint(tree: Any) -> jax.Array:
+  """A position-sensitive uint32 checksum of a pytree's bits (wrapping arithmetic)."""
+  total = jnp.zeros([], jnp.uint32)
+  for i, x in enumerate(jax.tree.leaves(tree)):
+    x = jnp.ravel(x)
+    if x.dtype.itemsize == 4:
+      bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    elif x.dtype.itemsize == 2:
+      bits = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+    else:
+      bits = x.astype(jnp.uint32)
+    weights = (jnp.arange(x.size, dtype=jnp.uint32) % jnp.uint32(65521)) * 2 + jnp.uint32(1)
+    total = (
+      total * jnp.uint32(16777619) + jnp.uint32(i + 1) + jnp.sum(bits * weights, dtype=jnp.uint32)
+    )
+  return total
 
 
 def _all_finite(tree: Any) -> jax.Array:
@@ -61,6 +93,7 @@ def diloco(
   predictor: Predictor | None = None,
   seed: int = 0,
   stacked: Any = None,
+  check_agreement: bool = False,
 ) -> optax.GradientTransformation:
   """DiLoCo: H local steps of `inner` per worker, then an outer step on the averaged
   pseudo-gradient; with a compressor and error feedback it is SparseLoCo.
@@ -110,6 +143,9 @@ def diloco(
       `cj.predictors.least_squares()`; needs a compressor.
     seed: seeds randomized compressors (keys derived per sync).
     stacked: which leaves stack layers along axis 0 (see `cj.error_feedback`).
+    check_agreement: after every sync, compare a checksum of θ across workers (two 4-byte
+      collectives) and count the syncs after which they differed in `disagreements` (they
+      never should: every worker decodes the same payloads in the same order).
 
   Returns:
     An `optax.GradientTransformation` whose state is a `DiLoCoState`. Its `update` needs
@@ -174,7 +210,10 @@ def diloco(
     stacked=stacked,
     **extra,
   )
-  sync_tx = skip_nonfinite(optax.chain(exchange, outer), axis_name=axis_name)
+  # Every device agrees on the skip: with a dense axis, each device holds its own copy of its
+  # slice's model (equal in value, device-varying in type).
+  every = axis_name if dense_axis_name is None else (axis_name, dense_axis_name)
+  sync_tx = skip_nonfinite(optax.chain(exchange, outer), axis_name=every)
 
   def init_fn(params):
     inner_state = jax.tree.map(lambda x: jnp.asarray(x)[None], inner.init(params))
@@ -183,6 +222,7 @@ def diloco(
       inner_state=PerWorker(inner_state, what="DiLoCo inner optimizer state", params_like=False),
       params=GlobalParams(jax.tree.map(jnp.array, params), jnp.zeros([], jnp.bool_)),
       sync_state=sync_tx.init(params),
+      disagreements=jnp.zeros([], jnp.int32),
     )
 
   def update_fn(grads, state, params=None):
@@ -191,33 +231,46 @@ def diloco(
     if dense_axis_name is not None:
       grads = mean_over(grads, dense_axis_name)  # the fast links: one model per slice
     inner_updates, inner_state = inner.update(grads, strip(state.inner_state).value, params)
-    local = optax.apply_updates(params, inner_updates)
     count = optax.safe_increment(state.count)
     theta = state.params.value
 
-    def sync(inner_state, sync_state):
+    # The inner state stays out of the conditional (only this worker's finiteness flag goes in),
+    # and the inner state and the updates are selected after it, elementwise and in place.
+    finite = _all_finite(inner_state)
+
+    def sync(sync_state):
+      local = optax.apply_updates(params, inner_updates)
       pseudo_gradient = jax.tree.map(lambda t, x: t - x, theta, local)
       step, sync_state = sync_tx.update(pseudo_gradient, sync_state, theta)
       new_theta = optax.apply_updates(theta, step)
       # A worker whose inner state is no longer finite restarts it from θ.
-      keep = _all_finite(inner_state)
-      restart = inner.init(new_theta)
-      inner_state = jax.tree.map(lambda o, r: jnp.where(keep, o, r), inner_state, restart)
-      updates = jax.tree.map(lambda t, p: t - p, new_theta, params)
-      return updates, inner_state, sync_state, new_theta
+      restart = ~all_of_worker(finite, every)
+      differ = jnp.zeros([], jnp.bool_)
+      if check_agreement:
+        differ = ~agree(fingerprint(new_theta), axis_name)
+      return sync_state, new_theta, restart, differ
 
-    def carry_on(inner_state, sync_state):
-      return inner_updates, inner_state, sync_state, theta
+    def carry_on(sync_state):
+      # False, typed as the sync branch's flag: varying over the worker axes it varies along.
+      axes = varying_axes(finite) & set(_names(every))
+      no = jnp.zeros([], jnp.bool_)
+      no = jax.lax.pcast(no, tuple(sorted(axes)), to="varying") if axes else no
+      return sync_state, theta, no, jnp.zeros([], jnp.bool_)
 
     synced = count % sync_every == 0
-    updates, inner_state, sync_state, theta = jax.lax.cond(
-      synced, sync, carry_on, inner_state, state.sync_state
+    sync_state, new_theta, restart, differ = jax.lax.cond(synced, sync, carry_on, state.sync_state)
+    fresh = jax.tree.map(lambda x, y: jnp.asarray(x, y.dtype), inner.init(new_theta), inner_state)
+    inner_state = jax.tree.map(lambda r, o: jnp.where(restart, r, o), fresh, inner_state)
+    updates = jax.tree.map(
+      lambda t, p, u: jnp.where(synced, t - p, u), new_theta, params, inner_updates
     )
+    theta = new_theta
     return updates, DiLoCoState(
       count=count,
       inner_state=restore(strip(state.inner_state).replace(inner_state)),
       params=GlobalParams(theta, synced),
       sync_state=sync_state,
+      disagreements=state.disagreements + differ.astype(jnp.int32),
     )
 
   return optax.GradientTransformation(init_fn, update_fn)

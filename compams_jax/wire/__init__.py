@@ -8,7 +8,13 @@ program; `collective_bytes` reads them from a compiled program's HLO.
 
 from compams_jax._src.axis import UnboundAxisError, num_workers, worker_index
 from compams_jax.wire._accounting import wire_bytes
-from compams_jax.wire._collectives import all_workers, mean_over, sum_over_workers
+from compams_jax.wire._collectives import (
+  agree,
+  all_of_worker,
+  all_workers,
+  mean_over,
+  sum_over_workers,
+)
 from compams_jax.wire._gather import Gather, gather, gather_average
 from compams_jax.wire._hierarchical import chunks_like, gather_chunks, own_chunks, scatter_mean
 from compams_jax.wire._hlo import Collective, CollectiveBytes, collective_bytes, parse_collectives
@@ -22,6 +28,8 @@ __all__ = [
   "TwoPhase",
   "UnboundAxisError",
   "Wire",
+  "agree",
+  "all_of_worker",
   "all_workers",
   "check_wire",
   "chunks_like",
