@@ -1,6 +1,7 @@
 """The experiments' optimizer registry: library defaults, fields reaching their arguments,
 annealed top-k stages, and the bytes each phase sends."""
 
+import functools
 import inspect
 
 import jax
@@ -42,6 +43,25 @@ def _assert_same_updates(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def _updates_on_axis(tx, steps=3):
+  """`_updates` of a `tx` built on axis "data", as the one worker of a `jax.vmap` over it."""
+  one = functools.partial(jax.vmap, axis_name="data", axis_size=1)
+  params = {"w": jnp.linspace(-1.0, 1.0, 16), "b": jnp.ones(3)}
+  state, out = one(tx.init, in_axes=None)(params), []
+  for t in range(steps):
+    grads = jax.tree.map(lambda p: jnp.sin(p * (t + 1)) + 0.1 * t, params)
+    updates, state = one(tx.update, in_axes=(None, 0, None))(grads, state, params)
+    updates = jax.tree.map(lambda x: x[0], updates)
+    params = optax.apply_updates(params, updates)
+    out.append(updates)
+  return out
+
+
+def _assert_same_updates_on_axis(a, b):
+  for x, y in zip(jax.tree.leaves(_updates_on_axis(a)), jax.tree.leaves(_updates_on_axis(b))):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 @pytest.mark.parametrize(
   "section, library",
   [
@@ -61,10 +81,6 @@ def _assert_same_updates(a, b):
     (
       dict(name="momentum_sgd", compressor="top_k", compressor_kwargs={"ratio": 0.25}),
       lambda: cj.compressed_momentum_sgd(0.1, cj.compressors.top_k(0.25), predictive=False),
-    ),
-    (  # AdamW inside with optax's defaults, cj.diloco's own (Nesterov) outer optimizer
-      dict(name="diloco", compressor="identity", compressor_kwargs={}, sync_every=2),
-      lambda: cj.diloco(optax.adamw(0.1), sync_every=2, axis_name=None),
     ),
   ],
   ids=lambda v: v["name"] if isinstance(v, dict) else "",
@@ -198,20 +214,25 @@ def test_a_hierarchical_mesh_needs_a_factory_that_takes_a_dense_axis():
         optim.build_optimizer(section, axis_name="dcn", dense_axis_name="ici")
 
 
-def test_diloco_fields_reach_their_arguments():
-  """SparseLoCo's machinery from a section: a compressor with decayed error feedback, plain
-  outer SGD (momentum 0), the inner AdamW's weight decay; checked against the library."""
+def test_diloco_defaults_and_fields_reach_their_arguments():
+  """Unset: AdamW with optax's defaults inside, cj.diloco's own (Nesterov) outer optimizer.
+  Set: SparseLoCo's machinery (a compressor with decayed error feedback, plain outer SGD for
+  momentum 0), Nesterov outer momentum otherwise, the inner AdamW's fields. Run on axis "data"
+  (the trainers' case), against the library."""
+  default = dict(name="diloco", learning_rate=0.1, compressor="identity", compressor_kwargs={})
+  default["sync_every"] = 2
+  _assert_same_updates_on_axis(
+    optim.build_optimizer(default, axis_name="data"),
+    cj.diloco(optax.adamw(0.1), sync_every=2, axis_name="data"),
+  )
+  inner = dict(learning_rate=0.1, b1=0.8, weight_decay=0.05, sync_every=2, outer_lr=0.6)
   section = dict(
     name="diloco",
-    learning_rate=0.1,
     compressor="top_k",
     compressor_kwargs={"ratio": 0.25},
-    sync_every=2,
     feedback_decay=0.95,
-    outer_lr=0.6,
     outer_momentum=0.0,
-    weight_decay=0.05,
-    b1=0.8,
+    **inner,
   )
   library = cj.diloco(
     optax.adamw(0.1, b1=0.8, weight_decay=0.05),
@@ -219,19 +240,18 @@ def test_diloco_fields_reach_their_arguments():
     outer=optax.sgd(0.6),
     compressor=cj.compressors.top_k(0.25),
     feedback_decay=0.95,
-    axis_name=None,
+    axis_name="data",
   )
-  _assert_same_updates(optim.build_optimizer(section, axis_name=None), library)
-  # Nesterov momentum of the outer step when it is not 0.
-  nesterov = {**section, "compressor": "identity", "compressor_kwargs": {}, "outer_momentum": 0.5}
-  del nesterov["feedback_decay"]
+  _assert_same_updates_on_axis(optim.build_optimizer(section, axis_name="data"), library)
+  nesterov = dict(name="diloco", compressor="identity", compressor_kwargs={}, **inner)
+  nesterov["outer_momentum"] = 0.5
   reference = cj.diloco(
     optax.adamw(0.1, b1=0.8, weight_decay=0.05),
     sync_every=2,
     outer=optax.sgd(0.6, momentum=0.5, nesterov=True),
-    axis_name=None,
+    axis_name="data",
   )
-  _assert_same_updates(optim.build_optimizer(nesterov, axis_name=None), reference)
+  _assert_same_updates_on_axis(optim.build_optimizer(nesterov, axis_name="data"), reference)
   # What a worker sends per sync: the compressed pseudo-gradient and a 4-byte finiteness flag.
   tx = optim.build_optimizer(section, axis_name="data")
   assert cj.wire_bytes(tx, PARAMS) == _top_k_bytes(0.25) + 4
