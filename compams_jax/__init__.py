@@ -2,8 +2,9 @@
 
 Compressors (`compams_jax.compressors`) turn gradients into compact payloads; the wire
 (`compams_jax.wire`) averages them over workers with collectives that carry those payloads;
-transforms (`error_feedback`, `compressed_mean`) are optax GradientTransformations; optimizers
-(`comp_ams`) chain them with AMSGrad.
+transforms (`error_feedback`, `compressed_mean`, `decoupled_momentum`) are optax
+GradientTransformations; optimizers chain them with optax (`comp_ams` with AMSGrad, `demo` with
+sign descent).
 
 Examples:
   >>> import optax, compams_jax as cj
@@ -16,10 +17,11 @@ from compams_jax import compressors, predictors, sharding, transforms, wire
 from compams_jax._src.workers import PerWorker
 from compams_jax.compressors import Compressor
 from compams_jax.devices import simulate_cpu_devices
-from compams_jax.optimizers import comp_ams, compressed_momentum_sgd, onebit_adam, qadam
+from compams_jax.optimizers import comp_ams, compressed_momentum_sgd, demo, onebit_adam, qadam
 from compams_jax.step import DataParallelStep, data_parallel_step
 from compams_jax.transforms import (
   CompressedMeanState,
+  DecoupledMomentumState,
   DenseWarmupState,
   ErrorFeedbackState,
   OneBitAdamState,
@@ -30,6 +32,7 @@ from compams_jax.transforms import (
   WorkerAdamState,
   WorkerMomentumState,
   compressed_mean,
+  decoupled_momentum,
   dense_warmup,
   error_feedback,
   powersgd,
@@ -48,6 +51,7 @@ __all__ = [
   "CollectiveBytes",
   "CompressedMeanState",
   "DataParallelStep",
+  "DecoupledMomentumState",
   "DenseWarmupState",
   "Compressor",
   "ErrorFeedbackState",
@@ -65,6 +69,8 @@ __all__ = [
   "compressed_momentum_sgd",
   "compressors",
   "data_parallel_step",
+  "decoupled_momentum",
+  "demo",
   "dense_warmup",
   "error_feedback",
   "onebit_adam",

@@ -2,6 +2,7 @@
 
 from compams_jax.optimizers._baselines import onebit_adam, qadam
 from compams_jax.optimizers._comp_ams import comp_ams
+from compams_jax.optimizers._demo import demo
 from compams_jax.optimizers._momentum_sgd import compressed_momentum_sgd
 
-__all__ = ["comp_ams", "compressed_momentum_sgd", "onebit_adam", "qadam"]
+__all__ = ["comp_ams", "compressed_momentum_sgd", "demo", "onebit_adam", "qadam"]

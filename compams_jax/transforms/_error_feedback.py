@@ -71,9 +71,12 @@ def _stacked_layers(stacked: Any, dense_axis_name: AxisName | None):
   return lambda value: stacked_flags(stacked, value)
 
 
-def _averaging(compressor, wire, *, seed, axis_name, dense_axis_name, stacked, what):
-  """The step both transforms take: (updates, residual or None, wire state, count, the
-  residual's shard specs) -> (the average over workers, the new residual, the wire state)."""
+def _averaging(compressor, wire, *, seed, axis_name, dense_axis_name, stacked, what, decay=1.0):
+  """The step these transforms take: (updates, residual or None, wire state, count, the
+  residual's shard specs) -> (the average over workers, the new residual, the wire state).
+
+  `decay`: β of a decaying residual, sending C(g + β·e) (`cj.transforms.decoupled_momentum`).
+  """
   layers = _stacked_layers(stacked, dense_axis_name)
 
   def average(updates, residual, wire_state, count, shard_specs=None):
@@ -98,6 +101,7 @@ def _averaging(compressor, wire, *, seed, axis_name, dense_axis_name, stacked, w
       what=what,
       dense_axis_name=dense_axis_name,
       shard_specs=shard_specs,
+      decay=decay,
     )
     return gather_chunks(mean, updates, dense_axis_name), new_residual, wire_state
 
