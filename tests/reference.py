@@ -356,3 +356,93 @@ def np_qadam(params, grads, compress, *, lr, b1=0.9, b2=0.999, eps=1e-8):
         total[k] += c
     theta = {k: theta[k] - lr * (total[k] / n).astype(np.float32) for k in theta}
   return theta
+
+
+# ------------------------------------------------- averaging over senders, median clipping, DeMo
+
+
+def np_top_k_mask(x, k):
+  """The k largest magnitudes of x (flattened) as a boolean mask shaped like x (ties: lower
+  index first)."""
+  flat = np.asarray(x).reshape(-1)
+  mask = np.zeros(flat.size, bool)
+  mask[np.argsort(-np.abs(flat), kind="stable")[:k]] = True
+  return mask.reshape(np.shape(x))
+
+
+def np_senders_mean(sent, count=None):
+  """Per entry, Σ_i sent[i] / max(1, count): the mean over the workers that sent the entry.
+
+  sent: (n, ...) every worker's decoded message. count: how many workers sent each entry
+  (default: the workers whose message is non-zero there)."""
+  sent = np.asarray(sent, np.float64)
+  if count is None:
+    count = (sent != 0).sum(axis=0)
+  return sent.sum(axis=0) / np.maximum(count, 1)
+
+
+def np_clip_to_median(sent, block_ndim=None):
+  """Every worker's message scaled to at most the median over workers of the L2 norms.
+
+  sent: (n, ...). The norm is over the last `block_ndim` axes (default all but the worker
+  axis): with block_ndim = ndim − 2, axis 1 indexes layers, each clipped on its own."""
+  sent = np.asarray(sent, np.float64)
+  block_ndim = sent.ndim - 1 if block_ndim is None else block_ndim
+  axes = tuple(range(sent.ndim - block_ndim, sent.ndim))
+  norms = np.sqrt((sent**2).sum(axis=axes, keepdims=True))
+  median = np.median(norms, axis=0, keepdims=True)
+  scale = np.where(norms > median, median / np.where(norms > 0, norms, 1.0), 1.0)
+  return sent * scale
+
+
+def np_dct_matrix(m):
+  """The orthonormal DCT-II matrix D (m x m): coefficients c = D x, inverse x = Dᵀ c."""
+  j = np.arange(m)
+  d = np.cos(np.pi * (2 * j[None, :] + 1) * j[:, None] / (2 * m)) * np.sqrt(2.0 / m)
+  d[0] /= np.sqrt(2.0)
+  return d
+
+
+def np_demo(
+  params, grads, *, lr, decay, weight_decay, select, forward=None, inverse=None, clip=False
+):
+  """DeMo as bloc97/DeMo's demo.py runs it, for n workers, per leaf.
+
+  Per step t (η = lr(t) if lr is callable), per leaf, per worker i (δ₀ = 0)::
+
+      θ ← θ·(1 − η·λ);   δ_i ← β·δ_i + η·g_i
+      c_i = forward(δ_i);  m_i = select(c_i) (a boolean mask: the coefficients sent)
+      δ_i ← δ_i − inverse(c_i·m_i)
+      q = inverse(Σ_i c_i·m_i / max(1, Σ_i m_i))   # scatter-mean per coefficient
+      θ ← θ − η·sign(q)
+
+  Computed in float32 in the library's order (β·δ + η·g). forward / inverse default to the
+  identity (a top-k in the parameters' own domain). clip: every worker's sent message is
+  first scaled to at most the median of their norms (`np_clip_to_median`; the identity
+  domain only).
+
+  Returns:
+    (θ after T steps, the momenta: dict of (n, *shape)).
+  """
+  forward = forward or (lambda x: x)
+  inverse = inverse or (lambda c: c)
+  theta = {k: np.array(v, np.float32) for k, v in params.items()}
+  steps, n = next(iter(grads.values())).shape[:2]
+  delta = {k: np.zeros((n,) + v.shape, np.float32) for k, v in theta.items()}
+  for t in range(steps):
+    eta = np.float32(lr(t) if callable(lr) else lr)
+    for k in theta:
+      theta[k] = (theta[k] * (np.float32(1) - eta * np.float32(weight_decay))).astype(np.float32)
+      coeffs, masks = [], []
+      for i in range(n):
+        delta[k][i] = np.float32(decay) * delta[k][i] + eta * grads[k][t, i].astype(np.float32)
+        c = np.array(forward(delta[k][i]))  # a copy: δ_i changes below
+        m = select(c)
+        delta[k][i] = (delta[k][i] - inverse(np.where(m, c, 0))).astype(np.float32)
+        coeffs.append(np.where(m, c, 0))
+        masks.append(m)
+      if clip:
+        coeffs = np_clip_to_median(coeffs)
+      q = inverse(np_senders_mean(coeffs, np.sum(masks, axis=0)))
+      theta[k] = (theta[k] - eta * np.sign(q)).astype(np.float32)
+  return theta, delta
