@@ -38,12 +38,26 @@ class DecoupledMomentumState(NamedTuple):
   wire_state: PerWorker | None = None
 
 
-def check_decay(decay: Any, name: str = "decay") -> float:
-  """A real number in [0, 1]."""
-  if isinstance(decay, bool) or not isinstance(decay, (int, float)):
+def check_decay(decay: Any, name: str = "decay") -> Any:
+  """A real number in [0, 1], or a float scalar array (`optax.inject_hyperparams` passes
+  arrays; a concrete one is range-checked too)."""
+  if isinstance(decay, bool):
     raise TypeError(f"{name} must be a float in [0, 1], got {decay!r}.")
-  decay = float(decay)
-  if math.isnan(decay) or not 0.0 <= decay <= 1.0:
+  if not isinstance(decay, (int, float)):
+    dtype = getattr(decay, "dtype", None)
+    if (
+      dtype is None
+      or getattr(decay, "shape", None) != ()
+      or not jnp.issubdtype(dtype, jnp.floating)
+    ):
+      raise TypeError(f"{name} must be a float in [0, 1], got {decay!r}.")
+    try:
+      value = float(decay)
+    except jax.errors.ConcretizationTypeError:  # traced: checked where it was concrete
+      return decay
+  else:
+    value = decay = float(decay)
+  if math.isnan(value) or not 0.0 <= value <= 1.0:
     raise ValueError(f"{name} must be in [0, 1], got {decay!r}.")
   return decay
 
