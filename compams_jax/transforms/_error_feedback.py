@@ -72,11 +72,8 @@ def _stacked_layers(stacked: Any, dense_axis_name: AxisName | None):
 
 
 def _averaging(compressor, wire, *, seed, axis_name, dense_axis_name, stacked, what, decay=1.0):
-  """The step these transforms take: (updates, residual or None, wire state, count, the
-  residual's shard specs) -> (the average over workers, the new residual, the wire state).
-
-  `decay`: β of a decaying residual, sending C(g + β·e) (`cj.transforms.decoupled_momentum`).
-  """
+  """The step both transforms take: (updates, residual or None, wire state, count, the
+  residual's shard specs) -> (the average over workers, the new residual, the wire state)."""
   layers = _stacked_layers(stacked, dense_axis_name)
 
   def average(updates, residual, wire_state, count, shard_specs=None):
