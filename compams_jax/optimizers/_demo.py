@@ -1,4 +1,4 @@
-"""DeMo (Peng, Quesnelle & Kingma, 2024): decoupled momentum, sign descent, decoupled weight decay."""
+"""DeMo (Peng et al., 2024): decoupled momentum, sign descent, decoupled weight decay."""
 
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def demo(
     Array([0.95, 2.  , 2.75, 3.8 ], dtype=float32)
 
   References:
-    Peng, Quesnelle, Kingma, "DeMo: Decoupled Momentum Optimization", arXiv:2411.19870, 2024;
+    Peng et al., "DeMo: Decoupled Momentum Optimization", arXiv:2411.19870, 2024;
     github.com/bloc97/DeMo (demo.py).
   """
   if compressor is None:

@@ -118,7 +118,7 @@ def decoupled_momentum(
     Array([1.5 , 0.  , 0.  , 0.75], dtype=float32)
 
   References:
-    Peng, Quesnelle, Kingma, "DeMo: Decoupled Momentum Optimization", arXiv:2411.19870, 2024.
+    Peng et al., "DeMo: Decoupled Momentum Optimization", arXiv:2411.19870, 2024.
   """
   check_compressor(compressor)
   decay = check_decay(decay)
