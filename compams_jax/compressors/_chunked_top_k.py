@@ -103,7 +103,8 @@ class ChunkedTopK(Compressor):
 
   Deviation: with `value_bits=None`, pointwise with q² = 1 − (k_m/m)(1 − u²), u the unit
   roundoff of `value_dtype` (0 for the array's own dtype): the dropped entries of a chunk have at
-  most the mean square of the kept ones, and rounding a kept value errs by at most u|x_i|.
+  most the mean square of the kept ones, and rounding a kept value errs by at most u|x_i| (for
+  values inside `value_dtype`'s normal range, as for `cast`).
   `q_squared(size)` is the largest such value over the chunk sizes an array of `size` entries can
   get (its divisors ≤ chunk²). Quantized values: "unbounded" (the per-bin means are the
   projection of the kept values onto bin-wise constants, so ‖C(x) − x‖ ≤ ‖x‖, but no

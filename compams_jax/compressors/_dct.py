@@ -63,7 +63,11 @@ class DctTopK(Compressor):
   over the chunk sizes an array of `size` entries can get (its divisors ≤ chunk²) and adds the
   float32 transforms' error bound δ (`transform_error`): q² = (√q₀ + δ)². Rounding to a 16-bit
   array's own dtype (its coefficients sent in it, the decoded output) adds that dtype's relative
-  error on top, as it does for every code that computes its output.
+  error on top, as it does for every code that computes its output. Limits: a chunk's
+  coefficients reach its norm (the DC coefficient is √m times the chunk's mean), so float16
+  coefficients of entries near float16's maximum are clamped to its range rather than sent as
+  inf; and XLA:CPU flushes subnormal float32 products, so entries near float32's smallest normal
+  lose more than δ.
 
   Attributes:
     k: coefficients kept per chunk.
@@ -136,7 +140,7 @@ class DctTopK(Compressor):
     coef = self.coefficients(x)
     _, local = jax.lax.top_k(jnp.abs(coef), self.kept_per_chunk(lay.m))
     values = jnp.take_along_axis(coef, local, axis=1).reshape(-1)
-    return {"values": values.astype(wire), "indices": code.pack12(local.reshape(-1))}
+    return {"values": to_dtype(values, wire), "indices": code.pack12(local.reshape(-1))}
 
   def _entries(self, payload, lay: Layout) -> tuple[jax.Array, jax.Array]:
     """(indices into the flat coefficient layout, float32 coefficients) of one payload."""
