@@ -534,17 +534,7 @@ def np_clip_to_median(sent, block_ndim=None):
   return sent * scale
 
 
-def np_dct_matrix(m):
-  """The orthonormal DCT-II matrix D (m x m): coefficients c = D x, inverse x = Dᵀ c."""
-  j = np.arange(m)
-  d = np.cos(np.pi * (2 * j[None, :] + 1) * j[:, None] / (2 * m)) * np.sqrt(2.0 / m)
-  d[0] /= np.sqrt(2.0)
-  return d
-
-
-def np_demo(
-  params, grads, *, lr, decay, weight_decay, select, forward=None, inverse=None, clip=False
-):
+def np_demo(params, grads, *, lr, decay, weight_decay, select, transform=None, clip=False):
   """DeMo as bloc97/DeMo's demo.py runs it, for n workers, per leaf.
 
   Per step t (η = lr(t) if lr is callable), per leaf, per worker i (δ₀ = 0)::
@@ -555,22 +545,22 @@ def np_demo(
       q = inverse(Σ_i c_i·m_i / max(1, Σ_i m_i))   # scatter-mean per coefficient
       θ ← θ − η·sign(q)
 
-  Computed in float32 in the library's order (β·δ + η·g). forward / inverse default to the
-  identity (a top-k in the parameters' own domain). clip: every worker's sent message is
-  first scaled to at most the median of their norms (`np_clip_to_median`; the identity
-  domain only).
+  Computed in float32 in the library's order (β·δ + η·g). transform(shape) gives a leaf's
+  (forward, inverse) (default: the identity, a top-k in the parameters' own domain). clip:
+  every worker's sent message is first scaled to at most the median of their norms
+  (`np_clip_to_median`; the identity domain only).
 
   Returns:
     (θ after T steps, the momenta: dict of (n, *shape)).
   """
-  forward = forward or (lambda x: x)
-  inverse = inverse or (lambda c: c)
+  transform = transform or (lambda shape: (lambda x: x, lambda c: c))
   theta = {k: np.array(v, np.float32) for k, v in params.items()}
   steps, n = next(iter(grads.values())).shape[:2]
   delta = {k: np.zeros((n,) + v.shape, np.float32) for k, v in theta.items()}
   for t in range(steps):
     eta = np.float32(lr(t) if callable(lr) else lr)
     for k in theta:
+      forward, inverse = transform(theta[k].shape)
       theta[k] = (theta[k] * (np.float32(1) - eta * np.float32(weight_decay))).astype(np.float32)
       coeffs, masks = [], []
       for i in range(n):

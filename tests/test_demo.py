@@ -251,11 +251,147 @@ def test_demo_schedule_and_clip_under_vmap():
   assert cj.wire_bytes(tx, params) == -(-cj.compressors.tree_wire_bits(compressor, params) // 8)
 
 
-def test_demo_default_compressor_and_summable_bytes():
-  params = {"w": jnp.zeros((6, 8)), "b": jnp.zeros(8)}
-  if not hasattr(cj.compressors, "dct_top_k"):
-    with pytest.raises(NotImplementedError, match="dct_top_k"):
-      cj.demo(0.1)
+def test_summable_code_over_senders_has_the_same_bytes():
   # A summable code averaged over senders is gathered, not summed: the same bytes per worker.
+  params = {"w": jnp.zeros((6, 8)), "b": jnp.zeros(8)}
   tx = cj.demo(0.1, axis_name="data", compressor=cj.compressors.identity())
   assert cj.wire_bytes(tx, params) == 4 * (48 + 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# DeMo's own compressor, cj.compressors.dct_top_k: the mean over senders is per DCT coefficient.
+# ---------------------------------------------------------------------------------------------
+
+
+def _dct_ii(m):
+  """The orthonormal DCT-II matrix (rows: frequencies), as demo.py's _dct(eye(m), "ortho")."""
+  freq, j = np.arange(m)[:, None], np.arange(m)[None, :]
+  d = np.cos(np.pi * freq * (2 * j + 1) / (2 * m)) * np.sqrt(2.0 / m)
+  d[0] /= np.sqrt(2.0)
+  return d
+
+
+def _largest_divisor(n, at_most):
+  """demo.py's _get_smaller_split: the largest divisor of n that is ≤ at_most."""
+  return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
+
+
+def _demo_dct(chunk):
+  """transform(shape) -> (forward, inverse): demo.py's TransformDCT of a vector or a matrix;
+  coefficients shaped (chunks, m), row-major inside a chunk."""
+
+  def transform(shape):
+    if len(shape) == 1:
+      c = _largest_divisor(shape[0], chunk)
+      d = _dct_ii(c)
+      return (
+        lambda x: np.asarray(x, np.float64).reshape(-1, c) @ d.T,
+        lambda y: (np.reshape(y, (-1, c)) @ d).reshape(shape),
+      )
+    rows, cols = shape
+    r, c = _largest_divisor(rows, chunk), _largest_divisor(cols, chunk)
+    dr, dc = _dct_ii(r), _dct_ii(c)
+    blocks = lambda x: np.asarray(x, np.float64).reshape(rows // r, r, cols // c, c)
+    return (
+      lambda x: np.einsum("pi,aibj,qj->abpq", dr, blocks(x), dc).reshape(-1, r * c),
+      lambda y: np.einsum(
+        "pi,abpq,qj->aibj", dr, np.reshape(y, (rows // r, cols // c, r, c)), dc
+      ).reshape(shape),
+    )
+
+  return transform
+
+
+def _select_per_chunk(k):
+  """The k largest |coefficients| of every chunk (row) as a mask (ties: lower index)."""
+
+  def select(coefficients):
+    mask = np.zeros(coefficients.shape, bool)
+    for row, keep in zip(coefficients, mask):
+      keep[np.argsort(-np.abs(row), kind="stable")[:k]] = True
+    return mask
+
+  return select
+
+
+def test_gather_options_dct_top_k(mesh, n_devices):
+  """Senders-mean per coefficient (the compressor's own decode_mean_over_senders, also on
+  stacked layers), the clip of decoded messages, and the refusal of the two together."""
+  k, chunk = 2, 4
+  compressor = cj.compressors.dct_top_k(k, chunk=chunk)
+  shapes = {"m": (6, 8), "s": (3, 6, 8), "v": (8,)}
+  stacked = (False, True, False)  # leaves in order m, s, v; "s" stacks 3 layers of (6, 8)
+  rng = np.random.default_rng(6)
+  x = {name: rng.normal(size=(n_devices,) + s).astype(np.float32) for name, s in shapes.items()}
+
+  def averages(x):
+    payload = cj.compressors.encode_tree(compressor, x, None, stacked)
+    return {
+      name: WIRES[name].average(compressor, payload, x, axis_name="data", stacked=stacked)
+      for name in ("senders", "clip")
+    }
+
+  got = _on_workers(mesh, averages, x)
+  transform, select = _demo_dct(chunk), _select_per_chunk(k)
+
+  def blocks(name, i):  # worker i's blocks of a leaf: the layers of "s", else the leaf
+    return list(x[name][i]) if name == "s" else [x[name][i]]
+
+  counts = []
+  for name in shapes:
+    forward, inverse = transform(shapes[name][-2:] if name == "s" else shapes[name])
+    senders, clipped = [], []
+    for b in range(3 if name == "s" else 1):
+      coefficients = [forward(blocks(name, i)[b]) for i in range(n_devices)]
+      masks = [select(c) for c in coefficients]
+      sent = [np.where(m, c, 0.0) for m, c in zip(masks, coefficients)]
+      count = np.sum(masks, axis=0)
+      counts.append(count.reshape(-1))
+      senders.append(inverse(reference.np_senders_mean(sent, count)))
+      clipped.append(reference.np_clip_to_median([inverse(c) for c in sent]).mean(axis=0))
+    want = {"senders": np.stack(senders), "clip": np.stack(clipped)}
+    for wire in want:
+      expect = want[wire] if name == "s" else want[wire][0]
+      np.testing.assert_allclose(got[wire][name], expect, rtol=1e-5, atol=1e-6, err_msg=name)
+  counts = np.concatenate(counts)
+  assert (counts > 1).any() and (counts == 1).any()  # shared and lone coefficients
+
+  with pytest.raises(ValueError, match="per coefficient"):
+    _on_workers(
+      mesh,
+      lambda x: WIRES["senders_clip"].average(
+        compressor, cj.compressors.encode_tree(compressor, x), x, axis_name="data"
+      ),
+      {"v": x["v"]},
+    )
+
+
+def test_demo_default_dct_compressor_matches_demo_py(mesh, n_devices):
+  """cj.demo's default compressor and wire: DeMo's DCT top-k, averaged per coefficient."""
+  params, grads = harness.problem(DEMO_SHAPES, n_devices, DEMO_STEPS, seed=5)
+  k, chunk = 2, 4  # chunks of 3x4 and 4 entries
+  tx = cj.demo(
+    LR,
+    compression_decay=DECAY,
+    compression_topk=k,
+    compression_chunk=chunk,
+    weight_decay=WD,
+    axis_name="data",
+  )
+  got, states = harness.run(tx, params, grads, mesh, DEMO_STEPS)
+  want, delta = reference.np_demo(
+    params,
+    grads,
+    lr=LR,
+    decay=DECAY,
+    weight_decay=WD,
+    select=_select_per_chunk(k),
+    transform=_demo_dct(chunk),
+  )
+  momentum = states[-1][1].momentum.value
+  for name in DEMO_SHAPES:
+    np.testing.assert_allclose(got[name], want[name], rtol=1e-6, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(momentum[name], delta[name], rtol=1e-5, atol=1e-7, err_msg=name)
+  assert np.abs(want["w"] - params["w"]).max() > 4 * LR
+  bits = cj.compressors.tree_wire_bits(cj.compressors.dct_top_k(k, chunk=chunk), params)
+  assert cj.wire_bytes(tx, params) == -(-bits // 8)
