@@ -153,6 +153,33 @@ def test_gather_averaging_options_other_codes(mesh, n_devices):
         )
 
 
+def test_gather_senders_counts_what_a_sparse_code_names(mesh, n_devices):
+  """chunked_top_k's own decode_count (ones at its indices) drives the default senders-mean:
+  a worker whose chunk is all zeros still sends (zeros) at 2 indices, and they count."""
+  compressor = cj.compressors.chunked_top_k(2, chunk=4, value_bits=None)
+  rng = np.random.default_rng(7)
+  x = {"w": rng.normal(size=(n_devices, 8, 8)).astype(np.float32)}
+  x["w"][0] = 0.0
+  x["w"][1, :4, :4] = 0.0
+
+  def senders(x):
+    payload = cj.compressors.encode_tree(compressor, x)
+    return WIRES["senders"].average(compressor, payload, x, axis_name="data")
+
+  got = _on_workers(mesh, senders, x)["w"]
+  total, count, nonzero = np.zeros(64), np.zeros(64), np.zeros(64)
+  for i in range(n_devices):
+    flat = x["w"][i].reshape(-1).astype(np.float64)
+    for entries in reference.np_chunks((8, 8), 4, 16):
+      for p in reference.np_top_k_positions(flat[entries], 2):
+        total[entries[p]] += flat[entries[p]]
+        count[entries[p]] += 1
+        nonzero[entries[p]] += flat[entries[p]] != 0
+  want = (total / np.maximum(count, 1)).reshape(8, 8)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+  assert (count > nonzero).any()  # the sent zeros counted
+
+
 def test_gather_option_errors():
   with pytest.raises(ValueError, match="average"):
     cj.wire.gather(average="sum")
