@@ -154,30 +154,47 @@ def test_gather_averaging_options_other_codes(mesh, n_devices):
 
 
 def test_gather_senders_counts_what_a_sparse_code_names(mesh, n_devices):
-  """chunked_top_k's own decode_count (ones at its indices) drives the default senders-mean:
-  a worker whose chunk is all zeros still sends (zeros) at 2 indices, and they count."""
+  """chunked_top_k's own decode_count (ones at its indices) drives the default senders-mean,
+  with and without the clip, on a plain and a stacked leaf: a worker whose chunk is all zeros
+  still sends (zeros) at 2 indices, and they count."""
   compressor = cj.compressors.chunked_top_k(2, chunk=4, value_bits=None)
   rng = np.random.default_rng(7)
-  x = {"w": rng.normal(size=(n_devices, 8, 8)).astype(np.float32)}
+  x = {"s": rng.normal(size=(n_devices, 2, 8, 8)), "w": rng.normal(size=(n_devices, 8, 8))}
+  x = {k: v.astype(np.float32) for k, v in x.items()}
   x["w"][0] = 0.0
   x["w"][1, :4, :4] = 0.0
+  x["s"][2, 1] = 0.0
+  stacked = (True, False)
 
   def senders(x):
-    payload = cj.compressors.encode_tree(compressor, x)
-    return WIRES["senders"].average(compressor, payload, x, axis_name="data")
+    payload = cj.compressors.encode_tree(compressor, x, None, stacked)
+    return {
+      name: WIRES[name].average(compressor, payload, x, axis_name="data", stacked=stacked)
+      for name in ("senders", "senders_clip")
+    }
 
-  got = _on_workers(mesh, senders, x)["w"]
-  total, count, nonzero = np.zeros(64), np.zeros(64), np.zeros(64)
-  for i in range(n_devices):
-    flat = x["w"][i].reshape(-1).astype(np.float64)
-    for entries in reference.np_chunks((8, 8), 4, 16):
-      for p in reference.np_top_k_positions(flat[entries], 2):
-        total[entries[p]] += flat[entries[p]]
-        count[entries[p]] += 1
-        nonzero[entries[p]] += flat[entries[p]] != 0
-  want = (total / np.maximum(count, 1)).reshape(8, 8)
-  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
-  assert (count > nonzero).any()  # the sent zeros counted
+  got = _on_workers(mesh, senders, x)
+  blocks = {"w": x["w"][:, None], "s": x["s"]}  # (n, layers, 8, 8)
+  zeros_counted = False
+  for name, b in blocks.items():
+    want = {"senders": [], "senders_clip": []}
+    for layer in range(b.shape[1]):
+      sent, count, nonzero = np.zeros((n_devices, 64)), np.zeros(64), np.zeros(64)
+      for i in range(n_devices):
+        flat = b[i, layer].reshape(-1).astype(np.float64)
+        for entries in reference.np_chunks((8, 8), 4, 16):
+          for p in reference.np_top_k_positions(flat[entries], 2):
+            sent[i, entries[p]] = flat[entries[p]]
+            count[entries[p]] += 1
+            nonzero[entries[p]] += flat[entries[p]] != 0
+      zeros_counted |= bool((count > nonzero).any())
+      want["senders"].append(reference.np_senders_mean(sent, count).reshape(8, 8))
+      clipped = reference.np_clip_to_median(sent)
+      want["senders_clip"].append(reference.np_senders_mean(clipped, count).reshape(8, 8))
+    for wire, layers in want.items():
+      expect = np.stack(layers) if name == "s" else layers[0]
+      np.testing.assert_allclose(got[wire][name], expect, rtol=2e-6, atol=1e-7, err_msg=wire)
+  assert zeros_counted
 
 
 def test_gather_option_errors():

@@ -167,10 +167,23 @@ class Compressor(abc.ABC):
     calls it. Compressors that send coefficients of a transform override it to average per
     coefficient before transforming back (a DCT-domain top-k: the inverse DCT of the
     per-coefficient scatter-mean). `payloads` as in `decode_sum`; typed like `like`.
+
+    The default decodes each worker's payload once, workers 0..n−1 in order, adding it to the
+    sum and its non-zero entries to the count (deterministic on every backend: no scatter of
+    several workers' values at once); a compressor with its own `decode_count` gets its
+    `decode_sum` and `decode_count` instead.
     """
     wide = jax.ShapeDtypeStruct(tuple(like.shape), jnp.float32)  # no rounding before the divide
-    total = self.decode_sum(payloads, wide, key)
-    count = self.decode_count(payloads, wide, key)
+    if overrides(self, "decode_count"):
+      total = self.decode_sum(payloads, wide, key)
+      count = self.decode_count(payloads, wide, key)
+    else:
+
+      def term(p):
+        x = self.decode(p, wide, key)
+        return jnp.stack([x, (x != 0).astype(jnp.float32)])
+
+      total, count = bucket.rows(payloads).sum(term)
     return (total / jnp.maximum(count, 1.0)).astype(like.dtype)
 
   def residual(self, x: jax.Array, payload: Payload, key: jax.Array | None = None) -> jax.Array:

@@ -313,6 +313,20 @@ def decode_sum_tree(
   )
 
 
+def _each_layer(compressor: Compressor, method: str):
+  """(like, a stacked leaf's payloads, per-layer keys) -> `method` of the compressor's batched
+  variant on every layer: one vmap over the layer axis of the stacked payloads (n, layers, ...)."""
+
+  def apply(spec, payloads, keys):
+    layer = jax.ShapeDtypeStruct(tuple(spec.shape[1:]), spec.dtype)
+    fn = getattr(compressor.batched(), method)
+    return jax.vmap(lambda p, k: fn(p, layer, k), in_axes=(1, None if keys is None else 0))(
+      bucket.rows(payloads).stacked(), keys
+    )
+
+  return apply
+
+
 def decode_count_tree(
   compressor: Compressor,
   payloads: Payload,
@@ -323,12 +337,16 @@ def decode_count_tree(
   """Per entry, how many workers' payloads sent it (`Compressor.decode_count`).
 
   A float32 pytree shaped like `like_tree`; `payloads` as in `decode_sum_tree`. A stacked-layer
-  leaf counts the non-zero entries of each worker's decoded layers, one worker at a time.
+  leaf counts the non-zero entries of each worker's decoded layers, one worker at a time, or
+  runs the compressor's own `decode_count` on every layer (one vmap).
   """
-  one = _layers_decoded(compressor)
+  if overrides(compressor, "decode_count"):
+    layer_count = _each_layer(compressor, "decode_count")
+  else:
+    one = _layers_decoded(compressor)
 
-  def layer_count(spec, payloads, keys):
-    return bucket.rows(payloads).sum(lambda p: (one(spec, p, keys) != 0).astype(jnp.float32))
+    def layer_count(spec, payloads, keys):
+      return bucket.rows(payloads).sum(lambda p: (one(spec, p, keys) != 0).astype(jnp.float32))
 
   return _over_workers(
     compressor, compressor.decode_count, layer_count, payloads, like_tree, key, stacked, cast=False
@@ -345,26 +363,24 @@ def decode_mean_over_senders_tree(
   """Per entry, the mean of the decoded payloads over the workers that sent it.
 
   `Compressor.decode_mean_over_senders` per leaf (default Σ_i decode_i / max(1, count)), a
-  pytree like `like_tree`; `payloads` as in `decode_sum_tree`. A stacked-layer leaf divides
-  the sum of each worker's decoded layers by their count, one worker at a time; a compressor
-  with its own senders-mean (one per coefficient of a transform) runs it on every layer by one
-  vmap over the layer axis of the leaf's stacked payloads.
+  pytree like `like_tree`; `payloads` as in `decode_sum_tree`. A stacked-layer leaf adds each
+  worker's decoded layers and their non-zero entries, one worker at a time; a compressor with
+  its own senders-mean (one per coefficient of a transform) or its own `decode_count` runs its
+  `decode_mean_over_senders` on every layer (one vmap over the layer axis of the leaf's
+  stacked payloads).
   """
-  one = _layers_decoded(compressor)
-  own_mean = overrides(compressor, "decode_mean_over_senders")
+  if overrides(compressor, "decode_mean_over_senders") or overrides(compressor, "decode_count"):
+    layer_mean = _each_layer(compressor, "decode_mean_over_senders")
+  else:
+    one = _layers_decoded(compressor)
 
-  def layer_mean(spec, payloads, keys):
-    rows = bucket.rows(payloads)
-    if own_mean:
-      layer = jax.ShapeDtypeStruct(tuple(spec.shape[1:]), spec.dtype)
-      batched = compressor.batched()
-      return jax.vmap(
-        lambda p, k: batched.decode_mean_over_senders(p, layer, k),
-        in_axes=(1, None if keys is None else 0),
-      )(rows.stacked(), keys)
-    total = rows.sum(lambda p: one(spec, p, keys))
-    count = rows.sum(lambda p: (one(spec, p, keys) != 0).astype(jnp.float32))
-    return (total / jnp.maximum(count, 1.0)).astype(spec.dtype)
+    def layer_mean(spec, payloads, keys):
+      def term(p):
+        x = one(spec, p, keys)
+        return jnp.stack([x, (x != 0).astype(jnp.float32)])
+
+      total, count = bucket.rows(payloads).sum(term)  # workers in order: deterministic
+      return (total / jnp.maximum(count, 1.0)).astype(spec.dtype)
 
   return _over_workers(
     compressor, compressor.decode_mean_over_senders, layer_mean, payloads, like_tree, key, stacked
