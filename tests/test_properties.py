@@ -678,6 +678,12 @@ def test_error_feedback_invariants_on_8_devices(mesh, n_devices, c, topology, sp
   )
   err = np.abs(lhs - rhs)
   tol = 4 * eps * scale + 1e-30
+  if isinstance(c, C.DctTopK):
+    # A transform code's decoded entries are float32 sums over a whole chunk (and decode_sum
+    # transforms the sum of the coefficients once, not each worker's): an entry's rounding is
+    # relative to its chunk's magnitudes, not its own. Bounded here by the largest scale of the
+    # step times the vector's size (≥ a chunk's m^1.5 / 8 for these small trees).
+    tol = tol + 4 * eps * scale.max(axis=-1, keepdims=True) * size
   if c.summable and topology == "gather":
     # `summable` is exact only up to the wire dtype: the psum adds the payloads in it, and each
     # of its n − 1 additions rounds (≤ u of a partial sum), an error no residual records. (On
