@@ -2,8 +2,9 @@
 
 Compressors (`compams_jax.compressors`) turn gradients into compact payloads; the wire
 (`compams_jax.wire`) averages them over workers with collectives that carry those payloads;
-transforms (`error_feedback`, `compressed_mean`) are optax GradientTransformations; optimizers
-(`comp_ams`) chain them with AMSGrad.
+transforms (`error_feedback`, `compressed_mean`, `decoupled_momentum`) are optax
+GradientTransformations; optimizers chain them with optax (`comp_ams` with AMSGrad, `demo` with
+sign descent).
 
 Examples:
   >>> import optax, compams_jax as cj
@@ -20,6 +21,7 @@ from compams_jax.optimizers import (
   DiLoCoState,
   comp_ams,
   compressed_momentum_sgd,
+  demo,
   diloco,
   onebit_adam,
   qadam,
@@ -27,6 +29,7 @@ from compams_jax.optimizers import (
 from compams_jax.step import DataParallelStep, data_parallel_step
 from compams_jax.transforms import (
   CompressedMeanState,
+  DecoupledMomentumState,
   DenseWarmupState,
   ErrorFeedbackState,
   OneBitAdamState,
@@ -37,6 +40,7 @@ from compams_jax.transforms import (
   WorkerAdamState,
   WorkerMomentumState,
   compressed_mean,
+  decoupled_momentum,
   dense_warmup,
   error_feedback,
   powersgd,
@@ -55,6 +59,7 @@ __all__ = [
   "CollectiveBytes",
   "CompressedMeanState",
   "DataParallelStep",
+  "DecoupledMomentumState",
   "DenseWarmupState",
   "DiLoCoState",
   "GlobalParams",
@@ -75,6 +80,8 @@ __all__ = [
   "compressed_momentum_sgd",
   "compressors",
   "data_parallel_step",
+  "decoupled_momentum",
+  "demo",
   "dense_warmup",
   "diloco",
   "error_feedback",

@@ -109,6 +109,143 @@ def np_terngrad(x, u):
   return out.astype(x.dtype).reshape(x.shape)
 
 
+# ----------------------------------------------------------------- chunked codes (SparseLoCo, DeMo)
+
+
+def np_largest_divisor(n, limit):
+  """The largest divisor of n that is ≤ limit, by trial from the top."""
+  for s in range(min(n, limit), 0, -1):
+    if n % s == 0:
+      return s
+  return 1
+
+
+def np_chunk_layout(shape, side, vector_side):
+  """(rows, cols, r, c): the array read as a (rows, cols) matrix (a vector or scalar: one row;
+  more than 2 dimensions: (prod(shape[:-1]), shape[-1])) cut into (r, c) chunks, r the largest
+  divisor of rows ≤ side and c of cols ≤ side (a vector: c ≤ vector_side, r = 1)."""
+  size = int(np.prod(shape, dtype=np.int64))
+  if len(shape) <= 1:
+    return 1, size, 1, np_largest_divisor(size, vector_side)
+  rows, cols = size // shape[-1], shape[-1]
+  return rows, cols, np_largest_divisor(rows, side), np_largest_divisor(cols, side)
+
+
+def np_chunks(shape, side, vector_side):
+  """For every chunk (row-major over the grid of chunks), the flat row-major indices of its
+  entries into the array, in chunk-local order (row-major inside the chunk): a list of lists."""
+  rows, cols, r, c = np_chunk_layout(shape, side, vector_side)
+  out = []
+  for br in range(rows // r if cols else 0):
+    for bc in range(cols // c):
+      out.append([(br * r + i) * cols + bc * c + j for i in range(r) for j in range(c)])
+  return out
+
+
+def np_top_k_positions(values, k):
+  """Positions of the k largest |values| (ties towards the lower position)."""
+  return list(np.argsort(-np.abs(np.asarray(values, np.float64)), kind="stable")[:k])
+
+
+def np_quantize(values, bits, sigmas=3.0):
+  """SparseLoCo/Templar's value quantizer in float64: codes in [0, 2^bits) and per-bin means.
+
+  μ, σ (sample standard deviation, ddof 1; 0 for fewer than two values) of the values; bin
+  b covers [μ − 3σ + b·w, μ − 3σ + (b + 1)·w), w = 6σ / 2^bits, values outside the range go to
+  the first or last bin (every value to bin 0 when σ = 0); bin b decodes to the mean of its
+  values (0 when it holds none)."""
+  v = np.asarray(values, np.float64)
+  bins = 2**bits
+  mu = float(np.mean(v)) if v.size else 0.0
+  sigma = float(np.std(v, ddof=1)) if v.size > 1 else 0.0
+  codes = np.zeros(v.size, np.int64)
+  if sigma > 0:
+    width = 2 * sigmas * sigma / bins
+    for i, value in enumerate(v):
+      codes[i] = min(bins - 1, max(0, math.floor((value - (mu - sigmas * sigma)) / width)))
+  table = np.zeros(bins)
+  for b in range(bins):
+    if np.any(codes == b):
+      table[b] = np.mean(v[codes == b])
+  return codes, table
+
+
+def np_chunked_top_k(x, key=None, k=64, chunk=64, value_bits=2, value_dtype=None):
+  """SparseLoCo's compressor: per chunk of m entries the k_m = min(m, max(1, ⌈k·m/chunk²⌉))
+  largest magnitudes, their values quantized per leaf (`np_quantize`, means sent in
+  `value_dtype` or float32) or cast to `value_dtype`."""
+  del key
+  x = np.asarray(x)
+  flat = x.reshape(-1)
+  kept = []
+  for entries in np_chunks(x.shape, chunk, chunk * chunk):
+    m = len(entries)
+    k_m = min(m, max(1, -(-k * m // (chunk * chunk))))
+    kept += [entries[p] for p in np_top_k_positions(flat[entries], k_m)]
+  out = np.zeros(flat.size, np.float64)
+  values = flat[kept].astype(np.float64)
+  if value_bits is None:
+    wire = x.dtype if value_dtype is None else value_dtype
+    out[kept] = values.astype(wire).astype(np.float64)
+  else:
+    codes, table = np_quantize(values, value_bits)
+    wire = np.float32 if value_dtype is None else value_dtype
+    out[kept] = table.astype(wire).astype(np.float64)[codes]
+  return out.reshape(x.shape)
+
+
+def np_dct_matrix(n):
+  """Orthonormal DCT-II matrix by its definition: D[k, j] = s_k cos(π(2j + 1)k / 2n),
+  s_0 = √(1/n), s_k = √(2/n)."""
+  d = np.zeros((n, n))
+  for k in range(n):
+    s = math.sqrt((1.0 if k == 0 else 2.0) / n)
+    for j in range(n):
+      d[k, j] = s * math.cos(math.pi * (2 * j + 1) * k / (2 * n))
+  return d
+
+
+def np_dct_top_k(x, key=None, k=32, chunk=64, value_dtype=None):
+  """DeMo's compressor in float64: per chunk X (r×c; vectors 1×c, c ≤ chunk), Y = D_r X D_cᵀ,
+  the min(m, k) largest |Y| kept (cast to `value_dtype`, default x's dtype), X' = D_rᵀ Y' D_c."""
+  del key
+  x = np.asarray(x)
+  rows, cols, r, c = np_chunk_layout(x.shape, chunk, chunk)
+  xm = x.astype(np.float64).reshape(rows, cols)
+  dr, dc = np_dct_matrix(r), np_dct_matrix(c)
+  wire = x.dtype if value_dtype is None else value_dtype
+  out = np.zeros_like(xm)
+  for br in range(rows // r if cols else 0):
+    for bc in range(cols // c):
+      y = dr @ xm[br * r : (br + 1) * r, bc * c : (bc + 1) * c] @ dc.T
+      keep = np_top_k_positions(y.reshape(-1), min(r * c, k))
+      sent = np.zeros(r * c)
+      sent[keep] = y.reshape(-1)[keep].astype(wire).astype(np.float64)
+      out[br * r : (br + 1) * r, bc * c : (bc + 1) * c] = dr.T @ sent.reshape(r, c) @ dc
+  return out.reshape(x.shape)
+
+
+def np_dct_scatter_mean(xs, k=32, chunk=64):
+  """DeMo's scatter-mean over workers: each chunk's coefficient averaged over the workers whose
+  top-k sent it (coefficients no worker sent stay 0), then the inverse transform."""
+  x0 = np.asarray(xs[0])
+  rows, cols, r, c = np_chunk_layout(x0.shape, chunk, chunk)
+  dr, dc = np_dct_matrix(r), np_dct_matrix(c)
+  out = np.zeros((rows, cols))
+  for br in range(rows // r):
+    for bc in range(cols // c):
+      total, count = np.zeros(r * c), np.zeros(r * c)
+      for x in xs:
+        xm = np.asarray(x, np.float64).reshape(rows, cols)
+        y = (dr @ xm[br * r : (br + 1) * r, bc * c : (bc + 1) * c] @ dc.T).reshape(-1)
+        for p in np_top_k_positions(y, min(r * c, k)):
+          total[p] += y[p]
+          count[p] += 1
+      mean = np.where(count > 0, total / np.maximum(count, 1), 0.0)
+      out[br * r : (br + 1) * r, bc * c : (bc + 1) * c] = dr.T @ mean.reshape(r, c) @ dc
+  return out.reshape(x0.shape)
+
+
 REFERENCES = {
   "identity": lambda x, key: np_identity(x),
   "cast": lambda x, key, dtype: np_cast(x, dtype),
@@ -118,6 +255,8 @@ REFERENCES = {
   "scaled_sign": lambda x, key, exact_zeros=False: np_block_sign_exact(x, exact_zeros),
   "qsgd": np_qsgd,
   "terngrad": lambda x, key: np_terngrad(x, uniforms(key, np.size(x))),
+  "chunked_top_k": np_chunked_top_k,
+  "dct_top_k": np_dct_top_k,
 }
 
 
@@ -422,3 +561,83 @@ def np_diloco(
     theta = theta - outer_lr * (dbar + momentum * buf)
     local = [theta.copy() for _ in range(n)]
   return theta, local, err
+
+
+# ------------------------------------------------- averaging over senders, median clipping, DeMo
+
+
+def np_top_k_mask(x, k):
+  """The k largest magnitudes of x (flattened) as a boolean mask shaped like x (ties: lower
+  index first)."""
+  flat = np.asarray(x).reshape(-1)
+  mask = np.zeros(flat.size, bool)
+  mask[np.argsort(-np.abs(flat), kind="stable")[:k]] = True
+  return mask.reshape(np.shape(x))
+
+
+def np_senders_mean(sent, count=None):
+  """Per entry, Σ_i sent[i] / max(1, count): the mean over the workers that sent the entry.
+
+  sent: (n, ...) every worker's decoded message. count: how many workers sent each entry
+  (default: the workers whose message is non-zero there)."""
+  sent = np.asarray(sent, np.float64)
+  if count is None:
+    count = (sent != 0).sum(axis=0)
+  return sent.sum(axis=0) / np.maximum(count, 1)
+
+
+def np_clip_to_median(sent, block_ndim=None):
+  """Every worker's message scaled to at most the median over workers of the L2 norms.
+
+  sent: (n, ...). The norm is over the last `block_ndim` axes (default all but the worker
+  axis): with block_ndim = ndim − 2, axis 1 indexes layers, each clipped on its own."""
+  sent = np.asarray(sent, np.float64)
+  block_ndim = sent.ndim - 1 if block_ndim is None else block_ndim
+  axes = tuple(range(sent.ndim - block_ndim, sent.ndim))
+  norms = np.sqrt((sent**2).sum(axis=axes, keepdims=True))
+  median = np.median(norms, axis=0, keepdims=True)
+  scale = np.where(norms > median, median / np.where(norms > 0, norms, 1.0), 1.0)
+  return sent * scale
+
+
+def np_demo(params, grads, *, lr, decay, weight_decay, select, transform=None, clip=False):
+  """DeMo as bloc97/DeMo's demo.py runs it, for n workers, per leaf.
+
+  Per step t (η = lr(t) if lr is callable), per leaf, per worker i (δ₀ = 0)::
+
+      θ ← θ·(1 − η·λ);   δ_i ← β·δ_i + η·g_i
+      c_i = forward(δ_i);  m_i = select(c_i) (a boolean mask: the coefficients sent)
+      δ_i ← δ_i − inverse(c_i·m_i)
+      q = inverse(Σ_i c_i·m_i / max(1, Σ_i m_i))   # scatter-mean per coefficient
+      θ ← θ − η·sign(q)
+
+  Computed in float32 in the library's order (β·δ + η·g). transform(shape) gives a leaf's
+  (forward, inverse) (default: the identity, a top-k in the parameters' own domain). clip:
+  every worker's sent message is first scaled to at most the median of their norms
+  (`np_clip_to_median`; the identity domain only).
+
+  Returns:
+    (θ after T steps, the momenta: dict of (n, *shape)).
+  """
+  transform = transform or (lambda shape: (lambda x: x, lambda c: c))
+  theta = {k: np.array(v, np.float32) for k, v in params.items()}
+  steps, n = next(iter(grads.values())).shape[:2]
+  delta = {k: np.zeros((n,) + v.shape, np.float32) for k, v in theta.items()}
+  for t in range(steps):
+    eta = np.float32(lr(t) if callable(lr) else lr)
+    for k in theta:
+      forward, inverse = transform(theta[k].shape)
+      theta[k] = (theta[k] * (np.float32(1) - eta * np.float32(weight_decay))).astype(np.float32)
+      coeffs, masks = [], []
+      for i in range(n):
+        delta[k][i] = np.float32(decay) * delta[k][i] + eta * grads[k][t, i].astype(np.float32)
+        c = np.array(forward(delta[k][i]))  # a copy: δ_i changes below
+        m = select(c)
+        delta[k][i] = (delta[k][i] - inverse(np.where(m, c, 0))).astype(np.float32)
+        coeffs.append(np.where(m, c, 0))
+        masks.append(m)
+      if clip:
+        coeffs = np_clip_to_median(coeffs)
+      q = inverse(np_senders_mean(coeffs, np.sum(masks, axis=0)))
+      theta[k] = (theta[k] - eta * np.sign(q)).astype(np.float32)
+  return theta, delta

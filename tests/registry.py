@@ -18,7 +18,7 @@ GRANULARITIES = ("leaf", "model")
 
 
 def _short(value: Any) -> str:
-  if isinstance(value, (bool, int, float, str)):
+  if value is None or isinstance(value, (bool, int, float, str)):
     return str(value)
   try:
     return np.dtype(value).name

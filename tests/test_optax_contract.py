@@ -23,12 +23,14 @@ OPTIMIZERS = {
     cj.predictive_compression(C.block_sign(), predictor=cj.predictors.least_squares()),
     optax.sgd(lr),
   ),
+  "demo": lambda lr=0.05: cj.demo(lr, weight_decay=0.01, compressor=C.top_k(0.5)),
 }
 FACTORIES = {
   "comp_ams": (cj.comp_ams, dict(compressor=C.top_k(0.5))),
   "compressed_momentum_sgd": (cj.compressed_momentum_sgd, dict(compressor=C.top_k(0.5))),
   "onebit_adam": (cj.onebit_adam, dict(compressor=C.scaled_sign(), warmup_steps=5, eps=1e-4)),
   "qadam": (cj.qadam, dict(compressor=C.qsgd(64))),
+  "demo": (cj.demo, dict(compressor=C.top_k(0.5))),
 }
 
 TARGET = {"w": np.linspace(-1.0, 1.0, 12).reshape(3, 4).astype(np.float32)}

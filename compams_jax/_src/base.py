@@ -145,6 +145,47 @@ class Compressor(abc.ABC):
     total = bucket.rows(payloads).sum(lambda p: self.decode(p, like, key).astype(jnp.float32))
     return total.astype(like.dtype)
 
+  def decode_count(self, payloads: Payload, like: Any, key: jax.Array | None = None) -> jax.Array:
+    """Per entry, how many workers' payloads sent it: a float32 array shaped like `like`.
+
+    The averaging over senders (`cj.wire.gather(average="senders")`) divides the sum of the
+    decoded payloads by it. The default counts the workers whose decoded payload is non-zero
+    there, Σ_i [decode(payloads[i]) ≠ 0], one worker at a time (O(size) memory, as
+    `decode_sum`); compressors whose payload names the entries it sends override it (a sparse
+    code scatters ones at its indices, so a sent zero counts too). `payloads` as in
+    `decode_sum`.
+    """
+    return bucket.rows(payloads).sum(lambda p: (self.decode(p, like, key) != 0).astype(jnp.float32))
+
+  def decode_mean_over_senders(
+    self, payloads: Payload, like: Any, key: jax.Array | None = None
+  ) -> jax.Array:
+    """Per entry, the mean of the decoded payloads over the workers that sent it.
+
+    Σ_i decode(payloads[i]) / max(1, count), count = `decode_count` (the scatter-mean of
+    DeMo and SparseLoCo): an entry no worker sent is 0. `cj.wire.gather(average="senders")`
+    calls it. Compressors that send coefficients of a transform override it to average per
+    coefficient before transforming back (a DCT-domain top-k: the inverse DCT of the
+    per-coefficient scatter-mean). `payloads` as in `decode_sum`; typed like `like`.
+
+    The default decodes each worker's payload once, workers 0..n−1 in order, adding it to the
+    sum and its non-zero entries to the count (deterministic on every backend: no scatter of
+    several workers' values at once); a compressor with its own `decode_count` gets its
+    `decode_sum` and `decode_count` instead.
+    """
+    wide = jax.ShapeDtypeStruct(tuple(like.shape), jnp.float32)  # no rounding before the divide
+    if overrides(self, "decode_count"):
+      total = self.decode_sum(payloads, wide, key)
+      count = self.decode_count(payloads, wide, key)
+    else:
+
+      def term(p):
+        x = self.decode(p, wide, key)
+        return jnp.stack([x, (x != 0).astype(jnp.float32)])
+
+      total, count = bucket.rows(payloads).sum(term)
+    return (total / jnp.maximum(count, 1.0)).astype(like.dtype)
+
   def residual(self, x: jax.Array, payload: Payload, key: jax.Array | None = None) -> jax.Array:
     """x − decode(payload): what error feedback keeps of x after sending `payload`.
 
@@ -166,6 +207,11 @@ class Compressor(abc.ABC):
     `optax.inject_hyperparams`.)
     """
     return self.decode(self.encode(x, key), x, key)
+
+
+def overrides(compressor: Compressor, method: str) -> bool:
+  """Whether the compressor's class replaces the base class's default `method`."""
+  return getattr(type(compressor), method) is not getattr(Compressor, method)
 
 
 def payload_bits(payload: Payload) -> int:

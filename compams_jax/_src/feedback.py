@@ -113,7 +113,8 @@ def compress_with_feedback(
     key: the encoding key (see `compams_jax._src.keys`).
     offset: a prediction structured like `value` that receivers also hold, or None.
     decay: β of a decaying residual, corrected = value + β·residual (SparseLoCo's and DeMo's
-      e ← β·e + Δ); 1.0 is plain error feedback.
+      e ← β·e + Δ); 1.0 is plain error feedback. A float, or a scalar array (a hyperparameter
+      `optax.inject_hyperparams` passes).
 
   Returns:
     A `Compressed` (payload, sent, residual).
@@ -121,7 +122,8 @@ def compress_with_feedback(
   if residual is None:
     corrected = value
   else:
-    owed = residual if decay == 1.0 else jax.tree.map(lambda e: decay * e, residual)
+    plain = isinstance(decay, (int, float)) and decay == 1.0  # an array: inject_hyperparams
+    owed = residual if plain else jax.tree.map(lambda e: decay * e, residual)
     corrected = jax.tree.map(lambda v, e: v.astype(e.dtype) + e, value, owed)
   coded = corrected if offset is None else jax.tree.map(lambda c, p: c - p, corrected, offset)
   payload = codec.encode(coded, key)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from compams_jax._src import bucket
-from compams_jax._src.base import Compressor, Payload, check_float_leaf
+from compams_jax._src.base import Compressor, Payload, check_float_leaf, overrides
 
 
 def _leaf_keys(key: jax.Array | None, n: int) -> list[jax.Array | None]:
@@ -24,12 +24,13 @@ def _flat_like(leaves: list[Any]) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct((size,), dtype)
 
 
-def _unflatten(vector: jax.Array, like_tree: Any) -> Any:
+def _unflatten(vector: jax.Array, like_tree: Any, cast: bool = True) -> Any:
   leaves, treedef = jax.tree.flatten(like_tree)
   out, start = [], 0
   for like in leaves:
     size = int(np.prod(like.shape, dtype=np.int64))
-    out.append(vector[start : start + size].reshape(like.shape).astype(like.dtype))
+    piece = vector[start : start + size].reshape(like.shape)
+    out.append(piece.astype(like.dtype) if cast else piece)
     start += size
   return jax.tree.unflatten(treedef, out)
 
@@ -232,6 +233,62 @@ def decode_tree(
   )
 
 
+def _over_workers(
+  compressor: Compressor,
+  leaf_fn: Any,
+  layer_term: Any,
+  payloads: Payload,
+  like_tree: Any,
+  key: jax.Array | None,
+  stacked: Any,
+  cast: bool = True,
+) -> Any:
+  """A reduction over the workers' payloads, leaf by leaf (or of the flattened model).
+
+  `leaf_fn(payloads, like, key)` reduces a leaf's payloads (stacked, or `bucket.Rows`); leaves
+  of one shape run as one `lax.map` over their stacked rows when the compressor compiles once
+  per shape. A leaf that stacks layers adds `layer_term(like, payload, keys)` (every layer of
+  one worker's payload, one vmap) one worker at a time. `cast`: unflatten the model's result
+  to the leaves' dtypes (False keeps it float32: counts).
+  """
+  if stacked is None or not any(stacked) or compressor.granularity == "model":
+    if compressor.compile_once_per_shape and compressor.granularity == "leaf":
+      payloads = [p.stacked() if isinstance(p, bucket.Rows) else p for p in payloads]
+    leaves = jax.tree.leaves(like_tree)
+    if compressor.granularity == "model" and leaves and not cast:
+      return _unflatten(leaf_fn(payloads[0], _flat_like(leaves), key), like_tree, cast=False)
+    return _decode_with(compressor, leaf_fn, payloads, like_tree, key)
+  leaves, treedef = jax.tree.flatten(like_tree)
+  keys = _keys_for(key, leaves, stacked)
+  out: list[Any] = [None] * len(leaves)
+  plain = [i for i, s in enumerate(stacked) if not s]
+  for i, s in enumerate(stacked):
+    if not s:
+      continue
+    spec = jax.ShapeDtypeStruct(tuple(leaves[i].shape), leaves[i].dtype)
+    out[i] = layer_term(spec, payloads[i], keys[i])
+  specs = [jax.ShapeDtypeStruct(tuple(leaves[i].shape), leaves[i].dtype) for i in plain]
+  pays = [payloads[i] for i in plain]
+  if compressor.compile_once_per_shape:
+    pays = [p.stacked() if isinstance(p, bucket.Rows) else p for p in pays]
+  sums = per_leaf(
+    lambda like, p, k: leaf_fn(p, like, k),
+    specs,
+    pays,
+    [keys[i] for i in plain],
+    group=compressor.compile_once_per_shape,
+  )
+  for i, v in zip(plain, sums):
+    out[i] = v
+  return jax.tree.unflatten(treedef, out)
+
+
+def _layers_decoded(compressor: Compressor):
+  """(like, one worker's payload of a stacked leaf, per-layer keys) -> its layers decoded, f32."""
+  batched = compressor.batched()
+  return layered(lambda like, p, k: batched.decode(p, like, k).astype(jnp.float32))
+
+
 def decode_sum_tree(
   compressor: Compressor,
   payloads: Payload,
@@ -246,36 +303,147 @@ def decode_sum_tree(
   Leaves grouped into one `lax.map` (`compile_once_per_shape`) take their rows stacked. A
   stacked-layer leaf adds each worker's layers, decoded by one vmap, one worker at a time.
   """
-  if stacked is None or not any(stacked) or compressor.granularity == "model":
-    if compressor.compile_once_per_shape and compressor.granularity == "leaf":
-      payloads = [p.stacked() if isinstance(p, bucket.Rows) else p for p in payloads]
-    return _decode_with(compressor, compressor.decode_sum, payloads, like_tree, key)
-  leaves, treedef = jax.tree.flatten(like_tree)
-  keys = _keys_for(key, leaves, stacked)
-  out: list[Any] = [None] * len(leaves)
-  plain = [i for i, s in enumerate(stacked) if not s]
-  for i, s in enumerate(stacked):
-    if not s:
-      continue
-    spec = jax.ShapeDtypeStruct(tuple(leaves[i].shape), leaves[i].dtype)
-    batched = compressor.batched()
-    one = layered(lambda like, p, k: batched.decode(p, like, k).astype(jnp.float32))
-    total = bucket.rows(payloads[i]).sum(lambda p, spec=spec, k=keys[i]: one(spec, p, k))
-    out[i] = total.astype(spec.dtype)
-  specs = [jax.ShapeDtypeStruct(tuple(leaves[i].shape), leaves[i].dtype) for i in plain]
-  pays = [payloads[i] for i in plain]
-  if compressor.compile_once_per_shape:
-    pays = [p.stacked() if isinstance(p, bucket.Rows) else p for p in pays]
-  sums = per_leaf(
-    lambda like, p, k: compressor.decode_sum(p, like, k),
-    specs,
-    pays,
-    [keys[i] for i in plain],
-    group=compressor.compile_once_per_shape,
+  one = _layers_decoded(compressor)
+
+  def layer_sum(spec, payloads, keys):
+    return bucket.rows(payloads).sum(lambda p: one(spec, p, keys)).astype(spec.dtype)
+
+  return _over_workers(
+    compressor, compressor.decode_sum, layer_sum, payloads, like_tree, key, stacked
   )
-  for i, v in zip(plain, sums):
-    out[i] = v
-  return jax.tree.unflatten(treedef, out)
+
+
+def _each_layer(compressor: Compressor, method: str):
+  """(like, a stacked leaf's payloads, per-layer keys) -> `method` of the compressor's batched
+  variant on every layer: one vmap over the layer axis of the stacked payloads (n, layers, ...)."""
+
+  def apply(spec, payloads, keys):
+    layer = jax.ShapeDtypeStruct(tuple(spec.shape[1:]), spec.dtype)
+    fn = getattr(compressor.batched(), method)
+    return jax.vmap(lambda p, k: fn(p, layer, k), in_axes=(1, None if keys is None else 0))(
+      bucket.rows(payloads).stacked(), keys
+    )
+
+  return apply
+
+
+def decode_count_tree(
+  compressor: Compressor,
+  payloads: Payload,
+  like_tree: Any,
+  key: jax.Array | None = None,
+  stacked: Any = None,
+) -> Any:
+  """Per entry, how many workers' payloads sent it (`Compressor.decode_count`).
+
+  A float32 pytree shaped like `like_tree`; `payloads` as in `decode_sum_tree`. A stacked-layer
+  leaf counts the non-zero entries of each worker's decoded layers, one worker at a time, or
+  runs the compressor's own `decode_count` on every layer (one vmap).
+  """
+  if overrides(compressor, "decode_count"):
+    layer_count = _each_layer(compressor, "decode_count")
+  else:
+    one = _layers_decoded(compressor)
+
+    def layer_count(spec, payloads, keys):
+      return bucket.rows(payloads).sum(lambda p: (one(spec, p, keys) != 0).astype(jnp.float32))
+
+  return _over_workers(
+    compressor, compressor.decode_count, layer_count, payloads, like_tree, key, stacked, cast=False
+  )
+
+
+def decode_mean_over_senders_tree(
+  compressor: Compressor,
+  payloads: Payload,
+  like_tree: Any,
+  key: jax.Array | None = None,
+  stacked: Any = None,
+) -> Any:
+  """Per entry, the mean of the decoded payloads over the workers that sent it.
+
+  `Compressor.decode_mean_over_senders` per leaf (default Σ_i decode_i / max(1, count)), a
+  pytree like `like_tree`; `payloads` as in `decode_sum_tree`. A stacked-layer leaf adds each
+  worker's decoded layers and their non-zero entries, one worker at a time; a compressor with
+  its own senders-mean (one per coefficient of a transform) or its own `decode_count` runs its
+  `decode_mean_over_senders` on every layer (one vmap over the layer axis of the leaf's
+  stacked payloads).
+  """
+  if overrides(compressor, "decode_mean_over_senders") or overrides(compressor, "decode_count"):
+    layer_mean = _each_layer(compressor, "decode_mean_over_senders")
+  else:
+    one = _layers_decoded(compressor)
+
+    def layer_mean(spec, payloads, keys):
+      def term(p):
+        x = one(spec, p, keys)
+        return jnp.stack([x, (x != 0).astype(jnp.float32)])
+
+      total, count = bucket.rows(payloads).sum(term)  # workers in order: deterministic
+      return (total / jnp.maximum(count, 1.0)).astype(spec.dtype)
+
+  return _over_workers(
+    compressor, compressor.decode_mean_over_senders, layer_mean, payloads, like_tree, key, stacked
+  )
+
+
+def _median_clipped_sum(decode: Any, payloads: Payload, layer_axis: bool) -> jax.Array:
+  """Σ_i s_i·decode(payloads[i]), s_i = min(1, median_j ‖decode_j‖ / ‖decode_i‖), in float32.
+
+  Two passes over the rows, one worker at a time: the n norms (per layer with `layer_axis`),
+  then the sum of the scaled decodes (workers 0..n−1 in order). O(one decoded array + n
+  norms) memory: never an (n, size) array.
+  """
+  rows = bucket.rows(payloads)
+
+  def norm(p):
+    x = decode(p)
+    axes = tuple(range(1 if layer_axis else 0, x.ndim))
+    return jnp.sqrt(jnp.sum(jnp.square(x), axis=axes))
+
+  norms = jax.lax.map(lambda i: norm(rows[i]), jnp.arange(rows.n))  # (n,) or (n, layers)
+  median = jnp.median(norms, axis=0)
+  scales = jnp.where(norms > median, median / jnp.where(norms > 0, norms, 1.0), 1.0)
+
+  def term(i):
+    x = decode(rows[i])
+    s = scales[i]
+    return x * (s.reshape(s.shape + (1,) * (x.ndim - s.ndim)))
+
+  first = term(0)
+  if rows.n == 1:
+    return first
+  return jax.lax.fori_loop(1, rows.n, lambda i, total: total + term(i), first)
+
+
+def decode_clipped_sum_tree(
+  compressor: Compressor,
+  payloads: Payload,
+  like_tree: Any,
+  key: jax.Array | None = None,
+  stacked: Any = None,
+) -> Any:
+  """Σ_i s_i·decode_tree(payloads[i]), every worker's decoded block clipped to the median norm.
+
+  Per block (a leaf, a layer of a stacked leaf, or the model with granularity "model"):
+  s_i = min(1, m / ‖decode_i‖) with m the median (`jnp.median`) over the workers of
+  ‖decode_i‖₂, the norms of the decoded payloads (Templar's per-parameter norm clipping).
+  A float32 pytree shaped like `like_tree`; `payloads` as in `decode_sum_tree`. One pass over
+  the rows for the norms, one for the sum: O(size) memory whatever n is.
+  """
+  one = _layers_decoded(compressor)
+
+  def leaf_sum(payloads, like, key):
+    return _median_clipped_sum(
+      lambda p: compressor.decode(p, like, key).astype(jnp.float32), payloads, False
+    )
+
+  def layer_sum(spec, payloads, keys):
+    return _median_clipped_sum(lambda p: one(spec, p, keys), payloads, True)
+
+  return _over_workers(
+    compressor, leaf_sum, layer_sum, payloads, like_tree, key, stacked, cast=False
+  )
 
 
 def residual_tree(

@@ -15,6 +15,8 @@ from compams_jax._src.tree import (
   encode_tree,
   tree_wire_bits,
 )
+from compams_jax.compressors._chunked_top_k import ChunkedTopK, chunked_top_k
+from compams_jax.compressors._dct import DctTopK, dct_top_k
 from compams_jax.compressors._dense import Cast, Identity, cast, identity
 from compams_jax.compressors._qsgd import QSGD, qsgd
 from compams_jax.compressors._registry import FACTORIES, REGISTRY, Entry, get
@@ -25,7 +27,9 @@ from compams_jax.compressors._top_k import RandomK, TopK, random_k, top_k
 __all__ = [
   "BlockSign",
   "Cast",
+  "ChunkedTopK",
   "Compressor",
+  "DctTopK",
   "Entry",
   "FACTORIES",
   "Identity",
@@ -36,7 +40,9 @@ __all__ = [
   "TopK",
   "block_sign",
   "cast",
+  "chunked_top_k",
   "compress_tree",
+  "dct_top_k",
   "decode_sum_tree",
   "decode_tree",
   "encode_tree",

@@ -16,6 +16,8 @@ from typing import Any
 import jax.numpy as jnp
 
 from compams_jax._src.base import Compressor
+from compams_jax.compressors._chunked_top_k import chunked_top_k
+from compams_jax.compressors._dct import dct_top_k
 from compams_jax.compressors._dense import cast, identity
 from compams_jax.compressors._qsgd import qsgd
 from compams_jax.compressors._sign import block_sign, scaled_sign
@@ -79,6 +81,34 @@ REGISTRY: dict[str, Entry] = {
     (({"levels": 0}, ValueError), ({"levels": 4, "bucket_size": 0}, ValueError)),
   ),
   "terngrad": Entry(terngrad),
+  "chunked_top_k": Entry(
+    chunked_top_k,
+    (
+      {"k": 64, "chunk": 64, "value_bits": 2},  # SparseLoCo
+      {"k": 41, "value_bits": None, "value_dtype": jnp.bfloat16},  # 1% per chunk, bf16 values
+      {"k": 64, "value_bits": 4},
+    ),
+    (
+      ({"k": 0}, ValueError),
+      ({"chunk": 0}, ValueError),
+      ({"chunk": 65}, ValueError),  # 12-bit chunk-local indices: at most 64² entries a chunk
+      ({"value_bits": 3}, ValueError),
+      ({"value_bits": 16}, ValueError),
+      ({"k": 2.5}, TypeError),
+      ({"value_dtype": jnp.int32}, ValueError),
+    ),
+  ),
+  "dct_top_k": Entry(
+    dct_top_k,
+    ({"k": 32, "chunk": 64}, {"k": 4, "chunk": 64}),
+    (
+      ({"k": 0}, ValueError),
+      ({"chunk": 0}, ValueError),
+      ({"chunk": 65}, ValueError),
+      ({"k": "32"}, TypeError),
+      ({"value_dtype": jnp.int32}, ValueError),
+    ),
+  ),
 }
 
 FACTORIES: dict[str, Callable[..., Compressor]] = {n: e.factory for n, e in REGISTRY.items()}

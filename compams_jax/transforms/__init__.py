@@ -1,5 +1,6 @@
 """Transforms: optax GradientTransformations with compressed communication and their state."""
 
+from compams_jax.transforms._demo import DecoupledMomentumState, decoupled_momentum
 from compams_jax.transforms._error_feedback import (
   CompressedMeanState,
   ErrorFeedbackState,
@@ -16,6 +17,7 @@ from compams_jax.transforms._worker_adam import WorkerAdamState, worker_adam
 
 __all__ = [
   "CompressedMeanState",
+  "DecoupledMomentumState",
   "DenseWarmupState",
   "ErrorFeedbackState",
   "OneBitAdamState",
@@ -26,6 +28,7 @@ __all__ = [
   "WorkerAdamState",
   "WorkerMomentumState",
   "compressed_mean",
+  "decoupled_momentum",
   "dense_warmup",
   "error_feedback",
   "powersgd",

@@ -2,7 +2,8 @@
 
 A transform compresses in the layout its strategy needs (`codec`), runs its own algorithm on
 the payload (error feedback, predictive coding), then averages (`mean`): through the wire's
-`average` for strategies with `exact_mean`, or by two-phase averaging (`_two_phase`).
+`average` for strategies that average whole payloads (`averages_payloads`: the gather
+strategy, with any of its averaging options), or by two-phase averaging (`_two_phase`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def codec(
 ) -> Any:
   """The layout the workers compress in: per leaf (`TreeCodec`, stacked layers each a block),
   or two-phase's n chunks."""
-  if wire.exact_mean:
+  if wire.averages_payloads:
     return TreeCodec(compressor, stacked)
   if stacked is not None and any(stacked):
     raise ValueError(
@@ -63,7 +64,7 @@ def follows_sharding(
       "use a per-leaf code such as cj.compressors.block_sign() (each device's shard of each "
       "leaf is then a block)."
     )
-  if not wire.exact_mean:
+  if not wire.averages_payloads:
     raise ValueError(
       f"{what}: cj.wire.two_phase() flattens the whole model into one vector, which a "
       f"sharded model (leaves sharded over {axes}) does not hold on any device; use "
@@ -74,7 +75,7 @@ def follows_sharding(
 
 def init(wire: Wire, like: Any, axis_name: AxisName | None) -> PerWorker | None:
   """State the averaging keeps of its own (two-phase's server residuals), or None."""
-  if wire.exact_mean:
+  if wire.averages_payloads:
     return None
   return _two_phase.init(like, wire.workers(axis_name, at_init=True))
 
@@ -94,7 +95,7 @@ def mean(
 
   `corrected` gives the dtypes the payload was encoded from (the residual's), if not `like`'s.
   """
-  if wire.exact_mean:
+  if wire.averages_payloads:
     own = jax.tree.map(lambda s, v: s.astype(v.dtype), out.sent, like)
     average = wire.average(
       codec.compressor,

@@ -103,7 +103,8 @@ def predictive_compression(
     axis_name: the mapped axis indexing workers, or None for one worker.
     dense_axis_name: a fast axis reduced densely first (see `cj.error_feedback`): every device
       codes the innovation of the chunk it owns; the receiver average stays whole.
-    wire: the wire strategy; it must declare `exact_mean` (default `cj.wire.gather()`).
+    wire: the wire strategy; it must declare `exact_mean` (default `cj.wire.gather()`;
+      not two-phase, nor gather's `average="senders"` or `clip="median"`).
     seed: seeds the PRNG keys of randomized compressors.
 
   Returns:
@@ -135,7 +136,9 @@ def predictive_compression(
   if not wire.exact_mean:
     raise ValueError(
       f"predictive_compression needs a wire strategy whose output is the mean of what the "
-      f"workers sent (exact_mean), such as cj.wire.gather(); got {wire!r}."
+      f"workers sent (exact_mean): its receivers rebuild the senders' reconstructions from "
+      f"that mean. Use cj.wire.gather() with its default average='mean' and clip=None (an "
+      f"average over senders or a clipped average is not the mean); got {wire!r}."
     )
   if dense_axis_name is None:
     every_device = axis_name

@@ -14,14 +14,19 @@ class Wire:
   two-phase's second compression) live in the transforms that use it. Its payloads travel
   bucketed: a fixed number of collectives per step whatever the leaf count.
 
-  Class-level declarations, read by the transforms:
+  Declarations, read by the transforms:
 
-  * `exact_mean`: the workers' payloads reach every worker, whose average is exactly
-    (1/n) Σ_i decode(payload_i) (`average`). Predictive coding needs it: its receivers rebuild
-    the senders' reconstructions from that mean. A strategy without it exchanges chunk
-    payloads (`exchange`) and gathers recompressed ones (`gather`): two-phase averaging.
+  * `averages_payloads`: every worker's per-leaf payload reaches every worker, which averages
+    them (`average`). A strategy without it exchanges chunk payloads (`exchange`) and gathers
+    recompressed ones (`gather`): two-phase averaging, whose transforms compress the model
+    flattened into n chunks.
+  * `exact_mean`: the strategy's output is exactly (1/n) Σ_i decode(payload_i). Predictive
+    coding needs it: its receivers rebuild the senders' reconstructions from that mean. The
+    gather strategy's averaging options (`average="senders"`, `clip="median"`) and two-phase
+    averaging do not declare it.
   """
 
+  averages_payloads: ClassVar[bool] = True
   exact_mean: ClassVar[bool] = True
 
 

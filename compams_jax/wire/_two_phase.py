@@ -40,6 +40,7 @@ class TwoPhase(Wire):
   """
 
   num_workers: int | None = None
+  averages_payloads = False
   exact_mean = False
 
   def __post_init__(self):
