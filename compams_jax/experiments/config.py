@@ -75,6 +75,26 @@ PRESETS: dict[str, dict[str, Any]] = {
   # (inner learning rate: optimizer.learning_rate), then the dense average of the
   # pseudo-gradients, one outer Nesterov SGD step (optimizer.outer_lr 0.7, outer_momentum 0.9).
   "diloco": dict(name="diloco", compressor="identity", compressor_kwargs={}),
+  # SparseLoCo: local SGD as diloco, the pseudo-gradient compressed (64 of each 64×64 chunk,
+  # 12-bit indices, 2-bit values) with error feedback decaying by 0.95, plain outer SGD at 0.6.
+  "sparseloco": dict(
+    name="diloco",
+    compressor="chunked_top_k",
+    compressor_kwargs={"k": 64, "chunk": 64, "value_bits": 2},
+    feedback="ef",
+    feedback_decay=0.95,
+    outer_lr=0.6,
+    outer_momentum=0.0,
+  ),
+  # DeMo: every step (no local steps), each worker's decoupled momentum (decay 0.999) sent as
+  # the top 32 DCT coefficients of each 64×64 chunk, averaged over the senders, sign descent;
+  # cj.demo(learning_rate, compression_decay=0.999, compression_topk=32, compression_chunk=64).
+  "demo": dict(
+    name="demo",
+    compressor="dct_top_k",
+    compressor_kwargs={"k": 32, "chunk": 64},
+    compression_decay=0.999,
+  ),
 }
 
 
@@ -93,7 +113,8 @@ def optimizer_section() -> ml_collections.ConfigDict:
   error_feedback (momentum SGD: keep residuals) and wire ("gather" or "two_phase"); for local
   SGD (`diloco`, see `optim.diloco_adamw`): sync_every (H, inner steps between syncs),
   outer_lr and outer_momentum (the outer Nesterov SGD; momentum 0 = plain SGD),
-  weight_decay (the inner AdamW's) and feedback_decay (the error residual's decay).
+  weight_decay (the inner AdamW's; DeMo's decoupled one) and feedback_decay (the error
+  residual's decay); for DeMo (`demo`): compression_decay (its momentum's decay).
   """
   library = config_dict.placeholder  # None: the library factory's default
   return ml_collections.ConfigDict(
@@ -121,6 +142,7 @@ def optimizer_section() -> ml_collections.ConfigDict:
       "outer_momentum": library(float),
       "weight_decay": library(float),
       "feedback_decay": library(float),
+      "compression_decay": library(float),
     }
   )
 
@@ -329,6 +351,7 @@ _CHECKS = (
   ("optimizer.outer_momentum", lambda v: _is_real(v) and 0 <= v < 1, "in [0, 1)"),
   ("optimizer.weight_decay", lambda v: _is_real(v) and v >= 0, "a finite number >= 0"),
   ("optimizer.feedback_decay", lambda v: _is_real(v) and 0 < v <= 1, "in (0, 1]"),
+  ("optimizer.compression_decay", lambda v: _is_real(v) and 0 <= v <= 1, "in [0, 1]"),
   ("optimizer.feedback", lambda v: v in ("ef", "ef21", "none"), "'ef', 'ef21' or 'none'"),
   ("optimizer.wire", lambda v: v in ("gather", "two_phase"), "'gather' or 'two_phase'"),
   (
@@ -346,7 +369,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   max_train_examples / max_test_examples, optimizer.warmup_steps >= 0), the learning rate
   (finite, > 0), optimizer.b1 / b2 / momentum in [0, 1), optimizer.eps >= 0, the local-SGD
   fields (sync_every >= 1, outer_lr > 0, outer_momentum in [0, 1), weight_decay >= 0,
-  feedback_decay in (0, 1]), the loss target,
+  feedback_decay in (0, 1]), DeMo's compression_decay in [0, 1], the loss target,
   the names of optimizer.feedback / wire / predictor, the annealing fields, and the mesh
   section (shape of positive sizes whose product is num_workers; simulate "" or "vmap").
 

@@ -12,7 +12,7 @@ and gathered for use (``jax.sharding.reshard(w, P())``), and the optimizer
 communicates across slices only (``axis_name="dcn"``), compressing each layer
 of the scanned blocks on its own (``stacked=``).  The step is the library's
 partial-manual ``jax.shard_map`` over ``"dcn"`` (docs/guide.md, "Sharded
-models").  A local-SGD method (``diloco``: the experiments' preset, built by
+models").  A local-SGD method (``diloco``, ``sparseloco``: the experiments' presets, built by
 ``optim.build_optimizer`` with the config's ``learning_rate`` and ``sync_every``)
 gives each slice its own parameters: a leading slice axis split over ``"dcn"``
 (FSDP inside, as before), synchronized every ``sync_every`` steps; it is
@@ -27,6 +27,7 @@ the bytes per sync and their per-step equivalent, bytes per sync /
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import sys
 import time
@@ -57,8 +58,10 @@ COMP_AMS: dict[str, Callable[[Any], Any]] = {
   "comp_ams_block_sign": lambda c: cj.compressors.block_sign(),
 }
 # Methods built from the experiments' optimizer presets (`config.PRESETS`) with the config's
-# `learning_rate` and `sync_every`.
-PRESET_METHODS = ("diloco",)
+# `learning_rate` and `sync_every`: local SGD (diloco, sparseloco: every slice its own params)
+# and DeMo (its DCT chunks read a stacked leaf as a (layers · rows, cols) matrix: a chunk spans
+# layers only where rows is not a multiple of its side).
+PRESET_METHODS = ("diloco", "sparseloco", "demo")
 METHODS = (*COMP_AMS, *PRESET_METHODS)
 
 
@@ -82,8 +85,11 @@ def make_tx(method: str, config: Any, params: Any):
   if method not in METHODS:
     raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
   if method in PRESET_METHODS:
+    section = optimizer_section(method, config)
+    factory = optim.REGISTRY[section["name"]].factory
+    per_layer = "stacked" in inspect.signature(factory).parameters
     return optim.build_optimizer(
-      optimizer_section(method, config), axis_name="dcn", stacked=lm.stacked_mask(params)
+      section, axis_name="dcn", stacked=lm.stacked_mask(params) if per_layer else None
     )
   return cj.comp_ams(
     config.learning_rate,

@@ -196,6 +196,39 @@ def diloco_adamw(
   )
 
 
+_DEMO = inspect.signature(cj.demo).parameters
+
+
+def demo(
+  learning_rate: float,
+  compressor: Any,
+  *,
+  axis_name: str | None,
+  compression_decay: float = _DEMO["compression_decay"].default,
+  weight_decay: float = _DEMO["weight_decay"].default,
+) -> optax.GradientTransformation:
+  """`cj.demo` with its momentum's compressor given (the section's `compressor`): DeMo's
+  `dct_top_k(k=compression_topk, chunk=compression_chunk)` for the `demo` preset.
+
+  Args:
+    learning_rate: η.
+    compressor: the compressor of each worker's decoupled momentum.
+    axis_name: the worker axis.
+    compression_decay: β, the momentum's decay (default: `cj.demo`'s).
+    weight_decay: λ, decoupled weight decay (default: `cj.demo`'s).
+
+  Returns:
+    The `optax.GradientTransformation` (DeMo's default wire: the mean over the senders).
+  """
+  return cj.demo(
+    learning_rate,
+    compression_decay=compression_decay,
+    weight_decay=weight_decay,
+    axis_name=axis_name,
+    compressor=compressor,
+  )
+
+
 _ADAM = {"b1": "b1", "b2": "b2"}
 REGISTRY: dict[str, Optimizer] = {
   # Full precision: the identity compressor's payload is the dense gradient (one psum).
@@ -248,6 +281,11 @@ REGISTRY: dict[str, Optimizer] = {
       "seed": "seed",
       "wire": "wire",
     },
+  ),
+  # DeMo: every step, each worker's decoupled momentum compressed (DCT top-k), averaged over
+  # the senders, sign descent.
+  "demo": Optimizer(
+    demo, {"compression_decay": "compression_decay", "weight_decay": "weight_decay"}
   ),
 }
 OPTIMIZERS = tuple(REGISTRY)
@@ -334,8 +372,8 @@ def build_optimizer(
   """Builds the optimizer that an `optimizer` config section describes (see `REGISTRY`).
 
   Args:
-    opt: a mapping with `name` ("amsgrad", "comp_ams", "momentum_sgd", "onebit_adam", "qadam"
-      or "diloco"), `learning_rate`, `compressor` and `compressor_kwargs` (see
+    opt: a mapping with `name` ("amsgrad", "comp_ams", "momentum_sgd", "onebit_adam", "qadam",
+      "diloco" or "demo"), `learning_rate`, `compressor` and `compressor_kwargs` (see
       `cj.compressors.get`), and the optimizer's own fields (`b1`, `b2`, `eps`, `momentum`,
       `feedback`, `error_feedback`, `predictor`, `seed`, `warmup_steps`, `wire`,
       `sync_every`, `outer_lr`, ...); fields missing or None take the library factory's

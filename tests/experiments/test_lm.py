@@ -184,3 +184,19 @@ def test_language_model_config_trains_diloco_per_slice(capsys):
   assert r["bytes_per_step"] == r["bytes_per_sync"] / 2
   table = lm_train.format_table([r])
   assert "bytes/sync" in table and f"{4 * owned + 4:,d}" in table and "diloco H=2" in table
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not D.PYTHON_DOCS_DIR.is_dir(), reason="apt-get install python3.11-doc")
+def test_language_model_runs_the_sparseloco_and_demo_presets(capsys):
+  import pathlib
+
+  from compams_jax.experiments import cli
+
+  config = pathlib.Path(__file__).resolve().parents[2] / "configs" / "lm_small.py"
+  argv = ["--config", f"{config}:smoke", "steps=2", "sync_every=2"]
+  assert cli.train_main([*argv, "methods=('sparseloco', 'demo')", "--no-progress"]) == 0
+  out = capsys.readouterr().out
+  rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()}
+  assert rows["sparseloco"][-2] != "-" and rows["demo"][-2] == "-"  # bytes/sync: local SGD only
+  assert all(np.isfinite(float(rows[m][1])) for m in ("sparseloco", "demo"))

@@ -47,10 +47,11 @@ def _updates_on_axis(tx, steps=3):
   """`_updates` of a `tx` built on axis "data", as the one worker of a `jax.vmap` over it."""
   one = functools.partial(jax.vmap, axis_name="data", axis_size=1)
   params = {"w": jnp.linspace(-1.0, 1.0, 16), "b": jnp.ones(3)}
+  update = jax.jit(one(tx.update, in_axes=(None, 0, None)))
   state, out = one(tx.init, in_axes=None)(params), []
   for t in range(steps):
     grads = jax.tree.map(lambda p: jnp.sin(p * (t + 1)) + 0.1 * t, params)
-    updates, state = one(tx.update, in_axes=(None, 0, None))(grads, state, params)
+    updates, state = update(grads, state, params)
     updates = jax.tree.map(lambda x: x[0], updates)
     params = optax.apply_updates(params, updates)
     out.append(updates)
@@ -262,3 +263,35 @@ def test_sync_every_is_the_sections_or_the_factorys_default():
   assert optim.sync_every(dict(name="diloco")) == default
   assert optim.sync_every(dict(name="diloco", sync_every=7)) == 7
   assert optim.sync_every(dict(name="comp_ams", sync_every=7)) is None
+
+
+def test_sparseloco_and_demo_presets_are_the_library_optimizers():
+  """The presets as the papers configure them, against the library built by hand."""
+  section = lambda preset, **f: {**config_lib.PRESETS[preset], "learning_rate": 0.1, **f}
+  sparseloco = cj.diloco(
+    optax.adamw(0.1),
+    sync_every=2,
+    outer=optax.sgd(0.6),
+    compressor=cj.compressors.chunked_top_k(64, chunk=64, value_bits=2),
+    feedback="ef",
+    feedback_decay=0.95,
+    axis_name="data",
+  )
+  built = optim.build_optimizer(section("sparseloco", sync_every=2), axis_name="data")
+  _assert_same_updates_on_axis(built, sparseloco)
+  demo = cj.demo(
+    0.1,
+    compression_decay=0.999,
+    compression_topk=32,
+    compression_chunk=64,
+    weight_decay=0.01,
+    axis_name="data",
+  )
+  built = optim.build_optimizer(section("demo", weight_decay=0.01), axis_name="data")
+  _assert_same_updates_on_axis(built, demo)
+  # Unset, DeMo's weight decay is cj.demo's own default.
+  default = inspect.signature(cj.demo).parameters["weight_decay"].default
+  _assert_same_updates_on_axis(
+    optim.build_optimizer(section("demo"), axis_name="data"),
+    cj.demo(0.1, weight_decay=default, axis_name="data"),
+  )

@@ -385,3 +385,30 @@ def test_diloco_elastic_resume_is_refused(_diloco_runs, tmp_path):
     train.train(cfg, tmp_path, resume=True, progress=False, elastic=True)
   assert "num_workers=8" in str(e.value)
   assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+# In -m slow: the diloco trainer path runs by default above, and test_optim checks that these
+# presets build the library's SparseLoCo and DeMo.
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["sparseloco", "demo"])
+def test_sparseloco_and_demo_presets_train_on_digits(variant, tmp_path):
+  result = train.train(_digits(variant=variant), tmp_path, progress=False)
+  s = result.summary
+  evals = [
+    json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"eval"' in l
+  ]
+  assert evals[-1]["train_loss"] < evals[0]["train_loss"]
+  assert evals[-1]["test_loss"] < evals[0]["test_loss"] and s["test_accuracy"] > 0.12
+  # The payload of the preset's compressor, as the compiled step's HLO sends it: per sync (with
+  # a 4-byte finiteness flag) for SparseLoCo, every step for DeMo.
+  theta = cj.synchronized_params(result.opt_state)
+  preset = config_lib.PRESETS[variant]
+  compressor = cj.compressors.get(preset["compressor"], **preset["compressor_kwargs"])
+  payload = cj.wire_bytes(compressor, result.params if theta is None else theta)
+  assert s["bytes_per_step_hlo"] == s["bytes_per_step_static"]
+  if variant == "sparseloco":
+    assert s["bytes_per_sync"] == payload + 4 and s["bytes_per_step_steady"] == (payload + 4) / 10
+  else:
+    assert theta is None and s["bytes_per_sync"] is None
+    assert s["bytes_per_step_steady"] == payload
+  assert s["compression_ratio"] > 50
