@@ -170,6 +170,28 @@ def np_quantize(values, bits, sigmas=3.0):
   return codes, table
 
 
+def np_pack12(indices):
+  """12-bit indices two to three bytes, by arithmetic on Python ints: a pair (a, b) is the
+  24-bit number a + 4096·b in little-endian byte order (an odd count padded with a 0)."""
+  idx = [int(i) for i in indices] + ([0] if len(indices) % 2 else [])
+  out = []
+  for a, b in zip(idx[0::2], idx[1::2]):
+    word = a + 4096 * b
+    out += [word % 256, (word // 256) % 256, word // 65536]
+  return np.array(out, np.uint8)
+
+
+def np_pack_bits(codes, bits):
+  """b-bit codes, 8 // b per byte, the first code in the lowest bits (count padded with 0s)."""
+  per = 8 // bits
+  codes = [int(c) for c in codes]
+  codes += [0] * (-len(codes) % per)
+  return np.array(
+    [sum(codes[i + j] * 2 ** (bits * j) for j in range(per)) for i in range(0, len(codes), per)],
+    np.uint8,
+  )
+
+
 def np_chunked_top_k(x, key=None, k=64, chunk=64, value_bits=2, value_dtype=None):
   """SparseLoCo's compressor: per chunk of m entries the k_m = min(m, max(1, ⌈k·m/chunk²⌉))
   largest magnitudes, their values quantized per leaf (`np_quantize`, means sent in

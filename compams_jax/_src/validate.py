@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -112,3 +113,27 @@ def check_per_worker(updates: Any, state: Any, axis_names: Any, what: str) -> No
         "cj.sharding.init(tx, params, mesh=mesh, axis_name=...) and pass it with "
         "cj.sharding.state_specs(state, axis_name), or use cj.data_parallel_step."
       )
+
+
+def check_decay(decay: Any, name: str = "decay") -> Any:
+  """A real number in [0, 1], or a float scalar array (`optax.inject_hyperparams` passes
+  arrays; a concrete one is range-checked too)."""
+  if isinstance(decay, bool):
+    raise TypeError(f"{name} must be a float in [0, 1], got {decay!r}.")
+  if not isinstance(decay, (int, float)):
+    dtype = getattr(decay, "dtype", None)
+    if (
+      dtype is None
+      or getattr(decay, "shape", None) != ()
+      or not jnp.issubdtype(dtype, jnp.floating)
+    ):
+      raise TypeError(f"{name} must be a float in [0, 1], got {decay!r}.")
+    try:
+      value = float(decay)
+    except jax.errors.ConcretizationTypeError:  # traced: checked where it was concrete
+      return decay
+  else:
+    value = decay = float(decay)
+  if math.isnan(value) or not 0.0 <= value <= 1.0:
+    raise ValueError(f"{name} must be in [0, 1], got {decay!r}.")
+  return decay

@@ -288,7 +288,9 @@ def chunked_top_k(
   Examples:
     >>> import jax.numpy as jnp, compams_jax as cj
     >>> c = cj.compressors.chunked_top_k(64, value_bits=2)
-    >>> 768 * 3072 * 32 / c.wire_bits((768, 3072), jnp.float32)
+    >>> c.wire_bits((768, 3072), jnp.float32)  # 36,864 kept·(12 + 2) bits + 4 float32 means
+    516224
+    >>> round(768 * 3072 * 32 / 516224, 2)
     146.25
     >>> c = cj.compressors.chunked_top_k(1, chunk=2, value_bits=None)
     >>> c.compress(jnp.array([[1.0, -3.0], [2.0, 0.5]]))

@@ -252,7 +252,7 @@ def diloco(
 
     def carry_on(sync_state):
       # False, typed as the sync branch's flag: varying over the worker axes it varies along.
-      axes = varying_axes(finite) & set(_names(every))
+      axes = varying_axes(finite) & set(() if every is None else _names(every))
       no = jnp.zeros([], jnp.bool_)
       no = jax.lax.pcast(no, tuple(sorted(axes)), to="varying") if axes else no
       return sync_state, theta, no, jnp.zeros([], jnp.bool_)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -12,15 +11,13 @@ import optax
 from compams_jax._src.base import Compressor
 from compams_jax._src.tree import check_tree
 from compams_jax._src.validate import (
-  check_axis_name,
-  check_compressor,
+  check_decay,
   check_per_worker,
-  check_seed,
 )
 from compams_jax._src.workers import PerWorker, local_update, per_worker_zeros
 from compams_jax.transforms import _average
 from compams_jax.transforms._error_feedback import _averaging, _residual_marker
-from compams_jax.wire import Wire, check_wire, chunks_like, gather
+from compams_jax.wire import Wire, chunks_like
 
 
 class DecoupledMomentumState(NamedTuple):
@@ -36,30 +33,6 @@ class DecoupledMomentumState(NamedTuple):
   momentum: PerWorker
   count: jax.Array
   wire_state: PerWorker | None = None
-
-
-def check_decay(decay: Any, name: str = "decay") -> Any:
-  """A real number in [0, 1], or a float scalar array (`optax.inject_hyperparams` passes
-  arrays; a concrete one is range-checked too)."""
-  if isinstance(decay, bool):
-    raise TypeError(f"{name} must be a float in [0, 1], got {decay!r}.")
-  if not isinstance(decay, (int, float)):
-    dtype = getattr(decay, "dtype", None)
-    if (
-      dtype is None
-      or getattr(decay, "shape", None) != ()
-      or not jnp.issubdtype(dtype, jnp.floating)
-    ):
-      raise TypeError(f"{name} must be a float in [0, 1], got {decay!r}.")
-    try:
-      value = float(decay)
-    except jax.errors.ConcretizationTypeError:  # traced: checked where it was concrete
-      return decay
-  else:
-    value = decay = float(decay)
-  if math.isnan(value) or not 0.0 <= value <= 1.0:
-    raise ValueError(f"{name} must be in [0, 1], got {decay!r}.")
-  return decay
 
 
 def decoupled_momentum(
@@ -120,13 +93,8 @@ def decoupled_momentum(
   References:
     Peng et al., "DeMo: Decoupled Momentum Optimization", arXiv:2411.19870, 2024.
   """
-  check_compressor(compressor)
   decay = check_decay(decay)
-  check_axis_name(axis_name)
-  check_axis_name(dense_axis_name, "dense_axis_name")
-  check_seed(seed)
-  wire = gather() if wire is None else check_wire(wire)
-  average = _averaging(
+  wire, average = _averaging(
     compressor,
     wire,
     seed=seed,

@@ -15,6 +15,7 @@ from compams_jax._src.tree import check_tree, stacked_flags
 from compams_jax._src.validate import (
   check_axis_name,
   check_compressor,
+  check_decay,
   check_per_worker,
   check_seed,
   check_updates,
@@ -72,8 +73,14 @@ def _stacked_layers(stacked: Any, dense_axis_name: AxisName | None):
 
 
 def _averaging(compressor, wire, *, seed, axis_name, dense_axis_name, stacked, what, decay=1.0):
-  """The step both transforms take: (updates, residual or None, wire state, count, the
-  residual's shard specs) -> (the average over workers, the new residual, the wire state)."""
+  """The checked wire (default gather) and the step the averaging transforms take: (updates,
+  residual or None, wire state, count, the residual's shard specs) -> (the average over
+  workers, the new residual, the wire state)."""
+  check_compressor(compressor)
+  check_axis_name(axis_name)
+  check_axis_name(dense_axis_name, "dense_axis_name")
+  check_seed(seed)
+  wire = gather() if wire is None else check_wire(wire)
   layers = _stacked_layers(stacked, dense_axis_name)
 
   def average(updates, residual, wire_state, count, shard_specs=None):
@@ -102,7 +109,7 @@ def _averaging(compressor, wire, *, seed, axis_name, dense_axis_name, stacked, w
     )
     return gather_chunks(mean, updates, dense_axis_name), new_residual, wire_state
 
-  return average
+  return wire, average
 
 
 def error_feedback(
@@ -153,7 +160,7 @@ def error_feedback(
       layers): a pytree prefix of the parameters of bools, e.g. `{"blocks": True, "embed":
       False}`. Each layer of a stacked leaf is then its own block (one top-k budget, one sign
       scale per layer), through one vmap over the layers. None: no leaf is stacked.
-    decay: β in (0, 1], the residual's decay (1: the paper's error feedback).
+    decay: β in [0, 1], the residual's decay (1: the paper's error feedback).
 
   Returns:
     An `optax.GradientTransformation` whose state is an `ErrorFeedbackState`.
@@ -173,14 +180,7 @@ def error_feedback(
     Li, Karimi, Li, "On Distributed Adaptive Optimization with Gradient Compression", ICLR 2022;
     Karimireddy et al., "Error Feedback Fixes SignSGD...", ICML 2019.
   """
-  check_compressor(compressor)
-  check_axis_name(axis_name)
-  check_axis_name(dense_axis_name, "dense_axis_name")
-  check_seed(seed)
-  wire = gather() if wire is None else check_wire(wire)
-  if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 < decay <= 1.0:
-    raise ValueError(f"error_feedback: decay must be a float in (0, 1], got {decay!r}.")
-  average = _averaging(
+  wire, average = _averaging(
     compressor,
     wire,
     seed=seed,
@@ -188,7 +188,7 @@ def error_feedback(
     dense_axis_name=dense_axis_name,
     stacked=stacked,
     what="error_feedback",
-    decay=float(decay),
+    decay=check_decay(decay),
   )
 
   def init_fn(params):
@@ -248,12 +248,7 @@ def compressed_mean(
     >>> tx.update(g, tx.init(g))[0]["w"]
     Array([ 2., -2.], dtype=float32)
   """
-  check_compressor(compressor)
-  check_axis_name(axis_name)
-  check_axis_name(dense_axis_name, "dense_axis_name")
-  check_seed(seed)
-  wire = gather() if wire is None else check_wire(wire)
-  average = _averaging(
+  wire, average = _averaging(
     compressor,
     wire,
     seed=seed,

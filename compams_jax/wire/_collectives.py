@@ -42,7 +42,8 @@ def all_of_worker(flag: jax.Array, worker_axes: AxisName | None) -> jax.Array:
   """True iff `flag` is true on every device of this worker: reduced over the manual axes it
   varies along besides the worker axes (the shards of a model sharded inside a worker); no
   collective when it varies along none."""
-  inside = tuple(sorted(varying_axes(flag) - set(_names(worker_axes))))
+  workers = set() if worker_axes is None else set(_names(worker_axes))
+  inside = tuple(sorted(varying_axes(flag) - workers))
   if not inside:
     return flag
   return jax.lax.pmin(flag.astype(jnp.int32), inside) > 0
