@@ -195,8 +195,9 @@ def _truncate_metrics(path: pathlib.Path, step: int) -> None:
 class TrainState:
   """What a checkpoint holds: the parameters (for a local-SGD optimizer every worker's own,
   behind a leading worker axis), the full optimizer state (every worker's residuals; for local
-  SGD also θ, the inner optimizers' states and the position in the period), the step (the data position: batches and dropout keys derive from seed and step)
-  and the epoch's running metrics."""
+  SGD also θ, the inner optimizers' states and the position in the period), the step (the data
+  position: batches and dropout keys derive from seed and step) and the epoch's running
+  metrics."""
 
   params: Any
   opt_state: Any
@@ -342,11 +343,11 @@ def _communication(config, tx, step, state: TrainState, batch0, layout: Layout):
   An optimizer that sends the same every step sends the HLO's bytes (on a 1-D device mesh) or
   `cj.wire_bytes` of its transform. A local-SGD optimizer (`cj.diloco`, found by the θ in its
   state) sends those bytes once per sync, after every `sync_every`-th step; its bytes per step
-  are their per-step equivalent, bytes per sync / `sync_every`. One whose compiled step holds several phases (a warm-up,
-  annealed stages) sends each phase's bytes during its steps: `optim.phases` gives a transform
-  per phase, and together they must account for every byte of the optimizer's transform. On a
-  hierarchical mesh the HLO also holds the dense collectives of the fast axis; the bytes "sent"
-  are those of the slow (worker) axis. Simulated workers have no collectives at all: their bytes
+  are their per-step equivalent, bytes per sync / `sync_every`. One whose compiled step holds
+  several phases (a warm-up, annealed stages) sends each phase's bytes during its steps:
+  `optim.phases` gives a transform per phase, and together they must account for every byte of
+  the optimizer's transform. On a hierarchical mesh the HLO also holds the dense collectives of
+  the fast axis; the bytes "sent" are those of the slow (worker) axis. Simulated workers have no collectives at all: their bytes
   are read from the traced transforms.
   """
   key0 = jax.random.key(0)
