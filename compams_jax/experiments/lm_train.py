@@ -295,7 +295,8 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
   rows = [head, "-" * len(head)]
   for r in results:
     rows.append(
-      f"{r['method']:<22} {r['val_loss']:>9.4f} {r['perplexity']:>10.3f} {r['bits_per_byte']:>9.3f} "
+      f"{r['method']:<22} {r['val_loss']:>9.4f} {r['perplexity']:>10.3f} "
+      f"{r['bits_per_byte']:>9.3f} "
       f"{_bytes(r['bytes_per_step']):>11} {_bytes(r.get('bytes_per_sync')):>11} "
       f"{r['train_seconds']:>8.1f}"
     )

@@ -347,8 +347,8 @@ def _communication(config, tx, step, state: TrainState, batch0, layout: Layout):
   several phases (a warm-up, annealed stages) sends each phase's bytes during its steps:
   `optim.phases` gives a transform per phase, and together they must account for every byte of
   the optimizer's transform. On a hierarchical mesh the HLO also holds the dense collectives of
-  the fast axis; the bytes "sent" are those of the slow (worker) axis. Simulated workers have no collectives at all: their bytes
-  are read from the traced transforms.
+  the fast axis; the bytes "sent" are those of the slow (worker) axis. Simulated workers have
+  no collectives at all: their bytes are read from the traced transforms.
   """
   key0 = jax.random.key(0)
   hlo = cj.collective_bytes(step.lower(state.params, state.opt_state, batch0, key0).compile())
