@@ -26,6 +26,8 @@ def get_config(variant: str = ""):
   c.learning_rate = 2e-3
   c.top_k_ratio = 0.01
   c.sync_every = 30  # local SGD (methods "diloco"): inner steps between synchronizations
+  # Also "diloco", "sparseloco" (local SGD, every `sync_every` steps) and "demo": the
+  # experiments' optimizer presets (lm_train.PRESET_METHODS).
   c.methods = ("amsgrad", "comp_ams_top_k", "comp_ams_block_sign")
   if variant == "smoke":
     c.max_files = 40

@@ -16,7 +16,8 @@ models").  A local-SGD method (``diloco``, ``sparseloco``: the experiments' pres
 ``optim.build_optimizer`` with the config's ``learning_rate`` and ``sync_every``)
 gives each slice its own parameters: a leading slice axis split over ``"dcn"``
 (FSDP inside, as before), synchronized every ``sync_every`` steps; it is
-validated on θ, the synchronized parameters (``cj.synchronized_params``).  For
+validated on θ, the synchronized parameters (``cj.synchronized_params``); DeMo
+(``demo``, the preset too) sends its compressed momentum every step.  For
 every method it prints validation loss (nats/byte), perplexity and bits per
 byte, and the bytes each device sends across slices per step (``cj.wire_bytes``
 of its own parameter shards: compression follows the sharding; for local SGD
