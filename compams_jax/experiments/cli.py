@@ -10,10 +10,15 @@ from collections.abc import Sequence
 
 
 def _simulate_devices(count: int) -> None:
-  """`count` CPU devices (`cj.simulate_cpu_devices`), unless JAX already runs: then the devices
-  it has are used (`train.make_layout` says so if they are too few)."""
+  """`count` CPU devices (`cj.simulate_cpu_devices`), unless JAX already runs, or this process
+  already asked for at least as many: then the devices it has are used (`train.make_layout` says
+  so if they are too few)."""
+  import jax
+
   import compams_jax as cj
 
+  if jax.config.jax_num_cpu_devices >= count:  # e.g. a test process's 8 simulated devices
+    return
   try:
     cj.simulate_cpu_devices(count)
   except RuntimeError:  # JAX's backends already exist (e.g. called from a running program)
