@@ -54,8 +54,10 @@ def entropy_bits(symbols: np.ndarray) -> float:
   return float(-(p * np.log2(p)).sum())
 
 
-def code(momentum: np.ndarray, delta: float, method: str, seed: int = 0) -> dict:
-  """Dithered uniform DPCM of every worker's sequence (T, n, S); rate and distortion."""
+def code(momentum: np.ndarray, delta: float, method: str, seed: int = 0, rho: float = BETA) -> dict:
+  """Dithered uniform DPCM of every worker's sequence (T, n, S); rate and distortion.
+
+  `rho` is the coefficient of the "fixed" method (default β, the momentum's own)."""
   steps, n, s = momentum.shape
   rng = np.random.default_rng(seed)
   recon = np.zeros((n, s), np.float64)
@@ -65,7 +67,7 @@ def code(momentum: np.ndarray, delta: float, method: str, seed: int = 0) -> dict
     if method == "none" or t == 0:
       pred = np.zeros_like(m)
     elif method == "fixed":
-      pred = BETA * recon
+      pred = rho * recon
     else:
       num = np.einsum("ij,ij->i", m, recon)
       den = np.einsum("ij,ij->i", recon, recon)
