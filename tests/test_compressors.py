@@ -138,7 +138,7 @@ def test_matches_reference(name, kwargs):
       )
 
 
-@pytest.mark.parametrize("name, kwargs", registry.cases())
+@pytest.mark.parametrize("name, kwargs", registry.cases(slow_beyond_first=True))
 def test_decode_sum_matches_sum_of_references(name, kwargs):
   """decode_sum of three workers' payloads = Σ of the reference C(x_i) (shared randomness: one
   key for all workers; private: one key each, not needed to decode)."""
@@ -192,7 +192,7 @@ def _away_from_zero(d, seed):
   return ((1.0 + np.abs(rng.standard_normal(d))) * rng.choice([-1.0, 1.0], d)).astype(np.float32)
 
 
-@pytest.mark.parametrize("name, kwargs", registry.cases())
+@pytest.mark.parametrize("name, kwargs", registry.cases(slow_beyond_first=True))
 def test_declared_behaviour(name, kwargs):
   """What the compressor declares (randomness, losslessness, unbiasedness of deterministic codes,
   sends_every_entry, summability), checked on its outputs."""
@@ -241,7 +241,7 @@ def test_randomized_expectations(name, kwargs):
     assert np.all(np.abs(samples.mean(0) - x) <= tol)
 
 
-@pytest.mark.parametrize("name, kwargs", registry.cases())
+@pytest.mark.parametrize("name, kwargs", registry.cases(slow_beyond_first=True))
 @pytest.mark.filterwarnings("ignore:.*not a contraction:UserWarning")
 def test_comp_ams_trains_under_shard_map(name, kwargs, mesh):
   """COMP-AMS with the compressor fits a least-squares problem on 8 workers (shard_map)."""
@@ -761,7 +761,7 @@ EXTRA_POINTWISE = [("top_k", {"ratio": 0.1}), ("top_k", {"ratio": 0.5})]
 @pytest.mark.parametrize("d", [5, 8, 37, 300, 1000])
 @pytest.mark.parametrize(
   "name, kwargs",
-  registry.cases(where=lambda c: c.deviation == "pointwise")
+  registry.cases(where=lambda c: c.deviation == "pointwise", slow_beyond_first=True)
   + [pytest.param(n, kw, id=registry.case_id(n, kw)) for n, kw in EXTRA_POINTWISE],
 )
 def test_pointwise_deviation_bound(name, kwargs, d):
@@ -858,7 +858,8 @@ TREE = {
 
 
 @pytest.mark.parametrize(
-  "name, kwargs, granularity", registry.cases(granularities=("leaf", "model"))
+  "name, kwargs, granularity",
+  registry.cases(granularities=("leaf", "model"), slow_beyond_first=True),
 )
 def test_tree_helpers_structure_dtypes_and_payload_bits(name, kwargs, granularity):
   """Nested dicts/lists, bf16 + f32, size-1 and 0-d leaves, None leaves, an empty subtree."""

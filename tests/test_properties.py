@@ -446,7 +446,9 @@ def check_example(c, spec, value_recipes, n_keys=6):
 # ----------------------------------------------------------------- compressor properties
 
 
-@pytest.mark.parametrize("name, kwargs", registry.cases())
+# Hypothesis draws each family's settings itself: the registry's other examples add nothing by
+# default (they run in -m slow).
+@pytest.mark.parametrize("name, kwargs", registry.cases(slow_beyond_first=True))
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_compressor_properties(name, kwargs, data):

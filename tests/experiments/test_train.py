@@ -240,7 +240,9 @@ SMOKE_CONFIGS = [
 # Fashion-MNIST ones (~40 s each: 64 CNN steps at 28x28): their model is the digits config's
 # (test_digits_smoke_learns), their loader test_data's test_fashion_mnist_real, and the
 # momentum-SGD variant of fashion_mnist_momentum is test_digits_smoke_learns's too.
-SLOW_SMOKE_CONFIGS = ("fashion_mnist_cnn", "fashion_mnist_momentum")
+# The LSTM on the review snippets (13 s): its model and loader run by default in test_models and
+# the data tests.
+SLOW_SMOKE_CONFIGS = ("fashion_mnist_cnn", "fashion_mnist_momentum", "rotten_tomatoes_lstm")
 
 
 @pytest.mark.parametrize(
