@@ -33,6 +33,9 @@ def _cli(*args):
   return [sys.executable, "-m", "compams_jax.experiments.cli", "--config", CONFIG, *args]
 
 
+# 18 s (two interpreters compiling the trainer): in -m slow. The library's two-process
+# bit-identity (tests/test_hierarchical.py) runs by default.
+@pytest.mark.slow
 def test_two_processes_match_one_process_bit_for_bit(tmp_path):
   # The one-process reference runs the same CLI in this process (8 devices, as the CLI would
   # set up for num_workers=8): one interpreter start and compile fewer than a third process.
