@@ -15,8 +15,7 @@ from compams_jax._src.workers import GlobalParams, PerWorker, restore, strip
 from compams_jax.compressors import Compressor, identity
 from compams_jax.optimizers._communicate import communicate
 from compams_jax.predictors import Predictor
-from compams_jax.transforms import skip_nonfinite
-from compams_jax.wire import Wire, agree, all_of_worker, mean_over
+from compams_jax.wire import Wire, agree, all_of_worker, all_workers, mean_over
 
 DILOCO_FEEDBACKS = ("ef", "none")
 
@@ -31,8 +30,9 @@ class DiLoCoState(NamedTuple):
     count: inner steps taken (replicated); a synchronization follows every `sync_every`-th.
     inner_state: each worker's inner optimizer state (per worker), kept across syncs.
     params: θ, the synchronized parameters (replicated; `GlobalParams`).
-    sync_state: the state of the exchange and the outer optimizer (`SkipNonFiniteState` of
-      `optax.chain(averaging, outer)`): residuals per worker, outer momentum replicated.
+    sync_state: the state of `optax.chain(averaging, outer)`: the exchange's (residuals per
+      worker) and the outer optimizer's (momentum, replicated).
+    skipped: syncs skipped because a pseudo-gradient was not finite (replicated).
     disagreements: syncs after which the workers' θ differed (`check_agreement=True`; else 0).
   """
 
@@ -40,6 +40,7 @@ class DiLoCoState(NamedTuple):
   inner_state: PerWorker
   params: GlobalParams
   sync_state: Any
+  skipped: jax.Array
   disagreements: jax.Array
 
 
@@ -213,7 +214,7 @@ def diloco(
   # Every device agrees on the skip: with a dense axis, each device holds its own copy of its
   # slice's model (equal in value, device-varying in type).
   every = axis_name if dense_axis_name is None else (axis_name, dense_axis_name)
-  sync_tx = skip_nonfinite(optax.chain(exchange, outer), axis_name=every)
+  sync_tx = optax.chain(exchange, outer)
 
   def init_fn(params):
     inner_state = jax.tree.map(lambda x: jnp.asarray(x)[None], inner.init(params))
@@ -222,6 +223,7 @@ def diloco(
       inner_state=PerWorker(inner_state, what="DiLoCo inner optimizer state", params_like=False),
       params=GlobalParams(jax.tree.map(jnp.array, params), jnp.zeros([], jnp.bool_)),
       sync_state=sync_tx.init(params),
+      skipped=jnp.zeros([], jnp.int32),
       disagreements=jnp.zeros([], jnp.int32),
     )
 
@@ -234,42 +236,50 @@ def diloco(
     count = optax.safe_increment(state.count)
     theta = state.params.value
 
-    # The inner state stays out of the conditional (only this worker's finiteness flag goes in),
-    # and the inner state and the updates are selected after it, elementwise and in place.
+    # The inner state stays out of the conditional (only this worker's finiteness flag goes in)
+    # and is selected after it, elementwise. The inner updates go in and the updates come out:
+    # between syncs the same buffer, at a sync θ − θ_i written over it.
     finite = _all_finite(inner_state)
 
-    def sync(sync_state):
-      local = optax.apply_updates(params, inner_updates)
+    def sync(updates, sync_state):
+      local = optax.apply_updates(params, updates)
       pseudo_gradient = jax.tree.map(lambda t, x: t - x, theta, local)
-      step, sync_state = sync_tx.update(pseudo_gradient, sync_state, theta)
-      new_theta = optax.apply_updates(theta, step)
+      # Every device agrees (one pmin) to skip the exchange if any pseudo-gradient is not
+      # finite: θ, residuals and outer state stay as they were.
+      ok = all_workers(_all_finite(pseudo_gradient), every)
+
+      def exchange(sync_state):
+        step, sync_state = sync_tx.update(pseudo_gradient, sync_state, theta)
+        return sync_state, optax.apply_updates(theta, step)
+
+      sync_state, new_theta = jax.lax.cond(ok, exchange, lambda s: (s, theta), sync_state)
       # A worker whose inner state is no longer finite restarts it from θ.
       restart = ~all_of_worker(finite, every)
       differ = jnp.zeros([], jnp.bool_)
       if check_agreement:
         differ = ~agree(fingerprint(new_theta), axis_name)
-      return sync_state, new_theta, restart, differ
+      updates = jax.tree.map(lambda t, p: t - p, new_theta, params)
+      return updates, sync_state, new_theta, restart, ~ok, differ
 
-    def carry_on(sync_state):
+    def carry_on(updates, sync_state):
       # False, typed as the sync branch's flag: varying over the worker axes it varies along.
       axes = varying_axes(finite) & set(() if every is None else _names(every))
       no = jnp.zeros([], jnp.bool_)
       no = jax.lax.pcast(no, tuple(sorted(axes)), to="varying") if axes else no
-      return sync_state, theta, no, jnp.zeros([], jnp.bool_)
+      return updates, sync_state, theta, no, jnp.zeros([], jnp.bool_), jnp.zeros([], jnp.bool_)
 
     synced = count % sync_every == 0
-    sync_state, new_theta, restart, differ = jax.lax.cond(synced, sync, carry_on, state.sync_state)
-    fresh = jax.tree.map(lambda x, y: jnp.asarray(x, y.dtype), inner.init(new_theta), inner_state)
-    inner_state = jax.tree.map(lambda r, o: jnp.where(restart, r, o), fresh, inner_state)
-    updates = jax.tree.map(
-      lambda t, p, u: jnp.where(synced, t - p, u), new_theta, params, inner_updates
+    updates, sync_state, theta, restart, skip, differ = jax.lax.cond(
+      synced, sync, carry_on, inner_updates, state.sync_state
     )
-    theta = new_theta
+    fresh = jax.tree.map(lambda x, y: jnp.asarray(x, y.dtype), inner.init(theta), inner_state)
+    inner_state = jax.tree.map(lambda r, o: jnp.where(restart, r, o), fresh, inner_state)
     return updates, DiLoCoState(
       count=count,
       inner_state=restore(strip(state.inner_state).replace(inner_state)),
       params=GlobalParams(theta, synced),
       sync_state=sync_state,
+      skipped=state.skipped + skip.astype(jnp.int32),
       disagreements=state.disagreements + differ.astype(jnp.int32),
     )
 
