@@ -5,7 +5,8 @@ parameters): one compiled optimizer step of DiLoCo (dense f32, dense bf16, top-k
 SparseLoCo's chunked top-k with 2-bit values, both with error feedback) and of dense
 data-parallel AdamW (a pmean of the f32 or bf16 gradients): the bytes each worker hands to
 collectives (from the HLO: for DiLoCo they all sit in the sync branch), the per-step equivalent
-at H = 30, the ratio to dense f32 / bf16 data parallelism, the step's transient memory against
+at H = 30, the ratio to dense f32 data parallelism (HLO) and to bf16 data parallelism (its
+declared payload: XLA:CPU widens a bf16 all-reduce to f32), the step's transient memory against
 the parameter bytes, and its compile time against the dense step's.
 
 Part 2, time on 8 simulated CPU workers (a small MLP, real arrays): the inner step and the sync
@@ -144,7 +145,9 @@ def gpt2_rows(workers, small):
     }
     print(f"{name:30s} {rows[name]}", flush=True)
   f32 = rows["data parallel AdamW f32"]["bytes_per_step"]
-  bf16 = rows["data parallel AdamW bf16"]["bytes_per_step"]
+  # XLA:CPU widens a bf16 all-reduce to f32 (GPU/TPU do not): bf16 data parallelism is taken
+  # at its declared payload, the bytes it sends on an accelerator.
+  bf16 = rows["data parallel AdamW bf16"]["wire_bytes"]
   dense_compile = rows["data parallel AdamW f32"]["compile_seconds"]
   for row in rows.values():
     sent = row.get("bytes_per_sync", row.get("bytes_per_step"))
