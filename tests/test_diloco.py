@@ -299,3 +299,11 @@ def test_agreement_check_counts_workers_whose_params_differ(n_devices, mesh):
   for _ in range(2):
     params, state, _ = step(params, state, batch)
   assert np.all(np.asarray(state.disagreements) == 1)
+
+
+def test_a_non_contractive_compressor_under_error_feedback_warns():
+  tx = cj.diloco(
+    optax.sgd(0.1), sync_every=2, axis_name=None, compressor=cj.compressors.qsgd(levels=4)
+  )
+  with pytest.warns(UserWarning, match="not a contraction"):
+    tx.init({"w": jnp.zeros(10_000)})
