@@ -9,6 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from compams_jax._src.axis import varying_axes
 from compams_jax.wire import sum_over_workers
 
 
@@ -62,21 +63,28 @@ class LeastSquares(Predictor):
     prev = jax.tree.leaves(previous)
     if not leaves:
       return target
-    stats = jnp.stack(
-      [
-        jnp.stack(
-          [
-            jnp.vdot(x.astype(jnp.float32), h.astype(jnp.float32)),
-            jnp.vdot(h.astype(jnp.float32), h.astype(jnp.float32)),
-          ]
-        )
-        for x, h in zip(leaves, prev)
-      ]
-    )
-    stats = sum_over_workers(stats, axis_name=axis_name)
-    num, den = stats[:, 0], stats[:, 1]
-    rho = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
-    return jax.tree.unflatten(treedef, list(rho))
+    stats = [
+      jnp.stack(
+        [
+          jnp.vdot(x.astype(jnp.float32), h.astype(jnp.float32)),
+          jnp.vdot(h.astype(jnp.float32), h.astype(jnp.float32)),
+        ]
+      )
+      for x, h in zip(leaves, prev)
+    ]
+    # One psum per set of mesh axes the statistics vary along (one, unless the leaves are
+    # sharded differently inside a worker): a replicated leaf's ρ then stays typed replicated.
+    groups: dict[frozenset, list[int]] = {}
+    for i, st in enumerate(stats):
+      groups.setdefault(varying_axes(st), []).append(i)
+    rho: list[Any] = [None] * len(leaves)
+    for idx in groups.values():
+      summed = sum_over_workers(jnp.stack([stats[i] for i in idx]), axis_name=axis_name)
+      num, den = summed[:, 0], summed[:, 1]
+      values = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+      for j, i in enumerate(idx):
+        rho[i] = values[j]
+    return jax.tree.unflatten(treedef, rho)
 
 
 def fixed(rho: float = 0.9) -> Fixed:

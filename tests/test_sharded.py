@@ -274,8 +274,10 @@ def test_full_manual_spelling_keeps_everything_sharded():
     lambda: cj.compressed_momentum_sgd(
       LR, cj.compressors.top_k(0.1), predictive=False, axis_name="dcn"
     ),
+    # Least-squares predictive coding of the momentum: one ρ per shard, as per leaf.
+    lambda: cj.compressed_momentum_sgd(LR, cj.compressors.top_k(0.1), axis_name="dcn"),
   ],
-  ids=["onebit_adam", "qadam", "momentum_sgd"],
+  ids=["onebit_adam", "qadam", "momentum_sgd", "momentum_sgd_predictive"],
 )
 def test_baselines_follow_the_sharding_too(make):
   """Each equals the same optimizer on replicated parameters whose compressor sees the shards:
@@ -365,3 +367,44 @@ def test_auto_axes_follow_the_shardings_passed_once():
   }
   assert sum(c.operand_bytes for c in across) == cj.wire_bytes(tx, shards)
   assert all("u8[" in l for l in in_compression), in_compression
+
+
+def _shard_slices(shape, spec, sizes):
+  """The index of every device's shard of a leaf (each a tuple of slices)."""
+  out = [()]
+  for dim, n in enumerate(shape):
+    entry = spec[dim] if dim < len(spec) else None
+    names = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+    parts = math.prod(sizes[a] for a in names)
+    step = n // parts
+    out = [s + (slice(j * step, (j + 1) * step),) for s in out for j in range(parts)]
+  return out
+
+
+@pytest.mark.parametrize("feedback", ["ef", "none"])
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_predictive_coding_codes_each_devices_shard(layout, feedback):
+  """Least-squares predictive coding on sharded parameters: each device codes its shard (its
+  own ρ, its own top-k budget) against a NumPy loop of the temporal paper on every shard."""
+  mesh, params, grads, shardings, specs = _setup(layout)
+  c = cj.predictive_compression(
+    cj.compressors.top_k(0.25),
+    predictor=cj.predictors.least_squares(),
+    feedback=feedback,
+    axis_name="dcn",
+  )
+  got, state, _, _ = _train(optax.chain(c, optax.sgd(LR)), mesh, params, grads, shardings)
+  sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
+  compress = functools.partial(reference.np_top_k, ratio=0.25)
+  for k in params:
+    want = params[k].copy()
+    for index in _shard_slices(params[k].shape, specs[k], sizes):
+      xs = {k: grads[k][(slice(None), slice(None), *index)]}
+      outputs, recon, _, _ = reference.np_predictive(
+        xs, compress, rho=None, error_feedback=feedback == "ef"
+      )
+      want[index] = params[k][index] - LR * sum(o[k] for o in outputs)
+      got_recon = np.asarray(state[0].reconstruction.value[k])[(slice(None), *index)]
+      np.testing.assert_allclose(got_recon, recon[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    assert _norm(got[k].sharding.spec) == _norm(shardings[k].spec), k
+    np.testing.assert_allclose(np.asarray(got[k]), want, rtol=1e-5, atol=1e-6, err_msg=k)

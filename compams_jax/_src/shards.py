@@ -89,9 +89,41 @@ def on_shards(
   PartitionSpec per leaf, `PerWorker.shard_specs`) stands in for the types' shardings under
   auto mesh axes.
   """
+  outputs = 1 if residual is None else 2
+
+  def body(trees, k):
+    mean, new_residual = fn(trees[0], trees[1] if residual is not None else None, k)
+    return (mean,) if residual is None else (mean, new_residual)
+
+  trees = (value,) if residual is None else (value, residual)
+  if not sharded_axes(value, specs):
+    return fn(value, residual, key)
+  outs = map_shards(
+    body, trees, key, outputs=outputs, worker_axes=worker_axes, what=what, specs=specs
+  )
+  return (outs[0], None) if residual is None else (outs[0], outs[1])
+
+
+def map_shards(
+  fn: Any,
+  trees: tuple[Any, ...],
+  key: jax.Array | None,
+  *,
+  outputs: int,
+  worker_axes: tuple[AxisName | None, ...],
+  what: str,
+  specs: Any = None,
+) -> tuple[Any, ...]:
+  """fn(trees, key) -> `outputs` trees, run on each device's shard of every leaf.
+
+  `trees[0]` gives the structure and the sharding (from the leaves' types, or `specs` where the
+  types carry none); every tree of `trees` and of fn's outputs is structured and sharded like
+  it. Without sharded leaves, fn runs as is.
+  """
+  value = trees[0]
   axes = sharded_axes(value, specs)
   if not axes:
-    return fn(value, residual, key)
+    return tuple(fn(trees, key))
   workers = {n for a in worker_axes for n in _names(a)}
   if workers & set(axes):
     raise ValueError(
@@ -100,35 +132,27 @@ def on_shards(
       "('dcn', 'fsdp') mesh) and keep them replicated over the worker axis."
     )
   specs = jax.tree.unflatten(jax.tree.structure(value), leaf_specs(value, specs))
-  if residual is not None:
-    for leaf, r in zip(jax.tree.leaves(value), jax.tree.leaves(residual)):
+  for tree in trees[1:]:
+    for leaf, r in zip(jax.tree.leaves(value), jax.tree.leaves(tree)):
       if tuple(r.shape) != tuple(leaf.shape):
         raise ValueError(
           f"{what}: per-worker state of shape {tuple(r.shape)} does not follow the "
           f"parameter sharding of a leaf of shape {tuple(leaf.shape)}; initialise it with "
           "cj.sharding.init(tx, params, mesh=mesh, axis_name=...) on the sharded params."
         )
-  # Only the arrays travel through the nested map (None residual or key stay outside).
-  args = [(value, specs)]
-  if residual is not None:
-    args.append((residual, specs))
-  if key is not None:
-    args.append((key, P()))
-
-  def body(*arrays):
-    it = iter(arrays)
-    v = next(it)
-    r = next(it) if residual is not None else None
-    k = next(it) if key is not None else None
-    mean, new_residual = fn(v, r, k)
-    return (mean,) if new_residual is None else (mean, new_residual)
-
-  out_specs = (specs,) if residual is None else (specs, specs)
+  # Only arrays travel through the nested map (a None key stays outside).
+  if key is None:
+    mapped = jax.shard_map(
+      lambda *t: tuple(fn(t, None)),
+      in_specs=(specs,) * len(trees),
+      out_specs=(specs,) * outputs,
+      axis_names=set(axes),
+    )
+    return mapped(*trees)
   mapped = jax.shard_map(
-    body,
-    in_specs=tuple(s for _, s in args),
-    out_specs=out_specs,
+    lambda k, *t: tuple(fn(t, k)),
+    in_specs=(P(), *((specs,) * len(trees))),
+    out_specs=(specs,) * outputs,
     axis_names=set(axes),
   )
-  outs = mapped(*(a for a, _ in args))
-  return (outs[0], None) if residual is None else (outs[0], outs[1])
+  return mapped(key, *trees)

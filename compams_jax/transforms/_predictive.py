@@ -12,7 +12,7 @@ import optax
 from compams_jax._src.base import Compressor
 from compams_jax._src.feedback import TreeCodec, compress_with_feedback
 from compams_jax._src.keys import step_key
-from compams_jax._src.shards import sharded_axes
+from compams_jax._src.shards import map_shards, sharded_axes
 from compams_jax._src.tree import check_tree
 from compams_jax._src.validate import (
   check_axis_name,
@@ -182,6 +182,30 @@ def predictive_compression(
       count=jnp.zeros([], jnp.int32),
     )
 
+  def code(target, previous, key):
+    """(what the receivers rebuild, ρ·x̂ + C(·), the residual, the payload, ρ) of one step."""
+    rho = predictor.coefficients(target, previous, every_device)
+    scale = lambda r, h: (r * h).astype(h.dtype)
+    prediction = jax.tree.map(scale, rho, previous)
+    # The error-feedback kernel with the prediction as offset: it sends C(target − prediction),
+    # reconstructs prediction + C(·) and owes target − reconstruction.
+    out = compress_with_feedback(TreeCodec(compressor), target, None, key, offset=prediction)
+    return out, rho
+
+  def step(value, previous, residual, average, key):
+    """(new average, reconstruction, new residual or None), on whole leaves or on shards."""
+    target = value
+    if error_feedback:
+      target = jax.tree.map(lambda x, e: x + e, value, residual)
+    out, rho = code(target, previous, key)
+    if num_workers(axis_name) == 1:
+      # The receiver is the sender: take its reconstruction rather than recompute it (XLA may
+      # contract ρ·x̄ + c into a fused multiply-add on one side only, 1 ulp apart).
+      mean_sent = None
+    else:
+      mean_sent = wire.average(compressor, out.payload, value, axis_name=axis_name, key=key)
+    return out.sent, (out.residual if error_feedback else None), mean_sent, rho
+
   @local_update
   def update_fn(updates, state, params=None):
     del params
@@ -190,37 +214,63 @@ def predictive_compression(
     previous = state.reconstruction.value
     value = scatter_mean(updates, dense_axis_name)
     check_updates(value, previous, "predictive_compression")
-    if sharded_axes(value):
-      raise ValueError(
-        "predictive_compression does not follow a parameter sharding: its gradients are "
-        f"sharded over {sharded_axes(value)} (a mesh axis besides the worker axis). Use "
-        "cj.error_feedback / cj.comp_ams without a predictor on sharded models, or replicate "
-        "the parameters within each worker."
-      )
-    target = value
-    if error_feedback:
-      target = jax.tree.map(lambda x, e: x + e, value, state.residual.value)
-    rho = predictor.coefficients(target, previous, every_device)
-    scale = lambda r, h: (r * h).astype(h.dtype)
-    prediction = jax.tree.map(scale, rho, previous)
     key = step_key(compressor, seed, state.count, axis_name, dense_axis_name)
-    # The error-feedback kernel with the prediction as offset: it sends C(target − prediction),
-    # reconstructs prediction + C(·) and owes target − reconstruction.
-    out = compress_with_feedback(TreeCodec(compressor), target, None, key, offset=prediction)
-    reconstruction = out.sent
-    residual = state.residual.replace(out.residual) if error_feedback else None
-    if num_workers(axis_name) == 1:
-      # The receiver is the sender: take its reconstruction rather than recompute it (XLA may
-      # contract ρ·x̄ + c into a fused multiply-add on one side only, 1 ulp apart).
-      own = jax.tree.map(lambda h, u: h.astype(u.dtype), reconstruction, value)
-      new_average = gather_chunks(own, updates, dense_axis_name)
+    residual = state.residual.value if error_feedback else None
+    scale = lambda r, h: (r * h).astype(h.dtype)
+
+    def finish(reconstruction, new_residual, mean_sent, rho, average):
+      if mean_sent is None:
+        own = jax.tree.map(lambda h, u: h.astype(u.dtype), reconstruction, value)
+        return own
+      return jax.tree.map(lambda r, a, c: scale(r, a) + c, rho, average, mean_sent)
+
+    if sharded_axes(value, state.reconstruction.shard_specs):
+      if dense_axis_name is not None:
+        raise ValueError(
+          f"predictive_compression: dense_axis_name={dense_axis_name!r} reduces whole leaves "
+          f"densely over a fast axis, but the gradients are sharded over {sharded_axes(value)}: "
+          "with parameters sharded inside a slice, use axis_name alone."
+        )
+      if compressor.granularity == "model":
+        raise ValueError(
+          f"predictive_compression: {type(compressor).__name__} with granularity='model' "
+          "compresses the model as one block, but the gradients are sharded and no device "
+          "holds the model; use a per-leaf code."
+        )
+
+      # Compression follows the parameter sharding: every device codes its shard of every leaf
+      # (the shard is the block: its own ρ, its own budget) and averages it over the workers.
+      def on_shard(trees, k):
+        v, prev, avg = trees[:3]
+        res = trees[3] if error_feedback else None
+        reconstruction, new_residual, mean_sent, rho = step(v, prev, res, avg, k)
+        new_average = finish(reconstruction, new_residual, mean_sent, rho, avg)
+        return (new_average, reconstruction) + ((new_residual,) if error_feedback else ())
+
+      trees = (value, previous, state.average) + ((residual,) if error_feedback else ())
+      outs = map_shards(
+        on_shard,
+        trees,
+        key,
+        outputs=3 if error_feedback else 2,
+        worker_axes=where,
+        what="predictive_compression",
+        specs=state.reconstruction.shard_specs,
+      )
+      new_average, reconstruction = outs[:2]
+      new_residual = outs[2] if error_feedback else None
     else:
-      mean_sent = wire.average(compressor, out.payload, value, axis_name=axis_name, key=key)
-      mean_sent = gather_chunks(mean_sent, updates, dense_axis_name)
-      new_average = jax.tree.map(lambda r, a, c: scale(r, a) + c, rho, state.average, mean_sent)
+      reconstruction, new_residual, mean_sent, rho = step(
+        value, previous, residual, state.average, key
+      )
+      if mean_sent is not None:
+        mean_sent = gather_chunks(mean_sent, updates, dense_axis_name)
+      new_average = finish(reconstruction, new_residual, mean_sent, rho, state.average)
+      if mean_sent is None:
+        new_average = gather_chunks(new_average, updates, dense_axis_name)
     return new_average, PredictiveState(
       reconstruction=state.reconstruction.replace(reconstruction),
-      residual=residual,
+      residual=state.residual.replace(new_residual) if error_feedback else None,
       average=new_average,
       count=optax.safe_increment(state.count),
     )
