@@ -24,7 +24,10 @@ class Predictor:
   all n reconstructions (O(n·params) per device) to form Σ_i ρ_i x̂_{t−1,i}.
   """
 
-  def coefficients(self, target: Any, previous: Any, axis_name: str | None) -> Any:
+  def coefficients(
+    self, target: Any, previous: Any, axis_name: str | None, stacked: Any = None
+  ) -> Any:
+    """One ρ per leaf (per layer of a leaf flagged in `stacked`: shape (layers,))."""
     raise NotImplementedError
 
 
@@ -42,8 +45,8 @@ class Fixed(Predictor):
     ):
       raise ValueError(f"fixed(rho=...) must be a finite float, got {self.rho!r}.")
 
-  def coefficients(self, target, previous, axis_name):
-    del axis_name
+  def coefficients(self, target, previous, axis_name, stacked=None):
+    del axis_name, stacked
     return jax.tree.map(lambda x: jnp.asarray(self.rho, jnp.float32), target)
 
 
@@ -58,20 +61,20 @@ class LeastSquares(Predictor):
   prediction costs nothing but the two scalars.
   """
 
-  def coefficients(self, target, previous, axis_name):
+  def coefficients(self, target, previous, axis_name, stacked=None):
     leaves, treedef = jax.tree.flatten(target)
     prev = jax.tree.leaves(previous)
     if not leaves:
       return target
-    stats = [
-      jnp.stack(
-        [
-          jnp.vdot(x.astype(jnp.float32), h.astype(jnp.float32)),
-          jnp.vdot(h.astype(jnp.float32), h.astype(jnp.float32)),
-        ]
-      )
-      for x, h in zip(leaves, prev)
-    ]
+    flags = stacked or (False,) * len(leaves)
+
+    def stats_of(x, h, layered):
+      # (layers, 2) for a stacked leaf (one ρ per layer), (1, 2) otherwise.
+      x = x.astype(jnp.float32).reshape((x.shape[0] if layered else 1, -1))
+      h = h.astype(jnp.float32).reshape(x.shape)
+      return jnp.stack([jnp.sum(x * h, axis=1), jnp.sum(h * h, axis=1)], axis=1)
+
+    stats = [stats_of(x, h, f) for x, h, f in zip(leaves, prev, flags)]
     # One psum per set of mesh axes the statistics vary along (one, unless the leaves are
     # sharded differently inside a worker): a replicated leaf's ρ then stays typed replicated.
     groups: dict[frozenset, list[int]] = {}
@@ -79,11 +82,14 @@ class LeastSquares(Predictor):
       groups.setdefault(varying_axes(st), []).append(i)
     rho: list[Any] = [None] * len(leaves)
     for idx in groups.values():
-      summed = sum_over_workers(jnp.stack([stats[i] for i in idx]), axis_name=axis_name)
+      summed = sum_over_workers(jnp.concatenate([stats[i] for i in idx]), axis_name=axis_name)
       num, den = summed[:, 0], summed[:, 1]
       values = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
-      for j, i in enumerate(idx):
-        rho[i] = values[j]
+      start = 0
+      for i in idx:
+        m = stats[i].shape[0]
+        rho[i] = values[start : start + m] if flags[i] else values[start]
+        start += m
     return jax.tree.unflatten(treedef, rho)
 
 

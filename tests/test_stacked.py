@@ -90,5 +90,37 @@ def test_stacked_refuses_layouts_that_flatten_leaves():
     tx.update(params, tx.init(params), params)
   with pytest.raises(ValueError, match="dense_axis_name"):
     cj.comp_ams(LR, c, stacked={"w": True}, dense_axis_name="ici")
-  with pytest.raises(ValueError, match="predictive coding"):
-    cj.comp_ams(LR, c, stacked={"w": True}, feedback="ef21")
+  with pytest.raises(ValueError, match="dense_axis_name"):
+    cj.predictive_compression(
+      c, predictor=cj.predictors.least_squares(), stacked={"w": True}, dense_axis_name="ici"
+    )
+
+
+@pytest.mark.parametrize(
+  "make",
+  [
+    lambda stacked: cj.comp_ams(
+      LR,
+      cj.compressors.top_k(0.2),
+      axis_name="data",
+      predictor=cj.predictors.least_squares(),
+      stacked=stacked,
+    ),
+    lambda stacked: cj.comp_ams(
+      LR, cj.compressors.top_k(0.2), axis_name="data", feedback="ef21", stacked=stacked
+    ),
+  ],
+  ids=["least_squares", "ef21"],
+)
+def test_predictive_coding_of_stacked_layers_equals_the_unstacked_model(make, n_devices, mesh):
+  """Each layer its own block with its own ρ: the same update as the model whose layers are
+  separate leaves."""
+  params, grads = harness.problem(STACKED_SHAPES, n_devices, STEPS, seed=5)
+  got, _ = harness.run(make({"w": True}), {"w": params["w"]}, {"w": grads["w"]}, mesh, STEPS)
+  layers = {f"w{l}": params["w"][l] for l in range(L)}
+  layer_grads = {f"w{l}": grads["w"][:, :, l] for l in range(L)}
+  want, _ = harness.run(make(None), layers, layer_grads, mesh, STEPS)
+  for l in range(L):
+    np.testing.assert_allclose(
+      np.asarray(got["w"][l]), np.asarray(want[f"w{l}"]), rtol=1e-5, atol=1e-7
+    )

@@ -34,11 +34,6 @@ def communicate(
   it, with ("ef") or without ("none") a residual.
   """
   check_feedback(feedback, predictor)
-  if where.get("stacked") is not None and (feedback == "ef21" or predictor is not None):
-    raise ValueError(
-      "stacked= is supported with feedback='ef' or 'none' and no predictor (predictive "
-      "coding compresses whole leaves)."
-    )
   if where.get("residual_dtype") is not None and feedback != "ef":
     raise ValueError("residual_dtype= sets the error-feedback residual: it needs feedback='ef'.")
   if where.get("residual_dtype") is not None and predictor is not None:

@@ -44,17 +44,6 @@ class DiLoCoState(NamedTuple):
   disagreements: jax.Array
 
 
-def _like(tree: Any, like: Any) -> Any:
-  """`tree` typed as `like` (dtype, and device variance inside shard_map)."""
-
-  def cast(x, y):
-    x = jnp.asarray(x, y.dtype)
-    missing = tuple(sorted(varying_axes(y) - varying_axes(x)))
-    return jax.lax.pcast(x, missing, to="varying") if missing else x
-
-  return jax.tree.map(cast, tree, like)
-
-
 def fingerprint(tree: Any) -> jax.Array:
   """A position-sensitive uint32 checksum of a pytree's bits (wrapping arithmetic)."""
   total = jnp.zeros([], jnp.uint32)

@@ -13,7 +13,7 @@ from compams_jax._src.base import Compressor
 from compams_jax._src.feedback import TreeCodec, compress_with_feedback
 from compams_jax._src.keys import step_key
 from compams_jax._src.shards import map_shards, sharded_axes
-from compams_jax._src.tree import check_tree
+from compams_jax._src.tree import check_tree, stacked_flags
 from compams_jax._src.validate import (
   check_axis_name,
   check_compressor,
@@ -60,6 +60,7 @@ def predictive_compression(
   dense_axis_name: str | None = None,
   wire: Wire | None = None,
   seed: int = 0,
+  stacked: Any = None,
 ) -> optax.GradientTransformation:
   """Compresses the innovation of each worker's vector against a shared-knowledge prediction.
 
@@ -106,6 +107,8 @@ def predictive_compression(
     wire: the wire strategy; it must declare `exact_mean` (default `cj.wire.gather()`;
       not two-phase, nor gather's `average="senders"` or `clip="median"`).
     seed: seeds the PRNG keys of randomized compressors.
+    stacked: which leaves stack layers along axis 0 (a pytree prefix of bools, as for
+      `cj.error_feedback`): each layer is then its own block, with its own ρ.
 
   Returns:
     An `optax.GradientTransformation` with a `PredictiveState`.
@@ -182,28 +185,42 @@ def predictive_compression(
       count=jnp.zeros([], jnp.int32),
     )
 
-  def code(target, previous, key):
-    """(what the receivers rebuild, ρ·x̂ + C(·), the residual, the payload, ρ) of one step."""
-    rho = predictor.coefficients(target, previous, every_device)
-    scale = lambda r, h: (r * h).astype(h.dtype)
+  if stacked is not None and dense_axis_name is not None:
+    raise ValueError(
+      "stacked= codes each layer on its own, but dense_axis_name splits every leaf into flat "
+      "chunks; use one or the other."
+    )
+
+  def scale(r, h):
+    """ρ·h, with a per-layer ρ broadcast over its layer's entries."""
+    return (jnp.reshape(r, jnp.shape(r) + (1,) * (h.ndim - jnp.ndim(r))) * h).astype(h.dtype)
+
+  def code(target, previous, key, layers):
+    """(the `Compressed` of one step: payload, ρ·x̂ + C(·), residual; ρ)."""
+    rho = predictor.coefficients(target, previous, every_device, layers)
     prediction = jax.tree.map(scale, rho, previous)
     # The error-feedback kernel with the prediction as offset: it sends C(target − prediction),
     # reconstructs prediction + C(·) and owes target − reconstruction.
-    out = compress_with_feedback(TreeCodec(compressor), target, None, key, offset=prediction)
+    codec = TreeCodec(compressor, layers)
+    out = compress_with_feedback(codec, target, None, key, offset=prediction)
     return out, rho
 
   def step(value, previous, residual, average, key):
-    """(new average, reconstruction, new residual or None), on whole leaves or on shards."""
+    """(reconstruction, new residual or None, mean of what was sent or None with one worker,
+    ρ), on whole leaves or on shards."""
     target = value
     if error_feedback:
       target = jax.tree.map(lambda x, e: x + e, value, residual)
-    out, rho = code(target, previous, key)
+    layers = stacked_flags(stacked, value)
+    out, rho = code(target, previous, key, layers)
     if num_workers(axis_name) == 1:
       # The receiver is the sender: take its reconstruction rather than recompute it (XLA may
       # contract ρ·x̄ + c into a fused multiply-add on one side only, 1 ulp apart).
       mean_sent = None
     else:
-      mean_sent = wire.average(compressor, out.payload, value, axis_name=axis_name, key=key)
+      mean_sent = wire.average(
+        compressor, out.payload, value, axis_name=axis_name, key=key, stacked=layers
+      )
     return out.sent, (out.residual if error_feedback else None), mean_sent, rho
 
   @local_update
@@ -216,9 +233,8 @@ def predictive_compression(
     check_updates(value, previous, "predictive_compression")
     key = step_key(compressor, seed, state.count, axis_name, dense_axis_name)
     residual = state.residual.value if error_feedback else None
-    scale = lambda r, h: (r * h).astype(h.dtype)
 
-    def finish(reconstruction, new_residual, mean_sent, rho, average):
+    def finish(reconstruction, mean_sent, rho, average):
       if mean_sent is None:
         own = jax.tree.map(lambda h, u: h.astype(u.dtype), reconstruction, value)
         return own
@@ -244,7 +260,7 @@ def predictive_compression(
         v, prev, avg = trees[:3]
         res = trees[3] if error_feedback else None
         reconstruction, new_residual, mean_sent, rho = step(v, prev, res, avg, k)
-        new_average = finish(reconstruction, new_residual, mean_sent, rho, avg)
+        new_average = finish(reconstruction, mean_sent, rho, avg)
         return (new_average, reconstruction) + ((new_residual,) if error_feedback else ())
 
       trees = (value, previous, state.average) + ((residual,) if error_feedback else ())
@@ -265,7 +281,7 @@ def predictive_compression(
       )
       if mean_sent is not None:
         mean_sent = gather_chunks(mean_sent, updates, dense_axis_name)
-      new_average = finish(reconstruction, new_residual, mean_sent, rho, state.average)
+      new_average = finish(reconstruction, mean_sent, rho, state.average)
       if mean_sent is None:
         new_average = gather_chunks(new_average, updates, dense_axis_name)
     return new_average, PredictiveState(
