@@ -266,6 +266,9 @@ def test_paper_config_smoke_runs_below_chance(name, tmp_path):
   assert result.summary["bytes_per_step_hlo"] < result.summary["dense_f32_bytes"] / 25
 
 
+# 10 s (two trainer runs): in -m slow; cj.sharding.resize_workers, which it drives, is checked by
+# default in tests/test_reliability.py.
+@pytest.mark.slow
 def test_elastic_resume_on_fewer_workers(tmp_path):
   train.train(_digits("epochs=2"), tmp_path, progress=False, stop_after=5)
   with pytest.raises(checkpoints.CheckpointError, match="num_workers"):
