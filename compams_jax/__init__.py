@@ -29,7 +29,6 @@ from compams_jax.optimizers import (
 from compams_jax.step import DataParallelStep, data_parallel_step
 from compams_jax.transforms import (
   CompressedMeanState,
-  DecoupledMomentumState,
   DenseWarmupState,
   ErrorFeedbackState,
   OneBitAdamState,
@@ -59,7 +58,6 @@ __all__ = [
   "CollectiveBytes",
   "CompressedMeanState",
   "DataParallelStep",
-  "DecoupledMomentumState",
   "DenseWarmupState",
   "DiLoCoState",
   "GlobalParams",

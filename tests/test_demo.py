@@ -241,7 +241,7 @@ def test_demo_matches_demo_py_top_k_shard_map(mesh, n_devices):
   want, delta = reference.np_demo(
     params, grads, lr=LR, decay=DECAY, weight_decay=WD, select=_select_top_k(TOP_K)
   )
-  momentum = states[-1][1].momentum.value  # global view: (n, *shape)
+  momentum = states[-1][1].residual.value  # global view: (n, *shape)
   for k in DEMO_SHAPES:
     np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-6, err_msg=k)
     np.testing.assert_allclose(momentum[k], delta[k], rtol=1e-6, atol=1e-7, err_msg=k)
@@ -286,7 +286,7 @@ def test_demo_schedule_and_clip_under_vmap():
   )
   for k in DEMO_SHAPES:
     np.testing.assert_allclose(p[k], want[k], rtol=1e-6, atol=1e-6, err_msg=k)
-    momentum = state[1].momentum.value[k][:, 0]  # (n, 1, *shape): vmap's worker axis first
+    momentum = state[1].residual.value[k][:, 0]  # (n, 1, *shape): vmap's worker axis first
     np.testing.assert_allclose(momentum, delta[k], rtol=1e-6, atol=1e-7, err_msg=k)
   unclipped, _ = reference.np_demo(
     params, grads, lr=schedule, decay=DECAY, weight_decay=WD, select=_select_top_k(ratio)
@@ -432,7 +432,7 @@ def test_demo_default_dct_compressor_matches_demo_py(mesh, n_devices):
     select=_select_per_chunk(k),
     transform=_demo_dct(chunk),
   )
-  momentum = states[-1][1].momentum.value
+  momentum = states[-1][1].residual.value
   for name in DEMO_SHAPES:
     np.testing.assert_allclose(got[name], want[name], rtol=1e-6, atol=1e-6, err_msg=name)
     np.testing.assert_allclose(momentum[name], delta[name], rtol=1e-5, atol=1e-7, err_msg=name)

@@ -1,6 +1,6 @@
 """Transforms: optax GradientTransformations with compressed communication and their state."""
 
-from compams_jax.transforms._demo import DecoupledMomentumState, decoupled_momentum
+from compams_jax.transforms._demo import decoupled_momentum
 from compams_jax.transforms._error_feedback import (
   CompressedMeanState,
   ErrorFeedbackState,
@@ -17,7 +17,6 @@ from compams_jax.transforms._worker_adam import WorkerAdamState, worker_adam
 
 __all__ = [
   "CompressedMeanState",
-  "DecoupledMomentumState",
   "DenseWarmupState",
   "ErrorFeedbackState",
   "OneBitAdamState",
