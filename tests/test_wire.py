@@ -7,6 +7,7 @@ or read off hand-written HLO, never taken from the library.
 from __future__ import annotations
 
 import math
+import warnings
 from fractions import Fraction
 
 import jax
@@ -368,3 +369,16 @@ def test_jitted_step_does_not_recompile(mesh, n_devices, name, kwargs):
   assert len(traces) == 1
   assert int(state[0].count) == 3
   assert all(np.all(np.isfinite(np.asarray(v))) for v in params.values())
+
+
+def test_two_phase_warns_when_a_code_keeps_its_rows_nearly_dense():
+  """Two-phase codes 1-D rows: a code whose declared bits for such a row exceed half the dense
+  bits (DeMo's DCT keeps 32 of every 64-entry vector chunk, plus indices) is warned about."""
+  params = {"w": jnp.zeros((256, 256)), "b": jnp.zeros(256)}
+  wire = cj.wire.two_phase(num_workers=8)
+  with pytest.warns(UserWarning, match="two_phase"):
+    cj.comp_ams(1e-3, cj.compressors.dct_top_k(32), axis_name="data", wire=wire).init(params)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    for c in (cj.compressors.top_k(0.01), cj.compressors.identity()):  # sparse; lossless
+      cj.comp_ams(1e-3, c, axis_name="data", wire=wire).init(params)

@@ -73,11 +73,20 @@ def follows_sharding(
   return True
 
 
-def init(wire: Wire, like: Any, axis_name: AxisName | None) -> PerWorker | None:
-  """State the averaging keeps of its own (two-phase's server residuals), or None."""
+def init(
+  wire: Wire, like: Any, axis_name: AxisName | None, compressor: Compressor | None = None
+) -> PerWorker | None:
+  """State the averaging keeps of its own (two-phase's server residuals), or None.
+
+  With two-phase, warns when `compressor` codes its 1-D chunk rows at more than half the dense
+  bytes (a code built for matrices, e.g. a DCT over short vector chunks, can lose its rate).
+  """
   if wire.averages_payloads:
     return None
-  return _two_phase.init(like, wire.workers(axis_name, at_init=True))
+  n = wire.workers(axis_name, at_init=True)
+  if compressor is not None:
+    _two_phase.warn_if_rows_stay_dense(compressor, like, n)
+  return _two_phase.init(like, n)
 
 
 def mean(

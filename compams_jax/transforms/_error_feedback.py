@@ -199,7 +199,7 @@ def error_feedback(
     return ErrorFeedbackState(
       residual=residual,
       count=jnp.zeros([], jnp.int32),
-      wire_state=_average.init(wire, value, axis_name),
+      wire_state=_average.init(wire, value, axis_name, compressor),
     )
 
   @local_update
@@ -262,7 +262,7 @@ def compressed_mean(
     check_tree(params)
     value = chunks_like(params, dense_axis_name)
     return CompressedMeanState(
-      count=jnp.zeros([], jnp.int32), wire_state=_average.init(wire, value, axis_name)
+      count=jnp.zeros([], jnp.int32), wire_state=_average.init(wire, value, axis_name, compressor)
     )
 
   @local_update

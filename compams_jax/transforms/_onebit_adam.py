@@ -122,7 +122,7 @@ def scale_by_onebit_adam(
       mu=zeros,
       nu=zeros,
       residual=residual,
-      wire_state=_average.init(wire, value, axis_name),
+      wire_state=_average.init(wire, value, axis_name, compressor),
     )
 
   def warmup(updates, state):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any
 
 import jax
@@ -62,6 +63,25 @@ class ChunkCodec:
   def residual(self, tree: Any, payload: Any, key: jax.Array | None) -> Any:
     out = RowCodec(self.compressor).residual(self._rows(tree), payload, key)
     return unflatten_tree(out.reshape(-1)[: flat_spec(tree).shape[0]], tree)
+
+
+def warn_if_rows_stay_dense(compressor: Compressor, like: Any, n: int) -> None:
+  """Warns when a lossy compressor's declared bits for one chunk row exceed half its dense bits
+  (a lossless code is dense by choice)."""
+  if compressor.deviation == "none":
+    return
+  flat = flat_spec(like)
+  row = (chunk_size(flat.shape[0], n),)
+  dense = row[0] * jnp.dtype(flat.dtype).itemsize * 8
+  bits = compressor.wire_bits(row, flat.dtype)
+  if bits > dense / 2:
+    warnings.warn(
+      f"cj.wire.two_phase() flattens the model into 1-D rows of {row[0]} entries, which "
+      f"{type(compressor).__name__} codes at {bits / dense:.0%} of their dense bytes; use "
+      "cj.wire.gather(), where it codes each leaf in its own shape.",
+      UserWarning,
+      stacklevel=4,
+    )
 
 
 def init(like: Any, n: int) -> PerWorker:
