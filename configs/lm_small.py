@@ -23,11 +23,13 @@ def get_config(variant: str = ""):
   c.steps = 120
   c.log_every = 10
   c.eval_sequences = 256
+  c.eval_every = 0  # > 0: also validate every `eval_every` steps (the result's `val_curve`)
   c.learning_rate = 2e-3
   c.top_k_ratio = 0.01
   c.sync_every = 30  # local SGD (methods "diloco"): inner steps between synchronizations
-  # Also "diloco", "sparseloco" (local SGD, every `sync_every` steps) and "demo": the
-  # experiments' optimizer presets (lm_train.PRESET_METHODS).
+  # Also "adamw" (dense data-parallel AdamW), "diloco", "sparseloco", "sparseloco_predictive"
+  # (local SGD, every `sync_every` steps) and "demo": the experiments' optimizer presets
+  # (lm_train.PRESET_METHODS).
   c.methods = ("amsgrad", "comp_ams_top_k", "comp_ams_block_sign")
   if variant == "smoke":
     c.max_files = 40

@@ -75,6 +75,8 @@ PRESETS: dict[str, dict[str, Any]] = {
   # (inner learning rate: optimizer.learning_rate), then the dense average of the
   # pseudo-gradients, one outer Nesterov SGD step (optimizer.outer_lr 0.7, outer_momentum 0.9).
   "diloco": dict(name="diloco", compressor="identity", compressor_kwargs={}),
+  # Dense data-parallel AdamW (optax.adamw on the dense mean of the gradients).
+  "adamw": dict(name="adamw", compressor="identity", compressor_kwargs={}),
   # SparseLoCo: local SGD as diloco, the pseudo-gradient compressed (64 of each 64×64 chunk,
   # 12-bit indices, 2-bit values) with error feedback decaying by 0.95, plain outer SGD at 0.6.
   "sparseloco": dict(
@@ -83,6 +85,18 @@ PRESETS: dict[str, dict[str, Any]] = {
     compressor_kwargs={"k": 64, "chunk": 64, "value_bits": 2},
     feedback="ef",
     feedback_decay=0.95,
+    outer_lr=0.6,
+    outer_momentum=0.0,
+  ),
+  # SparseLoCo's code with prediction across syncs: each worker's pseudo-gradient coded as the
+  # innovation against its least-squares prediction from the previous decoded ones (error
+  # feedback without decay: a decaying residual and a predictor do not combine).
+  "sparseloco_predictive": dict(
+    name="diloco",
+    compressor="chunked_top_k",
+    compressor_kwargs={"k": 64, "chunk": 64, "value_bits": 2},
+    feedback="ef",
+    predictor="least_squares",
     outer_lr=0.6,
     outer_momentum=0.0,
   ),

@@ -22,7 +22,8 @@ every method it prints validation loss (nats/byte), perplexity and bits per
 byte, and the bytes each device sends across slices per step (``cj.wire_bytes``
 of its own parameter shards: compression follows the sharding; for local SGD
 the bytes per sync and their per-step equivalent, bytes per sync /
-``sync_every``); "wall s" is the training loop's wall time, compilation included.
+``sync_every``); "wall s" is the training loop's wall time, compilation included, the
+validations of `eval_every` left out.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ COMP_AMS: dict[str, Callable[[Any], Any]] = {
 # `learning_rate` and `sync_every`: local SGD (diloco, sparseloco: every slice its own params)
 # and DeMo (its DCT chunks read a stacked leaf as a (layers · rows, cols) matrix: a chunk spans
 # layers only where rows is not a multiple of its side).
-PRESET_METHODS = ("diloco", "sparseloco", "demo")
+PRESET_METHODS = ("adamw", "diloco", "sparseloco", "sparseloco_predictive", "demo")
 METHODS = (*COMP_AMS, *PRESET_METHODS)
 
 
@@ -253,7 +254,13 @@ def train_method(
   global_batch = mesh.shape["dcn"] * config.batch_per_slice
   val_rows = D.windows(corpus.validation, config.context_length)[: config.eval_sequences]
   rng = np.random.default_rng(config.seed)
-  losses, start = [], time.perf_counter()
+
+  def validate(params, opt_state):  # local SGD: validate θ, the synchronized model
+    theta = cj.synchronized_params(opt_state)
+    return evaluate(eval_fn, params if theta is None else theta, val_rows, global_batch, mesh)
+
+  eval_every = int(config.get("eval_every", 0) or 0)
+  losses, curve, eval_s, start = [], [], 0.0, time.perf_counter()
   bar = tqdm(range(config.steps), desc=method, disable=not progress, file=sys.stderr)
   for i in bar:
     batch = D.sample_windows(corpus.train, global_batch, config.context_length, rng)
@@ -261,12 +268,18 @@ def train_method(
     if i % config.log_every == 0 or i == config.steps - 1:
       losses.append((i, float(np.mean(loss))))
       bar.set_postfix(loss=f"{losses[-1][1]:.3f}")
-  train_s = time.perf_counter() - start
-  theta = cj.synchronized_params(opt_state)  # local SGD: validate the synchronized model
-  val = evaluate(eval_fn, params if theta is None else theta, val_rows, global_batch, mesh)
+    if eval_every and (i + 1) % eval_every == 0 and i + 1 < config.steps:
+      t = time.perf_counter()
+      curve.append((i + 1, validate(params, opt_state)))
+      eval_s += time.perf_counter() - t
+  train_s = time.perf_counter() - start - eval_s
+  val = validate(params, opt_state)
+  curve.append((config.steps, val))
   return {
     "method": method,
     "train_losses": losses,
+    "val_curve": curve,
+    "tokens_per_step": global_batch * config.context_length,
     "val_loss": val,
     "perplexity": math.exp(val),
     "bits_per_byte": val / math.log(2),

@@ -156,6 +156,7 @@ def diloco_adamw(
   feedback_decay: float = _DILOCO["feedback_decay"].default,
   wire: Any = _DILOCO["wire"].default,
   seed: int = _DILOCO["seed"].default,
+  predictor: Any = _DILOCO["predictor"].default,
   stacked: Any = None,
 ) -> optax.GradientTransformation:
   """`cj.diloco` with an AdamW inner optimizer and a Nesterov SGD outer one, from flat
@@ -172,7 +173,8 @@ def diloco_adamw(
     outer_momentum: its Nesterov momentum; 0 is plain SGD. With `outer_lr` at its default,
       0.7 and 0.9 are `cj.diloco`'s default outer optimizer (DiLoCo's).
     b1, b2, eps, weight_decay: the inner `optax.adamw`'s (defaults: optax's).
-    feedback, feedback_decay, wire, seed, stacked: `cj.diloco`'s (defaults: its own).
+    feedback, feedback_decay, wire, seed, predictor, stacked: `cj.diloco`'s (defaults: its
+      own); `predictor` codes each pseudo-gradient against its prediction across syncs.
 
   Returns:
     The `optax.GradientTransformation` (a `cj.diloco`; its state holds θ).
@@ -192,7 +194,38 @@ def diloco_adamw(
     dense_axis_name=dense_axis_name,
     wire=wire,
     seed=seed,
+    predictor=predictor,
     stacked=stacked,
+  )
+
+
+def dense_adamw(
+  learning_rate: float,
+  compressor: Any = None,
+  *,
+  axis_name: str | None,
+  b1: float = _ADAMW["b1"].default,
+  b2: float = _ADAMW["b2"].default,
+  eps: float = _ADAMW["eps"].default,
+  weight_decay: float = _ADAMW["weight_decay"].default,
+) -> optax.GradientTransformation:
+  """Data-parallel AdamW: the dense f32 mean of the workers' gradients (one all-reduce), then
+  `optax.adamw` on it, the same on every worker.
+
+  Args:
+    learning_rate: AdamW's learning rate.
+    compressor: must be None or `identity()` (the gradient is sent dense).
+    axis_name: the worker axis.
+    b1, b2, eps, weight_decay: `optax.adamw`'s (defaults: optax's).
+
+  Returns:
+    The `optax.GradientTransformation`.
+  """
+  if compressor is not None and compressor != cj.compressors.identity():
+    raise ValueError(f"adamw sends the dense gradient; got compressor {compressor!r}.")
+  return optax.chain(
+    cj.compressed_mean(cj.compressors.identity(), axis_name=axis_name),
+    optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay),
   )
 
 
@@ -280,7 +313,14 @@ REGISTRY: dict[str, Optimizer] = {
       "feedback_decay": "feedback_decay",
       "seed": "seed",
       "wire": "wire",
+      "predictor": "predictor",
     },
+  ),
+  # Data-parallel AdamW: the dense mean of the gradients, then optax.adamw.
+  "adamw": Optimizer(
+    dense_adamw,
+    {**_ADAM, "eps": "eps", "weight_decay": "weight_decay"},
+    compressor="identity",
   ),
   # DeMo: every step, each worker's decoupled momentum compressed (DCT top-k), averaged over
   # the senders, sign descent.

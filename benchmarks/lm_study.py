@@ -1,0 +1,214 @@
+"""The language-model study: per-step compression against local SGD at equal tokens.
+
+    python benchmarks/lm_study.py run        # trains every missing run (resumable)
+    python benchmarks/lm_study.py report     # prints the tables; docs via reproduce_report.py
+
+`run` trains the byte-level GPT decoder of `configs/lm_small.py` (shrunk here to d 64, 2 layers,
+context 64: `BASE`) on the Python docs' rst sources, with 16 simulated workers (one per slice,
+mesh (16, 1)), 4 sequences per worker per step, `STEPS` steps (equal tokens for every method),
+validating every `EVAL_EVERY` steps (local SGD: the synchronized parameters θ). Every method is
+tuned on its learning-rate grid (`GRIDS`, seed 0); then the local-SGD methods are rerun at their
+best rate with H in `H_SWEEP`. Each finished run is written at once to
+`benchmarks/results/lm_study/RUN.json` (curves, bytes per worker from the traced step's
+collectives, timings), so `run` can be stopped and restarted at will; two invocations may share
+the queue (e.g. one per core with `taskset`): a run another one is training is skipped (a lock
+file under `--runs`), and the H sweep waits for its method's grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import math
+import os
+import pathlib
+import platform
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "lm_study"
+WORKERS = 16
+STEPS = 800
+EVAL_EVERY = 100
+# configs/lm_small.py, sized so a run takes a few minutes of one core.
+BASE = (
+  f"mesh_shape=({WORKERS},1)",
+  "d_model=64",
+  "num_layers=2",
+  "num_heads=4",
+  "context_length=64",
+  "batch_per_slice=4",
+  f"steps={STEPS}",
+  f"eval_every={EVAL_EVERY}",
+  "eval_sequences=256",
+  "log_every=50",
+)
+ADAM_GRID = (1e-3, 3e-3, 1e-2)
+# Method -> its learning-rate grid (the inner AdamW's for local SGD; DeMo's sign-descent step).
+GRIDS = {
+  "adamw": ADAM_GRID,
+  "amsgrad": ADAM_GRID,
+  "comp_ams_top_k": ADAM_GRID,
+  "comp_ams_block_sign": ADAM_GRID,
+  "diloco": ADAM_GRID,
+  "sparseloco": ADAM_GRID,
+  "sparseloco_predictive": ADAM_GRID,
+  "demo": (3e-4, 1e-3, 3e-3),
+}
+SYNC_EVERY = 30  # H of the grid runs (DiLoCo's and SparseLoCo's)
+H_SWEEP = {"diloco": (10, 100), "sparseloco": (10, 100)}
+LOCAL_SGD = ("diloco", "sparseloco", "sparseloco_predictive")
+SEED = 0
+
+
+def run_name(method: str, lr: float, sync_every: int | None, seed: int = SEED) -> str:
+  h = f"_H{sync_every}" if sync_every is not None else ""
+  return f"{method}_lr{lr:.0e}{h}_s{seed}".replace("e-0", "e-")
+
+
+def load_runs(results: pathlib.Path = RESULTS) -> dict[str, dict]:
+  return {p.stem: json.loads(p.read_text()) for p in sorted(results.glob("*.json"))}
+
+
+def best_lr(runs: dict[str, dict], method: str, sync_every: int | None) -> float | None:
+  """The grid rate with the lowest final validation loss; None until the grid is complete."""
+  grid = [runs.get(run_name(method, lr, sync_every)) for lr in GRIDS[method]]
+  if any(r is None for r in grid):
+    return None
+  finite = [r for r in grid if math.isfinite(r["val_loss"])]
+  return min(finite, key=lambda r: r["val_loss"])["learning_rate"] if finite else None
+
+
+def queue(runs: dict[str, dict]) -> tuple[list[tuple[str, float, int | None]], bool]:
+  """(the runs that can be trained now, whether some wait on unfinished runs)."""
+  todo, waiting = [], False
+  for position in (1, 0, 2):  # every method's middle rate first: partial results cover all
+    for method, grid in GRIDS.items():
+      h = SYNC_EVERY if method in LOCAL_SGD else None
+      lr = grid[position]
+      if run_name(method, lr, h) not in runs:
+        todo.append((method, lr, h))
+  for method, hs in H_SWEEP.items():
+    lr = best_lr(runs, method, SYNC_EVERY)
+    if lr is None:
+      waiting = True
+      continue
+    todo += [(method, lr, h) for h in hs if run_name(method, lr, h) not in runs]
+  return todo, waiting
+
+
+def _host() -> dict:
+  return {
+    "machine": platform.machine(),
+    "python": platform.python_version(),
+    "cpus": os.cpu_count(),
+    "affinity": len(os.sched_getaffinity(0)),
+  }
+
+
+def train_one(method, lr, sync_every, corpus, mesh, config_file, steps=STEPS) -> dict:
+  import jax
+
+  from compams_jax.experiments import config as config_lib
+  from compams_jax.experiments import lm_train
+
+  overrides = [*BASE, f"learning_rate={lr}", f"seed={SEED}"]
+  if steps != STEPS:  # --steps: a short pipeline check
+    overrides += [f"steps={steps}", f"eval_every={max(1, steps // 2)}"]
+  if sync_every is not None:
+    overrides.append(f"sync_every={sync_every}")
+  config = config_lib.apply_overrides(config_lib.load_config_file(config_file), overrides)
+  start = time.perf_counter()
+  r = lm_train.train_method(method, config, corpus, mesh, progress=sys.stderr.isatty())
+  return {
+    "method": method,
+    "learning_rate": lr,
+    "sync_every": r["sync_every"],
+    "seed": SEED,
+    "workers": WORKERS,
+    "steps": int(config.steps),
+    "tokens_per_step": r["tokens_per_step"],
+    "val_curve": r["val_curve"],
+    "val_loss": r["val_loss"],
+    "perplexity": r["perplexity"],
+    "bits_per_byte": r["bits_per_byte"],
+    "bytes_per_step": r["bytes_per_step"],
+    "bytes_per_sync": r["bytes_per_sync"],
+    "train_losses": r["train_losses"],
+    "train_seconds": r["train_seconds"],
+    "run_seconds": time.perf_counter() - start,
+    "overrides": overrides,
+    "jax": jax.__version__,
+    "host": _host(),
+  }
+
+
+def run(runs_dir: pathlib.Path, results: pathlib.Path, config_file: str, steps: int) -> int:
+  import compams_jax as cj
+
+  cj.simulate_cpu_devices(WORKERS)
+  import jax
+
+  from compams_jax.experiments import data as D
+
+  corpus = D.load_python_docs()
+  mesh = jax.make_mesh((WORKERS, 1), ("dcn", "fsdp"))
+  runs_dir.mkdir(parents=True, exist_ok=True)
+  results.mkdir(parents=True, exist_ok=True)
+  while True:
+    todo, waiting = queue(load_runs(results))
+    started = False
+    for method, lr, h in todo:
+      name = run_name(method, lr, h)
+      with open(runs_dir / f"{name}.lock", "w") as lock:
+        try:
+          fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+          continue  # another queue trains it
+        if (results / f"{name}.json").exists():
+          continue
+        print(f"[lm_study] {name} ...", file=sys.stderr, flush=True)
+        record = train_one(method, lr, h, corpus, mesh, config_file, steps)
+        tmp = results / f".{name}.json.tmp"
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+        tmp.replace(results / f"{name}.json")
+        print(
+          f"[lm_study] {name}: val loss {record['val_loss']:.4f} ({record['run_seconds']:.0f} s)",
+          file=sys.stderr,
+          flush=True,
+        )
+        started = True
+        break  # re-read: a finished grid may release the H sweep
+    if started:
+      continue
+    if not todo and not waiting:
+      return 0
+    time.sleep(30)  # the rest is being trained, or waits on runs another queue trains
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+  )
+  parser.add_argument("command", choices=("run", "report"))
+  parser.add_argument("--runs", default=str(ROOT / "runs" / "lm_study"), help="lock files")
+  parser.add_argument("--results", default=str(RESULTS))
+  parser.add_argument("--config", default=str(ROOT / "configs" / "lm_small.py"))
+  parser.add_argument(
+    "--steps", type=int, default=STEPS, help="fewer steps to check the pipeline (with --results)"
+  )
+  args = parser.parse_args(argv)
+  if args.steps != STEPS and pathlib.Path(args.results) == RESULTS:
+    parser.error("--steps other than the study's writes elsewhere: give --results DIR")
+  if args.command == "run":
+    return run(pathlib.Path(args.runs), pathlib.Path(args.results), args.config, args.steps)
+  import lm_study_report
+
+  print(lm_study_report.markdown(load_runs(pathlib.Path(args.results))))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
