@@ -1,6 +1,7 @@
 """The language-model study: per-step compression against local SGD at equal tokens.
 
     python benchmarks/lm_study.py run        # trains every missing run (resumable)
+    python benchmarks/lm_study.py project    # bytes per worker of every method on GPT-2 small / 1B
     python benchmarks/lm_study.py report     # prints the tables; docs via reproduce_report.py
 
 `run` trains the byte-level GPT decoder of `configs/lm_small.py` (shrunk here to d 64, 2 layers,
@@ -188,11 +189,79 @@ def run(runs_dir: pathlib.Path, results: pathlib.Path, config_file: str, steps: 
     time.sleep(30)  # the rest is being trained, or waits on runs another queue trains
 
 
+# `project`: the methods' bytes on real model sizes, for the link projection of the report.
+PROJECTION = ROOT / "benchmarks" / "results" / "lm_study_projection.json"
+PROJECTED_METHODS = (
+  "adamw",
+  "comp_ams_top_k",
+  "comp_ams_block_sign",
+  "diloco",
+  "sparseloco",
+  "sparseloco_predictive",
+  "demo",
+)
+
+
+def gpt_1b():
+  """A 1B configuration of the repository's decoder: vocab 50257, context 2048, d 2048,
+  16 heads, 18 layers."""
+  from compams_jax.experiments import lm
+
+  return lm.GPTConfig(
+    vocab_size=50257, context_length=2048, d_model=2048, num_heads=16, num_layers=18
+  )
+
+
+def project(out: pathlib.Path, config_file: str) -> int:
+  """Bytes one worker sends per step (per sync for local SGD) on GPT-2 small and the 1B model,
+  for every method of `PROJECTED_METHODS` as the study builds it (`lm_train.make_tx`), from the
+  traced step's collectives over the worker axis (`cj.wire_bytes` on abstract shapes)."""
+  import jax
+  from flax import nnx
+
+  import compams_jax as cj
+  from compams_jax.experiments import config as config_lib
+  from compams_jax.experiments import lm, lm_train
+
+  config = config_lib.apply_overrides(
+    config_lib.load_config_file(config_file), [f"sync_every={SYNC_EVERY}"]
+  )
+  models = {}
+  for name, cfg in (("gpt2_small", lm.gpt2_small()), ("gpt_1b", gpt_1b())):
+    abstract = nnx.eval_shape(lambda cfg=cfg: lm.GPT(cfg, rngs=nnx.Rngs(0)))
+    params = nnx.state(abstract, nnx.Param)
+    n = sum(x.size for x in jax.tree.leaves(params))
+    methods = {}
+    for method in PROJECTED_METHODS:
+      t = time.perf_counter()
+      tx = lm_train.make_tx(method, config, params)
+      sent = cj.wire_bytes(tx, params, num_workers=WORKERS)
+      local = method in LOCAL_SGD
+      methods[method] = {
+        "bytes_per_sync" if local else "bytes_per_step": int(sent),
+        "sync_every": SYNC_EVERY if local else 1,
+        # How the payload travels: the dense mean is one all-reduce, a lossy code's payloads
+        # are all-gathered (the methods' default wire).
+        "collective": "all-reduce" if method in ("adamw", "diloco") else "all-gather",
+        "trace_seconds": time.perf_counter() - t,
+      }
+      print(f"[project] {name} {method}: {sent:,} B", file=sys.stderr, flush=True)
+    models[name] = {
+      "params": int(n),
+      "config": {k: str(v) for k, v in vars(cfg).items()},
+      "methods": methods,
+    }
+  record = {"workers": WORKERS, "models": models, "jax": jax.__version__}
+  out.write_text(json.dumps(record, indent=1) + "\n")
+  print(out)
+  return 0
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawTextHelpFormatter
   )
-  parser.add_argument("command", choices=("run", "report"))
+  parser.add_argument("command", choices=("run", "project", "report"))
   parser.add_argument("--runs", default=str(ROOT / "runs" / "lm_study"), help="lock files")
   parser.add_argument("--results", default=str(RESULTS))
   parser.add_argument("--config", default=str(ROOT / "configs" / "lm_small.py"))
@@ -204,6 +273,8 @@ def main(argv=None) -> int:
     parser.error("--steps other than the study's writes elsewhere: give --results DIR")
   if args.command == "run":
     return run(pathlib.Path(args.runs), pathlib.Path(args.results), args.config, args.steps)
+  if args.command == "project":
+    return project(PROJECTION, args.config)
   import lm_study_report
 
   print(lm_study_report.markdown(load_runs(pathlib.Path(args.results))))

@@ -10,6 +10,8 @@ import math
 import pathlib
 import statistics
 
+import lm_study_report
+
 LABELS = {
   "amsgrad": "AMSGrad (full precision)",
   "comp_ams_top_k": "COMP-AMS top-k 1%",
@@ -660,6 +662,7 @@ def write_report(results: pathlib.Path, docs: pathlib.Path) -> pathlib.Path:
     if name in data:
       _speedup_figure(data[name], figs / f"{name}.png")
       body += _speedup_section(data[name], f"results/{name}.png")
+  body += lm_study_report.section(results.parent, figs, "results/lm_study.png")
   body += _timing_section(data)
   out = docs / "results.md"
   out.write_text(head + "\n".join(body) + tail)

@@ -295,3 +295,43 @@ def test_sparseloco_and_demo_presets_are_the_library_optimizers():
     optim.build_optimizer(section("demo"), axis_name="data"),
     cj.demo(0.1, weight_decay=default, axis_name="data"),
   )
+
+
+def test_adamw_preset_is_adamw_on_the_mean_gradient():
+  """Dense data-parallel AdamW against a NumPy AdamW loop on the workers' mean gradient."""
+  workers, lr, wd, b1, b2, eps = 3, 0.05, 1e-4, 0.9, 0.999, 1e-8
+  tx = optim.build_optimizer({**config_lib.PRESETS["adamw"], "learning_rate": lr}, axis_name="data")
+  rng = np.random.default_rng(0)
+  params = {"w": rng.normal(size=(4, 3)).astype(np.float32)}
+  grads = rng.normal(size=(5, workers, 4, 3)).astype(np.float32)
+  update = jax.jit(jax.vmap(tx.update, in_axes=(0, 0, None), axis_name="data"))
+  state = jax.vmap(tx.init, in_axes=None, axis_size=workers, axis_name="data")(params)
+  p = {"w": jnp.asarray(params["w"])}
+  w, m, v = params["w"].astype(np.float64), 0.0, 0.0
+  for t, g in enumerate(grads, start=1):
+    updates, state = update({"w": jnp.asarray(g)}, state, p)
+    np.testing.assert_array_equal(updates["w"][0], updates["w"][-1])  # one update everywhere
+    p = optax.apply_updates(p, {"w": updates["w"][0]})
+    mean = g.astype(np.float64).mean(0)
+    m, v = b1 * m + (1 - b1) * mean, b2 * v + (1 - b2) * mean**2
+    w = w - lr * ((m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps) + wd * w)
+    np.testing.assert_allclose(p["w"], w, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="dense gradient"):
+    optim.dense_adamw(0.1, cj.compressors.top_k(0.1), axis_name="data")
+
+
+def test_sparseloco_predictive_preset_adds_the_least_squares_predictor():
+  built = optim.build_optimizer(
+    {**config_lib.PRESETS["sparseloco_predictive"], "learning_rate": 0.1, "sync_every": 2},
+    axis_name="data",
+  )
+  by_hand = cj.diloco(
+    optax.adamw(0.1),
+    sync_every=2,
+    outer=optax.sgd(0.6),
+    compressor=cj.compressors.chunked_top_k(64, chunk=64, value_bits=2),
+    feedback="ef",
+    predictor=cj.predictors.least_squares(),
+    axis_name="data",
+  )
+  _assert_same_updates_on_axis(built, by_hand)

@@ -1,0 +1,119 @@
+"""benchmarks/lm_study.py's queue and lm_study_report.py's measures, on made-up runs."""
+
+import importlib
+import json
+import math
+import pathlib
+import sys
+
+import pytest
+
+BENCH = pathlib.Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.fixture
+def modules(monkeypatch):
+  monkeypatch.syspath_prepend(str(BENCH))
+  try:
+    yield importlib.import_module("lm_study"), importlib.import_module("lm_study_report")
+  finally:
+    sys.modules.pop("lm_study", None)
+    sys.modules.pop("lm_study_report", None)
+
+
+def _run(S, method, lr, h, val, curve=None, per_step=100, per_sync=None, steps=None):
+  steps = S.STEPS if steps is None else steps
+  return {
+    "method": method,
+    "learning_rate": lr,
+    "sync_every": h,
+    "workers": S.WORKERS,
+    "steps": steps,
+    "tokens_per_step": 4096,
+    "val_curve": curve or [[steps, val]],
+    "val_loss": val,
+    "perplexity": math.exp(val),
+    "bytes_per_step": per_step if per_sync is None else per_sync / h,
+    "bytes_per_sync": per_sync,
+    "run_seconds": 1.0,
+  }
+
+
+def test_run_names(modules):
+  S, _ = modules
+  assert S.run_name("adamw", 3e-3, None) == "adamw_lr3e-3_s0"
+  assert S.run_name("demo", 3e-4, None) == "demo_lr3e-4_s0"
+  assert S.run_name("diloco", 1e-2, 30) == "diloco_lr1e-2_H30_s0"
+
+
+def test_queue_starts_every_method_at_its_middle_rate_and_holds_the_sweep(modules):
+  S, _ = modules
+  todo, waiting = S.queue({})
+  first = todo[: len(S.GRIDS)]
+  assert [m for m, _, _ in first] == list(S.GRIDS)
+  assert [lr for _, lr, _ in first] == [g[1] for g in S.GRIDS.values()]
+  assert len(todo) == sum(len(g) for g in S.GRIDS.values()) and waiting
+  # The diloco grid done (its best rate the lowest loss): its H sweep is queued at that rate.
+  runs = {}
+  for lr, val in zip(S.GRIDS["diloco"], (2.0, 1.5, float("nan"))):
+    runs[S.run_name("diloco", lr, S.SYNC_EVERY)] = _run(S, "diloco", lr, 30, val)
+  assert S.best_lr(runs, "diloco", S.SYNC_EVERY) == S.GRIDS["diloco"][1]
+  todo, waiting = S.queue(runs)
+  assert [(m, lr, h) for m, lr, h in todo if m == "diloco"] == [
+    ("diloco", S.GRIDS["diloco"][1], h) for h in S.H_SWEEP["diloco"]
+  ]
+  assert waiting  # sparseloco's grid is not done
+
+
+def test_bytes_iso_loss_and_claims(modules, tmp_path):
+  S, R = modules
+  # Local SGD sends at completed syncs only.
+  local = _run(S, "diloco", 1e-3, 30, 1.0, per_sync=3000)
+  assert R.sent_after(local, 29) == 0 and R.sent_after(local, 61) == 6000
+  curve = [[100, 3.0], [200, 1.9], [800, 1.5]]
+  dense = _run(S, "adamw", 3e-3, None, 2.0, curve=[[100, 3.0], [800, 2.0]], per_step=1000)
+  topk = _run(S, "comp_ams_top_k", 3e-3, None, 1.5, curve=curve, per_step=10)
+  assert R.reach(topk, 2.0) == (200, 2000) and R.reach(topk, 1.0) is None
+  runs = {S.run_name("adamw", 3e-3, None): dense, S.run_name("comp_ams_top_k", 3e-3, None): topk}
+  table = "\n".join(R.methods_table(runs))
+  # AdamW's 800,000 bytes over top-k's 2,000 at its first validation below 2.0: 400x.
+  assert "| 400× |" in table and "100×" in table  # and 100x fewer bytes over the run
+  rows = "\n".join(R.claims(runs, None))
+  assert "within 1% of AdamW's validation loss | 1.5000 vs 2.0000 (-25.00%) | holds" in rows
+  assert "DiLoCo at H = 30" in rows and "not yet measured" in rows
+
+
+def test_utilization_is_compute_over_compute_plus_messages(modules):
+  _, R = modules
+  models = {
+    "gpt2_small": {
+      "params": 1_000_000,
+      "methods": {
+        "adamw": {"bytes_per_step": 4_000_000, "sync_every": 1, "collective": "all-reduce"}
+      },
+    }
+  }
+  peak, _ = R.CHIPS["H200 InfiniBand"]
+  u, step = R.utilization(models, "gpt2_small", "adamw", 100e9, "H200 InfiniBand", {}, 16)
+  compute = 6 * 1e6 * R.TOKENS_PER_WORKER_STEP["gpt2_small"] / (peak * R.MFU)
+  comm = 8 * (2 * 15 / 16 * 4e6) / 100e9  # ring all-reduce, bits over bits/s
+  assert step == pytest.approx(compute + comm) and u == pytest.approx(compute / (compute + comm))
+
+
+def test_section_renders_from_the_json(modules, tmp_path):
+  S, R = modules
+  (tmp_path / "lm_study").mkdir()
+  runs = {
+    S.run_name("adamw", 3e-3, None): _run(S, "adamw", 3e-3, None, 2.0, per_step=1000),
+    S.run_name("diloco", 3e-3, 30): _run(S, "diloco", 3e-3, 30, 2.1, per_sync=1000),
+  }
+  for name, r in runs.items():
+    (tmp_path / "lm_study" / f"{name}.json").write_text(json.dumps(r))
+  figs = tmp_path / "figs"
+  figs.mkdir()
+  text = "\n".join(R.section(tmp_path, figs, "x.png"))
+  assert "Runs recorded: 2 of" in text and (figs / "lm_study.png").exists()
+  assert (
+    "matches data parallelism's loss at equal tokens (≤ 1%) | 2.1000 vs 2.0000 (+5.00%)" in text
+  )
+  assert "(grid incomplete: 1/3)" in text
