@@ -9,7 +9,7 @@ context 64: `BASE`) on the Python docs' rst sources, with 16 simulated workers (
 mesh (16, 1)), 4 sequences per worker per step, `STEPS` steps (equal tokens for every method),
 validating every `EVAL_EVERY` steps (local SGD: the synchronized parameters θ). Every method is
 tuned on its learning-rate grid (`GRIDS`, seed 0); then the local-SGD methods are rerun at their
-best rate with H in `H_SWEEP`. Each finished run is written at once to
+best rate with H in `H_SWEEP`, and every method at its best rate with seeds `EXTRA_SEEDS`. Each finished run is written at once to
 `benchmarks/results/lm_study/RUN.json` (curves, bytes per worker from the traced step's
 collectives, timings), so `run` can be stopped and restarted at will; two invocations may share
 the queue (e.g. one per core with `taskset`): a run another one is training is skipped (a lock
@@ -61,7 +61,8 @@ GRIDS = {
 SYNC_EVERY = 30  # H of the grid runs (DiLoCo's and SparseLoCo's)
 H_SWEEP = {"diloco": (10, 100), "sparseloco": (10, 100)}
 LOCAL_SGD = ("diloco", "sparseloco", "sparseloco_predictive")
-SEED = 0
+SEED = 0  # the seed of the grids and the H sweep
+EXTRA_SEEDS = (1, 2)  # every method again at its best rate (model init and data order)
 
 
 def run_name(method: str, lr: float, sync_every: int | None, seed: int = SEED) -> str:
@@ -82,7 +83,7 @@ def best_lr(runs: dict[str, dict], method: str, sync_every: int | None) -> float
   return min(finite, key=lambda r: r["val_loss"])["learning_rate"] if finite else None
 
 
-def queue(runs: dict[str, dict]) -> tuple[list[tuple[str, float, int | None]], bool]:
+def queue(runs: dict[str, dict]) -> tuple[list[tuple[str, float, int | None, int]], bool]:
   """(the runs that can be trained now, whether some wait on unfinished runs)."""
   todo, waiting = [], False
   for position in (1, 0, 2):  # every method's middle rate first: partial results cover all
@@ -90,13 +91,21 @@ def queue(runs: dict[str, dict]) -> tuple[list[tuple[str, float, int | None]], b
       h = SYNC_EVERY if method in LOCAL_SGD else None
       lr = grid[position]
       if run_name(method, lr, h) not in runs:
-        todo.append((method, lr, h))
+        todo.append((method, lr, h, SEED))
   for method, hs in H_SWEEP.items():
     lr = best_lr(runs, method, SYNC_EVERY)
     if lr is None:
       waiting = True
       continue
-    todo += [(method, lr, h) for h in hs if run_name(method, lr, h) not in runs]
+    todo += [(method, lr, h, SEED) for h in hs if run_name(method, lr, h) not in runs]
+  for seed in EXTRA_SEEDS:
+    for method in GRIDS:
+      h = SYNC_EVERY if method in LOCAL_SGD else None
+      lr = best_lr(runs, method, h)
+      if lr is None:
+        waiting = True
+      elif run_name(method, lr, h, seed) not in runs:
+        todo.append((method, lr, h, seed))
   return todo, waiting
 
 
@@ -109,13 +118,13 @@ def _host() -> dict:
   }
 
 
-def train_one(method, lr, sync_every, corpus, mesh, config_file, steps=STEPS) -> dict:
+def train_one(method, lr, sync_every, seed, corpus, mesh, config_file, steps=STEPS) -> dict:
   import jax
 
   from compams_jax.experiments import config as config_lib
   from compams_jax.experiments import lm_train
 
-  overrides = [*BASE, f"learning_rate={lr}", f"seed={SEED}"]
+  overrides = [*BASE, f"learning_rate={lr}", f"seed={seed}"]
   if steps != STEPS:  # --steps: a short pipeline check
     overrides += [f"steps={steps}", f"eval_every={max(1, steps // 2)}"]
   if sync_every is not None:
@@ -127,7 +136,7 @@ def train_one(method, lr, sync_every, corpus, mesh, config_file, steps=STEPS) ->
     "method": method,
     "learning_rate": lr,
     "sync_every": r["sync_every"],
-    "seed": SEED,
+    "seed": seed,
     "workers": WORKERS,
     "steps": int(config.steps),
     "tokens_per_step": r["tokens_per_step"],
@@ -161,8 +170,8 @@ def run(runs_dir: pathlib.Path, results: pathlib.Path, config_file: str, steps: 
   while True:
     todo, waiting = queue(load_runs(results))
     started = False
-    for method, lr, h in todo:
-      name = run_name(method, lr, h)
+    for method, lr, h, seed in todo:
+      name = run_name(method, lr, h, seed)
       with open(runs_dir / f"{name}.lock", "w") as lock:
         try:
           fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -171,7 +180,7 @@ def run(runs_dir: pathlib.Path, results: pathlib.Path, config_file: str, steps: 
         if (results / f"{name}.json").exists():
           continue
         print(f"[lm_study] {name} ...", file=sys.stderr, flush=True)
-        record = train_one(method, lr, h, corpus, mesh, config_file, steps)
+        record = train_one(method, lr, h, seed, corpus, mesh, config_file, steps)
         tmp = results / f".{name}.json.tmp"
         tmp.write_text(json.dumps(record, indent=1) + "\n")
         tmp.replace(results / f"{name}.json")

@@ -50,17 +50,20 @@ def test_queue_starts_every_method_at_its_middle_rate_and_holds_the_sweep(module
   S, _ = modules
   todo, waiting = S.queue({})
   first = todo[: len(S.GRIDS)]
-  assert [m for m, _, _ in first] == list(S.GRIDS)
-  assert [lr for _, lr, _ in first] == [g[1] for g in S.GRIDS.values()]
+  assert [t[0] for t in first] == list(S.GRIDS)
+  assert [t[1] for t in first] == [g[1] for g in S.GRIDS.values()]
   assert len(todo) == sum(len(g) for g in S.GRIDS.values()) and waiting
+  assert {seed for *_, seed in todo} == {S.SEED}
   # The diloco grid done (its best rate the lowest loss): its H sweep is queued at that rate.
   runs = {}
   for lr, val in zip(S.GRIDS["diloco"], (2.0, 1.5, float("nan"))):
     runs[S.run_name("diloco", lr, S.SYNC_EVERY)] = _run(S, "diloco", lr, 30, val)
   assert S.best_lr(runs, "diloco", S.SYNC_EVERY) == S.GRIDS["diloco"][1]
   todo, waiting = S.queue(runs)
-  assert [(m, lr, h) for m, lr, h in todo if m == "diloco"] == [
-    ("diloco", S.GRIDS["diloco"][1], h) for h in S.H_SWEEP["diloco"]
+  best = S.GRIDS["diloco"][1]
+  assert [t for t in todo if t[0] == "diloco"] == [
+    *[("diloco", best, h, S.SEED) for h in S.H_SWEEP["diloco"]],
+    *[("diloco", best, S.SYNC_EVERY, seed) for seed in S.EXTRA_SEEDS],
   ]
   assert waiting  # sparseloco's grid is not done
 
@@ -80,6 +83,16 @@ def test_bytes_iso_loss_and_claims(modules, tmp_path):
   assert "| 400× |" in table and "100×" in table  # and 100x fewer bytes over the run
   rows = "\n".join(R.claims(runs, None))
   assert "within 1% of AdamW's validation loss | 1.5000 vs 2.0000 (-25.00%) | holds" in rows
+  # A second seed of top-k at its rate: the claims and the table use the mean over seeds.
+  curve2 = [[100, 3.2], [200, 2.1], [800, 1.7]]
+  runs[S.run_name("comp_ams_top_k", 3e-3, None, 1)] = _run(
+    S, "comp_ams_top_k", 3e-3, None, 1.7, curve=curve2, per_step=10
+  )
+  rows = "\n".join(R.claims(runs, None))
+  assert "| 1.6000 vs 2.0000 (-20.00%) | holds at this scale, 1/2 seeds |" in rows
+  assert "1.6000 ± 0.1414 (2)" in "\n".join(R.methods_table(runs))
+  # The mean curve reaches 2.0 at step 200 ((1.9 + 2.1) / 2): 200 x 10 bytes.
+  assert R.reach(R.best_runs(runs)["comp_ams_top_k"], 2.0) == (200, 2000)
   assert "DiLoCo at H = 30" in rows and "not yet measured" in rows
 
 
