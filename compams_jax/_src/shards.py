@@ -11,7 +11,9 @@ of their devices.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -61,15 +63,64 @@ def leaf_specs(tree: Any, specs: Any = None) -> list[P]:
   return typed
 
 
-def sharded_axes(tree: Any, specs: Any = None) -> tuple[str, ...]:
-  """The mesh axes that shard any leaf of `tree` (in the order they appear; see `leaf_specs`)."""
+def spec_axes(specs: Any) -> tuple[str, ...]:
+  """The mesh axes named by a sequence of PartitionSpecs, in the order they first appear."""
   out: list[str] = []
-  for spec in leaf_specs(tree, specs):
+  for spec in specs:
     for entry in spec:
       for name in _names(entry):
         if name not in out:
           out.append(name)
   return tuple(out)
+
+
+def spec_groups(specs: Any) -> list[tuple[tuple[str, ...], list[int]]]:
+  """Leaves grouped by the mesh axes they are sharded over: [(axes, leaf indices)], in the
+  order each group first appears (axes in `spec_axes(specs)` order; () for replicated leaves).
+
+  State computed from several leaves together (the two-phase server residual of a flattened
+  group) is kept per group, so that a leaf replicated over an axis never mixes with one
+  sharded over it."""
+  specs = list(specs)
+  order = spec_axes(specs)
+  groups: dict[tuple[str, ...], list[int]] = {}
+  for i, spec in enumerate(specs):
+    mine = set(spec_axes([spec]))
+    groups.setdefault(tuple(a for a in order if a in mine), []).append(i)
+  return list(groups.items())
+
+
+_INIT_SPECS: contextvars.ContextVar[tuple[P, ...] | None] = contextvars.ContextVar(
+  "compams_jax_init_specs", default=None
+)
+
+
+@contextlib.contextmanager
+def initialising_with(param_specs: Any) -> Iterator[None]:
+  """While `cj.sharding.init` runs `tx.init` on each device's shards: the parameters' specs,
+  which the state that groups leaves by their sharding (`spec_groups`) reads there."""
+  leaves = tuple(jax.tree.leaves(param_specs, is_leaf=lambda x: isinstance(x, P)))
+  token = _INIT_SPECS.set(leaves)
+  try:
+    yield
+  finally:
+    _INIT_SPECS.reset(token)
+
+
+def init_groups(like: Any) -> list[tuple[tuple[str, ...], list[int]]]:
+  """`spec_groups` of `like`'s leaves while `cj.sharding.init` initialises them (one group of
+  every leaf otherwise)."""
+  n = len(jax.tree.leaves(like))
+  specs = _INIT_SPECS.get()
+  if specs is None or len(specs) != n:
+    return [((), list(range(n)))]
+  return spec_groups(specs)
+
+
+def sharded_axes(tree: Any, specs: Any = None) -> tuple[str, ...]:
+  """The mesh axes that shard any leaf of `tree` (in the order they appear; see `leaf_specs`).
+  Per-device state (`PerWorker.per_device`) is split over them in this order."""
+  return spec_axes(leaf_specs(tree, specs))
 
 
 def on_shards(
@@ -113,17 +164,23 @@ def map_shards(
   worker_axes: tuple[AxisName | None, ...],
   what: str,
   specs: Any = None,
+  flat: tuple[tuple[jax.Array, tuple[str, ...]], ...] = (),
 ) -> tuple[Any, ...]:
   """fn(trees, key) -> `outputs` trees, run on each device's shard of every leaf.
 
   `trees[0]` gives the structure and the sharding (from the leaves' types, or `specs` where the
   types carry none); every tree of `trees` and of fn's outputs is structured and sharded like
   it. Without sharded leaves, fn runs as is.
+
+  With `flat` (per-device state, `PerWorker.per_device`: (array, axes) pairs, the array's last
+  axis split over those of the sharding axes), fn(trees, key, arrays) returns the `outputs`
+  trees followed by the new arrays, each device seeing and returning its own part.
   """
   value = trees[0]
   axes = sharded_axes(value, specs)
+  arrays = tuple(x for x, _ in flat)
   if not axes:
-    return tuple(fn(trees, key))
+    return tuple(fn(trees, key, arrays) if flat else fn(trees, key))
   workers = {n for a in worker_axes for n in _names(a)}
   if workers & set(axes):
     raise ValueError(
@@ -140,19 +197,25 @@ def map_shards(
           f"parameter sharding of a leaf of shape {tuple(leaf.shape)}; initialise it with "
           "cj.sharding.init(tx, params, mesh=mesh, axis_name=...) on the sharded params."
         )
+  flat_specs = tuple(P(*(None,) * (x.ndim - 1), a or None) for x, a in flat)
+  n = len(trees)
+
+  def body(k, t, f):
+    return tuple(fn(t, k, f) if flat else fn(t, k))
+
   # Only arrays travel through the nested map (a None key stays outside).
   if key is None:
     mapped = jax.shard_map(
-      lambda *t: tuple(fn(t, None)),
-      in_specs=(specs,) * len(trees),
-      out_specs=(specs,) * outputs,
+      lambda *a: body(None, a[:n], a[n:]),
+      in_specs=(*((specs,) * n), *flat_specs),
+      out_specs=(*((specs,) * outputs), *flat_specs),
       axis_names=set(axes),
     )
-    return mapped(*trees)
+    return mapped(*trees, *arrays)
   mapped = jax.shard_map(
-    lambda k, *t: tuple(fn(t, k)),
-    in_specs=(P(), *((specs,) * len(trees))),
-    out_specs=(specs,) * outputs,
+    lambda k, *a: body(k, a[:n], a[n:]),
+    in_specs=(P(), *((specs,) * n), *flat_specs),
+    out_specs=(*((specs,) * outputs), *flat_specs),
     axis_names=set(axes),
   )
-  return mapped(key, *trees)
+  return mapped(key, *trees, *arrays)

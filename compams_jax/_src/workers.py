@@ -40,6 +40,10 @@ class PerWorker:
     shard_specs: for parameter-shaped state of parameters sharded over other mesh axes, one
       PartitionSpec per leaf (set by `cj.sharding.init`): compression follows them where the
       arrays' types carry no sharding (auto mesh axes).
+    per_device: True for state that is not parameter-shaped but is computed from each device's
+      own shards of the parameters (the two-phase server residual: a chunk of the device's
+      flattened shards). On parameters sharded over other mesh axes its last axis is split
+      over those axes (`cj.sharding.state_specs`), every device holding its own part.
   """
 
   value: Any
@@ -48,6 +52,7 @@ class PerWorker:
   params_like: bool = dataclasses.field(default=True, metadata={"static": True})
   local: bool = dataclasses.field(default=False, metadata={"static": True})
   shard_specs: Any = dataclasses.field(default=None, metadata={"static": True})
+  per_device: bool = dataclasses.field(default=False, metadata={"static": True})
 
   def replace(self, value: Any) -> PerWorker:
     """The same marker around other arrays."""

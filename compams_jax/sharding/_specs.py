@@ -9,6 +9,7 @@ import jax
 import optax
 from jax.sharding import PartitionSpec as P
 
+from compams_jax._src.shards import initialising_with, spec_axes, spec_groups
 from compams_jax._src.workers import is_global_params, is_per_worker
 
 
@@ -32,7 +33,8 @@ def state_specs(
   collectives run over `axis_name` only. Per-worker state reads its marker
   (`PerWorker.params_like`); replicated state mirrors the parameters when it has their pytree
   structure and leaf shapes. (Per-worker state not shaped like the parameters, such as the
-  two-phase server residual, is sharded over `axis_name` only.)
+  two-phase server residual, is sharded over `axis_name`, and, being each device's own
+  (`PerWorker.per_device`), along its last axis over the axes that shard the parameters.)
 
   Args:
     opt_state: an optimizer state, or its abstract shape (`jax.eval_shape(tx.init, params)`).
@@ -69,6 +71,9 @@ def state_specs(
   if len(spec_leaves) != len(shapes):
     raise ValueError(f"state_specs: {len(spec_leaves)} param_specs for {len(shapes)} params.")
 
+  own_axes = spec_axes(spec_leaves)  # the order per-device state is split in (`map_shards`)
+  groups = spec_groups(spec_leaves)
+
   def with_prefix(prefix: tuple) -> Any:
     return jax.tree.unflatten(treedef, [P(*prefix, *s) for s in spec_leaves])
 
@@ -86,6 +91,15 @@ def state_specs(
     if is_per_worker(node):
       if node.params_like:
         return node.replace(with_prefix((axis_name,)))
+      arrays = jax.tree.leaves(node.value)
+      if node.per_device and own_axes and len(arrays) == len(groups):
+        # Each device's own, per group of leaves sharded alike: split over the group's axes.
+        return node.replace(
+          jax.tree.unflatten(
+            jax.tree.structure(node.value),
+            [P(axis_name, *(None,) * (x.ndim - 2), a or None) for x, (a, _) in zip(arrays, groups)],
+          )
+        )
       # Other per-worker state (an inner optimizer's): its parameter-shaped parts follow the
       # parameters behind the worker axis, the rest is split over the workers only.
       return node.replace(walk(node.value, (axis_name,)))
@@ -140,9 +154,10 @@ def init(
   if param_specs is None:
     param_specs = own_specs(params, mesh)
   specs = _init_specs(tx, params, mesh, axis_name, param_specs, mark=False)
-  state = jax.jit(
-    jax.shard_map(tx.init, mesh=mesh, in_specs=(param_specs,), out_specs=specs, check_vma=False)
-  )(params)
+  with initialising_with(param_specs):
+    state = jax.jit(
+      jax.shard_map(tx.init, mesh=mesh, in_specs=(param_specs,), out_specs=specs, check_vma=False)
+    )(params)
   return mark_shard_specs(state, param_specs)
 
 
@@ -205,7 +220,8 @@ def _init_specs(tx, params, mesh, axis_name, param_specs, *, mark):
   def local(fn):
     return jax.shard_map(fn, mesh=mesh, in_specs=(param_specs,), out_specs=P(), check_vma=False)
 
-  state = jax.eval_shape(local(tx.init), params)
+  with initialising_with(param_specs):
+    state = jax.eval_shape(local(tx.init), params)
   if mark:
     state = mark_shard_specs(state, param_specs)
   if replicated:

@@ -15,7 +15,7 @@ import jax
 from compams_jax._src.axis import AxisName
 from compams_jax._src.base import Compressor
 from compams_jax._src.feedback import Compressed, TreeCodec, compress_with_feedback
-from compams_jax._src.shards import on_shards, sharded_axes
+from compams_jax._src.shards import leaf_specs, map_shards, on_shards, sharded_axes, spec_groups
 from compams_jax._src.tree import flat_spec
 from compams_jax._src.workers import PerWorker
 from compams_jax.transforms import _two_phase
@@ -63,12 +63,6 @@ def follows_sharding(
       f"one block, but the gradients are sharded over {axes} and no device holds the model; "
       "use a per-leaf code such as cj.compressors.block_sign() (each device's shard of each "
       "leaf is then a block)."
-    )
-  if not wire.averages_payloads:
-    raise ValueError(
-      f"{what}: cj.wire.two_phase() flattens the whole model into one vector, which a "
-      f"sharded model (leaves sharded over {axes}) does not hold on any device; use "
-      "cj.wire.gather() with sharded parameters."
     )
   return True
 
@@ -162,6 +156,10 @@ def compress_and_average(
 
   if not follows_sharding(wire, codec.compressor, value, what, dense_axis_name, shard_specs):
     return exchange(value, residual, key, state)
+  if state is not None:  # two-phase: each device's server residuals, of its own shards
+    return _two_phase_on_shards(
+      exchange, value, residual, state, key, axis_name=axis_name, what=what, specs=shard_specs
+    )
   average, new_residual = on_shards(
     lambda v, r, k: exchange(v, r, k)[:2],
     value,
@@ -172,3 +170,53 @@ def compress_and_average(
     specs=shard_specs,
   )
   return average, new_residual, state
+
+
+def _two_phase_on_shards(exchange, value, residual, state, key, *, axis_name, what, specs):
+  """Two-phase averaging of sharded leaves: on each device's own shards, one flattened vector
+  per group of leaves sharded alike (`spec_groups`: a replicated leaf never mixes with a
+  sharded one, so it stays identical on its devices), each group with its own server residual
+  (`PerWorker.per_device`) and its own exchange."""
+  groups = spec_groups(leaf_specs(value, specs))
+  arrays = state.value if isinstance(state.value, tuple) else (state.value,)
+  if len(arrays) != len(groups):
+    raise ValueError(
+      f"{what}: the two-phase server residuals were initialised for {len(arrays)} group(s) of "
+      f"leaves, but the gradients are sharded in {len(groups)} ways "
+      f"({', '.join(str(a or 'replicated') for a, _ in groups)}); initialise the state with "
+      "cj.sharding.init(tx, params, mesh=mesh, axis_name=...) on the sharded parameters."
+    )
+  trees = (value,) if residual is None else (value, residual)
+
+  def own(trees, k, flat):
+    v, treedef = jax.tree.flatten(trees[0])
+    r = None if residual is None else jax.tree.leaves(trees[1])
+    average, new_residual, new_flat = [None] * len(v), [None] * len(v), []
+    for g, ((_, idx), s) in enumerate(zip(groups, flat)):
+      gk = k if k is None or len(groups) == 1 else jax.random.fold_in(k, g)
+      a, e, st = exchange(
+        [v[i] for i in idx], None if r is None else [r[i] for i in idx], gk, state.replace(s)
+      )
+      for j, i in enumerate(idx):
+        average[i] = a[j]
+        if e is not None:
+          new_residual[i] = e[j]
+      new_flat.append(st.value)
+    outs = (jax.tree.unflatten(treedef, average),)
+    if residual is not None:
+      outs += (jax.tree.unflatten(treedef, new_residual),)
+    return (*outs, *new_flat)
+
+  outs = map_shards(
+    own,
+    trees,
+    key,
+    outputs=len(trees),
+    worker_axes=(axis_name,),
+    what=what,
+    specs=specs,
+    flat=tuple((s, a) for s, (a, _) in zip(arrays, groups)),
+  )
+  new_state = outs[len(trees) :]
+  new_state = new_state if isinstance(state.value, tuple) else new_state[0]
+  return outs[0], (None if residual is None else outs[1]), state.replace(new_state)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from compams_jax._src.base import Compressor
 from compams_jax._src.feedback import RowCodec, compress_with_feedback
+from compams_jax._src.shards import init_groups
 from compams_jax._src.tree import flat_spec, flatten_tree, unflatten_tree
 from compams_jax._src.workers import PerWorker, per_worker_zeros
 from compams_jax.wire import TwoPhase, worker_index
@@ -85,12 +86,24 @@ def warn_if_rows_stay_dense(compressor: Compressor, like: Any, n: int) -> None:
 
 
 def init(like: Any, n: int) -> PerWorker:
-  """Each device's server residual: one chunk of the flattened `like` (⌈size / n⌉ entries)."""
-  flat = flat_spec(like)
+  """Each device's server residual: one chunk of the flattened `like` (⌈size / n⌉ entries).
+
+  In `cj.sharding.init` on parameters sharded over other mesh axes, `like` is the device's own
+  shards, flattened per group of leaves sharded alike (`spec_groups`): one residual per group
+  (a tuple), each the device's own (`per_device`)."""
+  leaves = jax.tree.leaves(like)
+  groups = init_groups(like)
+
+  def chunk(idx):
+    flat = flat_spec([leaves[i] for i in idx])
+    return jax.ShapeDtypeStruct((chunk_size(flat.shape[0], n),), flat.dtype)
+
+  value = chunk(groups[0][1]) if len(groups) == 1 else tuple(chunk(idx) for _, idx in groups)
   return per_worker_zeros(
-    jax.ShapeDtypeStruct((chunk_size(flat.shape[0], n),), flat.dtype),
+    value,
     what="two-phase server residuals (tied to the chunk layout of the worker count)",
     params_like=False,
+    per_device=True,
   )
 
 
