@@ -28,6 +28,8 @@ import platform
 import sys
 import time
 
+import numpy as np
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "lm_study"
 WORKERS = 16
@@ -266,11 +268,122 @@ def project(out: pathlib.Path, config_file: str) -> int:
   return 0
 
 
+PSEUDO = ROOT / "benchmarks" / "results" / "lm_study_pseudo_gradient_rate.json"
+PSEUDO_COORDS = 16_384  # coordinates recorded (a fixed random subset of the parameters)
+
+
+def pseudo(out: pathlib.Path, config_file: str, steps: int = STEPS) -> int:
+  """Records every worker's pseudo-gradient d_i = θ − θ_i at every sync of dense DiLoCo (the
+  study's model, H = 30, its best rate from the grid, seed 0) on `PSEUDO_COORDS` coordinates,
+  then codes the sequences with `rate_distortion.code` (dithered uniform DPCM per worker, the
+  empirical entropy per sync) at every Δ of its grid: no prediction, the pooled least-squares
+  ρ (fixed, in hindsight) and the per-worker, per-sync least-squares ρ (its 32 bits counted).
+  The θ_i of a sync are read by running that step on a copy of the state whose count is reset
+  (the same inner step without the sync)."""
+  from rate_distortion import DELTA_OVER_SIGMA, METHODS, code  # sets its devices: before ours
+
+  import compams_jax as cj
+
+  cj.simulate_cpu_devices(WORKERS)
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from compams_jax.experiments import config as config_lib
+  from compams_jax.experiments import data as D
+  from compams_jax.experiments import lm, lm_train
+
+  lr = best_lr(load_runs(), "diloco", SYNC_EVERY) or GRIDS["diloco"][1]
+  overrides = [*BASE, f"learning_rate={lr}", f"seed={SEED}", f"sync_every={SYNC_EVERY}"]
+  config = config_lib.apply_overrides(config_lib.load_config_file(config_file), overrides)
+  corpus = D.load_python_docs()
+  mesh = jax.make_mesh((WORKERS, 1), ("dcn", "fsdp"))
+  cfg = lm.GPTConfig(
+    vocab_size=corpus.vocab_size,
+    context_length=config.context_length,
+    d_model=config.d_model,
+    num_heads=config.num_heads,
+    num_layers=config.num_layers,
+  )
+  graphdef, params = nnx.split(lm.GPT(cfg, rngs=nnx.Rngs(config.seed)), nnx.Param)
+  params = lm_train.shard_params(params, mesh)
+  tx = lm_train.make_tx("diloco", config, params)
+  state = cj.sharding.init(tx, params, mesh=mesh, axis_name="dcn")
+  step = lm_train.make_step(graphdef, tx, mesh, state)
+  params = lm_train.per_slice(params, mesh)
+  size = sum(x.size for x in jax.tree.leaves(cj.synchronized_params(state)))
+  coords = np.sort(np.random.default_rng(1).choice(size, PSEUDO_COORDS, replace=False))
+
+  def flat(tree, rows=False):
+    parts = [np.asarray(x).reshape((WORKERS, -1) if rows else (-1,)) for x in jax.tree.leaves(tree)]
+    return np.concatenate(parts, axis=-1)[..., coords]
+
+  rng = np.random.default_rng(config.seed)
+  recorded, start = [], time.perf_counter()
+  for t in range(steps):
+    batch = lm_train._put_batch(
+      D.sample_windows(corpus.train, WORKERS * config.batch_per_slice, config.context_length, rng),
+      mesh,
+    )
+    if (t + 1) % SYNC_EVERY == 0:  # this step syncs: its θ_i from the same step without the sync
+      probe, _, _ = step(params, state._replace(count=jnp.zeros_like(state.count)), batch)
+      recorded.append(flat(cj.synchronized_params(state))[None] - flat(probe, rows=True))
+    params, state, _ = step(params, state, batch)
+  d = np.stack(recorded).astype(np.float32)  # (syncs, workers, coords)
+  sigma = float(d.std())
+  cur, prev = d[1:].reshape(-1, PSEUDO_COORDS), d[:-1].reshape(-1, PSEUDO_COORDS)
+  rho_fixed = round(float((cur * prev).sum() / (prev * prev).sum()), 2)
+  mean = d.mean(axis=1)
+  cosine = float(
+    np.mean(
+      [
+        mean[t] @ mean[t - 1] / (np.linalg.norm(mean[t]) * np.linalg.norm(mean[t - 1]))
+        for t in range(1, len(mean))
+      ]
+    )
+  )
+  rows = []
+  for ratio in DELTA_OVER_SIGMA:
+    row = {"delta_over_sigma": ratio}
+    for method in METHODS:
+      row[method] = code(d, ratio * sigma, method, rho=rho_fixed)
+    for method in METHODS[1:]:
+      row[f"rate_reduction_{method}"] = (
+        row["none"]["bits_per_coord"] / row[method]["bits_per_coord"]
+      )
+    rows.append(row)
+    print(
+      f"Δ = σ·{ratio:g}: " + ", ".join(f"{m} {row[m]['bits_per_coord']:.3f} bits" for m in METHODS),
+      file=sys.stderr,
+      flush=True,
+    )
+  record = {
+    "model": "lm_study's GPT (BASE)",
+    "method": "dense DiLoCo",
+    "learning_rate": lr,
+    "sync_every": SYNC_EVERY,
+    "workers": WORKERS,
+    "syncs": len(recorded),
+    "coords": PSEUDO_COORDS,
+    "params": int(size),
+    "sigma": sigma,
+    "rho_fixed_pooled_least_squares": rho_fixed,
+    "mean_consecutive_cosine_of_the_average": cosine,
+    "rows": rows,
+    "seconds": time.perf_counter() - start,
+    "jax": jax.__version__,
+    "host": _host(),
+  }
+  out.write_text(json.dumps(record, indent=1) + "\n")
+  print(out)
+  return 0
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawTextHelpFormatter
   )
-  parser.add_argument("command", choices=("run", "project", "report"))
+  parser.add_argument("command", choices=("run", "project", "pseudo", "report"))
   parser.add_argument("--runs", default=str(ROOT / "runs" / "lm_study"), help="lock files")
   parser.add_argument("--results", default=str(RESULTS))
   parser.add_argument("--config", default=str(ROOT / "configs" / "lm_small.py"))
@@ -284,6 +397,9 @@ def main(argv=None) -> int:
     return run(pathlib.Path(args.runs), pathlib.Path(args.results), args.config, args.steps)
   if args.command == "project":
     return project(PROJECTION, args.config)
+  if args.command == "pseudo":
+    out = PSEUDO if args.steps == STEPS else pathlib.Path(args.results) / PSEUDO.name
+    return pseudo(out, args.config, args.steps)
   import lm_study_report
 
   print(lm_study_report.markdown(load_runs(pathlib.Path(args.results))))

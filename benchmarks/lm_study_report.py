@@ -1,7 +1,8 @@
 """The language-model study's section of docs/results.md, from its JSON alone (no jax).
 
 Reads `benchmarks/results/lm_study/*.json` (one per run, `lm_study.py run`),
-`benchmarks/results/lm_study_projection.json` (`lm_study.py project`) and the measured codec
+`benchmarks/results/lm_study_projection.json` (`lm_study.py project`),
+`benchmarks/results/lm_study_pseudo_gradient_rate.json` (`lm_study.py pseudo`) and the measured codec
 times of `benchmarks/results/compressor_throughput_chunked.json`
 (`compressor_throughput.py --compressors chunked_top_k dct_top_k`).
 """
@@ -297,7 +298,27 @@ def projection_tables(projection: dict, encode: dict) -> list[str]:
   return out
 
 
-def claims(runs: dict[str, dict], projection: dict | None) -> list[str]:
+def _rate_claim(rate: dict) -> str:
+  """The claim row of `lm_study.py pseudo`'s measurement."""
+  red = sorted(r["rate_reduction_least_squares"] for r in rate["rows"])
+  median = red[len(red) // 2]
+  verdict = (
+    f"holds, by {100 * (median - 1):.1f}% (median over Δ)"
+    if median >= 1.01
+    else f"does not hold beyond 1% (median {100 * (median - 1):+.1f}%)"
+  )
+  return (
+    "| Prediction lowers the pseudo-gradient's rate at equal distortion | "
+    f"per-worker least-squares ρ: {red[0]:.3f}–{red[-1]:.3f}× fewer bits over Δ/σ "
+    f"{min(r['delta_over_sigma'] for r in rate['rows']):g}–"
+    f"{max(r['delta_over_sigma'] for r in rate['rows']):g} (dense DiLoCo H = "
+    f"{rate['sync_every']}, {rate['syncs']} syncs, {rate['workers']} workers, "
+    f"{rate['coords']:,} coordinates; consecutive averaged pseudo-gradients' cosine "
+    f"{rate['mean_consecutive_cosine_of_the_average']:.2f}) | {verdict} |"
+  )
+
+
+def claims(runs: dict[str, dict], projection: dict | None, rate: dict | None = None) -> list[str]:
   best = best_runs(runs)
   out = ["| claim | measured | verdict |", "|---|---|---|"]
 
@@ -343,6 +364,8 @@ def claims(runs: dict[str, dict], projection: dict | None) -> list[str]:
       f"{_fmt(d['val_loss'])} ({100 * gap:+.2f}%) | {verdict} "
       f"({_seeds(best, 'sparseloco', 'diloco')}) |"
     )
+  if rate is not None:
+    out.append(_rate_claim(rate))
   if "sparseloco_predictive" in best and "sparseloco" in best:
     p, s = best["sparseloco_predictive"], best["sparseloco"]
     gap = (p["val_loss"] - s["val_loss"]) / s["val_loss"]
@@ -366,6 +389,8 @@ def section(results: pathlib.Path, figs: pathlib.Path, fig_rel: str) -> list[str
   proj_path = results / "lm_study_projection.json"
   projection = json.loads(proj_path.read_text()) if proj_path.exists() else None
   encode = _encode_ratios(results)
+  rate_path = results / "lm_study_pseudo_gradient_rate.json"
+  rate = json.loads(rate_path.read_text()) if rate_path.exists() else None
   figure(runs, figs / "lm_study.png")
   total_s = sum(r["run_seconds"] for r in runs.values())
   planned = (
@@ -393,6 +418,7 @@ def section(results: pathlib.Path, figs: pathlib.Path, fig_rel: str) -> list[str
     "```bash",
     "python benchmarks/lm_study.py run       # every missing run (resumable, one JSON per run)",
     "python benchmarks/lm_study.py project   # bytes of every method on GPT-2 small and 1B",
+    "python benchmarks/lm_study.py pseudo    # the pseudo-gradients' rate, with prediction",
     "python benchmarks/reproduce.py report   # this page",
     "```",
     "",
@@ -400,7 +426,7 @@ def section(results: pathlib.Path, figs: pathlib.Path, fig_rel: str) -> list[str
     "",
     "### Claims",
     "",
-    *claims(runs, projection),
+    *claims(runs, projection, rate),
     "",
     "### Every method at its best rate",
     "",

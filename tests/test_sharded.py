@@ -230,7 +230,9 @@ def _shard(x, spec, sizes, pos):
   return x[tuple(index)]
 
 
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize(
+  "layout", [pytest.param(n, marks=pytest.mark.slow) if n != "2x4" else n for n in sorted(LAYOUTS)]
+)
 def test_two_phase_runs_on_each_devices_shards_per_group(layout):
   """cj.wire.two_phase() on sharded leaves: each device flattens its own shards of the leaves
   sharded alike (a replicated leaf is its own group) and runs the two-phase algorithm (worker

@@ -130,3 +130,23 @@ def test_section_renders_from_the_json(modules, tmp_path):
     "matches data parallelism's loss at equal tokens (≤ 1%) | 2.1000 vs 2.0000 (+5.00%)" in text
   )
   assert "(grid incomplete: 1/3)" in text
+
+
+def test_rate_claim_reads_the_median_reduction(modules):
+  _, R = modules
+  rows = [
+    {"delta_over_sigma": d, "rate_reduction_least_squares": r}
+    for d, r in ((2.0, 1.00), (1.0, 1.03), (0.5, 1.05))
+  ]
+  rate = {
+    "rows": rows,
+    "sync_every": 30,
+    "syncs": 26,
+    "workers": 16,
+    "coords": 100,
+    "mean_consecutive_cosine_of_the_average": 0.5,
+  }
+  assert "1.000–1.050× fewer bits" in R._rate_claim(rate)
+  assert R._rate_claim(rate).endswith("| holds, by 3.0% (median over Δ) |")
+  rows[1]["rate_reduction_least_squares"] = 1.005
+  assert "does not hold beyond 1% (median +0.5%)" in R._rate_claim(rate)
