@@ -230,17 +230,10 @@ def _shard(x, spec, sizes, pos):
   return x[tuple(index)]
 
 
-@pytest.mark.parametrize(
-  "layout", [pytest.param(n, marks=pytest.mark.slow) if n != "2x4" else n for n in sorted(LAYOUTS)]
-)
-def test_two_phase_runs_on_each_devices_shards_per_group(layout):
-  """cj.wire.two_phase() on sharded leaves: each device flattens its own shards of the leaves
-  sharded alike (a replicated leaf is its own group) and runs the two-phase algorithm (worker
-  and server residuals) across slices, against the NumPy two-phase loop on those shards."""
-  mesh, params, grads, shardings, specs = _setup(layout)
+def _compare_two_phase(got, params, grads, specs, mesh):
+  """The parameters after STEPS steps of two-phase COMP-AMS (top-k 25%) against the NumPy
+  two-phase loop run on each device's shards of each group of leaves sharded alike."""
   compress = functools.partial(reference.np_top_k, ratio=0.25)
-  tx = cj.comp_ams(LR, cj.compressors.top_k(0.25), axis_name="dcn", wire=cj.wire.two_phase())
-  got, state, step, g = _train(tx, mesh, params, grads, shardings)
   sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
   groups = {}
   for k, spec in specs.items():
@@ -250,8 +243,6 @@ def test_two_phase_runs_on_each_devices_shards_per_group(layout):
       if any(a in ((e,) if isinstance(e, str) else e or ()) for e in spec)
     )
     groups.setdefault(axes, []).append(k)
-  assert len(groups) > 1  # replicated and sharded leaves: one server residual each
-  assert isinstance(state[0].wire_state.value, tuple)
   for axes, keys in groups.items():
     positions = [dict(zip(axes, idx)) for idx in np.ndindex(*(sizes[a] for a in axes))]
     for pos in positions:
@@ -270,6 +261,22 @@ def test_two_phase_runs_on_each_devices_shards_per_group(layout):
           atol=1e-6,
           err_msg=f"{k} at {pos}",
         )
+  return groups
+
+
+@pytest.mark.parametrize(
+  "layout", [pytest.param(n, marks=pytest.mark.slow) if n != "2x4" else n for n in sorted(LAYOUTS)]
+)
+def test_two_phase_runs_on_each_devices_shards_per_group(layout):
+  """cj.wire.two_phase() on sharded leaves: each device flattens its own shards of the leaves
+  sharded alike (a replicated leaf is its own group) and runs the two-phase algorithm (worker
+  and server residuals) across slices, against the NumPy two-phase loop on those shards."""
+  mesh, params, grads, shardings, specs = _setup(layout)
+  tx = cj.comp_ams(LR, cj.compressors.top_k(0.25), axis_name="dcn", wire=cj.wire.two_phase())
+  got, state, step, g = _train(tx, mesh, params, grads, shardings)
+  groups = _compare_two_phase(got, params, grads, specs, mesh)
+  assert len(groups) > 1  # replicated and sharded leaves: one server residual each
+  assert isinstance(state[0].wire_state.value, tuple)
   if layout != "2x4":  # there every axis has 2 devices: group sizes do not tell them apart
     return
   # Across slices: per group, one all-to-all of the chunk payloads and one all-gather of the
@@ -392,14 +399,18 @@ def test_data_parallel_step_covers_sharded_models():
     assert _norm(p[k].sharding.spec) == _norm(specs[k]), k
 
 
-def test_auto_axes_follow_the_shardings_passed_once():
+@pytest.mark.parametrize("wire", ["gather", pytest.param("two_phase", marks=pytest.mark.slow)])
+def test_auto_axes_follow_the_shardings_passed_once(wire):
   """Auto mesh axes: the types carry no sharding, so `cj.sharding.init` records the
   parameters' specs (read from the arrays) on the residuals, and compression follows them."""
   shape, names, leaves = LAYOUTS["2x4"]
   mesh = jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Auto,) * 2)
   _, params, grads, _, specs = _setup("2x4")
   shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
-  tx = cj.comp_ams(LR, cj.compressors.top_k(0.1), axis_name="dcn")
+  if wire == "two_phase":
+    tx = cj.comp_ams(LR, cj.compressors.top_k(0.25), axis_name="dcn", wire=cj.wire.two_phase())
+  else:
+    tx = cj.comp_ams(LR, cj.compressors.top_k(0.1), axis_name="dcn")
   p = jax.device_put(params, shardings)
   state = cj.sharding.init(tx, p, mesh=mesh, axis_name="dcn")
   sspecs = cj.sharding.state_specs(state, "dcn")
@@ -423,6 +434,9 @@ def test_auto_axes_follow_the_shardings_passed_once():
   for t in range(STEPS):
     g = {k: jax.device_put(v[t], per_slice) for k, v in grads.items()}
     p, state = step(p, state, g)
+  if wire == "two_phase":
+    _compare_two_phase(p, params, grads, specs, mesh)
+    return
   _compare(p, params, grads, specs, mesh, functools.partial(reference.np_top_k, ratio=0.1))
   across, _, in_compression = _by_span(step.lower(p, state, g).compile(), slices=2)
   shards = {
