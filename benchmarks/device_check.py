@@ -67,7 +67,7 @@ def fsdp_step_times(slices, k, repeats, small):
     specs,
   )
   out = {}
-  for name, tx in sharded_scale.methods("dcn").items():
+  for name, tx in sharded_scale.methods("dcn", slices).items():
     state = cj.sharding.init(tx, params, mesh=mesh, axis_name="dcn")
     step = jax.jit(sharded_scale.update_step(tx, mesh, state, params, specs, manual=True))
     out[name] = _median_seconds(step, params, state, grads, repeats=repeats)

@@ -57,7 +57,7 @@ def tiny_shapes():
   return params
 
 
-def methods(axis_name):
+def methods(axis_name, workers):
   """Dense AMSGrad (plain optax: a dense pmean over the slices) and two COMP-AMS codes."""
   import jax
   import optax
@@ -76,6 +76,9 @@ def methods(axis_name):
     ),
     "COMP-AMS top-k 1%": cj.comp_ams(1e-3, cj.compressors.top_k(0.01), axis_name=axis_name),
     "COMP-AMS block-sign": cj.comp_ams(1e-3, cj.compressors.block_sign(), axis_name=axis_name),
+    "COMP-AMS top-k 1%, two-phase": cj.comp_ams(
+      1e-3, cj.compressors.top_k(0.01), axis_name=axis_name, wire=cj.wire.two_phase(num_workers=workers)
+    ),
   }
 
 
@@ -149,7 +152,7 @@ def update_step(tx, mesh, state, params, specs, *, manual):
   )
 
 
-def fsdp_rows(slices, k, small=False):
+def fsdp_rows(slices, k, small=False, only=None):
   import jax
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
@@ -173,7 +176,12 @@ def fsdp_rows(slices, k, small=False):
   )
   param_bytes = sum(x.size * 4 for x in jax.tree.leaves(shapes))
 
-  methods_ = methods("dcn")
+  methods_ = methods("dcn", slices)
+  if only:
+    unknown = sorted(set(only) - set(methods_))
+    if unknown:
+      raise SystemExit(f"unknown --methods {unknown}; valid: {list(methods_)}")
+    methods_ = {k_: v for k_, v in methods_.items() if k_ in only}
   rows = []
   for name, tx in methods_.items():
     state = jax.eval_shape(
@@ -248,13 +256,18 @@ def main():
   parser.add_argument("--fsdp", type=int, default=8)
   parser.add_argument("--workers", type=int, default=16, help="part 2's data-parallel workers")
   parser.add_argument("--out", default=str(_common.RESULTS / "sharded_scale.json"))
+  parser.add_argument(
+    "--methods", nargs="*", default=None, help="part 1's methods by name (default: all)"
+  )
+  parser.add_argument("--no-scanned", action="store_true", help="skip part 2")
   args = parser.parse_args()
   _common.force_devices(max(args.slices * args.fsdp, args.workers))
   result = {**_common.run_info("sharded_scale"), "model": "GPT-2 small (abstract shapes)"}
-  result["fsdp"] = fsdp_rows(args.slices, args.fsdp)
+  result["fsdp"] = fsdp_rows(args.slices, args.fsdp, only=args.methods)
   _common.write_json(args.out, result)
-  result["scanned"] = scanned_rows(args.workers)
-  _common.write_json(args.out, result)
+  if not args.no_scanned:
+    result["scanned"] = scanned_rows(args.workers)
+    _common.write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -303,11 +303,15 @@ def test_bad_layouts_are_refused():
       step(sharded, state, g)
 
 
-def test_full_manual_spelling_keeps_everything_sharded():
+@pytest.mark.parametrize("wire", ["gather", pytest.param("two_phase", marks=pytest.mark.slow)])
+def test_full_manual_spelling_keeps_everything_sharded(wire):
   """shard_map manual over every axis, the FSDP collectives written out: the same update, and
   inside a slice no all-gather at all (only the model's reduce-scatters)."""
   mesh, params, grads, shardings, specs = _setup("2x4")
-  tx = cj.comp_ams(LR, cj.compressors.top_k(0.1), axis_name="dcn")
+  if wire == "two_phase":  # the groups of leaves come from the state (cj.sharding.init)
+    tx = cj.comp_ams(LR, cj.compressors.top_k(0.25), axis_name="dcn", wire=cj.wire.two_phase())
+  else:
+    tx = cj.comp_ams(LR, cj.compressors.top_k(0.1), axis_name="dcn")
   p = jax.device_put(params, shardings)
   state = cj.sharding.init(tx, p, mesh=mesh, axis_name="dcn")
   state_specs = cj.sharding.state_specs(state, "dcn", params=p, param_specs=specs)
@@ -332,7 +336,10 @@ def test_full_manual_spelling_keeps_everything_sharded():
   for t in range(STEPS):
     g = {k: jax.device_put(v[t], per_slice) for k, v in grads.items()}
     p, state = step(p, state, g)
-  _compare(p, params, grads, specs, mesh, functools.partial(reference.np_top_k, ratio=0.1))
+  if wire == "two_phase":
+    _compare_two_phase(p, params, grads, specs, mesh)
+  else:
+    _compare(p, params, grads, specs, mesh, functools.partial(reference.np_top_k, ratio=0.1))
   found = cj.collective_bytes(step.lower(p, state, g).compile()).collectives
   gathers = [c for c in found if c.opcode == "all-gather"]
   assert gathers and all(c.group_size == 2 for c in gathers), found  # payloads across slices

@@ -162,17 +162,18 @@ def init(
 
 
 def mark_shard_specs(state: Any, param_specs: Any) -> Any:
-  """Parameter-shaped per-worker state of sharded parameters records their specs.
+  """Parameter-shaped and per-device per-worker state of sharded parameters records their specs.
 
-  Under auto mesh axes the arrays' types carry no sharding for compression to follow; the
-  transforms read `PerWorker.shard_specs` instead.
+  Under auto mesh axes (and in fully manual steps) the arrays' types carry no sharding for
+  compression to follow; the transforms read `PerWorker.shard_specs` instead (per-device state:
+  which leaves it groups).
   """
   spec_leaves = tuple(jax.tree.leaves(param_specs, is_leaf=lambda x: isinstance(x, P)))
   if not any(entry is not None for spec in spec_leaves for entry in spec):
     return state
 
   def mark(node):
-    if is_per_worker(node) and node.params_like:
+    if is_per_worker(node) and (node.params_like or node.per_device):
       return dataclasses.replace(node, shard_specs=spec_leaves)
     return node
 

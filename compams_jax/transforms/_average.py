@@ -154,12 +154,23 @@ def compress_and_average(
     )
     return average, (None if residual is None else out.residual), averaging_state
 
-  if not follows_sharding(wire, codec.compressor, value, what, dense_axis_name, shard_specs):
-    return exchange(value, residual, key, state)
-  if state is not None:  # two-phase: each device's server residuals, of its own shards
+  follows = follows_sharding(wire, codec.compressor, value, what, dense_axis_name, shard_specs)
+  if state is not None and state.per_device and (follows or isinstance(state.value, tuple)):
+    # Two-phase on sharded parameters: each device's server residuals, of its own shards (in a
+    # fully manual step the leaves are the shards already: no nested map).
     return _two_phase_on_shards(
-      exchange, value, residual, state, key, axis_name=axis_name, what=what, specs=shard_specs
+      exchange,
+      value,
+      residual,
+      state,
+      key,
+      axis_name=axis_name,
+      what=what,
+      specs=shard_specs,
+      nested=follows,
     )
+  if not follows:
+    return exchange(value, residual, key, state)
   average, new_residual = on_shards(
     lambda v, r, k: exchange(v, r, k)[:2],
     value,
@@ -172,12 +183,17 @@ def compress_and_average(
   return average, new_residual, state
 
 
-def _two_phase_on_shards(exchange, value, residual, state, key, *, axis_name, what, specs):
+def _two_phase_on_shards(exchange, value, residual, state, key, *, axis_name, what, specs, nested):
   """Two-phase averaging of sharded leaves: on each device's own shards, one flattened vector
   per group of leaves sharded alike (`spec_groups`: a replicated leaf never mixes with a
   sharded one, so it stays identical on its devices), each group with its own server residual
-  (`PerWorker.per_device`) and its own exchange."""
-  groups = spec_groups(leaf_specs(value, specs))
+  (`PerWorker.per_device`) and its own exchange. The groups are those `cj.sharding.init`
+  recorded (`state.shard_specs`), else the leaves' own shardings; `nested`: run on the shards
+  through a nested `shard_map` (False: the step is manual over the sharding axes already)."""
+  if state.shard_specs is not None:
+    groups = spec_groups(state.shard_specs)
+  else:
+    groups = spec_groups(leaf_specs(value, specs))
   arrays = state.value if isinstance(state.value, tuple) else (state.value,)
   if len(arrays) != len(groups):
     raise ValueError(
@@ -207,16 +223,19 @@ def _two_phase_on_shards(exchange, value, residual, state, key, *, axis_name, wh
       outs += (jax.tree.unflatten(treedef, new_residual),)
     return (*outs, *new_flat)
 
-  outs = map_shards(
-    own,
-    trees,
-    key,
-    outputs=len(trees),
-    worker_axes=(axis_name,),
-    what=what,
-    specs=specs,
-    flat=tuple((s, a) for s, (a, _) in zip(arrays, groups)),
-  )
+  if nested:
+    outs = map_shards(
+      own,
+      trees,
+      key,
+      outputs=len(trees),
+      worker_axes=(axis_name,),
+      what=what,
+      specs=specs,
+      flat=tuple((s, a) for s, (a, _) in zip(arrays, groups)),
+    )
+  else:
+    outs = own(trees, key, arrays)
   new_state = outs[len(trees) :]
   new_state = new_state if isinstance(state.value, tuple) else new_state[0]
   return outs[0], (None if residual is None else outs[1]), state.replace(new_state)
