@@ -81,13 +81,18 @@ def spec_groups(specs: Any) -> list[tuple[tuple[str, ...], list[int]]]:
   State computed from several leaves together (the two-phase server residual of a flattened
   group) is kept per group, so that a leaf replicated over an axis never mixes with one
   sharded over it."""
+  groups: dict[tuple[str, ...], list[int]] = {}
+  for i, axes in enumerate(leaf_axes(specs)):
+    groups.setdefault(axes, []).append(i)
+  return list(groups.items())
+
+
+def leaf_axes(specs: Any) -> list[tuple[str, ...]]:
+  """Each leaf's sharding axes, in `spec_axes(specs)` order (the order per-device state is
+  split in)."""
   specs = list(specs)
   order = spec_axes(specs)
-  groups: dict[tuple[str, ...], list[int]] = {}
-  for i, spec in enumerate(specs):
-    mine = set(spec_axes([spec]))
-    groups.setdefault(tuple(a for a in order if a in mine), []).append(i)
-  return list(groups.items())
+  return [tuple(a for a in order if a in set(spec_axes([spec]))) for spec in specs]
 
 
 _INIT_SPECS: contextvars.ContextVar[tuple[P, ...] | None] = contextvars.ContextVar(
@@ -184,9 +189,10 @@ def map_shards(
   workers = {n for a in worker_axes for n in _names(a)}
   if workers & set(axes):
     raise ValueError(
-      f"{what}: a gradient leaf is sharded over the worker axis {sorted(workers & set(axes))} "
-      "itself; shard parameters only over the other mesh axes (e.g. P('fsdp', None) on a "
-      "('dcn', 'fsdp') mesh) and keep them replicated over the worker axis."
+      f"{what}: a gradient leaf is sharded over {sorted(workers & set(axes))}, an axis the "
+      "optimizer communicates over itself (its axis_name or dense_axis_name); shard "
+      "parameters only over the other mesh axes (e.g. P('fsdp', None) on a ('dcn', 'fsdp') "
+      "mesh) and keep them replicated over the worker axes."
     )
   specs = jax.tree.unflatten(jax.tree.structure(value), leaf_specs(value, specs))
   for tree in trees[1:]:

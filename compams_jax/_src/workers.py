@@ -40,10 +40,12 @@ class PerWorker:
     shard_specs: for parameter-shaped state of parameters sharded over other mesh axes, one
       PartitionSpec per leaf (set by `cj.sharding.init`): compression follows them where the
       arrays' types carry no sharding (auto mesh axes).
-    per_device: True for state that is not parameter-shaped but is computed from each device's
-      own shards of the parameters (the two-phase server residual: a chunk of the device's
-      flattened shards). On parameters sharded over other mesh axes its last axis is split
-      over those axes (`cj.sharding.state_specs`), every device holding its own part.
+    per_device: None, or how state that is not parameter-shaped is computed from each
+      device's own shards of the parameters: "groups" (one array per group of leaves sharded
+      alike, flattened together: the two-phase server residuals) or "leaves" (one array per
+      leaf: the hierarchical chunk residuals). On parameters sharded over other mesh axes each
+      array's last axis is split over its group's or leaf's axes (`cj.sharding.state_specs`),
+      every device holding its own part.
   """
 
   value: Any
@@ -52,7 +54,7 @@ class PerWorker:
   params_like: bool = dataclasses.field(default=True, metadata={"static": True})
   local: bool = dataclasses.field(default=False, metadata={"static": True})
   shard_specs: Any = dataclasses.field(default=None, metadata={"static": True})
-  per_device: bool = dataclasses.field(default=False, metadata={"static": True})
+  per_device: str | None = dataclasses.field(default=None, metadata={"static": True})
 
   def replace(self, value: Any) -> PerWorker:
     """The same marker around other arrays."""

@@ -9,7 +9,7 @@ import jax
 import optax
 from jax.sharding import PartitionSpec as P
 
-from compams_jax._src.shards import initialising_with, spec_axes, spec_groups
+from compams_jax._src.shards import initialising_with, leaf_axes, spec_axes, spec_groups
 from compams_jax._src.workers import is_global_params, is_per_worker
 
 
@@ -92,12 +92,15 @@ def state_specs(
       if node.params_like:
         return node.replace(with_prefix((axis_name,)))
       arrays = jax.tree.leaves(node.value)
-      if node.per_device and own_axes and len(arrays) == len(groups):
-        # Each device's own, per group of leaves sharded alike: split over the group's axes.
+      axes = {"groups": [a for a, _ in groups], "leaves": leaf_axes(spec_leaves)}.get(
+        node.per_device
+      )
+      if own_axes and axes is not None and len(arrays) == len(axes):
+        # Each device's own, per group of leaves sharded alike or per leaf: split over its axes.
         return node.replace(
           jax.tree.unflatten(
             jax.tree.structure(node.value),
-            [P(axis_name, *(None,) * (x.ndim - 2), a or None) for x, (a, _) in zip(arrays, groups)],
+            [P(axis_name, *(None,) * (x.ndim - 2), a or None) for x, a in zip(arrays, axes)],
           )
         )
       # Other per-worker state (an inner optimizer's): its parameter-shaped parts follow the

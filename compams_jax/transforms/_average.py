@@ -53,9 +53,10 @@ def follows_sharding(
     return False
   if dense_axis_name is not None:
     raise ValueError(
-      f"{what}: dense_axis_name={dense_axis_name!r} reduces whole leaves densely over a fast "
-      f"axis, but the gradients are sharded over {axes}: with parameters sharded inside a "
-      "slice, use axis_name alone (compression follows the parameter sharding)."
+      f"{what}: dense_axis_name={dense_axis_name!r} with gradients sharded over {axes} is "
+      "averaged on each device's shards by the error-feedback transforms "
+      "(cj.error_feedback, cj.compressed_mean, cj.comp_ams); this one takes axis_name alone "
+      "on sharded parameters (compression follows the parameter sharding)."
     )
   if compressor.granularity == "model":
     raise ValueError(
@@ -155,7 +156,11 @@ def compress_and_average(
     return average, (None if residual is None else out.residual), averaging_state
 
   follows = follows_sharding(wire, codec.compressor, value, what, dense_axis_name, shard_specs)
-  if state is not None and state.per_device and (follows or isinstance(state.value, tuple)):
+  if (
+    state is not None
+    and state.per_device == "groups"
+    and (follows or isinstance(state.value, tuple))
+  ):
     # Two-phase on sharded parameters: each device's server residuals, of its own shards (in a
     # fully manual step the leaves are the shards already: no nested map).
     return _two_phase_on_shards(

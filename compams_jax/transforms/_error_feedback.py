@@ -11,6 +11,7 @@ import optax
 from compams_jax._src.axis import AxisName
 from compams_jax._src.base import Compressor
 from compams_jax._src.keys import step_key
+from compams_jax._src.shards import leaf_axes, leaf_specs, map_shards, sharded_axes
 from compams_jax._src.tree import check_tree, stacked_flags
 from compams_jax._src.validate import (
   check_axis_name,
@@ -59,6 +60,7 @@ def _residual_marker(dense_axis_name: AxisName | None) -> dict[str, Any]:
   return dict(
     what="hierarchical error-feedback residuals (tied to the chunk layout of the dense axis)",
     params_like=False,
+    per_device="leaves",
   )
 
 
@@ -84,12 +86,19 @@ def _averaging(compressor, wire, *, seed, axis_name, dense_axis_name, stacked, w
   layers = _stacked_layers(stacked, dense_axis_name)
 
   def average(updates, residual, wire_state, count, shard_specs=None):
+    key = step_key(compressor, seed, count, axis_name, dense_axis_name)
+    if dense_axis_name is not None and sharded_axes(updates, shard_specs):
+      return _hierarchical_on_shards(
+        chunked, updates, residual, wire_state, key, axis_name, dense_axis_name, what, shard_specs
+      )
+    return chunked(updates, residual, wire_state, key, shard_specs)
+
+  def chunked(updates, residual, wire_state, key, shard_specs=None):
     value = scatter_mean(updates, dense_axis_name)  # hierarchical: this device's chunk
     if residual is not None:
       check_updates(value, residual, what)
     if not jax.tree.leaves(value):
       return updates, residual, wire_state
-    key = step_key(compressor, seed, count, axis_name, dense_axis_name)
     codec = _average.codec(wire, compressor, axis_name, layers(value))
     # Send C(g + e) and keep e ← g + e − C(g + e) (no residual: send C(g), keep nothing), then
     # average what the workers sent (on each device's own shards when the parameters are
@@ -110,6 +119,45 @@ def _averaging(compressor, wire, *, seed, axis_name, dense_axis_name, stacked, w
     return gather_chunks(mean, updates, dense_axis_name), new_residual, wire_state
 
   return wire, average
+
+
+def _hierarchical_on_shards(
+  chunked, updates, residual, wire_state, key, axis_name, dense_axis_name, what, specs
+):
+  """The hierarchical average of parameters sharded over other mesh axes: on each device's own
+  shard of every leaf (through one nested `shard_map` over the sharding axes), the shard is
+  the leaf that is reduce-scattered over the dense axis, compressed chunk-wise, averaged over
+  the worker axis and all-gathered back; each leaf's chunk residual is the device's own
+  (`PerWorker.per_device == "leaves"`, split over the leaf's axes)."""
+  if wire_state is not None:
+    raise ValueError(
+      f"{what}: cj.wire.two_phase() with dense_axis_name={dense_axis_name!r} on parameters "
+      f"sharded over {sharded_axes(updates, specs)} is not supported; use cj.wire.gather()."
+    )
+  axes = leaf_axes(leaf_specs(updates, specs))
+  r_leaves = [] if residual is None else jax.tree.leaves(residual)
+  if residual is not None and len(r_leaves) != len(axes):
+    raise ValueError(f"{what}: {len(r_leaves)} residuals for {len(axes)} gradient leaves.")
+
+  def fn(trees, k, flat):
+    r = None if residual is None else jax.tree.unflatten(jax.tree.structure(residual), list(flat))
+    mean, new_residual, _ = chunked(trees[0], r, None, k)
+    return (mean, *([] if residual is None else jax.tree.leaves(new_residual)))
+
+  outs = map_shards(
+    fn,
+    (updates,),
+    key,
+    outputs=1,
+    worker_axes=(axis_name, dense_axis_name),
+    what=what,
+    specs=specs,
+    flat=tuple(zip(r_leaves, axes)),
+  )
+  new_residual = (
+    None if residual is None else jax.tree.unflatten(jax.tree.structure(residual), list(outs[1:]))
+  )
+  return outs[0], new_residual, None
 
 
 def error_feedback(

@@ -103,7 +103,7 @@ def init(like: Any, n: int) -> PerWorker:
     value,
     what="two-phase server residuals (tied to the chunk layout of the worker count)",
     params_like=False,
-    per_device=True,
+    per_device="groups",
   )
 
 

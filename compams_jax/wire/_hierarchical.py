@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from compams_jax._src.axis import AxisName, all_gather_invariant, axis_size
+from compams_jax._src.axis import AxisName, all_gather_invariant, axis_size, varying_axes
 
 
 def chunk_len(shape: tuple[int, ...], k: int) -> int:
@@ -34,10 +34,13 @@ def chunks_like(tree: Any, dense_axis_name: AxisName | None) -> Any:
   )
 
 
-def _groups(leaves: list[Any]) -> dict[str, list[int]]:
-  out: dict[str, list[int]] = {}
+def _groups(leaves: list[Any]) -> dict[tuple, list[int]]:
+  """Leaves bucketed into one collective: by dtype, and by the mesh axes they vary along (a
+  leaf replicated over an axis never shares a buffer with one sharded over it)."""
+  out: dict[tuple, list[int]] = {}
   for i, x in enumerate(leaves):
-    out.setdefault(np.dtype(x.dtype).name, []).append(i)
+    key = (np.dtype(x.dtype).name, tuple(sorted(varying_axes(x))))
+    out.setdefault(key, []).append(i)
   return out
 
 
