@@ -287,29 +287,17 @@ def pseudo(out: pathlib.Path, config_file: str, steps: int = STEPS) -> int:
   cj.simulate_cpu_devices(WORKERS)
   import jax
   import jax.numpy as jnp
-  from flax import nnx
 
   from compams_jax.experiments import config as config_lib
   from compams_jax.experiments import data as D
-  from compams_jax.experiments import lm, lm_train
+  from compams_jax.experiments import lm_train
 
   lr = best_lr(load_runs(), "diloco", SYNC_EVERY) or GRIDS["diloco"][1]
   overrides = [*BASE, f"learning_rate={lr}", f"seed={SEED}", f"sync_every={SYNC_EVERY}"]
   config = config_lib.apply_overrides(config_lib.load_config_file(config_file), overrides)
   corpus = D.load_python_docs()
   mesh = jax.make_mesh((WORKERS, 1), ("dcn", "fsdp"))
-  cfg = lm.GPTConfig(
-    vocab_size=corpus.vocab_size,
-    context_length=config.context_length,
-    d_model=config.d_model,
-    num_heads=config.num_heads,
-    num_layers=config.num_layers,
-  )
-  graphdef, params = nnx.split(lm.GPT(cfg, rngs=nnx.Rngs(config.seed)), nnx.Param)
-  params = lm_train.shard_params(params, mesh)
-  tx = lm_train.make_tx("diloco", config, params)
-  state = cj.sharding.init(tx, params, mesh=mesh, axis_name="dcn")
-  step = lm_train.make_step(graphdef, tx, mesh, state)
+  _, params, _, state, step = lm_train.build("diloco", config, corpus, mesh)
   params = lm_train.per_slice(params, mesh)
   size = sum(x.size for x in jax.tree.leaves(cj.synchronized_params(state)))
   coords = np.sort(np.random.default_rng(1).choice(size, PSEUDO_COORDS, replace=False))

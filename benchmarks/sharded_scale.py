@@ -77,7 +77,10 @@ def methods(axis_name, workers):
     "COMP-AMS top-k 1%": cj.comp_ams(1e-3, cj.compressors.top_k(0.01), axis_name=axis_name),
     "COMP-AMS block-sign": cj.comp_ams(1e-3, cj.compressors.block_sign(), axis_name=axis_name),
     "COMP-AMS top-k 1%, two-phase": cj.comp_ams(
-      1e-3, cj.compressors.top_k(0.01), axis_name=axis_name, wire=cj.wire.two_phase(num_workers=workers)
+      1e-3,
+      cj.compressors.top_k(0.01),
+      axis_name=axis_name,
+      wire=cj.wire.two_phase(num_workers=workers),
     ),
   }
 

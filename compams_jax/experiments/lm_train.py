@@ -48,6 +48,7 @@ __all__ = [
   "shard_params",
   "per_slice",
   "make_step",
+  "build",
   "make_eval",
   "train_method",
   "main",
@@ -217,16 +218,12 @@ def evaluate(
   return float(np.mean(losses))
 
 
-def train_method(
-  method: str, config: Any, corpus: Any, mesh: Any, progress: bool = True
-) -> dict[str, Any]:
-  """Train one model from ``config.seed`` with ``method``; returns its measurements."""
-  import jax
+def build(method: str, config: Any, corpus: Any, mesh: Any) -> tuple[Any, ...]:
+  """(graphdef, params sharded over ``"fsdp"``, the method's optimizer, its state, the jitted
+  step) for a model of ``config`` initialised from ``config.seed``."""
   from flax import nnx
-  from tqdm import tqdm
 
-  from compams_jax.experiments import data as D
-  from compams_jax.experiments import lm, optim
+  from compams_jax.experiments import lm
 
   cfg = lm.GPTConfig(
     vocab_size=corpus.vocab_size,
@@ -239,7 +236,20 @@ def train_method(
   params = shard_params(params, mesh)
   tx = make_tx(method, config, params)
   opt_state = cj.sharding.init(tx, params, mesh=mesh, axis_name="dcn")
-  step = make_step(graphdef, tx, mesh, opt_state)
+  return graphdef, params, tx, opt_state, make_step(graphdef, tx, mesh, opt_state)
+
+
+def train_method(
+  method: str, config: Any, corpus: Any, mesh: Any, progress: bool = True
+) -> dict[str, Any]:
+  """Train one model from ``config.seed`` with ``method``; returns its measurements."""
+  import jax
+  from tqdm import tqdm
+
+  from compams_jax.experiments import data as D
+  from compams_jax.experiments import optim
+
+  graphdef, params, tx, opt_state, step = build(method, config, corpus, mesh)
   eval_fn = make_eval(graphdef)
   # What one device compresses and sends: its shard of every leaf (per sync, for local SGD).
   like = jax.tree.map(
