@@ -8,7 +8,8 @@
 context 64: `BASE`) on the Python docs' rst sources, with 16 simulated workers (one per slice,
 mesh (16, 1)), 4 sequences per worker per step, `STEPS` steps (equal tokens for every method),
 validating every `EVAL_EVERY` steps (local SGD: the synchronized parameters θ). Every method is
-tuned on its learning-rate grid (`GRIDS`, seed 0); then the local-SGD methods are rerun at their
+tuned on its learning-rate grid (`GRIDS`, seed 0; extended past an edge where the best rate is
+there, `grid`); then the local-SGD methods are rerun at their
 best rate with H in `H_SWEEP`, and every method at its best rate with seeds `EXTRA_SEEDS`. Each finished run is written at once to
 `benchmarks/results/lm_study/RUN.json` (curves, bytes per worker from the traced step's
 collectives, timings), so `run` can be stopped and restarted at will; two invocations may share
@@ -60,6 +61,9 @@ GRIDS = {
   "sparseloco_predictive": ADAM_GRID,
   "demo": (3e-4, 1e-3, 3e-3),
 }
+# Rates a grid is extended with, past its edge (1e-5, 3e-5, 1e-4, ..., 1e-1).
+LADDER = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+MAX_EXTENSIONS = 2
 SYNC_EVERY = 30  # H of the grid runs (DiLoCo's and SparseLoCo's)
 H_SWEEP = {"diloco": (10, 100), "sparseloco": (10, 100)}
 LOCAL_SGD = ("diloco", "sparseloco", "sparseloco_predictive")
@@ -76,12 +80,39 @@ def load_runs(results: pathlib.Path = RESULTS) -> dict[str, dict]:
   return {p.stem: json.loads(p.read_text()) for p in sorted(results.glob("*.json"))}
 
 
-def best_lr(runs: dict[str, dict], method: str, sync_every: int | None) -> float | None:
-  """The grid rate with the lowest final validation loss; None until the grid is complete."""
-  grid = [runs.get(run_name(method, lr, sync_every)) for lr in GRIDS[method]]
-  if any(r is None for r in grid):
+def grid(runs: dict[str, dict], method: str) -> tuple[list[float], bool]:
+  """(the method's rates, whether its tuning is settled): its `GRIDS` entry, extended by the
+  next `LADDER` rate past an edge whenever the best rate so far is there (at most
+  `MAX_EXTENSIONS` times); settled once every rate is run and the best is inside, or the
+  extensions are spent."""
+  h = SYNC_EVERY if method in LOCAL_SGD else None
+  rates = list(GRIDS[method])
+  for extension in range(MAX_EXTENSIONS + 1):
+    done = [runs.get(run_name(method, lr, h)) for lr in rates]
+    if any(r is None for r in done):
+      return rates, False
+    finite = [r for r in done if math.isfinite(r["val_loss"])]
+    if not finite or extension == MAX_EXTENSIONS:
+      return rates, True
+    best = min(finite, key=lambda r: r["val_loss"])["learning_rate"]
+    i = min(range(len(LADDER)), key=lambda j: abs(math.log(LADDER[j] / best)))
+    if best == rates[0] and i > 0:
+      rates.insert(0, LADDER[i - 1])
+    elif best == rates[-1] and i + 1 < len(LADDER):
+      rates.append(LADDER[i + 1])
+    else:
+      return rates, True
+  return rates, True
+
+
+def best_lr(runs: dict[str, dict], method: str) -> float | None:
+  """The rate of the settled `grid` with the lowest final validation loss (seed 0; local SGD
+  at H = `SYNC_EVERY`); None until the grid is settled."""
+  rates, settled = grid(runs, method)
+  if not settled:
     return None
-  finite = [r for r in grid if math.isfinite(r["val_loss"])]
+  h = SYNC_EVERY if method in LOCAL_SGD else None
+  finite = [r for lr in rates if math.isfinite((r := runs[run_name(method, lr, h)])["val_loss"])]
   return min(finite, key=lambda r: r["val_loss"])["learning_rate"] if finite else None
 
 
@@ -89,13 +120,18 @@ def queue(runs: dict[str, dict]) -> tuple[list[tuple[str, float, int | None, int
   """(the runs that can be trained now, whether some wait on unfinished runs)."""
   todo, waiting = [], False
   for position in (1, 0, 2):  # every method's middle rate first: partial results cover all
-    for method, grid in GRIDS.items():
+    for method, rates in GRIDS.items():
       h = SYNC_EVERY if method in LOCAL_SGD else None
-      lr = grid[position]
+      lr = rates[position]
       if run_name(method, lr, h) not in runs:
         todo.append((method, lr, h, SEED))
+  for method in GRIDS:  # the extensions past an edge
+    h = SYNC_EVERY if method in LOCAL_SGD else None
+    for lr in grid(runs, method)[0]:
+      if (method, lr, h, SEED) not in todo and run_name(method, lr, h) not in runs:
+        todo.append((method, lr, h, SEED))
   for method, hs in H_SWEEP.items():
-    lr = best_lr(runs, method, SYNC_EVERY)
+    lr = best_lr(runs, method)
     if lr is None:
       waiting = True
       continue
@@ -103,7 +139,7 @@ def queue(runs: dict[str, dict]) -> tuple[list[tuple[str, float, int | None, int
   for seed in EXTRA_SEEDS:
     for method in GRIDS:
       h = SYNC_EVERY if method in LOCAL_SGD else None
-      lr = best_lr(runs, method, h)
+      lr = best_lr(runs, method)
       if lr is None:
         waiting = True
       elif run_name(method, lr, h, seed) not in runs:
@@ -292,7 +328,7 @@ def pseudo(out: pathlib.Path, config_file: str, steps: int = STEPS) -> int:
   from compams_jax.experiments import data as D
   from compams_jax.experiments import lm_train
 
-  lr = best_lr(load_runs(), "diloco", SYNC_EVERY) or GRIDS["diloco"][1]
+  lr = best_lr(load_runs(), "diloco") or GRIDS["diloco"][1]
   overrides = [*BASE, f"learning_rate={lr}", f"seed={SEED}", f"sync_every={SYNC_EVERY}"]
   config = config_lib.apply_overrides(config_lib.load_config_file(config_file), overrides)
   corpus = D.load_python_docs()

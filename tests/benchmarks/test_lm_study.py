@@ -58,7 +58,7 @@ def test_queue_starts_every_method_at_its_middle_rate_and_holds_the_sweep(module
   runs = {}
   for lr, val in zip(S.GRIDS["diloco"], (2.0, 1.5, float("nan"))):
     runs[S.run_name("diloco", lr, S.SYNC_EVERY)] = _run(S, "diloco", lr, 30, val)
-  assert S.best_lr(runs, "diloco", S.SYNC_EVERY) == S.GRIDS["diloco"][1]
+  assert S.best_lr(runs, "diloco") == S.GRIDS["diloco"][1]
   todo, waiting = S.queue(runs)
   best = S.GRIDS["diloco"][1]
   assert [t for t in todo if t[0] == "diloco"] == [
@@ -150,3 +150,27 @@ def test_rate_claim_reads_the_median_reduction(modules):
   assert R._rate_claim(rate).endswith("| holds, by 3.0% (median over Δ) |")
   rows[1]["rate_reduction_least_squares"] = 1.005
   assert "does not hold beyond 1% (median +0.5%)" in R._rate_claim(rate)
+
+
+def test_a_best_rate_at_the_edge_extends_the_grid(modules):
+  S, _ = modules
+  low, mid, high = S.GRIDS["amsgrad"]
+  runs = {
+    S.run_name("amsgrad", lr, None): _run(S, "amsgrad", lr, None, v)
+    for lr, v in ((low, 1.0), (mid, 2.0), (high, 3.0))
+  }
+  below = S.LADDER[S.LADDER.index(low) - 1]
+  assert S.grid(runs, "amsgrad") == ([below, low, mid, high], False)
+  assert S.best_lr(runs, "amsgrad") is None  # not settled: no seeds yet
+  assert ("amsgrad", below, None, S.SEED) in S.queue(runs)[0]
+  # The extension is worse: settled at the old edge.
+  runs[S.run_name("amsgrad", below, None)] = _run(S, "amsgrad", below, None, 1.5)
+  assert S.grid(runs, "amsgrad") == ([below, low, mid, high], True)
+  assert S.best_lr(runs, "amsgrad") == low
+  # At most MAX_EXTENSIONS: the best keeps moving down, then the grid settles anyway.
+  lr = below
+  for _ in range(S.MAX_EXTENSIONS):
+    runs[S.run_name("amsgrad", lr, None)] = _run(S, "amsgrad", lr, None, 0.5 * lr / low)
+    lr = S.LADDER[S.LADDER.index(lr) - 1]
+  rates, settled = S.grid(runs, "amsgrad")
+  assert settled and len(rates) == 3 + S.MAX_EXTENSIONS
