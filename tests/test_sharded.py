@@ -301,6 +301,16 @@ def test_bad_layouts_are_refused():
     step = _step(tx, mesh, cj.sharding.state_specs(state, "dcn"))
     with pytest.raises(ValueError, match=match):
       step(sharded, state, g)
+  # Two-phase state initialised on unsharded parameters has one server residual, but a sharded
+  # and a replicated leaf need one each.
+  two = {"w": jnp.zeros((8, 4)), "b": jnp.zeros(3)}
+  tx = cj.comp_ams(LR, cj.compressors.top_k(0.25), axis_name="dcn", wire=cj.wire.two_phase())
+  state = cj.sharding.init(tx, two, mesh=mesh, axis_name="dcn")
+  step = _step(tx, mesh, cj.sharding.state_specs(state, "dcn"))
+  placed = {"w": sharded["w"], "b": jax.device_put(two["b"], NamedSharding(mesh, P()))}
+  g2 = {**g, "b": jax.device_put(jnp.ones((2, 3)), NamedSharding(mesh, P("dcn")))}
+  with pytest.raises(ValueError, match="initialise the state with cj.sharding.init"):
+    step(placed, state, g2)
 
 
 @pytest.mark.parametrize("wire", ["gather", pytest.param("two_phase", marks=pytest.mark.slow)])
