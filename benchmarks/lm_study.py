@@ -147,6 +147,19 @@ def queue(runs: dict[str, dict]) -> tuple[list[tuple[str, float, int | None, int
   return todo, waiting
 
 
+def plan(runs: dict[str, dict]) -> set[str]:
+  """The names of the runs the study needs, as far as the recorded ones settle it."""
+  out = set()
+  for method in GRIDS:
+    h = SYNC_EVERY if method in LOCAL_SGD else None
+    out |= {run_name(method, lr, h) for lr in grid(runs, method)[0]}
+    best = best_lr(runs, method)
+    if best is not None:
+      out |= {run_name(method, best, h, seed) for seed in EXTRA_SEEDS}
+      out |= {run_name(method, best, hh) for hh in H_SWEEP.get(method, ())}
+  return out
+
+
 def _host() -> dict:
   return {
     "machine": platform.machine(),
