@@ -383,6 +383,41 @@ def claims(runs: dict[str, dict], projection: dict | None, rate: dict | None = N
   return out
 
 
+def reading(runs: dict[str, dict]) -> str:
+  """What the table says, in one paragraph generated from it."""
+  best = best_runs(runs)
+  dense = best.get(DENSE)
+  if dense is None:
+    return ""
+  others = {m: r for m, r in best.items() if m not in (DENSE, "amsgrad")}
+  if not others:
+    return ""
+  reached = [m for m, r in others.items() if reach(r, dense["val_loss"]) is not None]
+  lowest = min(others, key=lambda m: others[m]["val_loss"])
+  fewest = min(others, key=lambda m: sent_after(others[m], others[m]["steps"]))
+  total = sent_after(dense, dense["steps"])
+
+  def describe(m):
+    r = others[m]
+    return (
+      f"{LABELS[m]} ({_fmt(r['val_loss'])}, {100 * _gap(r, dense):+.1f}% against AdamW, "
+      f"{total / sent_after(r, r['steps']):,.0f}× fewer bytes)"
+    )
+
+  head = (
+    f"Within the run, {', '.join(LABELS[m] for m in reached)} reach AdamW's final loss."
+    if reached
+    else "Within the run no compressed or local-SGD method reaches AdamW's final loss, so "
+    "no iso-loss ratio exists at this horizon."
+  )
+  return (
+    f"{head} The lowest loss among them: {describe(lowest)}; the fewest bytes: "
+    f"{describe(fewest)}. These verdicts are about this scale ({dense['steps']} steps, "
+    f"{dense['steps'] * dense['tokens_per_step'] / 1e6:.1f}M tokens, the small model above), "
+    "far below the horizons at which the papers make their claims."
+  )
+
+
 def section(results: pathlib.Path, figs: pathlib.Path, fig_rel: str) -> list[str]:
   """The markdown lines of the section (and its figure), or [] when no run is recorded."""
   runs = S.load_runs(results / "lm_study")
@@ -429,6 +464,8 @@ def section(results: pathlib.Path, figs: pathlib.Path, fig_rel: str) -> list[str
     "### Claims",
     "",
     *claims(runs, projection, rate),
+    "",
+    reading(runs),
     "",
     "### Every method at its best rate",
     "",

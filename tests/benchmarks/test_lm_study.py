@@ -130,6 +130,8 @@ def test_section_renders_from_the_json(modules, tmp_path):
     "matches data parallelism's loss at equal tokens (≤ 1%) | 2.1000 vs 2.0000 (+5.00%)" in text
   )
   assert "(grid incomplete: 1/3)" in text
+  assert "no compressed or local-SGD method reaches AdamW's final loss" in text
+  assert "The lowest loss among them: DiLoCo, dense pseudo-gradient (2.1000, +5.0%" in text
 
 
 def test_rate_claim_reads_the_median_reduction(modules):
