@@ -169,18 +169,24 @@ def _host() -> dict:
   }
 
 
-def train_one(method, lr, sync_every, seed, corpus, mesh, config_file, steps=STEPS) -> dict:
-  import jax
-
+def study_config(config_file, lr, seed, sync_every, steps=STEPS):
+  """(the config of one run, the overrides of `config_file` that make it)."""
   from compams_jax.experiments import config as config_lib
-  from compams_jax.experiments import lm_train
 
   overrides = [*BASE, f"learning_rate={lr}", f"seed={seed}"]
   if steps != STEPS:  # --steps: a short pipeline check
     overrides += [f"steps={steps}", f"eval_every={max(1, steps // 2)}"]
   if sync_every is not None:
     overrides.append(f"sync_every={sync_every}")
-  config = config_lib.apply_overrides(config_lib.load_config_file(config_file), overrides)
+  return config_lib.apply_overrides(config_lib.load_config_file(config_file), overrides), overrides
+
+
+def train_one(method, lr, sync_every, seed, corpus, mesh, config_file, steps=STEPS) -> dict:
+  import jax
+
+  from compams_jax.experiments import lm_train
+
+  config, overrides = study_config(config_file, lr, seed, sync_every, steps)
   start = time.perf_counter()
   r = lm_train.train_method(method, config, corpus, mesh, progress=sys.stderr.isatty())
   return {
@@ -337,13 +343,11 @@ def pseudo(out: pathlib.Path, config_file: str, steps: int = STEPS) -> int:
   import jax
   import jax.numpy as jnp
 
-  from compams_jax.experiments import config as config_lib
   from compams_jax.experiments import data as D
   from compams_jax.experiments import lm_train
 
   lr = best_lr(load_runs(), "diloco") or GRIDS["diloco"][1]
-  overrides = [*BASE, f"learning_rate={lr}", f"seed={SEED}", f"sync_every={SYNC_EVERY}"]
-  config = config_lib.apply_overrides(config_lib.load_config_file(config_file), overrides)
+  config, _ = study_config(config_file, lr, SEED, SYNC_EVERY)
   corpus = D.load_python_docs()
   mesh = jax.make_mesh((WORKERS, 1), ("dcn", "fsdp"))
   _, params, _, state, step = lm_train.build("diloco", config, corpus, mesh)
